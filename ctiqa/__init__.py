@@ -1,0 +1,17 @@
+"""ctiqa: explainable, radiologist-aligned CT image quality assessment with a fine-tuned medical VLM.
+
+Stages (one module each): :mod:`ctiqa.imaging` (read + window CT, the ONE pixel path),
+:mod:`ctiqa.ldctiqa` (the LDCTIQA 2023 data layer), :mod:`ctiqa.simulation` (mini-LDCTIQA from real CT),
+:mod:`ctiqa.prompts` (every prompt and target format, versioned), :mod:`ctiqa.scoring` (score parsing),
+:mod:`ctiqa.inference` / :mod:`ctiqa.evaluation` / :mod:`ctiqa.report` (evaluation harness),
+:mod:`ctiqa.tiny` (a tiny Gemma 3 built offline for tests and the demo), :mod:`ctiqa.cli` (the ``ctiqa`` command).
+"""
+
+__version__ = "0.1.0"
+
+
+class CTIQAError(ValueError):
+    """A user-facing error: bad input or configuration. The message names the file and what is wrong.
+
+    The ``ctiqa`` command prints it on one line (``error: ...``) and exits with status 2.
+    """

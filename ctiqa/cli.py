@@ -1,0 +1,65 @@
+"""The ``ctiqa`` command. Each sub-command lives in the module that does the work; this file only dispatches.
+
+A sub-command module defines ``add_cli_arguments(parser: argparse.ArgumentParser) -> None`` and
+``cli_main(args: argparse.Namespace) -> int``. Modules are imported lazily so ``ctiqa render`` does not pay for
+torch/transformers. A :class:`ctiqa.CTIQAError` is printed as one ``error: ...`` line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: sub-command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "render": ("ctiqa.imaging", "write exactly the RGB image the model sees for a CT file (DICOM/TIFF/PNG)"),
+    "validate": ("ctiqa.ldctiqa", "check an LDCTIQA download: counts, score histogram, pixel range"),
+    "simulate": ("ctiqa.simulation", "write a mini-LDCTIQA (synthetic scores) from real CT shipped by pydicom"),
+    "build-dataset": ("datasets_builder.build", "teacher rationales -> chat-format dataset (local folder or Hub)"),
+    "tiny-model": ("ctiqa.tiny", "build and save a tiny random Gemma 3 VLM + processor, offline"),
+    "evaluate": ("ctiqa.evaluation", "score a model (or Gemini, or a predictions file) against true scores"),
+    "report": ("ctiqa.report", "Table-1-style comparison of several evaluation result folders"),
+    "predict": ("ctiqa.predict", "score your own CT: DICOM series, DICOM/TIFF/PNG files"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctiqa",
+        description="Explainable CT image quality assessment with a fine-tuned medical VLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {k:<14} {v[1]}" for k, v in COMMANDS.items())
+        + "\n\n`ctiqa COMMAND --help` documents each command.",
+    )
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"ctiqa {__import__('ctiqa').__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ctiqa`` console script. Returns the process exit status."""
+    from ctiqa import CTIQAError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0].startswith("-"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        top.error(f"unknown command {cmd!r}")
+    module_name, help_text = COMMANDS[cmd]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"ctiqa {cmd}", description=help_text)
+    module.add_cli_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.cli_main(args) or 0)
+    except CTIQAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
