@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,18 +32,23 @@ CROP_PX = 128
 SEED = 0
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+def _run(cmd: list[str]) -> float:
+    """Run one command from the repo root; return its peak resident memory in MiB (its process tree's largest).
+
+    Raises:
+        subprocess.CalledProcessError: the command failed (the demo stops; a re-run resumes at this stage).
+    """
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_maxrss / 1024.0  # Linux: KiB
 
 
 def _ctiqa(*args: str) -> list[str]:
     return [sys.executable, "-m", "ctiqa.cli", *args]
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of finished child processes, MiB (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    os.environ.update(env)
+    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 
     sim, tiny, data, model = out / "ldctiqa-sim", out / "tiny-model", out / "dataset", out / "model"
     stages_file = out / "stages.json"
@@ -69,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         print(f"\n[demo] === {name} ===", flush=True)
         t0 = time.perf_counter()
-        for c in cmds:
-            _run(c)
-        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(_peak_rss_mib(), 1)}
+        peak = max(_run(c) for c in cmds)
+        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak, 1)}
         stages_file.write_text(json.dumps(stages, indent=2))
         print(f"[demo] {name}: {stages[name]['seconds']} s")
 
