@@ -1,0 +1,695 @@
+"""CT imaging: read a CT file, find out what its numbers mean, window it, and render the RGB image the VLM sees.
+
+This is the ONE pixel path of ctiqa: the dataset builder, training, evaluation and ``ctiqa predict`` all call
+:func:`render` (or :func:`read_ct` + :func:`render`), so the model sees the same pixels everywhere.
+
+What the numbers mean (:attr:`CTImage.kind`)
+--------------------------------------------
+``"hu"``
+    Hounsfield units (air -1000, water 0, soft tissue ~0..100, bone > 300).
+``"unit"``
+    LDCTIQA 2023 convention: HU already windowed to soft tissue (level 40, width 350) and scaled to [0, 1]
+    (dataset documentation, Zenodo 7833096; design.md §3). NOT Hounsfield units; the inverse
+    ``HU ≈ -135 + 350·x`` is only valid inside the window, so only one window can be rebuilt from it.
+``"display"``
+    An 8-bit grey display image (PNG/JPEG, uint8 TIFF, 8-bit secondary-capture DICOM), values 0..255.
+
+How the kind is detected (explicit rules; nothing is clipped silently)
+----------------------------------------------------------------------
+* DICOM: the modality LUT is applied (per-frame Pixel Value Transformation of enhanced CT first, then the
+  top-level Rescale Slope/Intercept or Modality LUT Sequence via :func:`pydicom.pixels.apply_modality_lut`) in
+  float64, so uint16 storage with intercept -1024 never overflows. Modality CT -> ``"hu"``; an 8-bit image of
+  another modality without rescale -> ``"display"``; anything else is refused.
+* TIFF (read with tifffile, never PIL) and PNG/JPEG (PIL, only for 8/16-bit integer data):
+  - float data with all values in [-0.001, 1.001] -> ``"unit"`` (LDCTIQA);
+  - float data outside that, within :data:`PLAUSIBLE_HU` -> ``"hu"`` (a float image in 0..255 is therefore read
+    as HU: export such images as 8-bit instead);
+  - signed integers (int8/16/32) -> ``"hu"`` (HU stored directly);
+  - uint8 -> ``"display"``;
+  - uint16 with maximum <= 4095 -> ``"hu"`` with HU = value - 1024: unsigned storage cannot hold air's -1000,
+    so 12-bit unsigned CT is stored with the +1024 offset that the DICOM default Rescale Intercept -1024 undoes;
+    uint16 with larger values is refused (ambiguous: 16-bit display image or another offset);
+  - RGB(A) 8-bit -> converted to grey by ITU-R BT.601 luminance 0.299 R + 0.587 G + 0.114 B (float, no
+    rounding), ``"display"``;
+  - NaN/inf, other dtypes, more than one channel in non-8-bit data -> :class:`ctiqa.CTIQAError`.
+
+Rendering (:func:`render`)
+--------------------------
+Every window maps HU linearly: ``v = 255 · (HU - (L - W/2)) / W``, clipped to [0, 255], rounded half up
+(``floor(v + 0.5)``), uint8. The encoding is a named, recorded choice (:data:`ENCODINGS`,
+:func:`encoding_info`).
+
+Privacy: no DICOM metadata is kept; :class:`CTImage` holds pixels, the kind, the file path and the slice
+position (mm) used to order a series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ctiqa import CTIQAError
+
+# --------------------------------------------------------------------------------------------------------------
+# Constants (each with its source)
+# --------------------------------------------------------------------------------------------------------------
+
+#: Soft-tissue window (level, width) in HU: W350/L40, the LDCTIQA 2023 preprocessing (dataset documentation,
+#: Zenodo 7833096; Lee et al., MedIA 2025) and a standard abdominal soft-tissue window.
+SOFT_TISSUE: tuple[float, float] = (40.0, 350.0)
+
+#: Google's MedGemma CT convention (MedGemma 1.5 notebooks, maintainers' answers; design.md §3): three HU
+#: windows as R, G, B, each (level, width): R -1024..1024, G -135..215, B 0..80 HU.
+MEDGEMMA_3WINDOW: tuple[tuple[float, float], ...] = ((0.0, 2048.0), (40.0, 350.0), (40.0, 80.0))
+
+#: Named RGB encodings accepted by :func:`render`.
+ENCODINGS: tuple[str, ...] = ("soft-tissue", "medgemma-3window")
+
+#: Values a float/signed image must lie in to be taken as HU (HU; -3024 is a common scanner padding value,
+#: +32767 the top of the extended CT scale). Outside -> CTIQAError.
+PLAUSIBLE_HU: tuple[float, float] = (-3100.0, 32767.0)
+
+#: Tolerance around [0, 1] for LDCTIQA-style float images (float rounding of the normalisation).
+UNIT_TOLERANCE = 1e-3
+
+#: Offset of 12-bit unsigned CT storage (uint16 TIFF/PNG, max <= 4095): HU = value + UINT16_HU_INTERCEPT.
+#: Source: the DICOM default CT Rescale Intercept -1024 (DICOM PS3.3 C.11.1; typical CT storage).
+UINT16_HU_INTERCEPT = -1024.0
+UINT16_MAX_CT_VALUE = 4095
+
+#: ITU-R BT.601 luma weights used to turn an RGB display image into grey.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+KINDS = ("hu", "unit", "display")
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+_RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+@dataclass
+class CTImage:
+    """One CT slice as read from disk.
+
+    Attributes:
+        pixels: float32 array (H, W). Units depend on ``kind``: HU, [0, 1] soft-tissue-windowed, or 0..255 grey.
+        kind: ``"hu"`` | ``"unit"`` | ``"display"`` (see the module docstring for the detection rules).
+        source: the file it came from (path string; with ``#N`` appended for frame N of a multi-frame file).
+        position: slice position in mm along the slice normal (DICOM Image Position (Patient) · normal), used
+            only to order a series; ``None`` when unknown.
+
+    DICOM axial slices stored flipped (Image Orientation (Patient) with row direction -x or column direction -y)
+    are flipped into the standard display orientation on reading (see ``_standard_axial``); TIFF/PNG pixels are
+    kept as stored.
+    """
+
+    pixels: np.ndarray
+    kind: str
+    source: str
+    position: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        self.pixels = np.asarray(self.pixels, dtype=np.float32)
+        if self.pixels.ndim != 2:
+            raise ValueError(f"pixels must be 2-D (H, W), got shape {self.pixels.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
+        return self.pixels.shape  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Unit conversions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def hu_to_unit(hu: np.ndarray | float, level: float = SOFT_TISSUE[0], width: float = SOFT_TISSUE[1]) -> np.ndarray:
+    """HU -> LDCTIQA-style [0, 1]: ``x = clip((HU - (level - width/2)) / width, 0, 1)``.
+
+    With the default soft-tissue window (L40/W350, :data:`SOFT_TISSUE`): ``x = clip((HU + 135) / 350, 0, 1)``.
+    Returns float32, same shape as ``hu``.
+    """
+    lo = level - width / 2.0
+    x = (np.asarray(hu, dtype=np.float64) - lo) / width
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def unit_to_hu(x: np.ndarray | float, level: float = SOFT_TISSUE[0], width: float = SOFT_TISSUE[1]) -> np.ndarray:
+    """LDCTIQA [0, 1] -> HU inside the soft-tissue window: ``HU = (level - width/2) + width·x`` (= -135 + 350·x).
+
+    Only valid where the original HU lay inside the window (values clipped to 0 or 1 lost their HU); use it only
+    when the user says so (``unit_is_hu=True``). Returns float32.
+    """
+    lo = level - width / 2.0
+    return (lo + width * np.asarray(x, dtype=np.float64)).astype(np.float32)
+
+
+def _to_uint8(x01: np.ndarray) -> np.ndarray:
+    """[0, 1] -> uint8 by ``floor(255·clip(x, 0, 1) + 0.5)`` (round half up), computed in float64."""
+    v = 255.0 * np.clip(np.asarray(x01, dtype=np.float64), 0.0, 1.0)
+    return np.floor(v + 0.5).astype(np.uint8)
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Window HU to 8-bit: ``floor(255·clip((HU - (level - width/2)) / width, 0, 1) + 0.5)``, uint8.
+
+    Args:
+        hu: array of HU values (any shape, any real dtype; computed in float64, so no integer overflow).
+        level: window level (centre) in HU.
+        width: window width in HU (> 0).
+
+    Returns:
+        uint8 array of the same shape. HU <= level - width/2 -> 0, HU >= level + width/2 -> 255.
+
+    Raises:
+        ValueError: width <= 0.
+    """
+    if not width > 0:
+        raise ValueError(f"window width must be > 0 HU, got {width}")
+    lo = level - width / 2.0
+    return _to_uint8((np.asarray(hu, dtype=np.float64) - lo) / width)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _classify(arr: np.ndarray, source: str) -> CTImage:
+    """Apply the detection rules of the module docstring to a decoded TIFF/PNG array."""
+    a = np.asarray(arr)
+    # squeeze singleton channel / page axes: (1, H, W), (H, W, 1)
+    while a.ndim > 2 and 1 in (a.shape[0], a.shape[-1]):
+        a = a[0] if a.shape[0] == 1 else a[..., 0]
+    if a.dtype == bool:
+        raise CTIQAError(f"{source}: 1-bit (boolean) image; expected a CT slice")
+    if a.ndim == 3 and a.shape[-1] in (2, 3, 4):  # grey+alpha, RGB, RGBA
+        if a.dtype != np.uint8:
+            raise CTIQAError(
+                f"{source}: {a.shape[-1]}-channel {a.dtype} image; only 8-bit colour images can be converted to "
+                "grey (CT must be single-channel)"
+            )
+        if a.shape[-1] == 2:
+            return CTImage(a[..., 0], "display", source)
+        r, g, b = (a[..., i].astype(np.float64) for i in range(3))
+        grey = LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b
+        return CTImage(grey, "display", source)
+    if a.ndim != 2:
+        raise CTIQAError(f"{source}: expected a single-channel 2-D image, got array of shape {a.shape}")
+    if a.size == 0:
+        raise CTIQAError(f"{source}: empty image")
+
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise CTIQAError(f"{source}: image contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE:
+            return CTImage(a, "unit", source)
+        if lo >= PLAUSIBLE_HU[0] and hi <= PLAUSIBLE_HU[1]:
+            return CTImage(a, "hu", source)
+        raise CTIQAError(
+            f"{source}: float values {lo:g}..{hi:g} are neither in [0, 1] (LDCTIQA soft-tissue window) nor "
+            f"plausible HU {PLAUSIBLE_HU}"
+        )
+    if a.dtype == np.uint8:
+        return CTImage(a, "display", source)
+    if np.issubdtype(a.dtype, np.signedinteger):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
+            raise CTIQAError(f"{source}: integer values {lo}..{hi} are not plausible HU {PLAUSIBLE_HU}")
+        return CTImage(a, "hu", source)
+    if a.dtype == np.uint16:
+        hi = int(a.max())
+        if hi > UINT16_MAX_CT_VALUE:
+            raise CTIQAError(
+                f"{source}: uint16 image with values up to {hi} (> {UINT16_MAX_CT_VALUE}): cannot tell whether it "
+                "is HU + 1024 or a 16-bit display image; save HU as signed int16/float TIFF, or use the DICOM"
+            )
+        return CTImage(a.astype(np.float64) + UINT16_HU_INTERCEPT, "hu", source)
+    raise CTIQAError(f"{source}: unsupported pixel type {a.dtype}")
+
+
+def _read_tiff_pages(path: Path) -> list[np.ndarray]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0] if tf.series else None
+            if series is None:
+                raise CTIQAError(f"{path}: TIFF has no image data")
+            arr = series.asarray()
+            axes = series.axes
+    except CTIQAError:
+        raise
+    except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, OSError...
+        raise CTIQAError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from e
+    # split pages / frames (leading axes other than Y, X, sample S) into separate images
+    if arr.ndim > 2 and not (arr.ndim == 3 and axes.endswith("S")):
+        lead = arr.shape[: arr.ndim - (3 if axes.endswith("S") else 2)]
+        if int(np.prod(lead)) > 1:
+            return list(arr.reshape((-1, *arr.shape[len(lead):])))
+    return [arr]
+
+
+def _read_raster(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode == "1":
+                im = im.convert("L")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except Exception as e:
+        raise CTIQAError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit PNG: PIL gives int32 for mode "I"; keep the integer values (never clipped to 8 bit)
+        if arr.min() >= 0 and arr.max() <= 65535:
+            arr = arr.astype(np.uint16)
+    elif mode == "F":
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _slice_normal(orientation: Any) -> np.ndarray | None:
+    try:
+        o = np.asarray([float(v) for v in orientation], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if o.shape != (6,):
+        return None
+    n = np.cross(o[:3], o[3:])
+    norm = np.linalg.norm(n)
+    return n / norm if norm > 0 else None
+
+
+def _position(ipp: Any, normal: np.ndarray | None) -> float | None:
+    try:
+        p = np.asarray([float(v) for v in ipp], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if p.shape != (3,):
+        return None
+    if normal is None:
+        return float(p[2])  # axial assumption when the orientation is missing
+    return float(p @ normal)
+
+
+def _standard_axial(values: np.ndarray, orientation: Any) -> np.ndarray:
+    """Flip an axis-aligned axial slice into the standard radiological display orientation.
+
+    Standard (as in LDCTIQA / the Mayo data): columns run to the patient's left (+x), rows to posterior (+y).
+    A slice stored with row direction -x or column direction -y (e.g. pydicom-data's ``explicit_VR-UN.dcm``,
+    column direction (0, -1, 0)) is flipped; oblique, coronal and sagittal slices are left as stored.
+    """
+    try:
+        o = np.asarray([float(v) for v in orientation], dtype=np.float64)
+    except (TypeError, ValueError):
+        return values
+    if o.shape != (6,):
+        return values
+    row, col = o[:3], o[3:]
+    if abs(abs(row[0]) - 1) > 1e-3 or abs(abs(col[1]) - 1) > 1e-3:
+        return values
+    if row[0] < 0:
+        values = values[:, ::-1]
+    if col[1] < 0:
+        values = values[::-1, :]
+    return values
+
+
+def _frame_item(ds: Any, frame: int, keyword: str) -> Any:
+    """Enhanced multi-frame: the item of functional group ``keyword`` for ``frame`` (per-frame, else shared)."""
+    for group_kw, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(group_kw)
+        if groups and len(groups) > idx:
+            seq = groups[idx].get(keyword)
+            if seq:
+                return seq[0]
+    return None
+
+
+def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, n_frames: int, source: str) -> CTImage:
+    """Turn one decoded DICOM frame into a CTImage (modality LUT in float64, kind, position)."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        if arr.dtype == np.uint8 and arr.ndim == 3:
+            return _classify(arr, source)  # 8-bit colour secondary capture -> grey display image
+        raise CTIQAError(f"{source}: {ds.get('SamplesPerPixel')}-sample DICOM pixels; CT must be single-channel")
+
+    # 1) per-frame / shared Pixel Value Transformation (enhanced CT); pydicom's apply_modality_lut reads only the
+    #    top-level attributes, so hand it a small dataset holding this frame's slope/intercept.
+    pvt = _frame_item(ds, frame, "PixelValueTransformationSequence") if n_frames > 1 or "SharedFunctionalGroupsSequence" in ds else None
+    if pvt is not None and "RescaleSlope" in pvt and "RescaleIntercept" in pvt:
+        tmp = Dataset()
+        tmp.RescaleSlope, tmp.RescaleIntercept = pvt.RescaleSlope, pvt.RescaleIntercept
+        values = apply_modality_lut(arr, tmp)
+        has_lut = True
+    elif "ModalityLUTSequence" in ds or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
+        values = apply_modality_lut(arr, ds)
+        has_lut = True
+    else:
+        values, has_lut = arr, False
+    values = np.asarray(values, dtype=np.float64)
+
+    modality = str(ds.get("Modality", "")).upper()
+    rescale_type = str(ds.get("RescaleType", "") or (pvt.get("RescaleType", "") if pvt is not None else "")).upper()
+    if modality == "CT" or rescale_type == "HU":
+        kind = "hu"
+        lo, hi = float(values.min()), float(values.max())
+        if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
+            raise CTIQAError(f"{source}: values {lo:g}..{hi:g} after the modality LUT are not plausible HU")
+    elif not has_lut and arr.dtype == np.uint8:
+        kind = "display"
+    else:
+        raise CTIQAError(
+            f"{source}: not a CT image (Modality {modality or 'missing'}); ctiqa grades CT in Hounsfield units"
+        )
+
+    # slice position along the normal (classic: top level; enhanced: Plane Position/Orientation per frame)
+    plane_pos = _frame_item(ds, frame, "PlanePositionSequence")
+    plane_ori = _frame_item(ds, frame, "PlaneOrientationSequence")
+    ipp = plane_pos.get("ImagePositionPatient") if plane_pos is not None else ds.get("ImagePositionPatient")
+    iop = plane_ori.get("ImageOrientationPatient") if plane_ori is not None else ds.get("ImageOrientationPatient")
+    position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
+    return CTImage(_standard_axial(values, iop).astype(np.float32), kind, source, position)
+
+
+def _read_dicom_dataset(path: Path) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise CTIQAError(f"{path}: not a DICOM file ({e})") from e
+    except Exception as e:
+        raise CTIQAError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise CTIQAError(f"{path}: DICOM file has no pixel data")
+    return ds
+
+
+def _decode(ds: Any, path: Path, index: int | None) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(ds, index=index)
+    except Exception as e:  # missing decoder, truncated data, ...
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", ts)
+        raise CTIQAError(f"{path}: cannot decode pixel data (transfer syntax {name}): {type(e).__name__}: {e}") from e
+
+
+def _n_frames(ds: Any) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _iter_dicom_frames(path: Path, frames: list[int] | None = None, ds: Any = None) -> Iterator[CTImage]:
+    ds = _read_dicom_dataset(path) if ds is None else ds
+    n = _n_frames(ds)
+    for f in range(n) if frames is None else frames:
+        if not 0 <= f < n:
+            raise CTIQAError(f"{path}: frame {f} out of range (the file has {n} frame{'s' if n > 1 else ''})")
+        arr = _decode(ds, path, f if n > 1 else None)
+        yield _dicom_frame(ds, arr, f, n, f"{path}#{f}" if n > 1 else str(path))
+
+
+def read_ct_frames(path: str | os.PathLike) -> list[CTImage]:
+    """Read every frame of a file: DICOM (multi-frame or single), multi-page TIFF, or a single image.
+
+    Returns a list of :class:`CTImage` (one per frame, in file order; ``source`` is ``"<path>#<frame>"`` for
+    multi-frame files). Raises :class:`ctiqa.CTIQAError` naming the file when it is missing, unreadable or not an
+    image ctiqa understands (see the module docstring).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CTIQAError(f"{p}: no such file")
+    suffix = p.suffix.lower()
+    if suffix in _TIFF_SUFFIXES:
+        pages = _read_tiff_pages(p)
+        if len(pages) == 1:
+            return [_classify(pages[0], str(p))]
+        return [_classify(a, f"{p}#{i}") for i, a in enumerate(pages)]
+    if suffix in _RASTER_SUFFIXES:
+        return [_classify(_read_raster(p), str(p))]
+    if _is_dicom(p) or suffix == "":
+        return list(_iter_dicom_frames(p))
+    raise CTIQAError(f"{p}: unsupported file type {suffix!r} (DICOM, TIFF, PNG or JPEG expected)")
+
+
+def read_ct(path: str | os.PathLike, frame: int | None = None) -> CTImage:
+    """Read one CT slice and detect what its values mean.
+
+    Args:
+        path: DICOM (any transfer syntax pydicom can decode; the installed pylibjpeg plugins cover JPEG,
+            JPEG-LS lossless and JPEG 2000), TIFF (float/int, LDCTIQA float [0, 1] or HU; multi-page), PNG,
+            JPEG or BMP. Files without a suffix are tried as DICOM.
+        frame: 0-based frame/page index for multi-frame DICOM and multi-page TIFF. Required when the file has
+            more than one frame; ``None`` or 0 for single-frame files.
+
+    Returns:
+        :class:`CTImage` with float32 pixels (H, W) and ``kind`` "hu" / "unit" / "display".
+
+    Raises:
+        CTIQAError: the message names the file: missing, unreadable, undecodable, not single-channel 2-D, values
+            that fit no rule, a multi-frame file without ``frame``, or ``frame`` out of range.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CTIQAError(f"{p}: no such file")
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
+        raise CTIQAError(f"{p}: frame must be an integer index, got {frame!r}")
+    if (_is_dicom(p) or p.suffix == "") and p.suffix.lower() not in _TIFF_SUFFIXES | _RASTER_SUFFIXES:
+        ds = _read_dicom_dataset(p)
+        n = _n_frames(ds)
+        if n > 1 and frame is None:
+            raise CTIQAError(f"{p}: multi-frame DICOM with {n} frames; choose one with frame=0..{n - 1} (--frame)")
+        return next(_iter_dicom_frames(p, [0 if frame is None else int(frame)], ds))
+    frames = read_ct_frames(p)
+    n = len(frames)
+    if frame is None:
+        if n > 1:
+            raise CTIQAError(f"{p}: file holds {n} images; choose one with frame=0..{n - 1} (--frame)")
+        return frames[0]
+    if not 0 <= frame < n:
+        raise CTIQAError(f"{p}: frame {frame} out of range (the file has {n} frame{'s' if n > 1 else ''})")
+    return frames[int(frame)]
+
+
+def read_dicom_series(
+    folder: str | os.PathLike, *, errors: list[tuple[str, str]] | None = None, recursive: bool = True
+) -> list[tuple[str, CTImage]]:
+    """Read a DICOM series from a folder, ordered along the slice normal.
+
+    Every file (hidden files and ``DICOMDIR`` skipped; sub-folders too when ``recursive``) is read with the same
+    rules as :func:`read_ct`; multi-frame files contribute one entry per frame.
+
+    Ordering: by :attr:`CTImage.position` (Image Position (Patient) projected on the normal of Image
+    Orientation (Patient), mm) when every slice has one; otherwise by Instance Number; ties and the rest by name.
+
+    Args:
+        folder: the series folder.
+        errors: if a list is given, each unreadable file is skipped and ``(path, message)`` is appended to it
+            (``ctiqa predict`` reports and skips corrupt files this way); if ``None`` the first bad file raises.
+        recursive: also read sub-folders.
+
+    Returns:
+        list of ``(name, image)``: ``name`` is the path relative to ``folder`` (``"name#N"`` for frame N of a
+        multi-frame file).
+
+    Raises:
+        CTIQAError: ``folder`` is not a folder; no readable slice in it; a bad file when ``errors`` is None.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise CTIQAError(f"{root}: not a folder")
+    files = sorted(root.rglob("*") if recursive else root.iterdir())
+    entries: list[tuple[str, CTImage, float]] = []
+    for f in files:
+        rel = f.relative_to(root)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
+            continue
+        try:
+            if not _is_dicom(f) and f.suffix != "":
+                raise CTIQAError(f"{f}: not a DICOM file")
+            ds = _read_dicom_dataset(f)
+            inst = ds.get("InstanceNumber")
+            try:
+                inst_num = float(inst) if inst not in (None, "") else math.inf
+            except (TypeError, ValueError):
+                inst_num = math.inf
+            frames = list(_iter_dicom_frames(f, ds=ds))  # all frames first: a bad frame skips the whole file
+            for img in frames:
+                entries.append((str(rel) + img.source[len(str(f)):], img, inst_num))
+        except CTIQAError as e:
+            if errors is None:
+                raise
+            errors.append((str(f), str(e)))
+    if not entries:
+        raise CTIQAError(f"{root}: no readable DICOM slices in this folder")
+    if all(img.position is not None for _, img, _ in entries):
+        entries.sort(key=lambda e: (e[1].position, e[2], e[0]))
+    else:
+        entries.sort(key=lambda e: (e[2], e[0]))
+    return [(name, img) for name, img, _ in entries]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------
+
+
+def encoding_info(encoding: str) -> dict[str, Any]:
+    """A JSON-serialisable description of an encoding, for provenance (dataset cards, results.json).
+
+    Keys: ``name``, ``channels`` (R, G, B: each ``{"level", "width", "lo_hu", "hi_hu"}`` in HU), ``rounding``,
+    ``source`` (where the windows come from), ``inputs`` (which :attr:`CTImage.kind` it accepts).
+
+    Raises:
+        CTIQAError: unknown encoding name.
+    """
+    if encoding == "soft-tissue":
+        windows = [SOFT_TISSUE] * 3
+        source = "LDCTIQA 2023 preprocessing: soft-tissue window W350/L40, one window replicated to R, G, B"
+        inputs = ["hu", "unit (is this window: round(255*x))", "display (grey replicated)"]
+    elif encoding == "medgemma-3window":
+        windows = list(MEDGEMMA_3WINDOW)
+        source = "Google MedGemma CT convention: R -1024..1024, G -135..215, B 0..80 HU"
+        inputs = ["hu", "unit only with unit_is_hu=True (HU = -135 + 350*x)"]
+    else:
+        raise CTIQAError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    return {
+        "name": encoding,
+        "channels": [
+            {"level": lv, "width": w, "lo_hu": lv - w / 2, "hi_hu": lv + w / 2} for lv, w in windows
+        ],
+        "rounding": "uint8 = floor(255 * clip((HU - lo_hu) / width, 0, 1) + 0.5)",
+        "source": source,
+        "inputs": inputs,
+    }
+
+
+def render(
+    img_or_path: CTImage | str | os.PathLike,
+    encoding: str = "soft-tissue",
+    *,
+    unit_is_hu: bool = False,
+    frame: int | None = None,
+) -> Image.Image:
+    """Render a CT slice to the RGB 8-bit image the VLM sees (before the processor's own resize).
+
+    Encodings (:data:`ENCODINGS`, described by :func:`encoding_info`):
+
+    ``"soft-tissue"``
+        ``window(HU, 40, 350)`` replicated to R, G, B. For ``kind="unit"`` (LDCTIQA) the values already ARE this
+        window: ``floor(255·clip(x, 0, 1) + 0.5)``. For ``kind="display"`` the grey values (rounded half up)
+        are replicated.
+    ``"medgemma-3window"``
+        R/G/B = ``window`` with (L0/W2048, L40/W350, L40/W80), needs HU. ``kind="unit"`` is refused unless
+        ``unit_is_hu=True`` (then HU = -135 + 350·x, so R and B only see the soft-tissue range); ``"display"``
+        is refused.
+
+    Args:
+        img_or_path: a :class:`CTImage` or a path read with :func:`read_ct`.
+        encoding: one of :data:`ENCODINGS`.
+        unit_is_hu: allow rebuilding HU from LDCTIQA [0, 1] data for ``medgemma-3window``.
+        frame: frame index when ``img_or_path`` is a multi-frame file.
+
+    Returns:
+        ``PIL.Image.Image`` in mode ``"RGB"``, size (W, H) of the slice.
+
+    Raises:
+        CTIQAError: unknown encoding; an encoding that needs HU given [0, 1] or display data; read errors.
+    """
+    info = encoding_info(encoding)  # validates the name
+    img = img_or_path if isinstance(img_or_path, CTImage) else read_ct(img_or_path, frame=frame)
+    px = img.pixels
+    if encoding == "soft-tissue":
+        if img.kind == "hu":
+            grey = window(px, *SOFT_TISSUE)
+        elif img.kind == "unit":
+            grey = _to_uint8(px)
+        else:
+            grey = _to_uint8(px / 255.0)
+        rgb = np.stack([grey] * 3, axis=-1)
+    else:
+        if img.kind == "unit":
+            if not unit_is_hu:
+                raise CTIQAError(
+                    f"{img.source}: values are in [0, 1] (LDCTIQA soft-tissue window, not HU): only one window can "
+                    "be rebuilt, so the medgemma-3window encoding is not available; use encoding 'soft-tissue', or "
+                    "pass unit_is_hu=True (--unit-is-hu) to treat HU = -135 + 350*x"
+                )
+            hu = unit_to_hu(px)
+        elif img.kind == "display":
+            raise CTIQAError(
+                f"{img.source}: an 8-bit display image has no Hounsfield units; medgemma-3window needs HU "
+                "(DICOM, or TIFF in HU); use encoding 'soft-tissue'"
+            )
+        else:
+            hu = px
+        rgb = np.stack([window(hu, c["level"], c["width"]) for c in info["channels"]], axis=-1)
+    return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI: ctiqa render INPUT --out FILE.png
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ctiqa render``."""
+    parser.add_argument("input", help="CT file: DICOM, TIFF (LDCTIQA [0,1] or HU), PNG or JPEG")
+    parser.add_argument("--out", required=True, help="output PNG: exactly the RGB image the model sees")
+    parser.add_argument("--encoding", default="soft-tissue", choices=list(ENCODINGS), help="RGB encoding")
+    parser.add_argument("--frame", type=int, default=None, help="0-based frame of a multi-frame file")
+    parser.add_argument(
+        "--unit-is-hu", action="store_true",
+        help="treat LDCTIQA [0,1] values as HU = -135 + 350*x (needed for medgemma-3window on LDCTIQA data)",
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``ctiqa render``: read, render, write a PNG; prints what was detected. Returns 0."""
+    img = read_ct(args.input, frame=args.frame)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CTIQAError(f"{out}: the output must be a .png file (lossless)")
+    rgb = render(img, args.encoding, unit_is_hu=args.unit_is_hu)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rgb.save(out)
+    px = img.pixels
+    print(
+        f"{args.input}: {img.kind} {px.shape[1]}x{px.shape[0]} values {float(px.min()):g}..{float(px.max()):g} "
+        f"-> {out} ({args.encoding})"
+    )
+    return 0
