@@ -1,0 +1,97 @@
+"""ctiqa.scoring: a table of realistic model answers with the exact score (or None) and rule each must give."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctiqa.scoring import RULES, ParsedScore, parse_score, parse_score_detailed
+
+CASES = [
+    # --- trained formats (strict)
+    ("Score: 2.2\nReasoning: Moderate noise with fine streaks from sparse sampling.", 2.2, "strict-first"),
+    ("Score: 0.8\nReasoning: Severe noise.", 0.8, "strict-first"),
+    ("Score: 4.0", 4.0, "strict-first"),
+    ("  Score: 3\n", 3.0, "strict-first"),
+    ("Score: 1.4\nReasoning: A score of 4 would need much less noise; this image scores 1.4.", 1.4, "strict-first"),
+    ("Reasoning: Streaks radiate from bone; edges are blurred.\nScore: 1.6", 1.6, "strict-last"),
+    ("Reasoning: Very clean image, sharp edges.\n\nScore: 3.8\n", 3.8, "strict-last"),
+    ("Score: 10.0\nReasoning: ...", None, "out-of-range"),
+    ("Score: 0.0\nReasoning: Non-diagnostic.", 0.0, "strict-first"),
+    # --- chatty zero-shot prose
+    ("Of course. Based on the image, I would rate the overall diagnostic quality as 3 (good).", 3.0, "labelled"),
+    ("This slice shows mild noise. Overall quality score: 2.5 out of 4.", 2.5, "labelled"),
+    ("I'd give it a 3/4. The liver edges are sharp.", 3.0, "labelled"),
+    ("The image quality is good. Rating: 3", 3.0, "labelled"),
+    ("The noise is marked and low-contrast lesions would be missed. I would score this image 1.5 out of 4.", 1.5,
+     "labelled"),
+    ("Initially I thought a score of 2 was fair, but given the streaks, my final score is 1.", 1.0, "labelled"),
+    ("Quality score: three.", 3.0, "labelled"),
+    ("I would rate it two out of four.", 2.0, "labelled"),
+    ("Overall: 3.5", 3.5, "labelled"),
+    ("Final answer: 2.8", 2.8, "labelled"),
+    # --- markdown
+    ("**Score:** 3\n\n**Reasoning:** Mild noise, no streaks.", 3.0, "labelled"),
+    ("## Assessment\n- Noise: moderate\n- Streaks: none\n\n**Overall Image Quality Score: 2.5/4**", 2.5, "labelled"),
+    ("| Criterion | Rating |\n|---|---|\n| Overall | **2** |", 2.0, "labelled"),
+    ("**Rating: Good (3)**", 3.0, "labelled"),
+    # --- ranges
+    ("Score: 2-3. Noise is moderate.", 2.5, "labelled"),
+    ("I would rate the quality as 2 to 3.", 2.5, "labelled"),
+    ("Score: between 1.5 and 2.5", 2.0, "labelled"),
+    # --- echoed scales
+    ("On a scale of 0-4, I'd give it a 2.", 2.0, "labelled"),
+    ("Rate the overall diagnostic quality on a continuous scale (0 = bad, 1 = poor, 2 = fair, 3 = good, "
+     "4 = excellent).", None, "no-score"),
+    ("The quality is rated from 0 (very poor) to 4 (excellent). This image is noisy.", None, "no-score"),
+    ("Score (0-4): 1.8", 1.8, "labelled"),
+    ("Using the scale 0 = bad ... 4 = excellent, my rating is 1.", 1.0, "labelled"),
+    ("Quality score (0–4): not assessable from this image.", None, "no-score"),
+    # --- refusals and failures
+    ("I'm sorry, but I can't provide a medical assessment of this image.", None, "no-score"),
+    ("", None, "no-score"),
+    ("The image shows the abdomen at the level of the kidneys. 1. Noise: moderate. 2. Streaks: mild.", None,
+     "no-score"),
+    ("Slice thickness 3 mm, 120 kV. The image looks fine.", None, "no-score"),
+    # --- out of range / other scales: never read as a 0-4 score
+    ("Score: 7/10", None, "out-of-range"),
+    ("Overall rating: 10.0", None, "out-of-range"),
+    ("I'd rate it 8 out of 10.", None, "out-of-range"),
+    ("On a scale of 1 to 10 the quality is 7.", None, "no-score"),
+    # --- bare and unlabelled
+    ("3.2", 3.2, "bare-number"),
+    ("0.8", 0.8, "bare-number"),
+    ("2.5/4", 2.5, "fraction"),
+    ("Rating: 0.8 (poor)", 0.8, "labelled"),
+    ("Score: -1", None, "out-of-range"),
+    ("I would rate this image as excellent (4).", 4.0, "labelled"),
+    ("Based on a scale of 0 to 4, where 0 is bad and 4 is excellent, this image would be rated as a 3.", 3.0,
+     "labelled"),
+    ("Score: 2.2 Reasoning: moderate noise. A score of 4 would require less noise.", 2.2, "strict-first"),
+    ("I cannot rate images of 5 mm slices.", None, "no-score"),
+]
+
+
+@pytest.mark.parametrize(("text", "value", "rule"), CASES)
+def test_parse_table(text, value, rule):
+    got = parse_score_detailed(text)
+    assert isinstance(got, ParsedScore)
+    assert got.rule == rule, got
+    assert got.rule in RULES
+    if value is None:
+        assert got.value is None, got
+    else:
+        assert got.value == pytest.approx(value, abs=1e-12), got
+    assert parse_score(text) == got.value
+
+
+def test_table_size():
+    assert len(CASES) >= 30
+
+
+def test_never_zero_on_failure():
+    for text in ("Score: 10.0", "N/A", "The image is of excellent quality.", "score of ten"):
+        assert parse_score(text) is None
+
+
+def test_none_input():
+    assert parse_score(None) is None
