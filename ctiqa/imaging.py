@@ -186,10 +186,9 @@ def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
 
 def _classify(arr: np.ndarray, source: str) -> CTImage:
     """Apply the detection rules of the module docstring to a decoded TIFF/PNG array."""
-    a = np.asarray(arr)
-    # squeeze singleton channel / page axes: (1, H, W), (H, W, 1)
-    while a.ndim > 2 and 1 in (a.shape[0], a.shape[-1]):
-        a = a[0] if a.shape[0] == 1 else a[..., 0]
+    a = np.asarray(arr)  # (H, W) or (H, W, channels)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
     if a.dtype == bool:
         raise CTIQAError(f"{source}: 1-bit (boolean) image; expected a CT slice")
     if a.ndim == 3 and a.shape[-1] in (2, 3, 4):  # grey+alpha, RGB, RGBA
@@ -239,25 +238,27 @@ def _classify(arr: np.ndarray, source: str) -> CTImage:
 
 
 def _read_tiff_pages(path: Path) -> list[np.ndarray]:
+    """Decode a TIFF with tifffile (never PIL: it clips 16-bit/float) into (H, W) or (H, W, S) arrays, one per
+    page/frame, using tifffile's axes labels (Y, X, S = samples; any other axis is split into frames)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
-            series = tf.series[0] if tf.series else None
-            if series is None:
+            if not tf.series:
                 raise CTIQAError(f"{path}: TIFF has no image data")
+            series = tf.series[0]
             arr = series.asarray()
             axes = series.axes
     except CTIQAError:
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, OSError...
         raise CTIQAError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from e
-    # split pages / frames (leading axes other than Y, X, sample S) into separate images
-    if arr.ndim > 2 and not (arr.ndim == 3 and axes.endswith("S")):
-        lead = arr.shape[: arr.ndim - (3 if axes.endswith("S") else 2)]
-        if int(np.prod(lead)) > 1:
-            return list(arr.reshape((-1, *arr.shape[len(lead):])))
-    return [arr]
+    if "Y" not in axes or "X" not in axes or arr.ndim != len(axes):
+        raise CTIQAError(f"{path}: TIFF with axes {axes!r} and shape {arr.shape}; expected a 2-D image")
+    image_axes = [axes.index("Y"), axes.index("X")] + ([axes.index("S")] if "S" in axes else [])
+    frame_axes = [i for i in range(len(axes)) if i not in image_axes]
+    arr = np.transpose(arr, frame_axes + image_axes)
+    return list(arr.reshape((-1, *arr.shape[len(frame_axes):])))
 
 
 def _read_raster(path: Path) -> np.ndarray:

@@ -1,0 +1,341 @@
+"""CT imaging: reading (DICOM/TIFF/PNG/JPEG), value-range detection, windowing and rendering, on hand-computed pixels."""
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ctiqa import CTIQAError
+from ctiqa.cli import main
+from ctiqa.imaging import (
+    ENCODINGS,
+    CTImage,
+    encoding_info,
+    hu_to_unit,
+    read_ct,
+    read_ct_frames,
+    read_dicom_series,
+    render,
+    unit_to_hu,
+    window,
+)
+
+
+def write_ct_dicom(path, raw, *, intercept=-1024.0, slope=1.0, position=(0.0, 0.0, 0.0), instance=1,
+                   orientation=(1, 0, 0, 0, 1, 0), window_center=None, window_width=None, modality="CT",
+                   signed=False):
+    """A minimal CT DICOM file with the given stored (raw) pixel values, uncompressed."""
+    raw = np.asarray(raw, dtype=np.int16 if signed else np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = raw.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if signed else 0
+    if intercept is not None:
+        ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
+    if position is not None:
+        ds.ImagePositionPatient = list(position)
+        ds.ImageOrientationPatient = list(orientation)
+    if instance is not None:
+        ds.InstanceNumber = instance
+    if window_center is not None:
+        ds.WindowCenter, ds.WindowWidth = window_center, window_width
+    ds.PixelData = raw.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _testdata(name):
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} needs pydicom-data")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- window / units
+
+
+def test_window_golden_values():
+    hu = np.array([-1000, -135, -134, -100, 40, 214, 215, 3000])
+    # 255 * (HU + 135) / 350, clipped, rounded half up:
+    # -134 -> 0.73 -> 1; -100 -> 25.5 -> 26; 40 -> 127.5 -> 128; 214 -> 254.27 -> 254
+    assert window(hu, 40, 350).tolist() == [0, 0, 1, 26, 128, 254, 255, 255]
+    assert window(hu, 40, 350).dtype == np.uint8
+    # no integer overflow for uint16 / int16 input
+    assert window(np.array([65535], dtype=np.uint16), 0, 2048).tolist() == [255]
+    with pytest.raises(ValueError):
+        window(hu, 40, 0)
+
+
+def test_hu_unit_round_trip_and_render_consistency():
+    hu = np.arange(-135, 216, dtype=np.float64)
+    x = hu_to_unit(hu)
+    assert x.dtype == np.float32 and x.min() == 0 and x.max() == 1
+    np.testing.assert_allclose(unit_to_hu(x), hu, atol=1e-3)
+    assert hu_to_unit(np.array([-1000.0, 1000.0])).tolist() == [0.0, 1.0]
+    # the LDCTIQA path ([0,1] -> round(255x)) and the HU path (window L40/W350) give the same grey
+    unit_grey = np.asarray(render(CTImage(x[None, :], "unit", "u")))[0, :, 0]
+    hu_grey = np.asarray(render(CTImage(hu[None, :], "hu", "h")))[0, :, 0]
+    assert np.abs(unit_grey.astype(int) - hu_grey.astype(int)).max() <= 1
+    assert (unit_grey == hu_grey).mean() > 0.99
+
+
+def test_encoding_info_is_recorded_and_json():
+    for name in ENCODINGS:
+        info = encoding_info(name)
+        assert info["name"] == name and len(info["channels"]) == 3
+        json.dumps(info)
+    assert [(c["lo_hu"], c["hi_hu"]) for c in encoding_info("medgemma-3window")["channels"]] == [
+        (-1024, 1024), (-135, 215), (0, 80)]
+    with pytest.raises(CTIQAError, match="unknown encoding"):
+        encoding_info("lung")
+
+
+# ---------------------------------------------------------------------------------------------- DICOM
+
+
+def test_dicom_uint16_with_intercept_minus_1024_golden(tmp_path):
+    # stored 0, 1023, 1024, 1064, 1239, 4095 -> HU -1024, -1, 0, 40, 215, 3071 (uint16 + negative intercept)
+    raw = np.array([[0, 1023, 1024], [1064, 1239, 4095]])
+    path = write_ct_dicom(tmp_path / "a.dcm", raw, window_center=[40, 400], window_width=[350, 1500])
+    img = read_ct(path)
+    assert img.kind == "hu" and img.pixels.dtype == np.float32 and img.shape == (2, 3)
+    assert img.pixels.tolist() == [[-1024, -1, 0], [40, 215, 3071]]
+    # soft tissue: 255*(HU+135)/350 -> 0, 97.6->98, 98.4->98, 127.5->128, 255, 255
+    rgb = np.asarray(render(path))
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
+    assert rgb[..., 0].tolist() == [[0, 98, 98], [128, 255, 255]]
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    # medgemma 3-window: R = 255*(HU+1024)/2048, G = soft tissue, B = 255*HU/80
+    rgb3 = np.asarray(render(path, "medgemma-3window"))
+    assert rgb3[..., 0].tolist() == [[0, 127, 128], [132, 154, 255]]
+    assert rgb3[..., 1].tolist() == [[0, 98, 98], [128, 255, 255]]
+    assert rgb3[..., 2].tolist() == [[0, 0, 0], [128, 255, 255]]
+
+
+def test_dicom_slope_and_signed_storage(tmp_path):
+    path = write_ct_dicom(tmp_path / "s.dcm", [[-1000, 0, 500]], intercept=0.0, slope=1.0, signed=True)
+    assert read_ct(path).pixels.tolist() == [[-1000, 0, 500]]
+    path = write_ct_dicom(tmp_path / "t.dcm", [[0, 100, 1000]], intercept=-1000.0, slope=2.0)
+    assert read_ct(path).pixels.tolist() == [[-1000, -800, 1000]]
+
+
+def test_dicom_flipped_axial_is_shown_in_standard_orientation(tmp_path):
+    raw = np.array([[1, 2], [3, 4]]) + 1024
+    normal = read_ct(write_ct_dicom(tmp_path / "n.dcm", raw))
+    flipped = read_ct(write_ct_dicom(tmp_path / "f.dcm", raw, orientation=(1, 0, 0, 0, -1, 0)))
+    assert normal.pixels.tolist() == [[1, 2], [3, 4]]
+    assert flipped.pixels.tolist() == [[3, 4], [1, 2]]
+
+
+def test_dicom_non_ct_and_garbage_are_refused(tmp_path):
+    with pytest.raises(CTIQAError, match=r"mr\.dcm.*not a CT image"):
+        read_ct(write_ct_dicom(tmp_path / "mr.dcm", [[1, 2]], intercept=None, modality="MR"))
+    bad = tmp_path / "junk.dcm"
+    bad.write_bytes(b"\x00" * 10)
+    with pytest.raises(CTIQAError, match="junk.dcm"):
+        read_ct(bad)
+    with pytest.raises(CTIQAError, match="no such file"):
+        read_ct(tmp_path / "missing.dcm")
+
+
+def test_real_ct_small():
+    img = read_ct(_testdata("CT_small.dcm"))
+    assert img.kind == "hu" and img.shape == (128, 128)
+    body = img.pixels[img.pixels > -500]
+    assert -900 < img.pixels.min() < -800  # darkest voxels: lung/air inside the small field of view
+    assert 0 <= np.median(body) <= 100  # soft tissue
+
+
+@pytest.mark.parametrize("name", ["explicit_VR-UN.dcm", "bad_sequence.dcm"])  # JPEG 2000, JPEG lossless
+def test_real_compressed_ct_has_sane_hu(name):
+    img = read_ct(_testdata(name))
+    assert img.kind == "hu" and img.shape == (512, 512)
+    p = img.pixels
+    assert (p < -900).mean() > 0.05 and -1030 <= np.percentile(p, 1) <= -950  # air ≈ -1000
+    assert 0 <= np.median(p[p > -500]) <= 100  # soft tissue
+
+
+def test_real_enhanced_multiframe_per_frame_rescale(tmp_path):
+    path = _testdata("eCT_Supplemental.dcm")
+    with pytest.raises(CTIQAError, match=r"eCT_Supplemental\.dcm.*2 frames"):
+        read_ct(path)
+    with pytest.raises(CTIQAError, match=r"eCT_Supplemental\.dcm.*frame 2 out of range"):
+        read_ct(path, frame=2)
+    frames = read_ct_frames(path)
+    assert len(frames) == 2 and frames[1].source.endswith("#1")
+    for f in frames:
+        assert f.kind == "hu" and f.pixels.min() == -1024  # stored 0 + per-frame intercept -1024: air
+        assert 0 <= np.median(f.pixels[f.pixels > -500]) <= 100
+    np.testing.assert_array_equal(read_ct(path, frame=1).pixels, frames[1].pixels)
+    # a per-frame intercept on frame 1 overrides the shared one (functional groups, DICOM PS3.3 C.7.6.16)
+    ds = pydicom.dcmread(path)
+    pvt = Dataset()
+    pvt.RescaleIntercept, pvt.RescaleSlope, pvt.RescaleType = -1000, 1, "HU"
+    ds.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence = [pvt]
+    ds.save_as(tmp_path / "e.dcm")
+    f0, f1 = read_ct_frames(tmp_path / "e.dcm")
+    assert f0.pixels.min() == -1024 and f1.pixels.min() == -1000
+
+
+def test_dicom_series_order_and_errors(tmp_path):
+    d = tmp_path / "series"
+    d.mkdir()
+    # file names and instance numbers disagree with the positions; positions decide
+    for name, z, inst in [("a.dcm", 10.0, 1), ("b.dcm", -5.0, 2), ("c.dcm", 0.0, 3)]:
+        write_ct_dicom(d / name, [[1024 + int(z)]], position=(0, 0, z), instance=inst)
+    (d / "broken.dcm").write_bytes(b"DICM but not really")
+    (d / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(CTIQAError, match="broken.dcm"):
+        read_dicom_series(d)
+    errors = []
+    series = read_dicom_series(d, errors=errors)
+    assert [n for n, _ in series] == ["b.dcm", "c.dcm", "a.dcm"]
+    assert [img.pixels[0, 0] for _, img in series] == [-5, 0, 10]
+    assert len(errors) == 1 and errors[0][0].endswith("broken.dcm") and "broken.dcm" in errors[0][1]
+    # without positions: Instance Number
+    e = tmp_path / "noipp"
+    e.mkdir()
+    for name, inst in [("x.dcm", 3), ("y.dcm", 1), ("z.dcm", 2)]:
+        write_ct_dicom(e / name, [[1024]], position=None, instance=inst)
+    assert [n for n, _ in read_dicom_series(e)] == ["y.dcm", "z.dcm", "x.dcm"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CTIQAError, match="empty: no readable DICOM"):
+        read_dicom_series(empty)
+
+
+# ---------------------------------------------------------------------------------------------- TIFF / PNG / JPEG
+
+
+def test_ldctiqa_float_tiff_is_not_binarised(tmp_path):
+    x = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    tifffile.imwrite(tmp_path / "0000.tif", x)
+    img = read_ct(tmp_path / "0000.tif")
+    assert img.kind == "unit"
+    grey = np.asarray(render(img))[..., 0]
+    assert len(np.unique(grey)) == 256  # every level survives: no clipping to 0/1
+    # floor(255 x + 0.5): x = k/255 -> k
+    assert grey.ravel().tolist() == list(range(256))
+
+
+def test_float_tiff_hu_and_errors(tmp_path):
+    tifffile.imwrite(tmp_path / "hu.tif", np.array([[-1000.0, 40.0], [215.0, 1500.0]], dtype=np.float32))
+    img = read_ct(tmp_path / "hu.tif")
+    assert img.kind == "hu"
+    assert np.asarray(render(img))[..., 0].tolist() == [[0, 128], [255, 255]]
+    tifffile.imwrite(tmp_path / "nan.tif", np.array([[0.5, np.nan]], dtype=np.float32))
+    with pytest.raises(CTIQAError, match=r"nan\.tif.*NaN"):
+        read_ct(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "huge.tif", np.array([[-5000.0, 0.0]], dtype=np.float32))
+    with pytest.raises(CTIQAError, match=r"huge\.tif.*plausible HU"):
+        read_ct(tmp_path / "huge.tif")
+    tifffile.imwrite(tmp_path / "rgbf.tif", np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(CTIQAError, match=r"rgbf\.tif.*single-channel"):
+        read_ct(tmp_path / "rgbf.tif")
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    with pytest.raises(CTIQAError, match=r"junk\.tif.*unreadable"):
+        read_ct(tmp_path / "junk.tif")
+
+
+def test_integer_tiffs(tmp_path):
+    tifffile.imwrite(tmp_path / "i16.tif", np.array([[-1024, 0, 40]], dtype=np.int16))
+    assert read_ct(tmp_path / "i16.tif").pixels.tolist() == [[-1024, 0, 40]]
+    # uint16 CT storage (12 bit, +1024 offset): HU = value - 1024
+    tifffile.imwrite(tmp_path / "u16.tif", np.array([[0, 1024, 1064, 4095]], dtype=np.uint16))
+    img = read_ct(tmp_path / "u16.tif")
+    assert img.kind == "hu" and img.pixels.tolist() == [[-1024, 0, 40, 3071]]
+    tifffile.imwrite(tmp_path / "u16big.tif", np.array([[0, 60000]], dtype=np.uint16))
+    with pytest.raises(CTIQAError, match=r"u16big\.tif.*uint16"):
+        read_ct(tmp_path / "u16big.tif")
+    tifffile.imwrite(tmp_path / "u8.tif", np.array([[0, 128, 255]], dtype=np.uint8))
+    assert read_ct(tmp_path / "u8.tif").kind == "display"
+
+
+def test_tiff_axes(tmp_path):
+    tifffile.imwrite(tmp_path / "q.tif", np.full((1, 8, 8), 0.25, np.float32))  # axes QYX: one slice
+    assert read_ct(tmp_path / "q.tif").shape == (8, 8)
+    tifffile.imwrite(tmp_path / "planar.tif", np.zeros((3, 8, 8), np.float32))  # tifffile writes planar RGB
+    with pytest.raises(CTIQAError, match=r"planar\.tif.*3-channel float32"):
+        read_ct(tmp_path / "planar.tif")
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 200
+    tifffile.imwrite(tmp_path / "rgb8.tif", rgb, photometric="rgb")
+    img = read_ct(tmp_path / "rgb8.tif")
+    assert img.kind == "display" and img.pixels[0, 0] == pytest.approx(0.587 * 200)
+
+
+def test_multipage_tiff_frames(tmp_path):
+    stack = np.stack([np.full((8, 8), v, np.float32) for v in (0.0, 0.5, 1.0)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")  # 3 pages, not planar RGB
+    with pytest.raises(CTIQAError, match=r"stack\.tif.*3 images"):
+        read_ct(tmp_path / "stack.tif")
+    assert read_ct(tmp_path / "stack.tif", frame=1).pixels[0, 0] == 0.5
+    assert [f.pixels[0, 0] for f in read_ct_frames(tmp_path / "stack.tif")] == [0.0, 0.5, 1.0]
+
+
+def test_png_jpeg_display(tmp_path):
+    Image.fromarray(np.array([[0, 100, 255]], dtype=np.uint8)).save(tmp_path / "g.png")
+    img = read_ct(tmp_path / "g.png")
+    assert img.kind == "display" and img.pixels.tolist() == [[0, 100, 255]]
+    assert np.asarray(render(img))[0].tolist() == [[0, 0, 0], [100, 100, 100], [255, 255, 255]]
+    # RGB -> grey by BT.601 luminance: pure red 255 -> 0.299*255 = 76.2 -> 76
+    Image.fromarray(np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8)).save(tmp_path / "c.png")
+    assert np.asarray(render(tmp_path / "c.png"))[0, :, 0].tolist() == [76, 150]
+    # 16-bit PNG keeps its values (not clipped to 8 bit): uint16 rule, HU = v - 1024
+    Image.fromarray(np.array([[0, 1024, 2000]], dtype=np.uint16)).save(tmp_path / "w.png")
+    assert read_ct(tmp_path / "w.png").pixels.tolist() == [[-1024, 0, 976]]
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(tmp_path / "j.jpg", quality=95)
+    j = read_ct(tmp_path / "j.jpg")
+    assert j.kind == "display" and abs(float(j.pixels.mean()) - 90) < 2
+
+
+def test_medgemma_needs_hu(tmp_path):
+    unit = CTImage(np.array([[0.0, 1.0]]), "unit", "slice.tif")
+    with pytest.raises(CTIQAError, match=r"slice\.tif.*unit_is_hu"):
+        render(unit, "medgemma-3window")
+    # HU = -135 + 350 x: x=0 -> -135 (R 110.7->111, G 0, B 0); x=1 -> 215 (R 154.3->154, G 255, B 255)
+    rgb = np.asarray(render(unit, "medgemma-3window", unit_is_hu=True))
+    assert rgb[0].tolist() == [[111, 0, 0], [154, 255, 255]]
+    with pytest.raises(CTIQAError, match=r"shot\.png.*no Hounsfield"):
+        render(CTImage(np.zeros((2, 2)), "display", "shot.png"), "medgemma-3window")
+    with pytest.raises(CTIQAError, match="unknown encoding"):
+        render(unit, "bone")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_render_writes_what_render_returns(tmp_path, capsys):
+    path = write_ct_dicom(tmp_path / "a.dcm", np.array([[0, 1024], [1064, 1239]]))
+    out = tmp_path / "out" / "a.png"
+    assert main(["render", str(path), "--out", str(out), "--encoding", "medgemma-3window"]) == 0
+    written = Image.open(out)
+    assert written.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(written), np.asarray(render(path, "medgemma-3window")))
+    assert "hu 2x2" in capsys.readouterr().out
+
+
+def test_cli_render_frame_and_errors(tmp_path, capsys):
+    x = tmp_path / "u.tif"
+    tifffile.imwrite(x, np.full((4, 4), 0.5, np.float32))
+    out = tmp_path / "u.png"
+    assert main(["render", str(x), "--out", str(out), "--encoding", "medgemma-3window"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "u.tif" in err and "\n" not in err
+    assert main(["render", str(x), "--out", str(out), "--encoding", "medgemma-3window", "--unit-is-hu"]) == 0
+    assert main(["render", _testdata("eCT_Supplemental.dcm"), "--out", str(out), "--frame", "1"]) == 0
+    assert Image.open(out).size == (512, 512)
