@@ -1,0 +1,177 @@
+"""Rationale checks: clean a teacher's rationale, reject it when it cannot be trusted, count artifact terms.
+
+Cleaning (:func:`clean_rationale`) removes what the student must not learn to say: chat boilerplate at the start
+("Of course.", "Certainly!", "Sure, here is ...:", "As a radiologist, ..."), persona lines ("I am an experienced
+radiologist ..."), Markdown headers/bold/bullets, ``Reasoning:``/``Rationale:`` labels and ``Score: x`` lines
+(the target format adds its own), and collapses whitespace.
+
+Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
+
+``too_short``
+    fewer than ``min_words`` words (default 15).
+``unseen_view``
+    talks about views the student never sees: crops, zoomed/magnified views, insets, panels, other/adjacent
+    slices, "the images"/"these images"/"both images", first/second/left/right image.
+``mentions_given_score``
+    leaks the set-up: "was rated", "a panel of radiologists", "the given/assigned score", "these instructions".
+``contradicts_score``
+    overall-quality words at odds with the true score (LDCTIQA scale 0 bad, 1 poor, 2 fair, 3 good,
+    4 excellent): for score <= 1.5: excellent, outstanding, pristine, superb, optimal/ideal quality,
+    artifact-free, no artifacts, fully diagnostic; for score >= 3.5: severe(ly), non-diagnostic, unreadable,
+    uninterpretable, very poor, markedly/heavily/severely degraded. A term preceded (within ~4 words) by a
+    negation (no, not, without, free of, absence of, rather than, nor) does not count ("no severe streaks").
+``teacher_score_mismatch``
+    the teacher's JSON ``score`` differs from the true score by more than 0.05 (it ignored the instruction).
+
+Artifact terms (:data:`ARTIFACT_TERMS`) are counted per rationale for the audit: noise, streak, metal, ring,
+motion, beam hardening, blur. LDCTIQA and the simulator only have noise and streaks (design.md §3); metal, ring,
+motion and beam hardening mentions are likely hallucinated and are summed up in the dataset card.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MIN_WORDS = 15
+LOW_SCORE_MAX = 1.5
+HIGH_SCORE_MIN = 3.5
+SCORE_TOLERANCE = 0.05
+
+_BOILERPLATE_START = re.compile(
+    r"^\s*(?:"
+    r"(?:of course|certainly|sure|absolutely|okay|ok|great question|happy to help)\b[^.!:\n]*[.!:,]\s*"
+    r"|here(?:'s| is| are)\b[^:\n]*:\s*"
+    r"|as (?:an? |the )?(?:experienced |expert |board-certified )*(?:radiologist|ai|language model|teacher)"
+    r"[^,\n]*,\s*"
+    r"|i(?:'d| would) be (?:happy|glad) to[^.!:\n]*[.!:]\s*"
+    r")",
+    flags=re.IGNORECASE,
+)
+_PERSONA_SENTENCE = re.compile(
+    r"(?:^|(?<=[.!?]\s))(?:i am|i'm|as) (?:an? )?(?:experienced |expert )*(?:radiologist|ai)[^.!?\n]*[.!?]\s*",
+    flags=re.IGNORECASE,
+)
+_LABEL = re.compile(r"^\s*(?:reasoning|rationale|explanation|assessment)\s*:\s*", flags=re.IGNORECASE)
+_SCORE_LINE = re.compile(r"^\s*(?:\*\*)?\s*(?:quality\s+)?score\s*(?:\*\*)?\s*:.*$", flags=re.IGNORECASE | re.MULTILINE)
+_HEADER_LINE = re.compile(r"^\s*#{1,6}\s+.*$", flags=re.MULTILINE)
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+", flags=re.MULTILINE)
+
+_UNSEEN_VIEW = re.compile(
+    r"\b(?:crop(?:s|ped|ping)?|zoom(?:s|ed|ing)?(?:[- ]in)?|magnif(?:ied|ication|y)|insets?|panels?"
+    r"|(?:other|adjacent|neighbou?ring|previous|next|additional) (?:slices?|images?|views?)"
+    r"|(?:the|these|both|all|two|several) images|(?:first|second|third|left|right|top|bottom) (?:image|view)"
+    r"|image [a-d1-4]\b)",
+    flags=re.IGNORECASE,
+)
+_SETUP_LEAK = re.compile(
+    r"\b(?:(?:was|were|been|is) (?:rated|scored|graded)|panel of (?:radiologists|experts|readers)"
+    r"|(?:given|assigned|provided|stated|reported) (?:quality )?(?:score|rating)|these instructions|as instructed"
+    r"|radiologists? (?:rated|scored|gave))\b",
+    flags=re.IGNORECASE,
+)
+_TOO_GOOD = re.compile(
+    r"\b(?:excellent|outstanding|pristine|superb|(?:optimal|ideal|perfect) (?:image )?quality|artifact[- ]free"
+    r"|no artifacts?|fully diagnostic)\b",
+    flags=re.IGNORECASE,
+)
+_TOO_BAD = re.compile(
+    r"\b(?:severe(?:ly)?|non-?diagnostic|unreadable|uninterpretable|very poor"
+    r"|(?:markedly|heavily|severely|grossly) degraded)\b",
+    flags=re.IGNORECASE,
+)
+_NEGATION = re.compile(r"\b(?:no|not|without|free of|absence of|absent|lack of|rather than|nor|never)\b(?:\W+\w+){0,3}\W*$",
+                       flags=re.IGNORECASE)
+
+#: term -> regex, counted per rationale in the audit.
+ARTIFACT_TERMS: dict[str, re.Pattern[str]] = {
+    "noise": re.compile(r"\b(?:nois(?:e|y|ier)|grain(?:y|iness)?|mottl(?:e|ed|ing))\b", re.IGNORECASE),
+    "streak": re.compile(r"\bstreak(?:s|ing|y)?\b", re.IGNORECASE),
+    "metal": re.compile(r"\b(?:metal(?:lic)?|prosthe\w*|implant\w*|surgical clips?)\b", re.IGNORECASE),
+    "ring": re.compile(r"\bring(?:s|[- ]like)?\b", re.IGNORECASE),
+    "motion": re.compile(r"\b(?:motion|movement|respiratory artifacts?|breathing)\b", re.IGNORECASE),
+    "beam_hardening": re.compile(r"\b(?:beam[- ]hardening|cupping|photon starvation)\b", re.IGNORECASE),
+    "blur": re.compile(r"\b(?:blur(?:s|red|ring|ry)?|unsharp|smear\w*)\b", re.IGNORECASE),
+}
+#: Terms for artifacts LDCTIQA / the simulator do not contain (mentions are likely hallucinations).
+ABSENT_ARTIFACTS = ("metal", "ring", "motion", "beam_hardening")
+
+
+def clean_rationale(text: str) -> str:
+    """Remove chat boilerplate, persona lines, Markdown, labels and score lines; collapse whitespace."""
+    s = _HEADER_LINE.sub("", text)
+    s = _SCORE_LINE.sub("", s)
+    s = _BULLET.sub("", s)
+    s = s.replace("**", "").replace("__", "")
+    s = " ".join(s.split())
+    for _ in range(3):  # "Of course. As a radiologist, here is ..."
+        before = s
+        s = _LABEL.sub("", _BOILERPLATE_START.sub("", s))
+        s = _PERSONA_SENTENCE.sub("", s).strip()
+        if s == before:
+            break
+    return s[:1].upper() + s[1:] if s else s
+
+
+def _unnegated(pattern: re.Pattern[str], text: str) -> list[str]:
+    hits = []
+    for m in pattern.finditer(text):
+        if not _NEGATION.search(text[max(0, m.start() - 40):m.start()]):
+            hits.append(m.group(0))
+    return hits
+
+
+@dataclass
+class CheckResult:
+    """Outcome of :func:`check_rationale`: the cleaned text, rejection reasons (empty = accepted) with evidence,
+    and artifact term counts."""
+
+    text: str
+    reasons: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+    terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+    @property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+def artifact_counts(text: str) -> dict[str, int]:
+    """Mentions of each :data:`ARTIFACT_TERMS` term in ``text``."""
+    return {name: len(rx.findall(text)) for name, rx in ARTIFACT_TERMS.items()}
+
+
+def check_rationale(text: str, score: float, teacher_score: float | None = None,
+                    min_words: int = MIN_WORDS) -> CheckResult:
+    """Clean ``text`` and apply the rubric of the module docstring.
+
+    Args:
+        text: the teacher's rationale.
+        score: the true score (0-4).
+        teacher_score: the score the teacher echoed in its JSON (None: not checked).
+        min_words: ``too_short`` threshold.
+    """
+    clean = clean_rationale(text or "")
+    res = CheckResult(text=clean, terms=artifact_counts(clean))
+
+    def reject(reason: str, found: list[str]) -> None:
+        res.reasons.append(reason)
+        res.evidence.append(f"{reason}: " + ", ".join(dict.fromkeys(f.lower() for f in found)))
+
+    if res.words < min_words:
+        reject("too_short", [f"{res.words} words"])
+    if found := _UNSEEN_VIEW.findall(clean):
+        reject("unseen_view", found)
+    if found := _SETUP_LEAK.findall(clean):
+        reject("mentions_given_score", found)
+    if score <= LOW_SCORE_MAX and (found := _unnegated(_TOO_GOOD, clean)):
+        reject("contradicts_score", found)
+    if score >= HIGH_SCORE_MIN and (found := _unnegated(_TOO_BAD, clean)):
+        reject("contradicts_score", found)
+    if teacher_score is not None and abs(float(teacher_score) - float(score)) > SCORE_TOLERANCE:
+        reject("teacher_score_mismatch", [f"teacher said {teacher_score}, true {score}"])
+    return res
