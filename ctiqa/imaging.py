@@ -18,7 +18,9 @@ How the kind is detected (explicit rules; nothing is clipped silently)
 ----------------------------------------------------------------------
 * DICOM: the modality LUT is applied (per-frame Pixel Value Transformation of enhanced CT first, then the
   top-level Rescale Slope/Intercept or Modality LUT Sequence via :func:`pydicom.pixels.apply_modality_lut`) in
-  float64, so uint16 storage with intercept -1024 never overflows. Modality CT -> ``"hu"``; an 8-bit image of
+  float64, so uint16 storage with intercept -1024 never overflows; Pixel Padding Value pixels become air
+  (:data:`AIR_HU`); axis-aligned axial slices stored flipped are flipped to the standard display orientation.
+  Window Center/Width in the file are ignored (ctiqa applies its own, recorded windows). Modality CT -> ``"hu"``; an 8-bit image of
   another modality without rescale -> ``"display"``; anything else is refused.
 * TIFF (read with tifffile, never PIL) and PNG/JPEG (PIL, only for 8/16-bit integer data):
   - float data with all values in [-0.001, 1.001] -> ``"unit"`` (LDCTIQA);
@@ -84,6 +86,10 @@ UNIT_TOLERANCE = 1e-3
 #: Source: the DICOM default CT Rescale Intercept -1024 (DICOM PS3.3 C.11.1; typical CT storage).
 UINT16_HU_INTERCEPT = -1024.0
 UINT16_MAX_CT_VALUE = 4095
+
+#: HU given to DICOM padding pixels (Pixel Padding Value, outside the field of view): air. Padding is often
+#: -2000/-3024 HU or raw -32768; mapping it to air keeps every window unchanged (black) and the HU plausible.
+AIR_HU = -1024.0
 
 #: ITU-R BT.601 luma weights used to turn an RGB display image into grey.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -342,6 +348,20 @@ def _standard_axial(values: np.ndarray, orientation: Any) -> np.ndarray:
     return values
 
 
+def _padding_mask(ds: Any, arr: np.ndarray) -> np.ndarray | None:
+    """Stored values marked as padding (outside the scan field of view) by Pixel Padding Value (0028,0120)
+    [and Pixel Padding Range Limit (0028,0121)], DICOM PS3.3 C.7.5.1.1.2; ``None`` when there are none."""
+    pad, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    try:
+        lo = hi = int(pad)
+        if limit is not None:
+            lo, hi = sorted((int(pad), int(limit)))
+    except (TypeError, ValueError):
+        return None
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() else None
+
+
 def _frame_item(ds: Any, frame: int, keyword: str) -> Any:
     """Enhanced multi-frame: the item of functional group ``keyword`` for ``frame`` (per-frame, else shared)."""
     for group_kw, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
@@ -382,6 +402,9 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, n_frames: int, source: st
     rescale_type = str(ds.get("RescaleType", "") or (pvt.get("RescaleType", "") if pvt is not None else "")).upper()
     if modality == "CT" or rescale_type == "HU":
         kind = "hu"
+        padding = _padding_mask(ds, arr)
+        if padding is not None:
+            values[padding] = AIR_HU
         lo, hi = float(values.min()), float(values.max())
         if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
             raise CTIQAError(f"{source}: values {lo:g}..{hi:g} after the modality LUT are not plausible HU")
@@ -485,6 +508,8 @@ def read_ct(path: str | os.PathLike, frame: int | None = None) -> CTImage:
             that fit no rule, a multi-frame file without ``frame``, or ``frame`` out of range.
     """
     p = Path(path)
+    if p.is_dir():
+        raise CTIQAError(f"{p}: is a folder; read a DICOM series with read_dicom_series")
     if not p.is_file():
         raise CTIQAError(f"{p}: no such file")
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):

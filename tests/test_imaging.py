@@ -133,6 +133,17 @@ def test_dicom_slope_and_signed_storage(tmp_path):
     assert read_ct(path).pixels.tolist() == [[-1000, -800, 1000]]
 
 
+def test_dicom_padding_becomes_air(tmp_path):
+    raw = np.array([[-32768, 0, 40]])  # signed storage, -32768 = outside the field of view
+    with pytest.raises(CTIQAError, match=r"nopad\.dcm.*not plausible HU"):
+        read_ct(write_ct_dicom(tmp_path / "nopad.dcm", raw, intercept=0.0, signed=True))
+    path = write_ct_dicom(tmp_path / "pad.dcm", raw, intercept=0.0, signed=True)
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00280120, "SS", -32768)  # Pixel Padding Value
+    ds.save_as(path)
+    assert read_ct(path).pixels.tolist() == [[-1024, 0, 40]]
+
+
 def test_dicom_flipped_axial_is_shown_in_standard_orientation(tmp_path):
     raw = np.array([[1, 2], [3, 4]]) + 1024
     normal = read_ct(write_ct_dicom(tmp_path / "n.dcm", raw))
