@@ -373,7 +373,7 @@ def _frame_item(ds: Any, frame: int, keyword: str) -> Any:
     return None
 
 
-def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, n_frames: int, source: str) -> CTImage:
+def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
     """Turn one decoded DICOM frame into a CTImage (modality LUT in float64, kind, position)."""
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
@@ -385,7 +385,7 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, n_frames: int, source: st
 
     # 1) per-frame / shared Pixel Value Transformation (enhanced CT); pydicom's apply_modality_lut reads only the
     #    top-level attributes, so hand it a small dataset holding this frame's slope/intercept.
-    pvt = _frame_item(ds, frame, "PixelValueTransformationSequence") if n_frames > 1 or "SharedFunctionalGroupsSequence" in ds else None
+    pvt = _frame_item(ds, frame, "PixelValueTransformationSequence")
     if pvt is not None and "RescaleSlope" in pvt and "RescaleIntercept" in pvt:
         tmp = Dataset()
         tmp.RescaleSlope, tmp.RescaleIntercept = pvt.RescaleSlope, pvt.RescaleIntercept
@@ -464,7 +464,7 @@ def _iter_dicom_frames(path: Path, frames: list[int] | None = None, ds: Any = No
         if not 0 <= f < n:
             raise CTIQAError(f"{path}: frame {f} out of range (the file has {n} frame{'s' if n > 1 else ''})")
         arr = _decode(ds, path, f if n > 1 else None)
-        yield _dicom_frame(ds, arr, f, n, f"{path}#{f}" if n > 1 else str(path))
+        yield _dicom_frame(ds, arr, f, f"{path}#{f}" if n > 1 else str(path))
 
 
 def read_ct_frames(path: str | os.PathLike) -> list[CTImage]:
