@@ -258,6 +258,8 @@ def _read_tiff_pages(path: Path) -> list[np.ndarray]:
     except CTIQAError:
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, OSError...
+        if "imagecodecs" in str(e):  # e.g. LZW: tifffile needs the optional imagecodecs package to decode it
+            return [_read_tiff_with_pil(path, e)]
         raise CTIQAError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from e
     if "Y" not in axes or "X" not in axes or arr.ndim != len(axes):
         raise CTIQAError(f"{path}: TIFF with axes {axes!r} and shape {arr.shape}; expected a 2-D image")
@@ -265,6 +267,21 @@ def _read_tiff_pages(path: Path) -> list[np.ndarray]:
     frame_axes = [i for i in range(len(axes)) if i not in image_axes]
     arr = np.transpose(arr, frame_axes + image_axes)
     return list(arr.reshape((-1, *arr.shape[len(frame_axes):])))
+
+
+def _read_tiff_with_pil(path: Path, why: Exception) -> np.ndarray:
+    """Fallback for compressions tifffile cannot decode without imagecodecs (LZW, ...): PIL's libtiff decoder,
+    only for single-page grey modes whose values PIL keeps exactly (F = float32, I;16 = uint16, I = int32,
+    L = uint8); never converted to another mode."""
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) == 1 and im.mode in ("F", "I;16", "I;16B", "I;16L", "I", "L"):
+                im.load()
+                arr = np.asarray(im)
+                return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
+    except Exception:
+        pass
+    raise CTIQAError(f"{path}: cannot decode this TIFF ({why}); `pip install imagecodecs` adds the codec")
 
 
 def _read_raster(path: Path) -> np.ndarray:

@@ -276,6 +276,15 @@ def test_integer_tiffs(tmp_path):
     assert read_ct(tmp_path / "u8.tif").kind == "display"
 
 
+def test_lzw_float_tiff_without_imagecodecs(tmp_path):
+    # LZW needs imagecodecs in tifffile; PIL's libtiff decoder reads float32 ("F") exactly
+    x = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    Image.fromarray(x, mode="F").save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    img = read_ct(tmp_path / "lzw.tif")
+    assert img.kind == "unit"
+    np.testing.assert_array_equal(img.pixels, x)
+
+
 def test_tiff_axes(tmp_path):
     tifffile.imwrite(tmp_path / "q.tif", np.full((1, 8, 8), 0.25, np.float32))  # axes QYX: one slice
     assert read_ct(tmp_path / "q.tif").shape == (8, 8)
