@@ -1,0 +1,103 @@
+"""The ctiqa_iqa evaluate module: values equal scipy's, missing/constant predictions, strict JSON, paired test."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import ctiqa
+from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
+
+METRIC_DIR = Path(ctiqa.__file__).parent / "metrics" / "ctiqa_iqa"
+
+# Fixed data: LDCTIQA-like labels (multiples of 0.2) and noisy predictions, one parse failure.
+REFS = [0.4, 1.2, 2.0, 2.8, 3.6, 1.8, 3.0, 0.8, 2.4, 3.8, 1.0, 2.2]
+PREDS = [0.9, 1.0, 2.3, 2.5, 3.1, None, 2.7, 1.4, 2.6, 3.5, 1.6, 1.9]
+
+
+def _valid():
+    pairs = [(p, r) for p, r in zip(PREDS, REFS, strict=True) if p is not None]
+    return np.array([p for p, _ in pairs]), np.array([r for _, r in pairs])
+
+
+@pytest.fixture(scope="module")
+def metric():
+    import evaluate
+
+    return evaluate.load(str(METRIC_DIR))
+
+
+def test_values_equal_scipy(metric):
+    r = metric.compute(predictions=PREDS, references=REFS, n_bootstrap=200, seed=1)
+    p, t = _valid()
+    assert r["srcc"] == pytest.approx(stats.spearmanr(p, t).statistic, abs=1e-12)
+    assert r["plcc"] == pytest.approx(stats.pearsonr(p, t).statistic, abs=1e-12)
+    assert r["krcc"] == pytest.approx(stats.kendalltau(p, t).statistic, abs=1e-12)
+    assert r["mae"] == pytest.approx(np.mean(np.abs(p - t)), abs=1e-12)
+    assert r["rmse"] == pytest.approx(math.sqrt(np.mean((p - t) ** 2)), abs=1e-12)
+    assert r["overall"] == pytest.approx(abs(r["srcc"]) + abs(r["plcc"]) + abs(r["krcc"]), abs=1e-12)
+    assert (r["n"], r["n_valid"], r["n_missing"]) == (12, 11, 1)
+    assert r["parse_failure_rate"] == pytest.approx(1 / 12)
+    for k in ("srcc", "plcc", "krcc", "mae", "rmse", "overall"):
+        lo, hi = r[f"{k}_ci"]
+        assert lo <= r[k] + 1e-9 and r[k] - 1e-9 <= hi, k
+    json.dumps(r, allow_nan=False)
+
+
+def test_float64_kept(metric):
+    # a float32 cast would turn 0.1 + 2 into 2.0999999046; the module must keep float64
+    r = metric.compute(predictions=[2.1, 3.3], references=[2.0, 3.0], n_bootstrap=0)
+    assert r["mae"] == pytest.approx(0.2, abs=1e-12)
+
+
+def test_seeded_intervals_reproducible():
+    a = iqa_metrics(PREDS, REFS, n_bootstrap=300, seed=7)
+    b = iqa_metrics(PREDS, REFS, n_bootstrap=300, seed=7)
+    c = iqa_metrics(PREDS, REFS, n_bootstrap=300, seed=8)
+    assert a == b
+    assert a["srcc_ci"] != c["srcc_ci"]
+
+
+def test_constant_predictions_are_null_not_nan(metric):
+    r = metric.compute(predictions=[2.0] * 6, references=[0.4, 1.2, 2.0, 2.8, 3.6, 1.8], n_bootstrap=100)
+    assert r["srcc"] is None and r["plcc"] is None and r["krcc"] is None and r["overall"] is None
+    assert r["srcc_ci"] is None
+    assert r["mae"] == pytest.approx(np.mean(np.abs(2.0 - np.array([0.4, 1.2, 2.0, 2.8, 3.6, 1.8]))))
+    assert any("constant" in w for w in r["warnings"])
+    json.dumps(r, allow_nan=False)
+
+
+def test_all_missing(metric):
+    r = metric.compute(predictions=[None, None, float("nan")], references=[1.0, 2.0, 3.0], n_bootstrap=50)
+    assert r["n_missing"] == 3 and r["n_valid"] == 0 and r["parse_failure_rate"] == 1.0
+    assert all(r[k] is None for k in ("srcc", "plcc", "krcc", "mae", "rmse", "overall"))
+    json.dumps(r, allow_nan=False)
+
+
+def test_bad_references_raise():
+    with pytest.raises(ValueError, match="references"):
+        iqa_metrics([1.0, 2.0], [1.0, None])
+    with pytest.raises(ValueError):
+        iqa_metrics([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_paired_bootstrap():
+    p, t = _valid()
+    same = paired_bootstrap(list(p), list(p), list(t), n_bootstrap=200)
+    assert same["difference"] == 0.0 and same["p_value"] == 1.0 and same["ci"] == [0.0, 0.0]
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 4, 80)
+    good = truth + rng.normal(0, 0.3, 80)
+    bad = truth + rng.normal(0, 2.0, 80)
+    res = paired_bootstrap(list(good), list(bad), list(truth), metric="srcc", n_bootstrap=500, seed=0)
+    assert res["a"] == pytest.approx(stats.spearmanr(good, truth).statistic)
+    assert res["difference"] > 0 and res["ci"][0] > 0 and res["p_value"] < 0.05
+    json.dumps(res, allow_nan=False)
+    with_missing = paired_bootstrap([1.0, None, 3.0, 2.0], [1.0, 2.0, None, 2.5], [1.0, 2.0, 3.0, 2.4],
+                                    n_bootstrap=20)
+    assert with_missing["n"] == 2
