@@ -1,0 +1,348 @@
+"""Running a (fine-tuned) vision-language model on rendered CT images: generation and probability scores.
+
+Used by ``ctiqa evaluate`` and ``ctiqa predict``; both hand over a list of RGB PIL images (the output of
+:func:`ctiqa.imaging.render`) and get one :class:`ImagePrediction` per image::
+
+    from ctiqa.inference import load_model, predict_images
+    lm = load_model("google/medgemma-4b-it", adapter="runs/medgemma-qlora")     # or load_model("runs/demo/model")
+    preds = predict_images(lm, images, fmt="score-first", generate=True, probability=True)
+    preds[0].parsed_score, preds[0].prob_score, preds[0].prob_std, preds[0].text
+
+The prompt is exactly the training prompt: :func:`ctiqa.prompts.prompt_messages` rendered by the processor's chat
+template with ``add_generation_prompt=True`` (the template writes the BOS token, so the processor is called with
+``add_special_tokens=False``: one BOS, as in training).
+
+Probability score (Q-Align, Wu et al., ICML 2024; design.md §3): for the score-first and score-only formats the
+answer starts ``Score: d.e``. One forward pass over ``prompt + "Score: "`` gives the distribution over the digit
+tokens ``0``-``4`` at the score position; its key/value cache is then repeated for the four continuations
+``"d."`` (d = 0..3) and a second, two-token pass gives the decimal distribution over ``0``-``9`` after each
+(``4.`` can only be ``4.0`` on the 0-4 scale). Both distributions are renormalised over the allowed digit
+tokens; the mass the model put on them before renormalising is recorded (``prob_mass``, ``prob_decimal_mass``):
+a low mass means the model did not intend to write a digit there. The joint distribution over the 41 values
+0.0, 0.1, ..., 4.0 gives the expected score (``prob_score``) and its standard deviation (``prob_std``).
+Digits are single tokens in the Gemma 3 / MedGemma tokenizer (SentencePiece ``split_digits``) and in the tiny
+model's; :func:`score_token_ids` checks this and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctiqa import CTIQAError
+from ctiqa.prompts import DEFAULT_TARGET_FORMAT, SCORE_MAX, TARGET_FORMATS, prompt_messages
+from ctiqa.scoring import parse_score_detailed
+
+#: Formats whose answer starts with ``Score: `` and so have a probability score.
+PROBABILITY_FORMATS = ("score-first", "score-only")
+PRECISIONS = ("auto", "fp32", "bf16", "4bit")
+SCORE_PREFIX = "Score: "
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for :func:`predict_images`.
+
+    Attributes:
+        model: a ``transformers`` image-text-to-text model (optionally a ``peft.PeftModel``), in eval mode.
+        processor: its processor (tokenizer + image processor + chat template).
+        model_id: base model id or folder; adapter: adapter id or folder, or None.
+        precision: "fp32", "bf16" or "4bit" (NF4, double quantisation, bf16 compute); device: "cpu" / "cuda:0".
+    """
+
+    model: Any
+    processor: Any
+    model_id: str
+    adapter: str | None
+    precision: str
+    device: str
+    _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for ``results.json``: model and adapter ids, precision, device, model class."""
+        return {"model": self.model_id, "adapter": self.adapter, "precision": self.precision,
+                "device": self.device, "model_class": type(self.model).__name__}
+
+
+@dataclass
+class ProbabilityScore:
+    """Score read from token probabilities (see the module docstring).
+
+    Attributes:
+        score: expected score in [0, 4]; std: its standard deviation (score units).
+        p_digits: renormalised probabilities of the integer part 0..4 (5 floats summing to 1).
+        mass: probability the model put on the tokens ``0``-``4`` at the score position, in [0, 1].
+        decimal_mass: the same for ``0``-``9`` at the decimal position, averaged over the integer part (weights
+            ``p_digits``; the ``4.`` branch has no decimal).
+    """
+
+    score: float
+    std: float
+    p_digits: list[float]
+    mass: float
+    decimal_mass: float
+
+
+@dataclass
+class ImagePrediction:
+    """Everything ctiqa says about one image. Fields are None when not computed.
+
+    Attributes:
+        text: generated answer (None with ``generate=False``).
+        parsed_score, parse_rule: :func:`ctiqa.scoring.parse_score_detailed` of ``text``.
+        prob_score, prob_std, prob_mass, prob_decimal_mass, prob_digits: :class:`ProbabilityScore` fields.
+    """
+
+    text: str | None = None
+    parsed_score: float | None = None
+    parse_rule: str | None = None
+    prob_score: float | None = None
+    prob_std: float | None = None
+    prob_mass: float | None = None
+    prob_decimal_mass: float | None = None
+    prob_digits: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _is_adapter_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists()
+
+
+def load_model(model: str | None = None, adapter: str | None = None, *, precision: str = "auto",
+               device: str | None = None) -> LoadedModel:
+    """Load a base model (plus an optional PEFT adapter) and its processor for inference.
+
+    Args:
+        model: Hub id or local folder of an image-text-to-text model (e.g. ``google/medgemma-4b-it``, a tiny model
+            folder, a merged/fully fine-tuned output). A folder holding only an adapter (``adapter_config.json``)
+            is accepted too: it is used as ``adapter`` and its ``base_model_name_or_path`` as the model.
+            None: the adapter's base model.
+        adapter: PEFT adapter id or folder (as saved by ``recipes/sft.py``), or None.
+        precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", or "4bit" (bitsandbytes NF4, double
+            quantisation, bf16 compute and storage: the paper's QLoRA setting).
+        device: "cpu", "cuda", "cuda:1"...; default CUDA when available, else CPU.
+    Returns:
+        :class:`LoadedModel` in eval mode. The processor comes from the adapter folder when it holds one
+        (``recipes/sft.py`` saves it there), else from the model.
+    Raises:
+        CTIQAError: neither model nor adapter given, unknown precision, or loading failed (message names what).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    if precision not in PRECISIONS:
+        raise CTIQAError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if model and adapter is None and _is_adapter_dir(model):
+        model, adapter = None, model
+    if model is None:
+        if adapter is None:
+            raise CTIQAError("give a model (Hub id or folder) or an adapter")
+        from peft import PeftConfig
+
+        model = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        if not model:
+            raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if precision == "fp32" else torch.bfloat16}
+    if precision == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    try:
+        net = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise CTIQAError(f"cannot load model {model}: {e}") from e
+    if precision != "4bit":
+        net = net.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            net = PeftModel.from_pretrained(net, adapter)
+        except (OSError, ValueError) as e:
+            raise CTIQAError(f"cannot load adapter {adapter}: {e}") from e
+    has_own_processor = adapter is not None and Path(adapter).is_dir() and any(
+        (Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
+    try:
+        processor = AutoProcessor.from_pretrained(adapter if has_own_processor else model)
+    except (OSError, ValueError) as e:
+        raise CTIQAError(f"cannot load the processor of {adapter if has_own_processor else model}: {e}") from e
+    processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
+    net.eval()
+    return LoadedModel(net, processor, str(model), adapter and str(adapter), precision, device)
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def chat_prompt(processor: Any, fmt: str = DEFAULT_TARGET_FORMAT) -> str:
+    """The training prompt as text: chat template over :func:`ctiqa.prompts.prompt_messages` with the generation
+    prompt (``...<start_of_turn>model\\n`` for Gemma 3). Raises ValueError for an unknown format."""
+    if fmt not in TARGET_FORMATS:
+        raise ValueError(f"unknown target format {fmt!r}; choose one of {', '.join(TARGET_FORMATS)}")
+    return processor.apply_chat_template(prompt_messages(fmt), add_generation_prompt=True, tokenize=False)
+
+
+def _encode(lm: LoadedModel, texts: list[str], images: Sequence[Any]) -> dict[str, Any]:
+    batch = lm.processor(text=texts, images=[[im.convert("RGB")] for im in images], padding=True,
+                         return_tensors="pt", add_special_tokens=False)
+    dtype = lm.model.dtype
+    return {k: (v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in batch.items()}
+
+
+def score_token_ids(lm: LoadedModel, fmt: str) -> dict[str, Any]:
+    """Token ids used by :func:`probability_scores`: ``digits`` (ids of ``0``-``9``) and ``dot`` (``.``).
+
+    Checks that ``prompt + "Score: d.e"`` tokenises as ``prompt + "Score: "`` followed by exactly the tokens
+    ``d``, ``.``, ``e`` for every d in 0..4 and e in 0..9, so that the score position is well defined.
+
+    Raises:
+        CTIQAError: the tokenizer merges digits with their neighbours (no single-token digits).
+    """
+    if fmt in lm._tokens:
+        return lm._tokens[fmt]
+    tok = lm.processor.tokenizer
+    prompt = chat_prompt(lm.processor, fmt) + SCORE_PREFIX
+    base = tok(prompt, add_special_tokens=False)["input_ids"]
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    dot = tok.convert_tokens_to_ids(".")
+    for d in range(5):
+        for e in range(10):
+            ids = tok(f"{prompt}{d}.{e}", add_special_tokens=False)["input_ids"]
+            if ids != base + [digits[d], dot, digits[e]]:
+                raise CTIQAError(
+                    f"tokenizer of {lm.model_id}: '{SCORE_PREFIX}{d}.{e}' does not split into single digit tokens "
+                    "after the prompt; probability scores need single-token digits (as in Gemma 3)")
+    lm._tokens[fmt] = {"digits": digits, "dot": dot, "prompt": prompt}
+    return lm._tokens[fmt]
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+def generate_texts(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEFAULT_TARGET_FORMAT,
+                   max_new_tokens: int = 512, batch_size: int = 4) -> list[str]:
+    """Greedy answers (``do_sample=False``), batched with left padding.
+
+    Args:
+        images: RGB PIL images (any size; the processor resizes). max_new_tokens: answer budget in tokens (the
+            paper's rationales are ~370 words, ~500 tokens: 512 is enough for score-first; a cut answer of a
+            score-first model still holds its score).
+    Returns:
+        one decoded answer per image, special tokens removed, stripped.
+    """
+    import torch
+
+    prompt = chat_prompt(lm.processor, fmt)
+    out: list[str] = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        inputs = _encode(lm, [prompt] * len(chunk), chunk)
+        with torch.inference_mode():
+            gen = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = gen[:, inputs["input_ids"].shape[1]:]
+        out += [t.strip() for t in lm.processor.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def _from_distributions(p_int: list[float], p_dec: list[list[float]], mass: float,
+                        dec_mass: list[float]) -> ProbabilityScore:
+    values, probs = [], []
+    for d in range(4):
+        for e in range(10):
+            values.append(d + e / 10.0)
+            probs.append(p_int[d] * p_dec[d][e])
+    values.append(SCORE_MAX)
+    probs.append(p_int[4])
+    mean = sum(p * v for p, v in zip(probs, values, strict=True))
+    var = sum(p * (v - mean) ** 2 for p, v in zip(probs, values, strict=True))
+    w = sum(p_int[:4])
+    dmass = sum(p_int[d] * dec_mass[d] for d in range(4)) / w if w > 0 else 1.0
+    return ProbabilityScore(min(max(mean, 0.0), SCORE_MAX), math.sqrt(max(var, 0.0)), p_int, mass, dmass)
+
+
+def probability_scores(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEFAULT_TARGET_FORMAT,
+                       batch_size: int = 8) -> list[ProbabilityScore]:
+    """Scores from digit-token probabilities, without generating (see the module docstring).
+
+    Cost per batch: one forward pass over the prompt (image included) plus one two-token pass over 4 copies of its
+    key/value cache. Only the last position's logits are computed (``logits_to_keep=1``).
+
+    Args:
+        images: RGB PIL images. fmt: "score-first" or "score-only" (the answer must start with ``Score: ``).
+    Returns:
+        one :class:`ProbabilityScore` per image.
+    Raises:
+        CTIQAError: a format without a leading score, or a tokenizer without single-token digits.
+    """
+    import torch
+
+    if fmt not in PROBABILITY_FORMATS:
+        raise CTIQAError(f"probability scores need an answer that starts with the score ({', '.join(PROBABILITY_FORMATS)}); "
+                         f"format {fmt!r} does not")
+    ids = score_token_ids(lm, fmt)
+    digits = torch.tensor(ids["digits"], device=lm.device)
+    out: list[ProbabilityScore] = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        inputs = _encode(lm, [ids["prompt"]] * len(chunk), chunk)
+        mask = inputs["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            first = lm.model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+            p = first.logits[:, -1].float().softmax(-1)[:, digits]           # (B, 10)
+            cache = first.cache if hasattr(first, "cache") else first.past_key_values
+            cache.batch_repeat_interleave(4)
+            b = len(chunk)
+            cont = torch.tensor([[ids["digits"][d], ids["dot"]] for _ in range(b) for d in range(4)],
+                                device=lm.device)
+            last = pos[:, -1:].repeat_interleave(4, 0)
+            second = lm.model(
+                input_ids=cont,
+                attention_mask=torch.cat([mask.repeat_interleave(4, 0), torch.ones_like(cont)], dim=1),
+                position_ids=torch.cat([last + 1, last + 2], dim=1),
+                cache=cache, use_cache=True, logits_to_keep=1)
+            q = second.logits[:, -1].float().softmax(-1)[:, digits].view(b, 4, 10)  # (B, 4, 10)
+        for j in range(b):
+            pi = p[j, :5]
+            mass = float(pi.sum())
+            p_int = (pi / pi.sum()).tolist() if mass > 0 else [0.2] * 5
+            qj = q[j]
+            dec_mass = qj.sum(-1)
+            p_dec = [(qj[d] / dec_mass[d]).tolist() if dec_mass[d] > 0 else [0.1] * 10 for d in range(4)]
+            out.append(_from_distributions(p_int, p_dec, mass, dec_mass.tolist()))
+    return out
+
+
+def predict_images(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEFAULT_TARGET_FORMAT,
+                   generate: bool = True, probability: bool = True, max_new_tokens: int = 512,
+                   batch_size: int = 4) -> list[ImagePrediction]:
+    """Generated answer + parsed score and/or probability score for each image (the API ``ctiqa predict`` uses).
+
+    Args:
+        images: RGB PIL images (:func:`ctiqa.imaging.render` output). fmt: the model's trained target format.
+        generate: generate the answer and parse its score. probability: read the probability score (silently
+            skipped for the rationale-first format, which has no leading score).
+        max_new_tokens, batch_size: see :func:`generate_texts` (probability passes use the same batch size).
+    Returns:
+        one :class:`ImagePrediction` per image, in order.
+    """
+    preds = [ImagePrediction() for _ in images]
+    if generate:
+        for pr, text in zip(preds, generate_texts(lm, images, fmt=fmt, max_new_tokens=max_new_tokens,
+                                                  batch_size=batch_size), strict=True):
+            parsed = parse_score_detailed(text)
+            pr.text, pr.parsed_score, pr.parse_rule = text, parsed.value, parsed.rule
+    if probability and fmt in PROBABILITY_FORMATS:
+        for pr, ps in zip(preds, probability_scores(lm, images, fmt=fmt, batch_size=batch_size), strict=True):
+            pr.prob_score, pr.prob_std, pr.prob_mass = ps.score, ps.std, ps.mass
+            pr.prob_decimal_mass, pr.prob_digits = ps.decimal_mass, ps.p_digits
+    return preds
+
