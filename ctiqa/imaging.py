@@ -554,7 +554,8 @@ def read_dicom_series(
     """Read a DICOM series from a folder, ordered along the slice normal.
 
     Every file (hidden files and ``DICOMDIR`` skipped; sub-folders too when ``recursive``) is read with the same
-    rules as :func:`read_ct`; multi-frame files contribute one entry per frame.
+    rules as :func:`read_ct`; multi-frame files contribute one entry per frame. The folder is taken to hold one
+    series: files of several series are not told apart (ordering them along one normal is then meaningless).
 
     Ordering: by :attr:`CTImage.position` (Image Position (Patient) projected on the normal of Image
     Orientation (Patient), mm) when every slice has one; otherwise by Instance Number; ties and the rest by name.

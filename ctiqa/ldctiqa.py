@@ -141,7 +141,7 @@ def _find_image_dir(root: Path, image_dir: str | os.PathLike | None) -> Path:
     )
 
 
-def _find_labels(root: Path, image_dir: Path, labels: str | os.PathLike | None) -> Path | None:
+def _find_labels(root: Path, labels: str | os.PathLike | None) -> Path | None:
     if labels is not None:
         p = Path(labels)
         p = p if p.is_absolute() or p.is_file() else root / p
@@ -284,7 +284,7 @@ def load_ldctiqa(
         root = _resolve_root(root)
     img_dir = _find_image_dir(root, image_dir)
     files = _list_images(img_dir)
-    labels_file = _find_labels(root, img_dir, labels)
+    labels_file = _find_labels(root, labels)
     scores: dict[str, float] = {}
     if labels_file is None:
         if require_labels:
