@@ -1,0 +1,213 @@
+"""The model card written (and pushed) by ``recipes/sft.py``: a ``huggingface_hub.ModelCard``.
+
+Metadata follows the Hub's conventions for a MedGemma adapter: ``base_model`` (a Hub id), ``library_name: peft``
+(``transformers`` for a fully trained model), ``pipeline_tag: image-text-to-text``, the base model's licence (MedGemma:
+Health AI Developer Foundations terms), the dataset, tags. The text gives the recipe (every hyperparameter that
+matters), a quick start, the intended use, "not for clinical use", and the evaluation table with 95 % intervals
+when a ``ctiqa evaluate`` ``results.json`` is given.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+#: Licence of google/medgemma-4b-it (its model card): Health AI Developer Foundations terms of use.
+HAI_DEF_LICENSE = {
+    "license": "other",
+    "license_name": "health-ai-developer-foundations",
+    "license_link": "https://developers.google.com/health-ai-developer-foundations/terms",
+}
+METRIC_NAMES = ("srcc", "plcc", "krcc", "mae", "overall")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """True for ``owner/name`` strings that are not an existing local path."""
+    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.4f}"
+    return "n/a" if x is None else str(x)
+
+
+def metric_rows(results: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, str, str, str]]:
+    """Rows ``(score kind, metric, value, 95 % interval)`` found in a ``results.json`` mapping.
+
+    A metric is a key in :data:`METRIC_NAMES` (any case) whose value is a number or a mapping with ``value`` (or
+    ``estimate``/``point``) and an interval (``ci95`` / ``ci`` as ``[low, high]``, or ``ci_low``/``ci_high``).
+    Nested mappings (e.g. ``{"metrics": {"probability": {"srcc": ...}}}``) are searched 4 levels deep; the path
+    names the score kind.
+    """
+    rows: list[tuple[str, str, str, str]] = []
+    if depth > 4 or not isinstance(results, dict):
+        return rows
+    for key, val in results.items():
+        name = str(key).lower()
+        if name in METRIC_NAMES:
+            if isinstance(val, (int, float)) and not isinstance(val, bool):
+                rows.append((prefix or "score", name.upper(), _fmt(float(val)), ""))
+            elif isinstance(val, dict):
+                point = next((val[k] for k in ("value", "estimate", "point") if k in val), None)
+                ci = val.get("ci95", val.get("ci"))
+                if ci is None and "ci_low" in val:
+                    ci = [val.get("ci_low"), val.get("ci_high")]
+                interval = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+                if point is not None:
+                    rows.append((prefix or "score", name.upper(), _fmt(point), interval))
+        elif isinstance(val, dict) and name not in ("config", "provenance", "args"):
+            sub = name if name not in ("metrics", "results") else ""
+            rows += metric_rows(val, f"{prefix}/{sub}".strip("/") if sub else prefix, depth + 1)
+    return rows
+
+
+def model_card(
+    *,
+    base_model: str,
+    dataset: str | None,
+    training_args: Any,
+    model_args: Any,
+    adapter: bool,
+    eval_results: dict[str, Any] | None = None,
+    train_metrics: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+):
+    """Build the model card of a ctiqa SFT run.
+
+    Args:
+        base_model: model id or folder trained from (``google/medgemma-4b-it``); put in the metadata when it is a
+            Hub id, described in the text otherwise.
+        dataset: dataset Hub id or folder.
+        training_args: the run's ``trl.SFTConfig``; model_args: its ``trl.ModelConfig``.
+        adapter: True when the output is a LoRA adapter (``library_name: peft``), False for a full model.
+        eval_results: parsed ``results.json`` of ``ctiqa evaluate`` (optional): becomes the evaluation table.
+        train_metrics: ``train_results.json`` content (runtime, final loss), optional.
+        repo_id: the Hub id the card will be pushed to (for the quick start); default ``training_args.hub_model_id``.
+    Returns:
+        ``huggingface_hub.ModelCard`` (``.save(path)`` writes README.md).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repo_id = repo_id or getattr(training_args, "hub_model_id", None) or "PATH/TO/THIS/FOLDER"
+    medgemma = "medgemma" in (base_model or "").lower()
+    data = ModelCardData(
+        base_model=base_model if _is_hub_id(base_model) else None,
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        datasets=[dataset] if _is_hub_id(dataset) else None,
+        tags=["medical", "ct", "image-quality-assessment", "trl", "sft", "ctiqa"] + (["lora", "qlora"] if adapter else []),
+        **(HAI_DEF_LICENSE if medgemma else {}),
+    )
+    hp = {
+        "base model": base_model,
+        "dataset": dataset,
+        "method": ("QLoRA (4-bit NF4 base + LoRA)" if model_args.load_in_4bit else "LoRA") if adapter
+        else "full fine-tuning",
+        "LoRA r / alpha / dropout": f"{model_args.lora_r} / {model_args.lora_alpha} / {model_args.lora_dropout}"
+        if adapter else None,
+        "LoRA target modules": model_args.lora_target_modules if adapter else None,
+        "modules_to_save": model_args.lora_modules_to_save if adapter else None,
+        "4-bit quantisation": (f"{model_args.bnb_4bit_quant_type}, double quant {model_args.use_bnb_nested_quant}, "
+                               f"compute {model_args.dtype}, storage {model_args.bnb_4bit_quant_storage}")
+        if model_args.load_in_4bit else None,
+        "dtype / bf16": f"{model_args.dtype} / {training_args.bf16}",
+        "attention": model_args.attn_implementation,
+        "learning rate": training_args.learning_rate,
+        "schedule / warmup": f"{training_args.lr_scheduler_type} / {training_args.warmup_steps}",
+        "epochs / max steps": f"{training_args.num_train_epochs} / {training_args.max_steps}",
+        "batch per device x accumulation x processes": (
+            f"{training_args.per_device_train_batch_size} x {training_args.gradient_accumulation_steps} x "
+            f"{training_args.world_size}"),
+        "max grad norm": training_args.max_grad_norm,
+        "weight decay": training_args.weight_decay,
+        "gradient checkpointing": training_args.activation_checkpointing,
+        "max length": training_args.max_length,
+        "loss": "completion only (target text + end of turn)",
+        "model selection": (f"best {training_args.metric_for_best_model} on the validation split"
+                            if training_args.load_best_model_at_end else "last step"),
+        "seed": training_args.seed,
+    }
+    hp_table = "\n".join(f"| {k} | {v} |" for k, v in hp.items() if v is not None)
+    train_line = ""
+    if train_metrics:
+        train_line = ("\nTraining run: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(train_metrics.items())
+                                                     if isinstance(v, (int, float))) + ".\n")
+    rows = metric_rows(eval_results) if eval_results else []
+    if rows:
+        n = eval_results.get("n") or eval_results.get("n_samples") or (eval_results.get("data") or {}).get("n")
+        eval_md = ("| score | metric | value | 95 % interval |\n|---|---|---|---|\n"
+                   + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
+                   + (f"\n\nn = {n} held-out images." if n else "")
+                   + " Produced by `ctiqa evaluate` (results.json).")
+    else:
+        eval_md = "No evaluation was attached to this run; use `ctiqa evaluate` on the held-out test split."
+    if adapter:
+        load = (f"model = AutoModelForImageTextToText.from_pretrained(\"{base_model}\", dtype=torch.bfloat16)\n"
+                f"model = PeftModel.from_pretrained(model, \"{repo_id}\")\n"
+                f"processor = AutoProcessor.from_pretrained(\"{repo_id}\")")
+        imports = "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForImageTextToText, AutoProcessor"
+        cli = f"ctiqa predict scan.dcm --model {base_model} --adapter {repo_id}"
+    else:
+        load = (f"model = AutoModelForImageTextToText.from_pretrained(\"{repo_id}\")\n"
+                f"processor = AutoProcessor.from_pretrained(\"{repo_id}\")")
+        imports = "from transformers import AutoModelForImageTextToText, AutoProcessor"
+        cli = f"ctiqa predict scan.dcm --model {repo_id}"
+    licence_md = ("Use is governed by the base model's licence: the [Health AI Developer Foundations terms of use]"
+                  f"({HAI_DEF_LICENSE['license_link']}).") if medgemma else \
+        f"Use is governed by the licence of the base model ({base_model})."
+    content = f"""---
+{data.to_yaml()}
+---
+
+# CT image quality grader (ctiqa)
+
+A vision-language model fine-tuned with ctiqa (`recipes/sft.py`) to rate the technical image quality of one
+axial CT slice on the LDCTIQA 0-4 scale (0 bad, 1 poor, 2 fair, 3 good, 4 excellent) and explain the rating
+(noise, streaks, edge sharpness, low-contrast detectability). It answers `Score: <x.x>` first, then the reasoning.
+
+**Not for clinical use.** This is a research model: it has not been validated for diagnosis, patient management or
+any clinical decision, and its explanations are learned from machine-written rationales that justify known scores.
+
+## Quick start
+
+```python
+{imports}
+from ctiqa.imaging import render
+from ctiqa.prompts import prompt_messages
+
+{load}
+image = render("slice.dcm")                      # the exact RGB image the model was trained on
+text = processor.apply_chat_template(prompt_messages(), add_generation_prompt=True, tokenize=False)
+inputs = processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False).to(model.device)
+out = model.generate(**inputs, max_new_tokens=400, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+or from the command line: `{cli}`.
+
+## Intended use
+
+Research on automated, explainable CT image quality assessment: comparing reconstruction or dose settings,
+screening image sets for quality problems, studying how well a VLM's ratings agree with radiologists'. Inputs are
+single axial slices rendered in a soft-tissue window by `ctiqa.imaging.render`. Out of scope: clinical decisions,
+other modalities, other body regions or windows than those trained on, artefacts absent from the training data.
+
+## Training
+
+Recipe: `recipes/sft.py` (TRL `SFTTrainer`), supervised on the assistant completion only.
+
+| setting | value |
+|---|---|
+{hp_table}
+{train_line}
+## Evaluation
+
+{eval_md}
+
+## Licence
+
+{licence_md}
+"""
+    return ModelCard(content)
