@@ -49,7 +49,8 @@ _BOILERPLATE_START = re.compile(
     flags=re.IGNORECASE,
 )
 _PERSONA_SENTENCE = re.compile(
-    r"(?:^|(?<=[.!?]\s))(?:i am|i'm|as) (?:an? )?(?:experienced |expert )*(?:radiologist|ai)[^.!?\n]*[.!?]\s*",
+    r"(?:^|(?<=[.!?]\s))(?:i am|i'm) (?:an? )?(?:experienced |expert |board-certified )*(?:radiologist|ai)"
+    r"[^.!?\n]*[.!?]\s*",
     flags=re.IGNORECASE,
 )
 _LABEL = re.compile(r"^\s*(?:reasoning|rationale|explanation|assessment)\s*:\s*", flags=re.IGNORECASE)
@@ -104,10 +105,9 @@ def clean_rationale(text: str) -> str:
     s = _BULLET.sub("", s)
     s = s.replace("**", "").replace("__", "")
     s = " ".join(s.split())
-    for _ in range(3):  # "Of course. As a radiologist, here is ..."
+    for _ in range(5):  # "Of course. As a radiologist, here is my assessment: Reasoning: ..."
         before = s
-        s = _LABEL.sub("", _BOILERPLATE_START.sub("", s))
-        s = _PERSONA_SENTENCE.sub("", s).strip()
+        s = _PERSONA_SENTENCE.sub("", _LABEL.sub("", _BOILERPLATE_START.sub("", s))).strip()
         if s == before:
             break
     return s[:1].upper() + s[1:] if s else s

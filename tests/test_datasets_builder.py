@@ -1,0 +1,485 @@
+"""datasets_builder: teachers against a fake Gemini API (real google-genai SDK), the answer cache (resume after
+kill -9), rationale checks, the template teacher, the dataset folder, the card, and Hub round trips (fake Hub)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from fake_gemini import (
+    OK_RATIONALE,
+    FakeGemini,
+    blocked,
+    empty_stop,
+    malformed_json,
+    max_tokens,
+    ok,
+    rate_limited,
+    server_error,
+    status,
+)
+from PIL import Image
+
+from ctiqa import CTIQAError, prompts
+from datasets_builder import checks
+from datasets_builder.build import BuildOptions, build_dataset
+from datasets_builder.cache import AnswerCache, image_sha256
+from datasets_builder.teachers import (
+    CallResult,
+    GeminiClient,
+    LLMTeacher,
+    OpenAICompatClient,
+    RetryPolicy,
+    TeacherConfigError,
+    TemplateTeacher,
+    Usage,
+    server_retry_delay,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+#: (dose fraction, views, score): a monotone quality ladder like the simulator's.
+LADDER = [(1.0, 1024, 3.8), (0.5, 512, 2.8), (0.25, 256, 1.8), (0.1, 64, 0.6)]
+FAST = RetryPolicy(max_attempts=4, initial_delay=0.01, max_delay=0.05, jitter=0.0)
+
+
+def make_ldctiqa(root: Path, n: int = 12, size: int = 24, simulated: bool = True, seed: int = 0) -> Path:
+    """A tiny LDCTIQA-layout folder: float32 [0, 1] TIFFs, train.json and (simulated) degradations.json."""
+    rng = np.random.default_rng(seed)
+    (root / "image").mkdir(parents=True)
+    scores, images = {}, {}
+    for k in range(n):
+        dose, views, score = LADDER[k % 4]
+        base = np.full((size, size), 0.5, np.float32)
+        img = np.clip(base + rng.normal(0, 0.02 / dose, (size, size)), 0, 1).astype(np.float32)
+        tifffile.imwrite(root / "image" / f"{k:04d}.tif", img)
+        scores[f"{k:04d}.tif"] = score
+        images[f"{k:04d}.tif"] = {"base_slice": f"b{k // 4}", "dose_fraction": dose, "n_views": views,
+                                  "score": score, "crop": [0, 0, size]}
+    (root / "train.json").write_text(json.dumps(scores))
+    if simulated:
+        (root / "degradations.json").write_text(json.dumps(
+            {"synthetic": True, "note": "test", "test_base_slices": [f"b{(n - 1) // 4}"], "images": images}))
+    return root
+
+
+def gemini_teacher(url: str, **kw) -> LLMTeacher:
+    return LLMTeacher(GeminiClient("gemini-2.5-pro", api_key="fake-key", base_url=url, retry=FAST, **kw))
+
+
+def sha_of_png(png: bytes) -> str:
+    return image_sha256(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def read_audit(out: Path) -> dict[str, dict]:
+    with open(out / "audit.csv", newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+# ------------------------------------------------------------------------------------ fake Gemini, real SDK
+def test_gemini_scripted_answers_resume_and_retry(tmp_path):
+    data = make_ldctiqa(tmp_path / "ld", n=10, simulated=False)
+    out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
+    script = [ok(), rate_limited("1s"), ok(), server_error(503), ok(), empty_stop(), max_tokens(), blocked("SAFETY"),
+              malformed_json()]
+    opts = BuildOptions(ldctiqa=data, teacher="gemini", out=out, split="stratified", concurrency=1, cache=cache,
+                        progress=False)
+    with FakeGemini(script=script) as srv:
+        res = build_dataset(opts, teacher=gemini_teacher(srv.url, max_output_tokens=1000, thinking_budget=256))
+        reqs = list(srv.requests)
+
+    items = {it.sha: it for it in res.items}
+    asked = [it for it in res.items if it.split != "test"]
+    assert len(asked) == 9 and len(reqs) == 11  # 9 images + one retry after 429 + one after 503
+    # every request: the real SDK's wire format, the exact student image, the versioned teacher prompt
+    for r in reqs:
+        it = items[sha_of_png(r.image_png)]
+        assert r.path == "/v1/models/gemini-2.5-pro:generateContent" and r.api_key_sent
+        assert r.prompt == prompts.teacher_prompt(it.score) and r.system == prompts.TEACHER_SYSTEM
+        gc = r.body["generationConfig"]
+        assert gc["responseMimeType"] == "application/json" and gc["responseSchema"]["required"] == ["rationale", "score"]
+        tc = gc["thinkingConfig"]  # google-genai 3.6 sends the proto field name; proto3 JSON accepts both
+        assert gc["maxOutputTokens"] == 1000 and tc.get("thinkingBudget", tc.get("thinking_budget")) == 256
+    # the 429's RetryInfo delay (1 s) was honoured although our own backoff is 0.01 s
+    i429 = next(i for i, r in enumerate(reqs) if r.reply == "rate_limited")
+    assert reqs[i429 + 1].image_png == reqs[i429].image_png and reqs[i429 + 1].t - reqs[i429].t >= 0.95
+    # outcome per image = its last reply
+    last = {sha_of_png(r.image_png): r.reply for r in reqs}
+    expect = {"ok": None, "answer(STOP)": None, "empty_stop": "empty_answer", "max_tokens": "finish_reason",
+              "blocked": "blocked_prompt", "malformed_json": "invalid_json"}
+    for sha, reply in last.items():
+        assert items[sha].result.reason == expect[reply], reply
+    audit = read_audit(out)
+    failed = {i: r["failure"] for i, r in audit.items() if r["status"] == "failed"}
+    assert sorted(f.split(":")[0] for f in failed.values()) == ["blocked_prompt", "empty_answer", "finish_reason",
+                                                                 "invalid_json"]
+    assert any("MAX_TOKENS" in f for f in failed.values()) and any("SAFETY" in f for f in failed.values())
+    # the dataset holds exactly the valid answers (train + validation), test rows without rationale
+    from datasets import load_dataset
+
+    ds = load_dataset(str(out))
+    kept = {i for i, r in audit.items() if r["status"] == "kept"}
+    assert len(kept) == 5 and set(ds["train"]["id"]) | set(ds["validation"]["id"]) == kept
+    assert set(ds["train"]["rationale"]) | set(ds["validation"]["rationale"]) == {OK_RATIONALE}
+    assert ds["test"].num_rows == 1 and ds["test"][0]["rationale"] == ""
+    assert ds["test"][0]["completion"][0]["content"][0]["text"] == f"Score: {ds['test'][0]['score']:.1f}"
+    assert res.stats.new_ok == 5 and res.stats.new_failed == 4
+    assert res.stats.usage_new.prompt_tokens > 0 and res.provenance["usage"]["cost_usd"] > 0
+    assert len(cache.read_text().splitlines()) == 9
+
+    # re-run without retrying failures: zero calls, same dataset
+    opts.retry_failed = False
+    with FakeGemini() as srv:
+        res2 = build_dataset(opts, teacher=gemini_teacher(srv.url))
+        assert srv.requests == []
+    assert res2.stats.cached_ok == 5 and res2.stats.cached_failed == 4
+    # default re-run: only the 4 failed images are asked again
+    opts.retry_failed = True
+    with FakeGemini() as srv:
+        res3 = build_dataset(opts, teacher=gemini_teacher(srv.url))
+        again = {sha_of_png(r.image_png) for r in srv.requests}
+    assert len(srv.requests) == 4 and again == {s for s, reply in last.items() if expect[reply]}
+    assert res3.dataset["train"].num_rows + res3.dataset["validation"].num_rows == 9
+
+
+def test_kill_mid_run_then_resume_asks_only_unfinished(tmp_path):
+    data = make_ldctiqa(tmp_path / "ld", n=12, simulated=False)
+    out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
+    env = {**os.environ, "GEMINI_API_KEY": "fake-key"}
+    with FakeGemini(latency_s=0.4) as slow:
+        cmd = [sys.executable, "-m", "ctiqa.cli", "build-dataset", "--ldctiqa", str(data), "--teacher", "gemini",
+               "--base-url", slow.url, "--split", "stratified", "--out", str(out), "--cache", str(cache),
+               "--concurrency", "2", "--no-progress"]
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if cache.exists() and cache.read_bytes().count(b"\n") >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"builder ended early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = len(slow.requests)
+    assert proc.returncode == -signal.SIGKILL and not (out / "README.md").exists()
+    done = {json.loads(line)["image_sha256"] for line in cache.read_text().splitlines() if line.strip()}
+    assert 3 <= len(done) < 10 and first >= len(done)
+
+    with FakeGemini() as fast:
+        res = build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=out, split="stratified", cache=cache,
+                                         progress=False), teacher=gemini_teacher(fast.url))
+        asked_again = [sha_of_png(r.image_png) for r in fast.requests]
+    wanted = {it.sha for it in res.items if it.split != "test"}
+    assert set(asked_again) == wanted - done and len(asked_again) == len(wanted - done)
+    assert res.stats.cached_ok == len(done)
+    assert res.dataset["train"].num_rows + res.dataset["validation"].num_rows == 10
+
+
+def test_gemini_client_plain_text_fatal_and_exhausted_retries(fake_gemini):
+    img = Image.new("RGB", (8, 8), (40, 40, 40))
+    client = GeminiClient("gemini-2.5-flash", base_url=fake_gemini.url, retry=FAST, thinking_budget=None)
+    fake_gemini.set_script([ok(), server_error(503), server_error(503), server_error(503), server_error(503),
+                            status(403, "Permission denied")])
+
+    async def run():
+        try:
+            plain = await client.generate(img, "Rate this image.", None, None)  # zero-shot style: free text
+            exhausted = await client.generate(img, "again", "system text", None)
+            with pytest.raises(TeacherConfigError, match="403"):
+                await client.generate(img, "x")
+            return plain, exhausted
+        finally:
+            await client.aclose()
+
+    plain, exhausted = asyncio.run(run())
+    assert plain.ok and plain.parsed is None and plain.finish_reason == "STOP" and plain.usage.thoughts_tokens == 500
+    assert "generationConfig" not in fake_gemini.requests[0].body or \
+        "responseMimeType" not in fake_gemini.requests[0].body["generationConfig"]
+    assert not exhausted.ok and exhausted.reason == "http_503" and exhausted.attempts == FAST.max_attempts
+    assert fake_gemini.requests[1].system == "system text"
+
+
+def test_gemini_needs_a_key(monkeypatch):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    with pytest.raises(TeacherConfigError, match="GEMINI_API_KEY"):
+        GeminiClient()
+
+
+def test_server_retry_delay_sources():
+    class E(Exception):
+        def __init__(self, details=None, headers=None):
+            self.details, self.response = details, type("R", (), {"headers": headers or {}})()
+
+    retry_info = {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2.5s"}]}}
+    assert server_retry_delay(E(retry_info)) == 2.5
+    assert server_retry_delay(E(headers={"retry-after": "7"})) == 7.0
+    assert server_retry_delay(E(headers={"retry-after-ms": "1500"})) == 1.5
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < server_retry_delay(E(headers={"retry-after": future})) <= 31
+    assert server_retry_delay(E()) is None
+
+
+# ------------------------------------------------------------------------------------ OpenAI-compatible server
+class _FakeOpenAI:
+    """Minimal OpenAI-compatible /v1/chat/completions: scripted (status, body, headers) replies."""
+
+    def __init__(self, replies):
+        self.replies, self.requests = list(replies), []
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body, time.monotonic()))
+                code, payload, headers = fake.replies.pop(0)
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+
+def _completion(content, finish="stop"):
+    return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "local-vlm",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                              "finish_reason": finish}],
+                 "usage": {"prompt_tokens": 300, "completion_tokens": 60, "total_tokens": 360}}, {}
+
+
+def test_openai_compatible_teacher():
+    answer = json.dumps({"rationale": OK_RATIONALE, "score": 2.2})
+    srv = _FakeOpenAI([(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "600"}), _completion(answer),
+                       _completion('{"rationale": "cut', "length")])
+    teacher = LLMTeacher(OpenAICompatClient("local-vlm", base_url=srv.url, retry=FAST))
+    img = Image.new("RGB", (8, 8), (90, 90, 90))
+
+    async def run():
+        try:
+            return await teacher.explain(img, 2.2), await teacher.explain(img, 2.2)
+        finally:
+            await teacher.aclose()
+
+    good, cut = asyncio.run(run())
+    srv.server.shutdown()
+    assert good.ok and good.rationale == OK_RATIONALE and good.attempts == 2 and good.usage.prompt_tokens == 300
+    assert srv.requests[1][2] - srv.requests[0][2] >= 0.55  # retry-after-ms honoured
+    path, body, _ = srv.requests[1]
+    assert path == "/v1/chat/completions" and body["response_format"]["type"] == "json_schema"
+    assert body["messages"][0] == {"role": "system", "content": prompts.TEACHER_SYSTEM}
+    assert body["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert not cut.ok and cut.error == "finish_reason: length"
+
+
+# ------------------------------------------------------------------------------------ cache
+def test_cache_truncated_last_line_and_bad_middle_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = AnswerCache(path)
+    cache.append("k1", CallResult(ok=True, text="t", parsed={"rationale": "r", "score": 1.0}, usage=Usage(3, 2, 1)))
+    cache.append("k2", CallResult(ok=False, error="empty_answer: x"))
+    cache.close()
+    with open(path, "ab") as f:
+        f.write(b'{"key": "k3", "ok": tr')  # killed mid-write
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        cache = AnswerCache(path)
+    assert cache.finished("k1")["parsed"]["rationale"] == "r" and cache.finished("k2") is None
+    assert cache.last("k2")["error"] == "empty_answer: x" and cache.last("k3") is None
+    cache.append("k2", CallResult(ok=True, text="t2"))
+    cache.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(x) for x in lines)
+    assert AnswerCache.result_of(AnswerCache(path).finished("k1")).usage == Usage(3, 2, 1)
+    path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    with pytest.raises(CTIQAError, match=r"c\.jsonl, line 2"):
+        AnswerCache(path)
+
+
+# ------------------------------------------------------------------------------------ rationale checks
+def test_clean_rationale_strips_boilerplate():
+    raw = ("Of course. As an experienced radiologist, here is my assessment:\n## Image quality\n"
+           "**Reasoning:** Moderate noise covers the liver and faint streaks cross the soft tissue.\nScore: 2.2\n")
+    assert checks.clean_rationale(raw) == "Moderate noise covers the liver and faint streaks cross the soft tissue."
+    assert checks.clean_rationale("Certainly! I am a radiologist with 20 years of experience. Noise is low.") == \
+        "Noise is low."
+
+
+@pytest.mark.parametrize(("text", "score", "reason"), [
+    ("Excellent image quality with crisp edges and low noise over all abdominal organs and vessels today.", 1.0,
+     "contradicts_score"),
+    ("Severe streak artifacts and heavy noise obscure the liver, making the slice nearly unreadable here.", 3.8,
+     "contradicts_score"),
+    ("In the cropped view the noise is moderate and streaks are faint over the liver and the kidneys.", 2.0,
+     "unseen_view"),
+    ("Compared with the adjacent slices, noise is moderate and streaks are faint over the liver and kidneys.", 2.0,
+     "unseen_view"),
+    ("This image was rated 2.0 by the panel because noise is moderate and streaks are faint over the liver.", 2.0,
+     "mentions_given_score"),
+    ("Noise is moderate.", 2.0, "too_short"),
+])
+def test_check_rejections(text, score, reason):
+    assert reason in checks.check_rationale(text, score).reasons
+
+
+def test_check_accepts_negated_and_counts_terms():
+    text = ("No severe artifacts are present; fine noise is mild and no streaks are seen. Edges are sharp and "
+            "low-contrast detail is clear, so the slice is fully diagnostic.")
+    res = checks.check_rationale(text, 3.8, teacher_score=3.8)
+    assert res.ok, res.evidence
+    assert res.terms["noise"] == 1 and res.terms["streak"] == 1 and res.terms["metal"] == 0
+    assert checks.check_rationale(text, 3.8, teacher_score=2.0).reasons == ["teacher_score_mismatch"]
+    assert checks.artifact_counts("Ring artifacts, metal streaks and motion blur; beam hardening.") == {
+        "noise": 0, "streak": 1, "metal": 1, "ring": 1, "motion": 1, "beam_hardening": 1, "blur": 1}
+
+
+# ------------------------------------------------------------------------------------ template teacher
+def test_template_teacher_follows_the_degradation():
+    t = TemplateTeacher(seed=0)
+    texts = {}
+    for dose, views, score in LADDER:
+        text = t.write(score, {"dose_fraction": dose, "n_views": views})
+        assert text == t.write(score, {"dose_fraction": dose, "n_views": views})  # reproducible
+        assert 30 <= len(text.split()) <= 60, text
+        assert checks.check_rationale(text, score).ok, (text, checks.check_rationale(text, score).evidence)
+        texts[score] = text.lower()
+    assert "minimal" in texts[3.8] or "low" in texts[3.8] or "faint quantum" in texts[3.8]
+    assert any(w in texts[0.6] for w in ("heavy", "strong", "coarse"))
+    assert any(w in texts[0.6] for w in ("dense", "pronounced", "strong streaking"))
+    assert any(w in texts[3.8] for w in ("no streak", "no visible streaks", "absent"))
+    variants = {TemplateTeacher(seed=s).write(2.8, {"dose_fraction": 0.5, "n_views": 512}) for s in range(12)}
+    assert len(variants) >= 4
+    with pytest.raises(CTIQAError, match="degradations.json"):
+        t.write(2.0, {})
+
+
+# ------------------------------------------------------------------------------------ dataset folder and card
+def test_template_build_folder_round_trip_and_card(tmp_path):
+    from datasets import load_dataset
+
+    from ctiqa.imaging import render
+
+    data = make_ldctiqa(tmp_path / "sim", n=12)
+    out = tmp_path / "out"
+    res = build_dataset(BuildOptions(ldctiqa=data, teacher="template", out=out, split="base-slice", progress=False))
+    dsd = res.dataset
+    assert {s: dsd[s].num_rows for s in dsd} == {"train": 7, "validation": 1, "test": 4}
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+    back = load_dataset(str(out))
+    for split in dsd:
+        a, b = dsd[split].cast_column("images", dsd[split].features["images"]), back[split]
+        assert a.features == b.features
+        raw_a = a.with_format("arrow")[:].to_pylist()
+        raw_b = b.with_format("arrow")[:].to_pylist()
+        assert raw_a == raw_b  # every column, images as embedded PNG bytes, bit-exact
+        for row in b:
+            im = row["images"][0]
+            assert im.mode == "RGB"
+            assert np.array_equal(np.asarray(im), np.asarray(render(data / "image" / f"{row['id']}.tif")))
+    row = back["train"][0]
+    assert row["prompt"] == [{"role": "user", "content": [{"type": "image", "text": None},
+                                                          {"type": "text", "text": prompts.instruction()}]}]
+    target = row["completion"][0]["content"][0]["text"]
+    assert target == prompts.format_target(row["score"], row["rationale"], "score-first")
+    assert row["teacher"] == "ctiqa-template-v1" and row["synthetic"] is True and row["n_views"] in (1024, 512, 256, 64)
+    assert set(back["test"]["base_slice"]) == {"b2"}
+
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["task_categories"] == ["image-text-to-text"] and meta["license"] == "other"
+    assert {"medical", "ct", "image-quality-assessment", "synthetic-rationales"} <= set(meta["tags"])
+    assert meta["annotations_creators"] == ["machine-generated"]
+    assert meta["configs"][0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
+    assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == {
+        "train": 7, "validation": 1, "test": 4}
+    for needle in ("ctiqa-template-v1", prompts.PROMPT_VERSION, "`base-slice`, seed 0", "10.1016/j.media.2024.103343",
+                   "7833096", "Not for clinical use", "| noise | 8 | 100 % |", "check it yourself"):
+        assert needle in card.text, needle
+    audit = read_audit(out)
+    assert len(audit) == 12 and sum(r["status"] == "kept" for r in audit.values()) == 8
+
+
+def test_cli_template_refuses_real_data_and_score_only_needs_no_teacher(tmp_path, capsys):
+    from ctiqa.cli import main
+
+    data = make_ldctiqa(tmp_path / "real", n=10, simulated=False)
+    assert main(["build-dataset", "--ldctiqa", str(data), "--teacher", "template", "--split", "stratified",
+                 "--out", str(tmp_path / "o1"), "--no-progress"]) == 2
+    assert "degradations.json" in capsys.readouterr().err
+    assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--format", "score-only",
+                 "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
+    from datasets import load_dataset
+
+    ds = load_dataset(str(tmp_path / "o2"))
+    assert ds["train"].num_rows == 8 and set(ds["train"]["teacher"]) == {"none"}
+    assert ds["train"][0]["completion"][0]["content"][0]["text"] == f"Score: {ds['train'][0]['score']:.1f}"
+    assert "base_slice" not in ds["train"].column_names
+
+
+# ------------------------------------------------------------------------------------ fake Hub
+def test_push_to_fake_hub_same_files_and_rows(tmp_path, fake_hub, capsys):
+    from datasets import load_dataset
+    from fake_hub import TOKEN
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    out = tmp_path / "out"
+    res = build_dataset(BuildOptions(ldctiqa=data, teacher="template", out=out, split="stratified",
+                                     push_to_hub="tester/ct-rationales", progress=False))
+    repo = fake_hub.repo("tester/ct-rationales", "dataset")
+    assert repo.private  # private unless --public
+    hub_files = fake_hub.files("tester/ct-rationales", "dataset")
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k: v for k, v in hub_files.items() if k != ".gitattributes"} == local  # byte-identical
+    back = load_dataset("tester/ct-rationales")
+    for split in res.dataset:
+        assert back[split].with_format("arrow")[:].to_pylist() == \
+            res.dataset[split].with_format("arrow")[:].to_pylist()
+    assert TOKEN not in capsys.readouterr().out
+    assert not fake_hub.unknown
+
+
+def test_our_folder_matches_datasets_push_to_hub(tmp_path, fake_hub):
+    """The local folder is what DatasetDict.push_to_hub itself writes: same file names, tables and YAML."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import DatasetCard
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    out = tmp_path / "out"
+    res = build_dataset(BuildOptions(ldctiqa=data, teacher="template", out=out, split="stratified", progress=False))
+    res.dataset.push_to_hub("tester/via-datasets", private=True)
+    theirs = fake_hub.dump("tester/via-datasets", tmp_path / "theirs", "dataset")
+    ours_files = sorted(p.relative_to(out).as_posix() for p in (out / "data").iterdir())
+    assert ours_files == sorted(p.relative_to(theirs).as_posix() for p in (theirs / "data").iterdir())
+    for name in ours_files:
+        assert pq.read_table(out / name).equals(pq.read_table(theirs / name))
+        assert pq.read_schema(out / name).metadata == pq.read_schema(theirs / name).metadata
+    ours_meta = DatasetCard.load(out / "README.md").data.to_dict()
+    theirs_meta = DatasetCard.load(theirs / "README.md").data.to_dict()
+    assert ours_meta["configs"] == theirs_meta["configs"]
+    for key in ("features", "splits", "dataset_size"):
+        assert ours_meta["dataset_info"][key] == theirs_meta["dataset_info"][key], key
