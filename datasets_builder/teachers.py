@@ -26,6 +26,7 @@ import asyncio
 import email.utils
 import io
 import json
+import math
 import os
 import random
 import re
@@ -555,49 +556,55 @@ class LLMTeacher:
 class TemplateTeacher:
     """Offline teacher for SIMULATED data: writes a short rationale (about 30-60 words) from the known degradation.
 
-    Noise wording follows the dose fraction, streak wording the number of projection views, edge and
-    low-contrast wording and the verdict follow the score; synonyms and sentence order are drawn from a RNG seeded
-    by (``seed``, score, dose, views), so the text is reproducible but varied. It never mentions artifacts the
-    simulation does not make (metal, rings, motion, beam hardening).
+    Noise wording follows the expected quantum-noise standard deviation of the level (``noise_sigma_hu`` from
+    degradations.json, else ``9 HU / sqrt(dose_fraction * n_views / 1024)``, ctiqa.simulation's calibration),
+    streak wording the number of projection views, edge and low-contrast wording and the verdict the score.
+    Synonyms and sentence order are drawn from a RNG seeded by (``seed``, score, dose, views), so the text is
+    reproducible but varied. Wording is anatomy-neutral (simulated base slices are head, chest, spine and
+    abdomen) and never mentions artifacts the simulation does not make (metal, rings, motion, beam hardening).
 
-    Thresholds: dose fraction >= 0.75 / 0.4 / 0.2 -> minimal / mild / moderate / heavy noise; views >= 768 /
-    384 / 192 -> none / faint / moderate / dense streaks (the simulator's ladder runs from (1.0 dose, 1024 views)
-    to (0.1, 64); design.md §4). Score bands (LDCTIQA scale, 0 bad ... 4 excellent): >= 3.5, >= 2.5, >= 1.5,
-    else.
+    Thresholds, log-evenly spaced over the simulator's range (noise 9-114 HU, views 1024-64; design.md §4):
+    noise sigma < 17 / 32 / 60 HU -> minimal / mild / moderate, else heavy; views >= 512 / 256 / 128 -> no /
+    faint / moderate, else dense streaks. Score bands (LDCTIQA scale 0 bad ... 4 excellent): >= 3.5, >= 2.5,
+    >= 1.5, else.
 
-    Raises (from ``explain``):
+    Raises (from ``explain`` / ``write``):
         CTIQAError: ``metadata`` lacks ``dose_fraction`` or ``n_views``: real data needs a real teacher.
     """
 
     cacheable = False
     model_id = "ctiqa-template-v1"
+    FULL_DOSE_NOISE_HU = 9.0  # ctiqa.simulation.FULL_DOSE_NOISE_HU
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    # (upper bound of noise sigma in HU, phrases)
     _NOISE = [
-        (0.75, ["Image noise is minimal", "Noise is low and fine-grained", "Only faint quantum mottle is present"]),
-        (0.40, ["Mild noise is visible", "A mild, fine noise texture is present", "Noise is mild but noticeable"]),
-        (0.20, ["Moderate grainy noise is present", "Noise is moderate and grainy",
-                "A moderate mottled noise texture covers the soft tissue"]),
-        (0.0, ["Heavy coarse noise dominates", "Noise is heavy and coarse", "Strong grainy mottle covers the soft tissue"]),
+        (17.0, ["Image noise is minimal", "Noise is low and fine-grained", "Only faint quantum mottle is present"]),
+        (32.0, ["Mild noise is visible", "A mild, fine noise texture is present", "Noise is mild but noticeable"]),
+        (60.0, ["Moderate grainy noise is present", "Noise is moderate and grainy",
+                "A moderate mottled noise texture is present"]),
+        (float("inf"), ["Heavy coarse noise dominates", "Noise is heavy and coarse", "Strong grainy mottle is present"]),
     ]
+    # (lower bound of views, phrases)
     _STREAK = [
-        (768, ["no streak artifacts are seen", "there are no visible streaks", "streak artifacts are absent"]),
-        (384, ["faint streaks cross the field", "faint thin streaks are seen", "subtle streaking is present"]),
-        (192, ["moderate streaks radiate across the abdomen", "moderate streak artifacts cross the soft tissue",
+        (512, ["no streak artifacts are seen", "there are no visible streaks", "streak artifacts are absent"]),
+        (256, ["faint streaks cross the field", "faint thin streaks are seen", "subtle streaking is present"]),
+        (128, ["moderate streaks radiate across the slice", "moderate streak artifacts cross the soft tissue",
                "streaking of moderate intensity is visible"]),
         (0, ["dense streaks radiate across the whole slice", "pronounced streak artifacts cross the image",
              "strong streaking overlies the anatomy"]),
     ]
+    # (lower bound of score, edge phrases, low-contrast phrases)
     _EDGES = [
-        (3.5, ["Organ and vessel edges are sharp", "Organ margins and vessel walls are crisp"],
+        (3.5, ["Organ and vessel edges are sharp", "Tissue margins and vessel walls are crisp"],
          ["low-contrast structures are well distinguished", "subtle density differences remain clear"]),
-        (2.5, ["Organ edges are mostly sharp", "Organ and vessel margins are largely preserved"],
+        (2.5, ["Organ edges are mostly sharp", "Tissue and vessel margins are largely preserved"],
          ["subtle low-contrast detail is slightly obscured", "low-contrast detectability is mildly reduced"]),
-        (1.5, ["Organ edges are softened", "Organ and vessel margins appear blurred"],
+        (1.5, ["Organ edges are softened", "Tissue and vessel margins appear blurred"],
          ["low-contrast detectability is clearly reduced", "small low-contrast structures are hard to separate"]),
-        (0.0, ["Organ edges are indistinct", "Organ and vessel margins are largely lost"],
+        (0.0, ["Organ edges are indistinct", "Tissue and vessel margins are largely lost"],
          ["low-contrast structures are obscured", "soft-tissue differences cannot be resolved"]),
     ]
     _VERDICT = [
@@ -606,16 +613,9 @@ class TemplateTeacher:
                "The image is diagnostic with minor limitations."]),
         (1.5, ["Overall quality is fair; confidence for subtle findings is reduced.",
                "The image is of limited diagnostic value for subtle findings."]),
-        (0.0, ["Overall quality is poor and limits diagnostic use.",
-               "The image is of poor diagnostic quality."]),
+        (0.0, ["Overall quality is poor and limits diagnostic use.", "The image is of poor diagnostic quality."]),
     ]
-
-    @staticmethod
-    def _band(table: list, value: float) -> Any:
-        for row in table:
-            if value >= row[0]:
-                return row
-        return table[-1]
+    _WHERE = ["in the soft tissue", "across the homogeneous soft-tissue regions", "over the soft tissue and fat"]
 
     def write(self, score: float, metadata: dict[str, Any] | None) -> str:
         """The rationale text (deterministic for the same inputs and seed).
@@ -630,13 +630,14 @@ class TemplateTeacher:
                 "metadata (dose_fraction, n_views) for every image; this data has none (real LDCTIQA?): use "
                 "--teacher gemini or --teacher openai")
         dose, views = float(md["dose_fraction"]), int(md["n_views"])
+        sigma = md.get("noise_sigma_hu")
+        sigma = float(sigma) if sigma is not None else self.FULL_DOSE_NOISE_HU / math.sqrt(dose * views / 1024)
         rng = random.Random(f"{self.seed}|{score:.3f}|{dose:.4f}|{views}")
-        noise = rng.choice(self._band(self._NOISE, dose)[1])
-        streak = rng.choice(self._band(self._STREAK, views)[1])
-        _, edges, contrast = self._band(self._EDGES, score)
-        verdict = rng.choice(self._band(self._VERDICT, score)[1])
-        where = rng.choice(["over the liver and abdominal muscles", "in the abdominal soft tissue",
-                            "across the solid organs and fat"])
+        noise = rng.choice(next(p for hi, p in self._NOISE if sigma < hi))
+        streak = rng.choice(next(p for lo, p in self._STREAK if views >= lo))
+        _, edges, contrast = next(row for row in self._EDGES if score >= row[0] or row[0] == 0.0)
+        verdict = rng.choice(next(p for lo, p in self._VERDICT if score >= lo or lo == 0.0))
+        where = rng.choice(self._WHERE)
         s1 = f"{noise} {where}, and {streak}." if rng.random() < 0.5 else f"{noise} {where}; {streak}."
         s2 = f"{rng.choice(edges)}, and {rng.choice(contrast)}."
         body = [s1, s2] if rng.random() < 0.7 else [s2, s1]
