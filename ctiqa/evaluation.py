@@ -1,0 +1,538 @@
+"""``ctiqa evaluate``: one harness for every model, with the same prompt, decoding, parser and metrics.
+
+Three sources of predictions:
+
+* a local or Hub model (``--model ID_OR_DIR [--adapter DIR]``): greedy generation with the training prompt, parsed
+  by :mod:`ctiqa.scoring`, plus the probability score (:mod:`ctiqa.inference`); ``--score-only`` skips generation;
+* Gemini zero-shot (``--teacher gemini --model gemini-2.5-flash``): the same student instruction (no true score),
+  temperature 0, the same parser (``GEMINI_API_KEY`` from the environment);
+* a predictions file (``--predictions FILE.jsonl``): rows with ``id``, ``score`` and either ``prediction`` (a
+  number or null) or ``text`` (parsed); with ``--dataset`` the true scores and the ids to expect come from the
+  dataset split (an id with no row counts as a missing prediction).
+
+Outputs in ``--out``: ``predictions.jsonl`` (one row per sample: id, score, parsed_score, parse_rule, prob_score,
+prob_std, prob_mass, text, ...; written as batches finish, so a re-run with the same settings resumes and a paid
+Gemini answer is never asked twice), ``results.json`` (metrics of the parsed and the probability score from the
+``ctiqa_iqa`` evaluate module with bootstrap intervals, parse-rule counts, the explanation check on simulated data,
+provenance; strict JSON), ``scatter.png`` and ``bland_altman.png``; a short table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctiqa import CTIQAError
+from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
+
+METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "ctiqa_iqa"
+SCORE_KINDS = ("parsed", "probability")
+RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.jsonl"
+PLOT_FILES = {"scatter": "scatter.png", "bland_altman": "bland_altman.png"}
+_PACKAGES = ("ctiqa", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "evaluate",
+             "scipy", "numpy", "google-genai", "trl")
+
+
+@dataclass
+class Sample:
+    """One evaluation sample: ``id`` (LDCTIQA file stem), true ``score`` (0-4), the rendered RGB ``image`` (None
+    when not loaded) and simulation metadata (``dose_fraction``, ``n_views``) when the dataset has it."""
+
+    id: str
+    score: float
+    image: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
+                 images: bool = True) -> tuple[list[Sample], str | None]:
+    """Read one split of a ctiqa dataset (Hub id, Hub-layout folder, or a ``save_to_disk`` folder).
+
+    Args:
+        dataset: what ``datasets.load_dataset`` accepts (a local folder written by ``ctiqa build-dataset``).
+        split: split name. limit: keep the first ``limit`` rows. images: decode the first image of each row.
+    Returns:
+        (samples, target_format of the dataset or None).
+    Raises:
+        CTIQAError: the dataset or split cannot be read, or lacks the ``id`` / ``score`` / ``images`` columns.
+    """
+    import datasets
+
+    try:
+        if (Path(dataset) / "dataset_dict.json").exists():
+            dsd = datasets.load_from_disk(dataset)
+            if split not in dsd:
+                raise KeyError(split)
+            ds = dsd[split]
+        else:
+            ds = datasets.load_dataset(dataset, split=split)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise CTIQAError(f"dataset {dataset}: cannot read split {split!r}: {e}") from e
+    need = ["id", "score"] + (["images"] if images else [])
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise CTIQAError(f"dataset {dataset} split {split}: missing column(s) {', '.join(missing)} "
+                         f"(has {', '.join(ds.column_names)})")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    if not images and "images" in ds.column_names:
+        ds = ds.remove_columns("images")
+    fmt = ds[0]["target_format"] if len(ds) and "target_format" in ds.column_names else None
+    out = []
+    for row in ds:
+        meta = {k: row[k] for k in ("dose_fraction", "n_views", "base_slice") if row.get(k) is not None}
+        img = None
+        if images:
+            if not row["images"]:
+                raise CTIQAError(f"dataset {dataset} split {split}: row {row['id']} has no image")
+            img = row["images"][0].convert("RGB")
+        out.append(Sample(str(row["id"]), float(row["score"]), img, meta))
+    if len({s.id for s in out}) != len(out):
+        raise CTIQAError(f"dataset {dataset} split {split}: ids are not unique")
+    return out, fmt
+
+
+def read_predictions_file(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a predictions JSONL: ``id``, optional ``score``, and ``prediction`` (number or null) or ``text``.
+
+    Raises:
+        CTIQAError: unreadable file, a bad JSON line, or a row without id / prediction-or-text (names file and line).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CTIQAError(f"predictions file {p} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CTIQAError(f"{p} line {n}: not JSON ({e.msg})") from e
+        if not isinstance(row, dict) or "id" not in row or not ("prediction" in row or "text" in row):
+            raise CTIQAError(f"{p} line {n}: a row needs 'id' and 'prediction' or 'text'")
+        pred = row.get("prediction")
+        if pred is not None and not isinstance(pred, (int, float)):
+            raise CTIQAError(f"{p} line {n}: 'prediction' must be a number or null, got {pred!r}")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- records
+def _record(sample: Sample, **fields: Any) -> dict[str, Any]:
+    rec = {"id": sample.id, "score": sample.score, "parsed_score": None, "parse_rule": None, "prob_score": None,
+           "prob_std": None, "prob_mass": None, "prob_decimal_mass": None, "prob_digits": None, "text": None}
+    rec.update(fields)
+    rec.update({k: v for k, v in sample.meta.items() if k in ("dose_fraction", "n_views")})
+    return rec
+
+
+def _run_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: Call failures worth asking again on a re-run (transient); other failures (blocked, MAX_TOKENS...) are final.
+_RETRY_ERRORS = ("timeout", "connection_error", "http_")
+
+
+def _load_done(path: Path, key: str) -> dict[str, dict[str, Any]]:
+    """Finished rows of an earlier run with the same settings (rows with a transient call error are not)."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if row.get("run_key") == key and not str(row.get("error") or "").startswith(_RETRY_ERRORS):
+            done[row["id"]] = row
+    return done
+
+
+class _Appender:
+    """Appends rows to ``predictions.jsonl`` as they are produced (flushed), keeping earlier rows of this run."""
+
+    def __init__(self, path: Path, key: str, keep: Iterable[dict[str, Any]]):
+        self.path, self.key = path, key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for row in keep:
+                f.write(json.dumps(row) + "\n")
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "run_key": self.key}) + "\n")
+            f.flush()
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+
+
+def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter: str | None, fmt: str,
+                       score_only: bool, max_new_tokens: int, batch_size: int, precision: str,
+                       device: str | None, key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run a local/Hub model on every sample (resuming from ``out/predictions.jsonl``).
+
+    Returns:
+        (records in sample order, model provenance from :meth:`ctiqa.inference.LoadedModel.describe` plus timing).
+    """
+    from ctiqa.inference import load_model, predict_images
+
+    path = out / PREDICTIONS_FILE
+    done = _load_done(path, key)
+    todo = [s for s in samples if s.id not in done]
+    info: dict[str, Any] = {"model": model, "adapter": adapter, "resumed_rows": len(samples) - len(todo)}
+    if todo:
+        t0 = time.perf_counter()
+        lm = load_model(model, adapter, precision=precision, device=device)
+        info.update(lm.describe())
+        info["load_seconds"] = round(time.perf_counter() - t0, 2)
+        writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
+        t0 = time.perf_counter()
+        with _progress(len(todo), "evaluate") as bar:
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i:i + batch_size]
+                preds = predict_images(lm, [s.image for s in chunk], fmt=fmt, generate=not score_only,
+                                       probability=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                rows = [_record(s, **p.to_dict()) for s, p in zip(chunk, preds, strict=True)]
+                for r in rows:
+                    done[r["id"]] = {**r, "run_key": key}
+                writer.write(rows)
+                bar.update(len(chunk))
+        info["seconds_per_image"] = round((time.perf_counter() - t0) / len(todo), 4)
+    return [done[s.id] for s in samples], info
+
+
+def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: str, key: str,
+                        base_url: str | None = None, concurrency: int = 4,
+                        thinking_budget: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Gemini zero-shot: the student instruction :func:`ctiqa.prompts.instruction` with the image, no true score,
+    temperature 0, through :class:`datasets_builder.teachers.GeminiClient` (retries, finish-reason checks).
+    Every answer is appended to ``predictions.jsonl`` as it arrives; a failed call (after retries) is recorded with
+    its ``error`` (its text, if any, is still parsed); transient failures (timeouts, HTTP errors after the
+    retries) are asked again by the next run.
+
+    Raises:
+        CTIQAError (TeacherConfigError): no API key, or a fatal API error (bad key, unknown model).
+    """
+    from ctiqa.scoring import parse_score_detailed
+    from datasets_builder.teachers import GeminiClient
+
+    path = out / PREDICTIONS_FILE
+    done = _load_done(path, key)
+    todo = [s for s in samples if s.id not in done]
+    info: dict[str, Any] = {"model": model, "adapter": None, "api": "gemini", "temperature": 0.0,
+                            "thinking_budget": thinking_budget, "resumed_rows": len(samples) - len(todo)}
+    results: dict[str, dict[str, Any]] = {}
+    if todo:
+        client = GeminiClient(model, base_url=base_url, temperature=0.0, thinking_budget=thinking_budget)
+        writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
+        prompt = instruction(fmt)
+
+        async def run_all() -> None:
+            sem = asyncio.Semaphore(concurrency)
+            with _progress(len(todo), f"evaluate {model}") as bar:
+                async def one(s: Sample) -> None:
+                    async with sem:
+                        res = await client.generate(s.image, prompt)
+                    parsed = parse_score_detailed(res.text)  # a partial answer (MAX_TOKENS) is parsed too
+                    row = _record(s, text=res.text, parsed_score=parsed.value, parse_rule=parsed.rule,
+                                  finish_reason=res.finish_reason, error=res.error)
+                    results[s.id] = {**row, "run_key": key}
+                    writer.write([row])
+                    bar.update(1)
+
+                try:
+                    await asyncio.gather(*(one(s) for s in todo))
+                finally:
+                    await client.aclose()
+
+        asyncio.run(run_all())
+    rows = [done.get(s.id) or results[s.id] for s in samples]
+    info["failed_calls"] = sum(1 for r in rows if r.get("error"))
+    return rows, info
+
+
+def predictions_from_file(path: str | Path, samples: list[Sample] | None) -> list[dict[str, Any]]:
+    """Records from a predictions file, aligned to the dataset samples when given (see the module docstring).
+
+    Raises:
+        CTIQAError: duplicate ids, a row without a true score when no dataset is given, a row whose score
+            disagrees with the dataset, or ids absent from the dataset split.
+    """
+    from ctiqa.scoring import parse_score_detailed
+
+    rows = read_predictions_file(path)
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        rid = str(r["id"])
+        if rid in by_id:
+            raise CTIQAError(f"{path}: id {rid} appears twice")
+        by_id[rid] = r
+    if samples is None:
+        bad = [rid for rid, r in by_id.items() if not isinstance(r.get("score"), (int, float))]
+        if bad:
+            raise CTIQAError(f"{path}: rows without a numeric 'score' (true score) and no --dataset: {bad[:5]}")
+        samples = [Sample(rid, float(r["score"])) for rid, r in by_id.items()]
+    else:
+        known = {s.id for s in samples}
+        extra = [rid for rid in by_id if rid not in known]
+        if extra:
+            raise CTIQAError(f"{path}: {len(extra)} id(s) are not in the dataset split, e.g. {extra[:5]}")
+    out = []
+    for s in samples:
+        r = by_id.get(s.id)
+        if r is None:
+            out.append(_record(s, parse_rule="missing"))
+            continue
+        if isinstance(r.get("score"), (int, float)) and abs(float(r["score"]) - s.score) > 1e-6:
+            raise CTIQAError(f"{path}: id {s.id} has score {r['score']} but the dataset says {s.score}")
+        if "prediction" in r:
+            v = r["prediction"]
+            out.append(_record(s, parsed_score=None if v is None else float(v),
+                               parse_rule="given" if v is not None else "missing", text=r.get("text")))
+        else:
+            p = parse_score_detailed(r["text"])
+            out.append(_record(s, parsed_score=p.value, parse_rule=p.rule, text=r["text"]))
+        for k in ("prob_score", "prob_std"):
+            if isinstance(r.get(k), (int, float)):
+                out[-1][k] = float(r[k])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- results
+def compute_metrics(records: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Metrics per score kind (``parsed``, ``probability``) via the ``ctiqa_iqa`` evaluate module.
+
+    A kind is present when at least one record has it computed (a ``parsed`` kind needs a parse attempt).
+    """
+    import evaluate
+
+    metric = evaluate.load(str(METRIC_DIR))
+    refs = [r["score"] for r in records]
+    kinds = {"parsed": "parsed_score", "probability": "prob_score"}
+    out = {}
+    for kind, col in kinds.items():
+        attempted = any(r.get(col) is not None or (kind == "parsed" and r.get("parse_rule")) for r in records)
+        if attempted:
+            out[kind] = metric.compute(predictions=[r.get(col) for r in records], references=refs,
+                                       n_bootstrap=n_bootstrap, seed=seed)
+    return out
+
+
+def explanation_check(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rates of :mod:`ctiqa.explanations` over records with simulation metadata and a text; None when none has.
+    Adds the per-row verdict to each such record under ``explanation``."""
+    from ctiqa.explanations import check_rationale, explanation_rates
+
+    checks = []
+    for r in records:
+        if r.get("text") and r.get("dose_fraction") is not None and r.get("n_views") is not None:
+            r["explanation"] = check_rationale(r["text"], float(r["dose_fraction"]), int(r["n_views"]))
+            checks.append(r["explanation"])
+    return explanation_rates(checks) if checks else None
+
+
+def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Git commit, package versions, settings, model ids, prompt version, timestamp (UTC), command line."""
+    from importlib import metadata
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "git_commit": commit, "git_dirty": dirty,
+        "packages": {p: version(p) for p in _PACKAGES}, "python": platform.python_version(),
+        "prompt_version": PROMPT_VERSION, "settings": settings, "model": model_info,
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["ctiqa", "evaluate", *sys.argv[2:]] if sys.argv[1:2] == ["evaluate"] else sys.argv,
+    }
+
+
+def _fmt_ci(m: dict[str, Any], k: str) -> str:
+    v, ci = m.get(k), m.get(f"{k}_ci")
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """A short rich table of the metrics per score kind."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ctiqa evaluate: {results['name']} on {results['dataset'] or 'predictions file'}")
+    for col in ("score", "n", "failures", "SRCC", "PLCC", "KRCC", "MAE", "overall"):
+        t.add_column(col, justify="left" if col == "score" else "right")
+    for kind, m in results["metrics"].items():
+        t.add_row(kind, str(m["n"]), str(m["n_missing"]), *(_fmt_ci(m, k) for k in
+                                                           ("srcc", "plcc", "krcc", "mae", "overall")))
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    console.print(t)
+    for kind, m in results["metrics"].items():
+        for w in m["warnings"]:
+            console.print(f"[yellow]warning[/yellow] ({kind}): {w}")
+    ex = results.get("explanation_check")
+    if ex:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        console.print(f"explanation check ({ex['n_checked']} rationales): degradation named "
+                      f"{fmt(ex['degradation_named_rate'])}, severity matches {fmt(ex['severity_match_rate'])}, "
+                      f"false streaks {fmt(ex['false_streak_rate'])}")
+
+
+def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, dataset: str | None,
+           split: str | None, settings: dict[str, Any], model_info: dict[str, Any] | None, n_bootstrap: int,
+           seed: int, quiet: bool = False) -> dict[str, Any]:
+    """Metrics, explanation check, plots, ``predictions.jsonl`` (final, sample order) and ``results.json``.
+
+    Returns:
+        the results dict written to ``results.json``.
+    """
+    from ctiqa.plots import bland_altman_plot, scatter_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = compute_metrics(records, n_bootstrap=n_bootstrap, seed=seed)
+    expl = explanation_check(records)
+    preds = {k: [r.get(c) for r in records] for k, c in (("parsed", "parsed_score"), ("probability", "prob_score"))
+             if k in metrics}
+    true = [r["score"] for r in records]
+    plots = {}
+    if preds:
+        title = f"{name} ({dataset or 'predictions'}{'/' + split if split else ''})"
+        plots["scatter"] = scatter_plot(true, preds, out / PLOT_FILES["scatter"], title, metrics).name
+        plots["bland_altman"] = bland_altman_plot(true, preds, out / PLOT_FILES["bland_altman"], title).name
+    tmp = out / (PREDICTIONS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+    tmp.replace(out / PREDICTIONS_FILE)
+    primary = "probability" if (metrics.get("probability") or {}).get("n_valid") else "parsed"
+    results = {
+        "ctiqa_results_version": 1, "name": name, "kind": kind, "dataset": dataset, "split": split,
+        "primary_score": primary if metrics else None, "metrics": metrics,
+        "parse_rules": dict(Counter(r.get("parse_rule") for r in records if r.get("parse_rule"))),
+        "explanation_check": expl,
+        "counts": {"n": len(records), **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
+        "files": {"predictions": PREDICTIONS_FILE, "plots": plots},
+        "provenance": provenance(settings, model_info),
+    }
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    if not quiet:
+        print_table(results)
+        print(f"wrote {out / RESULTS_FILE}, {out / PREDICTIONS_FILE}, " + ", ".join(str(out / p) for p in plots.values()))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ctiqa evaluate``."""
+    parser.description = __doc__.split("\n\n")[0]
+    src = parser.add_argument_group("what to evaluate (one of)")
+    src.add_argument("--model", help="model Hub id or folder (an adapter folder works too); with --teacher gemini: "
+                                     "the Gemini model id (default gemini-2.5-flash)")
+    src.add_argument("--adapter", help="PEFT adapter folder or Hub id (its base model unless --model is given)")
+    src.add_argument("--teacher", choices=["gemini"], help="zero-shot through an API instead of a local model")
+    src.add_argument("--predictions", type=Path, help="JSONL with id, score and prediction or text")
+    parser.add_argument("--dataset", help="dataset Hub id or folder (ctiqa build-dataset output)")
+    parser.add_argument("--split", default="test", help="dataset split (default test)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--name", help="name shown in tables (default: model, adapter or file name)")
+    parser.add_argument("--format", choices=TARGET_FORMATS,
+                        help="the model's answer format (default: the dataset's target_format, else score-first)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget (default 512)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward/generate batch (default 4)")
+    parser.add_argument("--score-only", action="store_true", help="probability score only: no generation")
+    parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "4bit"],
+                        help="weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or 4bit NF4")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--base-url", help="Gemini API root (a proxy or test server); default Google's")
+    parser.add_argument("--concurrency", type=int, default=4, help="parallel Gemini requests (default 4)")
+    parser.add_argument("--thinking-budget", type=int, default=None,
+                        help="Gemini thinking tokens (default: the model's dynamic budget)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``ctiqa evaluate``: see the module docstring. Returns 0."""
+    modes = [m for m, on in (("predictions", args.predictions), ("gemini", args.teacher),
+                             ("model", (args.model or args.adapter) and not args.teacher)) if on]
+    if len(modes) != 1:
+        raise CTIQAError("give exactly one of --model/--adapter, --teacher gemini, or --predictions")
+    mode = modes[0]
+    if mode != "predictions" and not args.dataset:
+        raise CTIQAError(f"--dataset is required to evaluate {'Gemini' if mode == 'gemini' else 'a model'}")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise CTIQAError("--batch-size and --limit must be positive")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    if mode == "predictions":
+        samples = load_samples(args.dataset, args.split, limit=args.limit, images=False)[0] if args.dataset else None
+        records = predictions_from_file(args.predictions, samples)
+        settings = {"source": str(args.predictions), "dataset": args.dataset, "split": args.split if args.dataset
+                    else None, "limit": args.limit}
+        return _done(records, out, args, name=args.name or args.predictions.stem, kind="predictions",
+                     settings=settings, model_info=None)
+
+    samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit)
+    fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
+    if mode == "gemini":
+        model = args.model or "gemini-2.5-flash"
+        settings = {"source": "gemini", "model": model, "format": fmt, "prompt_version": PROMPT_VERSION,
+                    "decoding": {"temperature": 0.0, "thinking_budget": args.thinking_budget},
+                    "dataset": args.dataset, "split": args.split, "limit": args.limit}
+        records, info = predict_with_gemini(samples, out, model=model, fmt=fmt, key=_run_key(settings),
+                                            base_url=args.base_url, concurrency=args.concurrency,
+                                            thinking_budget=args.thinking_budget)
+        return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind="gemini",
+                     settings=settings, model_info=info)
+
+    settings = {"source": "model", "model": args.model, "adapter": args.adapter, "format": fmt,
+                "prompt_version": PROMPT_VERSION, "precision": args.precision,
+                "decoding": {"do_sample": False, "max_new_tokens": args.max_new_tokens,
+                             "generate": not args.score_only, "probability_score": True},
+                "batch_size": args.batch_size, "dataset": args.dataset, "split": args.split, "limit": args.limit}
+    records, info = predict_with_model(samples, out, model=args.model, adapter=args.adapter, fmt=fmt,
+                                       score_only=args.score_only, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size, precision=args.precision, device=args.device,
+                                       key=_run_key(settings))
+    name = args.name or Path(str(args.adapter or args.model)).name
+    return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info)
+
+
+def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace, **kw: Any) -> int:
+    finish(records, out, dataset=args.dataset, split=args.split if args.dataset else None,
+           n_bootstrap=args.bootstrap, seed=args.seed, **kw)
+    return 0

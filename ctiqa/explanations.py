@@ -1,0 +1,106 @@
+"""Explanation check for simulated data: does a rationale name the degradation that was applied, and how bad it is?
+
+On simulated data the truth is known per image (``dose_fraction``, ``n_views`` from ``degradations.json``), so a
+rationale can be checked against it with a small, transparent keyword rubric (no model involved):
+
+* **Applied degradations** (the simulator's ladder runs from (dose 1.0, 1024 views) to (0.1, 64); design.md §4):
+  reduced-dose noise when ``dose_fraction < 0.75``; sparse-view streaks when ``n_views < 768``.
+* **Expected severity** of each applied degradation: noise ``mild`` for dose >= 0.4, ``moderate`` for >= 0.2, else
+  ``severe``; streaks ``mild`` for views >= 384, ``moderate`` for >= 192, else ``severe``. These are the bands of
+  the offline template teacher (:class:`datasets_builder.teachers.TemplateTeacher`), so rubric and offline
+  teacher agree by construction; with a real teacher they are a judgement call, stated here.
+* **Named**: a term of the degradation's vocabulary (:data:`NOISE_TERMS`, :data:`STREAK_TERMS`) appears in a clause
+  (text split at ``. ; , \\n`` and "but") that holds no negation (:data:`NEGATIONS`: "no streaks", "streaks are
+  absent" do not count).
+* **Stated severity**: the most severe class (:data:`SEVERITY_TERMS`) among the words of the clauses that name the
+  degradation; ``unstated`` when none.
+* **False streaks**: streaks named although none were applied (artifacts the data never had).
+
+Rates (over the rows where each applies): ``noise_named_rate``, ``streaks_named_rate``, ``degradation_named_rate``
+(all applied degradations named), ``severity_match_rate`` (per applied degradation: stated == expected),
+``false_streak_rate``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+NOISE_DOSE_BELOW = 0.75
+STREAK_VIEWS_BELOW = 768
+NOISE_BANDS = ((0.4, "mild"), (0.2, "moderate"), (0.0, "severe"))  # dose_fraction >= threshold -> class
+STREAK_BANDS = ((384, "mild"), (192, "moderate"), (0, "severe"))  # n_views >= threshold -> class
+
+NOISE_TERMS = ("noise", "noisy", "grain", "grainy", "graininess", "mottle", "mottled", "mottling", "speckle",
+               "quantum")
+STREAK_TERMS = ("streak", "streaks", "streaking", "streaky", "line artifact", "line artifacts", "linear artifact",
+                "linear artifacts", "aliasing", "undersampling", "sparse-view", "view aliasing")
+NEGATIONS = ("no", "not", "without", "absent", "free of", "none", "lack", "lacks", "lacking", "nor")
+SEVERITY_TERMS = {
+    "severe": ("severe", "severely", "heavy", "heavily", "dense", "strong", "strongly", "pronounced", "marked",
+               "markedly", "prominent", "substantial", "extensive", "considerable", "coarse", "intense", "gross"),
+    "moderate": ("moderate", "moderately", "medium", "intermediate", "appreciable"),
+    "mild": ("mild", "mildly", "slight", "slightly", "minimal", "minor", "faint", "subtle", "little",
+             "fine", "light"),
+}
+_ORDER = ("mild", "moderate", "severe")
+_CLAUSE = re.compile(r"[.;,\n]+|\bbut\b|\bwhile\b|\bwhereas\b", re.IGNORECASE)
+
+
+def _has(clause: str, terms: Iterable[str]) -> bool:
+    return any(re.search(rf"\b{re.escape(t)}\b", clause) for t in terms)
+
+
+def _band(value: float, bands: tuple) -> str:
+    return next(name for threshold, name in bands if value >= threshold)
+
+
+def check_rationale(text: str, dose_fraction: float, n_views: int) -> dict[str, Any]:
+    """Apply the rubric to one rationale.
+
+    Args:
+        text: the rationale (any text; a score line is harmless). dose_fraction: dose relative to full dose (0-1].
+        n_views: projection views of the simulated acquisition.
+    Returns:
+        dict: ``noise_applied``, ``streaks_applied`` (bool), ``noise_named``, ``streaks_named`` (bool),
+        ``noise_expected`` / ``streaks_expected`` and ``noise_stated`` / ``streaks_stated`` (severity class or
+        None when not applied; stated may be ``unstated``).
+    """
+    clauses = [c.strip().lower() for c in _CLAUSE.split(text or "") if c.strip()]
+    out: dict[str, Any] = {
+        "noise_applied": dose_fraction < NOISE_DOSE_BELOW, "streaks_applied": n_views < STREAK_VIEWS_BELOW}
+    for kind, terms, value, bands in (("noise", NOISE_TERMS, dose_fraction, NOISE_BANDS),
+                                      ("streaks", STREAK_TERMS, n_views, STREAK_BANDS)):
+        naming = [c for c in clauses if _has(c, terms) and not _has(c, NEGATIONS)]
+        out[f"{kind}_named"] = bool(naming)
+        stated = [s for s in _ORDER if any(_has(c, SEVERITY_TERMS[s]) for c in naming)]
+        applied = out[f"{kind}_applied"]
+        out[f"{kind}_expected"] = _band(value, bands) if applied else None
+        out[f"{kind}_stated"] = (stated[-1] if stated else "unstated") if applied else None
+    return out
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def explanation_rates(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate :func:`check_rationale` results into rates (None where no row applies; never NaN)."""
+    noise = [c for c in checks if c["noise_applied"]]
+    streak = [c for c in checks if c["streaks_applied"]]
+    degraded = [c for c in checks if c["noise_applied"] or c["streaks_applied"]]
+    severity = [c[f"{k}_stated"] == c[f"{k}_expected"] for c in checks for k in ("noise", "streaks")
+                if c[f"{k}_applied"]]
+    return {
+        "n_checked": len(checks),
+        "noise_named_rate": _rate([c["noise_named"] for c in noise]),
+        "streaks_named_rate": _rate([c["streaks_named"] for c in streak]),
+        "degradation_named_rate": _rate([
+            (c["noise_named"] or not c["noise_applied"]) and (c["streaks_named"] or not c["streaks_applied"])
+            for c in degraded]),
+        "severity_match_rate": _rate(severity),
+        "false_streak_rate": _rate([c["streaks_named"] for c in checks if not c["streaks_applied"]]),
+        "n_noise_applied": len(noise), "n_streaks_applied": len(streak), "n_degraded": len(degraded),
+        "rubric": "ctiqa.explanations (keyword rubric; thresholds dose < 0.75 noise, views < 768 streaks)",
+    }

@@ -1,0 +1,295 @@
+"""Evaluation harness on the tiny Gemma 3: probability scores, ctiqa evaluate (model / predictions file), report.
+
+Everything runs offline on real code paths: the tiny model from ctiqa.tiny, a small dataset in the ctiqa schema
+written as a Hub-layout parquet folder, the ctiqa_iqa evaluate module loaded by path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctiqa import CTIQAError
+from ctiqa.cli import main as ctiqa_main
+from ctiqa.explanations import check_rationale
+from ctiqa.inference import load_model, predict_images, probability_scores, score_token_ids
+from ctiqa.prompts import PROMPT_VERSION, completion_messages, format_target, prompt_messages
+
+N = 6
+LADDER = [(1.0, 1024, 3.8), (0.5, 512, 2.6), (0.25, 256, 1.8), (0.1, 64, 0.4), (0.5, 1024, 3.0), (1.0, 128, 1.2)]
+RATIONALES = [
+    "Image noise is minimal over the liver, and there are no visible streaks.",
+    "Mild noise is visible in the abdominal soft tissue; faint streaks cross the field.",
+    "Moderate grainy noise is present, and moderate streaks radiate across the abdomen.",
+    "Heavy coarse noise dominates; dense streaks radiate across the whole slice.",
+    "Mild noise is visible; streak artifacts are absent.",
+    "Image noise is minimal, and dense streaks radiate across the whole slice.",
+]
+
+
+def _strict_json(path: Path):
+    def bad(x):
+        raise AssertionError(f"{path}: non-strict JSON constant {x}")
+
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def write_dataset(root: Path, n: int = N, fmt: str = "score-first") -> Path:
+    """A small dataset in the ctiqa schema (simulated-data columns included), as a Hub-layout folder."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    rows: dict[str, list] = {k: [] for k in ("id", "score", "prompt", "completion", "images", "rationale", "teacher",
+                                              "prompt_version", "target_format", "base_slice", "dose_fraction",
+                                              "n_views", "synthetic")}
+    for i in range(n):
+        dose, views, score = LADDER[i % len(LADDER)]
+        img = Image.fromarray(np.clip(rng.normal(120, 80 * (1 - dose) + 4, (48, 48, 3)), 0, 255).astype(np.uint8))
+        rat = RATIONALES[i % len(RATIONALES)]
+        rows["id"].append(f"{i:04d}")
+        rows["score"].append(score)
+        rows["prompt"].append(prompt_messages(fmt))
+        rows["completion"].append(completion_messages(format_target(score, rat, fmt)))
+        rows["images"].append([img])
+        rows["rationale"].append(rat)
+        rows["teacher"].append("ctiqa-template-v1")
+        rows["prompt_version"].append(PROMPT_VERSION)
+        rows["target_format"].append(fmt)
+        rows["base_slice"].append("slice-a")
+        rows["dose_fraction"].append(dose)
+        rows["n_views"].append(views)
+        rows["synthetic"].append(True)
+    ds = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(root / "data" / "test-00000-of-00001.parquet"))
+    (root / "README.md").write_text("---\nlicense: other\n---\n# ctiqa test dataset\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ctiqa.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("ds") / "data")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    return load_model(str(tiny))
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def _images(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ probability scores
+def test_forced_three_gives_exactly_three(lm):
+    """A model forced to put all mass on '3' at the score position and on '0' after '.' scores exactly 3.0."""
+    ids = score_token_ids(lm, "score-first")
+    three, zero, dot = ids["digits"][3], ids["digits"][0], ids["dot"]
+
+    def force(module, args, kwargs, output):
+        last = kwargs["input_ids"][:, -1]
+        logits = torch.full_like(output.logits, float("-inf"))
+        logits[..., three] = 0.0
+        logits[last == dot, ..., three] = float("-inf")
+        logits[last == dot, ..., zero] = 0.0
+        output.logits = logits
+        return output
+
+    handle = lm.model.register_forward_hook(force, with_kwargs=True)
+    try:
+        scores = probability_scores(lm, _images(3), fmt="score-first", batch_size=2)
+    finally:
+        handle.remove()
+    for s in scores:
+        assert s.score == 3.0
+        assert s.std == 0.0
+        assert s.p_digits == [0.0, 0.0, 0.0, 1.0, 0.0]
+        assert s.mass == 1.0 and s.decimal_mass == 1.0
+
+
+def test_cached_decimal_pass_equals_full_forward(lm):
+    """The KV-cache continuation gives the same expected score as full forward passes over 'Score: d.'."""
+    ids = score_token_ids(lm, "score-first")
+    digits = ids["digits"]
+    img = _images(1, seed=3)
+    got = probability_scores(lm, img, fmt="score-first")[0]
+    proc = lm.processor
+    with torch.inference_mode():
+        def dist(text):
+            batch = proc(text=[text], images=[[img[0]]], return_tensors="pt", add_special_tokens=False)
+            return lm.model(**batch).logits[0, -1].float().softmax(-1)[digits]
+
+        p = dist(ids["prompt"])
+        p_int = p[:5] / p[:5].sum()
+        expected = float(p_int[4]) * 4.0
+        for d in range(4):
+            q = dist(f"{ids['prompt']}{d}.")
+            q = q / q.sum()
+            expected += float(p_int[d]) * (d + float((q * torch.arange(10) / 10).sum()))
+    assert got.score == pytest.approx(expected, abs=1e-5)
+    assert 0.0 < got.mass < 1.0 and got.std > 0.0
+    assert sum(got.p_digits) == pytest.approx(1.0)
+
+
+def test_rationale_first_has_no_probability_score(lm):
+    with pytest.raises(CTIQAError, match="starts with the score"):
+        probability_scores(lm, _images(1), fmt="rationale-first")
+    pred = predict_images(lm, _images(1), fmt="rationale-first", max_new_tokens=3)[0]
+    assert pred.prob_score is None and pred.text is not None and pred.parse_rule is not None
+
+
+def test_adapter_folder_and_batch_invariance(lm, tiny, tmp_path):
+    """An adapter folder (as recipes/sft.py saves it) loads via --model; batching does not change scores."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with_adapter = load_model(str(tmp_path / "adapter"))
+    assert with_adapter.adapter == str(tmp_path / "adapter") and with_adapter.model_id == str(tiny)
+    imgs = _images(3, seed=5)
+    a = [s.score for s in probability_scores(with_adapter, imgs, batch_size=3)]
+    b = [s.score for s in probability_scores(with_adapter, imgs, batch_size=1)]
+    base_scores = [s.score for s in probability_scores(lm, imgs, batch_size=3)]
+    assert a == pytest.approx(b, abs=1e-5)
+    assert a != pytest.approx(base_scores, abs=1e-6)  # the (non-zero) LoRA weights were applied
+
+
+# ------------------------------------------------------------------------------------------ ctiqa evaluate
+def test_evaluate_model_writes_everything(tiny, dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny), "--dataset", str(dataset), "--split", "test", "--out", str(out),
+            "--max-new-tokens", "6", "--batch-size", "4", "--bootstrap", "50"]
+    assert ctiqa_main(argv) == 0
+    for f in ("results.json", "predictions.jsonl", "scatter.png", "bland_altman.png"):
+        assert (out / f).is_file(), f
+    assert (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    res = _strict_json(out / "results.json")
+    assert set(res["metrics"]) == {"parsed", "probability"}
+    assert res["metrics"]["probability"]["n"] == N and res["metrics"]["probability"]["n_valid"] == N
+    assert res["primary_score"] == "probability"
+    prov = res["provenance"]
+    assert prov["prompt_version"] == PROMPT_VERSION and prov["settings"]["format"] == "score-first"
+    assert prov["settings"]["decoding"] == {"do_sample": False, "max_new_tokens": 6, "generate": True,
+                                            "probability_score": True}
+    assert prov["model"]["model"] == str(tiny) and prov["packages"]["transformers"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"{i:04d}" for i in range(N)]
+    for r in rows:
+        assert {"id", "score", "parsed_score", "parse_rule", "prob_score", "prob_std", "text"} <= set(r)
+        assert 0.0 <= r["prob_score"] <= 4.0
+    assert "ctiqa evaluate" in capsys.readouterr().out
+
+    # a re-run with the same settings resumes: nothing left to run, the model is not even loaded
+    assert ctiqa_main(argv) == 0
+    res2 = _strict_json(out / "results.json")
+    assert res2["provenance"]["model"]["resumed_rows"] == N and "load_seconds" not in res2["provenance"]["model"]
+    assert res2["metrics"] == res["metrics"]
+
+
+def test_evaluate_score_only_and_limit(tiny, dataset, tmp_path):
+    out = tmp_path / "score-only"
+    assert ctiqa_main(["evaluate", "--model", str(tiny), "--dataset", str(dataset), "--out", str(out),
+                       "--score-only", "--limit", "4", "--bootstrap", "20"]) == 0
+    res = _strict_json(out / "results.json")
+    assert list(res["metrics"]) == ["probability"] and res["counts"]["n"] == 4
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["text"] is None and r["prob_score"] is not None for r in rows)
+
+
+def test_bad_inputs_are_clear_errors(tiny, dataset, tmp_path, capsys):
+    assert ctiqa_main(["evaluate", "--model", str(tiny), "--dataset", str(dataset), "--split", "nope",
+                       "--out", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "0000", "score": 1.0, "prediction": 1.2}\nnot json\n')
+    assert ctiqa_main(["evaluate", "--predictions", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert ctiqa_main(["evaluate", "--dataset", str(dataset), "--out", str(tmp_path / "z")]) == 2
+
+
+# ------------------------------------------------------------------------------------------ predictions file
+def test_predictions_file_mode_and_explanation_check(dataset, tmp_path):
+    f = tmp_path / "preds.jsonl"
+    with open(f, "w") as fh:
+        for i, (_, _, score) in enumerate(LADDER[:5]):  # id 0005 is missing -> counted as a failure
+            row = {"id": f"{i:04d}", "score": score}
+            row |= {"text": f"Score: {min(4.0, score + 0.2):.1f}\nReasoning: {RATIONALES[i]}"} if i % 2 == 0 \
+                else {"prediction": score - 0.2 if i != 3 else None}
+            fh.write(json.dumps(row) + "\n")
+    out = tmp_path / "from-file"
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out", str(out),
+                       "--bootstrap", "50"]) == 0
+    res = _strict_json(out / "results.json")
+    m = res["metrics"]["parsed"]
+    assert (m["n"], m["n_valid"], m["n_missing"]) == (6, 4, 2)
+    assert res["parse_rules"] == {"strict-first": 3, "given": 1, "missing": 2}
+    true = [s for _, _, s in LADDER]
+    pred = [3.8 + 0.2, 2.6 - 0.2, 1.8 + 0.2, None, 3.0 + 0.2, None]
+    from scipy import stats
+
+    ok = [(p, t) for p, t in zip(pred, true, strict=True) if p is not None]
+    assert m["srcc"] == pytest.approx(stats.spearmanr(*zip(*ok, strict=True)).statistic)
+    ex = res["explanation_check"]
+    assert ex["n_checked"] == 3 and ex["degradation_named_rate"] == 1.0 and ex["severity_match_rate"] == 1.0
+
+    # without a dataset the rows' own scores are the truth
+    out2 = tmp_path / "no-dataset"
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--out", str(out2), "--bootstrap", "0"]) == 0
+    assert _strict_json(out2 / "results.json")["metrics"]["parsed"]["n"] == 5
+
+
+def test_explanation_rubric():
+    assert check_rationale("Heavy coarse noise dominates; dense streaks radiate across the slice.", 0.1, 64) | {} \
+        == {"noise_applied": True, "streaks_applied": True, "noise_named": True, "streaks_named": True,
+            "noise_expected": "severe", "noise_stated": "severe", "streaks_expected": "severe",
+            "streaks_stated": "severe"}
+    c = check_rationale("Mild noise is present, but no streak artifacts are seen.", 0.5, 256)
+    assert c["noise_named"] and not c["streaks_named"] and c["streaks_stated"] == "unstated"
+    c = check_rationale("The image shows streaks.", 1.0, 1024)
+    assert not c["noise_applied"] and not c["streaks_applied"] and c["streaks_named"]  # a false streak
+
+
+# ------------------------------------------------------------------------------------------ ctiqa report
+def test_report_from_two_dirs(dataset, tmp_path, capsys):
+    dirs = []
+    rng = np.random.default_rng(1)
+    for name, noise in (("good", 0.2), ("poor", 1.5)):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps({"id": f"{i:04d}", "score": s, "prediction":
+                                         float(np.clip(s + rng.normal(0, noise), 0, 4))}) + "\n"
+                             for i, (_, _, s) in enumerate(LADDER)))
+        out = tmp_path / name
+        assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out", str(out),
+                           "--bootstrap", "50"]) == 0
+        dirs.append(str(out))
+    md = tmp_path / "report.md"
+    assert ctiqa_main(["report", *dirs, "--names", "Model A", "Model B", "--out", str(md),
+                       "--bootstrap", "100"]) == 0
+    text = md.read_text()
+    assert "| Model | Score | n | Parse failures | SRCC ↑ | PLCC ↑ | KRCC ↑ | MAE ↓ | Overall ↑ |" in text
+    assert "| Model A | parsed | 6 | 0 |" in text and "| Model B | parsed | 6 | 0 |" in text
+    assert "## Paired comparison with Model A (parsed)" in text and "| Model B | parsed | 6 |" in text
+    assert "## Explanation check" not in text  # predictions without text
+    assert ctiqa_main(["report", *dirs, "--names", "only-one", "--out", str(md)]) == 2
