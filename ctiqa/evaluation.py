@@ -93,7 +93,8 @@ def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
     fmt = ds[0]["target_format"] if len(ds) and "target_format" in ds.column_names else None
     out = []
     for row in ds:
-        meta = {k: row[k] for k in ("dose_fraction", "n_views", "base_slice") if row.get(k) is not None}
+        meta = {k: row[k] for k in ("dose_fraction", "n_views", "noise_sigma_hu", "base_slice")
+                if row.get(k) is not None}
         img = None
         if images:
             if not row["images"]:
@@ -136,7 +137,7 @@ def _record(sample: Sample, **fields: Any) -> dict[str, Any]:
     rec = {"id": sample.id, "score": sample.score, "parsed_score": None, "parse_rule": None, "prob_score": None,
            "prob_std": None, "prob_mass": None, "prob_decimal_mass": None, "prob_digits": None, "text": None}
     rec.update(fields)
-    rec.update({k: v for k, v in sample.meta.items() if k in ("dose_fraction", "n_views")})
+    rec.update({k: v for k, v in sample.meta.items() if k in ("dose_fraction", "n_views", "noise_sigma_hu")})
     return rec
 
 
@@ -347,7 +348,8 @@ def explanation_check(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     checks = []
     for r in records:
         if r.get("text") and r.get("dose_fraction") is not None and r.get("n_views") is not None:
-            r["explanation"] = check_rationale(r["text"], float(r["dose_fraction"]), int(r["n_views"]))
+            r["explanation"] = check_rationale(r["text"], float(r["dose_fraction"]), int(r["n_views"]),
+                                               r.get("noise_sigma_hu"))
             checks.append(r["explanation"])
     return explanation_rates(checks) if checks else None
 

@@ -3,12 +3,14 @@
 On simulated data the truth is known per image (``dose_fraction``, ``n_views`` from ``degradations.json``), so a
 rationale can be checked against it with a small, transparent keyword rubric (no model involved):
 
-* **Applied degradations** (the simulator's ladder runs from (dose 1.0, 1024 views) to (0.1, 64); design.md §4):
-  reduced-dose noise when ``dose_fraction < 0.75``; sparse-view streaks when ``n_views < 768``.
-* **Expected severity** of each applied degradation: noise ``mild`` for dose >= 0.4, ``moderate`` for >= 0.2, else
-  ``severe``; streaks ``mild`` for views >= 384, ``moderate`` for >= 192, else ``severe``. These are the bands of
-  the offline template teacher (:class:`datasets_builder.teachers.TemplateTeacher`), so rubric and offline
-  teacher agree by construction; with a real teacher they are a judgement call, stated here.
+* **Applied degradations** (the simulator's ladder runs from (dose 1.0, 1024 views) to (0.1, 64); design.md §4).
+  Quantum noise grows with the total dose, ``sigma = 9 HU / sqrt(dose_fraction * n_views / 1024)``
+  (:func:`ctiqa.simulation.expected_noise_hu`; ``noise_sigma_hu`` when the row has it): noise counts as applied
+  from :data:`NOISE_APPLIED_HU` (17 HU, about twice the full-dose noise); streaks when ``n_views < 512``.
+* **Expected severity** of each applied degradation: noise ``mild`` below 32 HU, ``moderate`` below 60 HU, else
+  ``severe``; streaks ``mild`` for views >= 256, ``moderate`` for >= 128, else ``severe``. These are the
+  log-evenly spaced bands of the offline template teacher (:class:`datasets_builder.teachers.TemplateTeacher`),
+  so rubric and offline teacher agree by construction; for a real teacher they are a judgement call, stated here.
 * **Named**: a term of the degradation's vocabulary (:data:`NOISE_TERMS`, :data:`STREAK_TERMS`) appears in a clause
   (text split at ``. ; , \\n`` and "but") that holds no negation (:data:`NEGATIONS`: "no streaks", "streaks are
   absent" do not count).
@@ -27,10 +29,10 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-NOISE_DOSE_BELOW = 0.75
-STREAK_VIEWS_BELOW = 768
-NOISE_BANDS = ((0.4, "mild"), (0.2, "moderate"), (0.0, "severe"))  # dose_fraction >= threshold -> class
-STREAK_BANDS = ((384, "mild"), (192, "moderate"), (0, "severe"))  # n_views >= threshold -> class
+NOISE_APPLIED_HU = 17.0
+STREAK_VIEWS_BELOW = 512
+NOISE_BANDS_HU = ((32.0, "mild"), (60.0, "moderate"), (float("inf"), "severe"))  # sigma < bound -> class
+STREAK_BANDS = ((256, "mild"), (128, "moderate"), (0, "severe"))  # n_views >= bound -> class
 
 NOISE_TERMS = ("noise", "noisy", "grain", "grainy", "graininess", "mottle", "mottled", "mottling", "speckle",
                "quantum")
@@ -52,31 +54,35 @@ def _has(clause: str, terms: Iterable[str]) -> bool:
     return any(re.search(rf"\b{re.escape(t)}\b", clause) for t in terms)
 
 
-def _band(value: float, bands: tuple) -> str:
-    return next(name for threshold, name in bands if value >= threshold)
-
-
-def check_rationale(text: str, dose_fraction: float, n_views: int) -> dict[str, Any]:
+def check_rationale(text: str, dose_fraction: float, n_views: int,
+                    noise_sigma_hu: float | None = None) -> dict[str, Any]:
     """Apply the rubric to one rationale.
 
     Args:
-        text: the rationale (any text; a score line is harmless). dose_fraction: dose relative to full dose (0-1].
-        n_views: projection views of the simulated acquisition.
+        text: the rationale (any text; a score line is harmless). dose_fraction: tube-current fraction (0-1].
+        n_views: projection views kept out of 1024. noise_sigma_hu: the level's quantum noise in HU when known,
+            else :func:`ctiqa.simulation.expected_noise_hu` of (dose_fraction, n_views).
     Returns:
-        dict: ``noise_applied``, ``streaks_applied`` (bool), ``noise_named``, ``streaks_named`` (bool),
+        dict: ``noise_sigma_hu``, ``noise_applied``, ``streaks_applied`` (bool), ``noise_named``, ``streaks_named`` (bool),
         ``noise_expected`` / ``streaks_expected`` and ``noise_stated`` / ``streaks_stated`` (severity class or
         None when not applied; stated may be ``unstated``).
     """
+    if noise_sigma_hu is None:
+        from ctiqa.simulation import expected_noise_hu
+
+        noise_sigma_hu = expected_noise_hu(dose_fraction, n_views)
     clauses = [c.strip().lower() for c in _CLAUSE.split(text or "") if c.strip()]
-    out: dict[str, Any] = {
-        "noise_applied": dose_fraction < NOISE_DOSE_BELOW, "streaks_applied": n_views < STREAK_VIEWS_BELOW}
-    for kind, terms, value, bands in (("noise", NOISE_TERMS, dose_fraction, NOISE_BANDS),
-                                      ("streaks", STREAK_TERMS, n_views, STREAK_BANDS)):
+    out: dict[str, Any] = {"noise_sigma_hu": round(float(noise_sigma_hu), 2),
+                           "noise_applied": noise_sigma_hu >= NOISE_APPLIED_HU,
+                           "streaks_applied": n_views < STREAK_VIEWS_BELOW}
+    expected = {"noise": next(name for bound, name in NOISE_BANDS_HU if noise_sigma_hu < bound),
+                "streaks": next(name for bound, name in STREAK_BANDS if n_views >= bound)}
+    for kind, terms in (("noise", NOISE_TERMS), ("streaks", STREAK_TERMS)):
         naming = [c for c in clauses if _has(c, terms) and not _has(c, NEGATIONS)]
         out[f"{kind}_named"] = bool(naming)
         stated = [s for s in _ORDER if any(_has(c, SEVERITY_TERMS[s]) for c in naming)]
         applied = out[f"{kind}_applied"]
-        out[f"{kind}_expected"] = _band(value, bands) if applied else None
+        out[f"{kind}_expected"] = expected[kind] if applied else None
         out[f"{kind}_stated"] = (stated[-1] if stated else "unstated") if applied else None
     return out
 
@@ -102,5 +108,6 @@ def explanation_rates(checks: list[dict[str, Any]]) -> dict[str, Any]:
         "severity_match_rate": _rate(severity),
         "false_streak_rate": _rate([c["streaks_named"] for c in checks if not c["streaks_applied"]]),
         "n_noise_applied": len(noise), "n_streaks_applied": len(streak), "n_degraded": len(degraded),
-        "rubric": "ctiqa.explanations (keyword rubric; thresholds dose < 0.75 noise, views < 768 streaks)",
+        "rubric": f"ctiqa.explanations keyword rubric: noise from {NOISE_APPLIED_HU:g} HU, streaks below "
+                  f"{STREAK_VIEWS_BELOW} views",
     }

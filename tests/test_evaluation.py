@@ -21,7 +21,8 @@ from ctiqa.inference import load_model, predict_images, probability_scores, scor
 from ctiqa.prompts import PROMPT_VERSION, completion_messages, format_target, prompt_messages
 
 N = 6
-LADDER = [(1.0, 1024, 3.8), (0.5, 512, 2.6), (0.25, 256, 1.8), (0.1, 64, 0.4), (0.5, 1024, 3.0), (1.0, 128, 1.2)]
+# (dose_fraction, n_views, score); quantum noise 9 HU / sqrt(dose * views / 1024): 9, 25, 51, 114, 13, 29 HU
+LADDER = [(1.0, 1024, 3.8), (0.5, 256, 2.6), (0.25, 128, 1.8), (0.1, 64, 0.4), (0.5, 1024, 3.0), (1.0, 100, 1.2)]
 RATIONALES = [
     "Image noise is minimal over the liver, and there are no visible streaks.",
     "Mild noise is visible in the abdominal soft tissue; faint streaks cross the field.",
@@ -261,9 +262,9 @@ def test_predictions_file_mode_and_explanation_check(dataset, tmp_path):
 
 
 def test_explanation_rubric():
-    assert check_rationale("Heavy coarse noise dominates; dense streaks radiate across the slice.", 0.1, 64) | {} \
-        == {"noise_applied": True, "streaks_applied": True, "noise_named": True, "streaks_named": True,
-            "noise_expected": "severe", "noise_stated": "severe", "streaks_expected": "severe",
+    assert check_rationale("Heavy coarse noise dominates; dense streaks radiate across the slice.", 0.1, 64) \
+        == {"noise_sigma_hu": 113.84, "noise_applied": True, "streaks_applied": True, "noise_named": True,
+            "streaks_named": True, "noise_expected": "severe", "noise_stated": "severe", "streaks_expected": "severe",
             "streaks_stated": "severe"}
     c = check_rationale("Mild noise is present, but no streak artifacts are seen.", 0.5, 256)
     assert c["noise_named"] and not c["streaks_named"] and c["streaks_stated"] == "unstated"
