@@ -1,0 +1,305 @@
+"""recipes/sft.py: supervision mask, example checks, recipes, QLoRA updates, end-to-end run + Hub push, resume, DDP.
+
+Everything runs for real on the CPU with the tiny Gemma 3 model (ctiqa.tiny) and a small dataset in the schema of
+``ctiqa build-dataset`` (tests/sft_data.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ctiqa import prompts
+from ctiqa.tiny import build_tiny_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sft_data import write_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SFT = REPO / "recipes" / "sft.py"
+TINY_QLORA = REPO / "recipes" / "tiny" / "sft" / "config_qlora_cpu.yaml"
+RECIPES = sorted(REPO.glob("recipes/*/sft/config_*.yaml"))
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _load_sft():
+    spec = importlib.util.spec_from_file_location("ctiqa_recipe_sft", SFT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sft = _load_sft()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "ds", {"train": 24, "validation": 8, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny)
+
+
+@pytest.fixture(scope="module")
+def dataset(dataset_dir):
+    from datasets import load_dataset
+
+    return load_dataset(str(dataset_dir))
+
+
+def _launch(args: list[str]) -> list[str]:
+    """``accelerate launch ARGS recipes/sft.py`` (recipe arguments follow)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *args, str(SFT)]
+
+
+def _run(cmd: list[str], env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------ supervision
+def test_label_mask_covers_exactly_the_target(processor, dataset):
+    """Through TRL's real collator: loss on the target + end of turn only; no prompt, image, pad or BOS."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    tok = processor.tokenizer
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+    rows = [dataset["train"][i] for i in range(3)]
+    batch = collator([{k: r[k] for k in ("prompt", "completion", "images")} for r in rows])
+    for k, row in enumerate(rows):
+        target = row["completion"][0]["content"][0]["text"]
+        ids, labels, mask = batch["input_ids"][k], batch["labels"][k], batch["attention_mask"][k]
+        supervised = labels != -100
+        # exactly the target tokens, then <end_of_turn> (and the template's newline that follows it)
+        want = tok(target + "<end_of_turn>\n", add_special_tokens=False)["input_ids"]
+        assert labels[supervised].tolist() == want
+        assert ids[supervised].tolist() == want
+        # contiguous, at the end of the real tokens, the score inside
+        pos = supervised.nonzero().flatten()
+        assert pos.tolist() == list(range(int(pos[0]), int(pos[-1]) + 1))
+        assert int(pos[-1]) == int(mask.sum()) - 1
+        assert tok.decode(ids[supervised][:6]) == "Score: " + prompts.format_score(row["score"])
+        # nothing of the prompt, image, padding or BOS is supervised
+        special = {tok.bos_token_id, tok.pad_token_id, tok.image_token_id,
+                   tok.convert_tokens_to_ids("<start_of_image>"), tok.convert_tokens_to_ids("<end_of_image>"),
+                   tok.convert_tokens_to_ids("<start_of_turn>")}
+        assert not special & set(labels[supervised].tolist())
+        assert (labels[mask == 0] == -100).all()
+        # one BOS, the image block intact, token_type_ids marking it for Gemma 3's bidirectional image attention
+        assert int((ids[mask == 1] == tok.bos_token_id).sum()) == 1
+        assert int((ids == tok.image_token_id).sum()) == 16
+        assert batch["token_type_ids"][k].tolist() == (ids == tok.image_token_id).long().tolist()
+
+
+def test_check_examples_fit_passes_then_names_offenders(processor, dataset):
+    stats = sft.check_examples_fit(dataset["train"], processor, max_length=None, split="train")
+    assert stats["n"] == 24 and stats["max_tokens"] > stats["max_target_tokens"] > 10
+    with pytest.raises(ValueError, match=r"split 'train'.*0000: \d+ tokens > max_length 100"):
+        sft.check_examples_fit(dataset["train"], processor, max_length=100, split="train")
+
+
+def test_check_examples_fit_catches_a_second_bos(processor, dataset):
+    bad = dataset["train"].select(range(2)).map(
+        lambda r: {"completion": prompts.completion_messages("<bos>" + r["completion"][0]["content"][0]["text"])})
+    with pytest.raises(ValueError, match="0000: 2 BOS tokens"):
+        sft.check_examples_fit(bad, processor, max_length=None, split="train")
+
+
+def test_last_complete_checkpoint_skips_a_cut_one(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert sft.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert sft.last_complete_checkpoint(str(tmp_path / "missing")) is None
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_recipe_parses_with_trl_parser(recipe):
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# Hardware:"), f"{recipe}: first line must say the hardware"
+    config = yaml.safe_load(recipe.read_text())
+    # GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU unless use_cpu is set
+    script, train, model = sft.parse_args(["--config", str(recipe), "--use_cpu", "true"])
+    assert train.report_to == ["tensorboard"]
+    assert train.completion_only_loss is True and train.max_length is None
+    assert model.use_peft is config["use_peft"] and model.load_in_4bit is config["load_in_4bit"]
+    assert script.dataset_test_split == "validation"
+    assert train.load_best_model_at_end and train.metric_for_best_model == "eval_loss"
+
+
+def test_no_config_means_the_paper_recipe():
+    script, train, model = sft.parse_args(["--use_cpu", "true", "--learning_rate", "1e-4"])
+    assert model.model_name_or_path == "google/medgemma-4b-it"
+    assert (model.lora_r, model.lora_alpha, model.lora_dropout, model.lora_target_modules) == (16, 16, 0.05,
+                                                                                               "all-linear")
+    assert model.load_in_4bit and model.use_bnb_nested_quant and model.bnb_4bit_quant_type == "nf4"
+    assert model.dtype == "bfloat16" and model.bnb_4bit_quant_storage == "bfloat16"
+    assert model.attn_implementation == "eager"
+    assert train.learning_rate == 1e-4  # the command line overrides the recipe
+    assert (train.num_train_epochs, train.per_device_train_batch_size, train.gradient_accumulation_steps) == (3, 4, 4)
+    assert train.lr_scheduler_type == "linear" and train.warmup_steps == 0.03 and train.max_grad_norm == 0.3
+    assert train.bf16 and train.activation_checkpointing
+    assert train.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert train.push_to_hub and train.hub_private_repo
+
+
+def test_help_documents_every_field():
+    proc = subprocess.run([sys.executable, str(SFT), "--help"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **OFFLINE}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in ("--dataset_name", "--check_examples", "--eval_results", "--lora_r", "--load_in_4bit",
+                 "--max_length", "--learning_rate", "--hub_model_id", "--completion_only_loss"):
+        assert flag in proc.stdout
+
+
+# -------------------------------------------------------------------------------------------------- QLoRA
+def test_qlora_changes_lora_weights_and_not_the_4bit_base(tiny, dataset, processor, tmp_path):
+    import bitsandbytes as bnb
+    from trl import SFTTrainer
+
+    _, args, model_args = sft.parse_args([
+        "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "4"])
+    model, peft_config = sft.load_model(model_args, args)
+    n4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(n4) >= 20  # every linear layer of both towers except lm_head is 4-bit
+    frozen = {n: p.detach().contiguous().view(torch.uint8).clone() for n, p in model.named_parameters()}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset["train"], processing_class=processor,
+                         peft_config=peft_config)
+    lora_before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert lora_before and all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+    assert any(".vision_tower." in n for n in lora_before)  # all-linear includes the vision tower
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = [n for n, p in lora_before.items() if not torch.equal(p, after[n].detach().float())]
+    assert len(changed) == len(lora_before), set(lora_before) - set(changed)
+    base = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p
+            for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    assert set(frozen) == set(base)
+    for n, before in frozen.items():
+        assert not base[n].requires_grad, n
+        # bytes, not values: packed NF4 data can hold NaN bit patterns, for which torch.equal says "changed"
+        assert torch.equal(before, base[n].detach().contiguous().view(torch.uint8)), f"{n} changed"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(map(lambda x: x == x, losses))
+
+
+def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub):
+    """`accelerate launch recipes/sft.py --config config_qlora_cpu.yaml`: 4-bit + LoRA on the CPU, loss falls,
+    the adapter reloads with peft and generates; the push uploads adapter + card, private, and no base weights."""
+    out = tmp_path / "out"
+    cmd = _launch(["--cpu", "--num_processes", "1"]) + [
+        "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+        "--output_dir", str(out), "--num_train_epochs", "6", "--logging_steps", "3",
+        "--push_to_hub", "true", "--hub_model_id", "tester/tiny-ctiqa-qlora"]
+    _run(cmd, {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    evals = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses
+    assert evals[-1] < evals[0] and state["best_metric"] == min(evals)
+    assert (out / "DONE").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not list(out.glob("model*.safetensors"))
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "pipeline_tag: image-text-to-text" in card
+    assert "Not for clinical use" in card and "QLoRA" in card
+
+    from peft import PeftModel
+    from sft_data import ct_like_image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(out)
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny), out).eval()
+    text = proc.apply_chat_template(prompts.prompt_messages(), tokenize=False, add_generation_prompt=True)
+    import numpy as np
+
+    enc = proc(text=text, images=[ct_like_image(2.0, np.random.default_rng(0))], return_tensors="pt",
+               add_special_tokens=False)
+    gen = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert proc.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).startswith("Score:")
+
+    repo = fake_hub.repo("tester/tiny-ctiqa-qlora")
+    assert repo.private
+    files = fake_hub.files("tester/tiny-ctiqa-qlora")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"} <= set(files)
+    assert not [f for f in files if f.startswith(("model", "checkpoint-", "runs/")) or f.endswith(".bin")]
+    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    assert "Not for clinical use" in files["README.md"].decode()
+
+
+def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    args = _launch(["--cpu", "--num_processes", "1"]) + [
+        "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+        "--output_dir", str(out), "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "4",
+        "--save_total_limit", "3", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--log_level", "info"]
+    env = {**os.environ, **OFFLINE}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, "training ended before writing a checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the training process it started
+        proc.wait()
+    assert not (out / "DONE").exists()
+    first = sft.last_complete_checkpoint(str(out))
+    step = int(first.rsplit("-", 1)[1])
+    assert 4 <= step < 40
+
+    done = _run(args, OFFLINE)
+    log = done.stdout + done.stderr
+    assert f"resuming training at {first}" in log
+    assert f"and global step {step}" in log  # transformers: "Resuming training from checkpoint with epoch E and global step N"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+    assert (out / "DONE").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tiny, dataset_dir, tmp_path):
+    """2-process DDP (gloo) through `accelerate launch --multi_gpu --num_processes 2` on a machine without GPU."""
+    out = tmp_path / "out"
+    cmd = _launch(["--multi_gpu", "--num_processes", "2"]) + [
+        "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+        "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--report_to", "none", "--log_level", "info", "--logging_steps", "1"]
+    done = _run(cmd, OFFLINE)
+    log = done.stdout + done.stderr
+    assert "world size 2" in log
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert (out / "adapter_model.safetensors").is_file() and (out / "DONE").is_file()
