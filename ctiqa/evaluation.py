@@ -224,14 +224,16 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
 
 
 def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: str, key: str,
-                        base_url: str | None = None, concurrency: int = 4,
-                        thinking_budget: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                        base_url: str | None = None, concurrency: int = 4, thinking_budget: int | None = None,
+                        retry: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Gemini zero-shot: the student instruction :func:`ctiqa.prompts.instruction` with the image, no true score,
     temperature 0, through :class:`datasets_builder.teachers.GeminiClient` (retries, finish-reason checks).
     Every answer is appended to ``predictions.jsonl`` as it arrives; a failed call (after retries) is recorded with
     its ``error`` (its text, if any, is still parsed); transient failures (timeouts, HTTP errors after the
     retries) are asked again by the next run.
 
+    Args:
+        retry: a :class:`datasets_builder.teachers.RetryPolicy` (default: its defaults, 6 attempts).
     Raises:
         CTIQAError (TeacherConfigError): no API key, or a fatal API error (bad key, unknown model).
     """
@@ -245,7 +247,8 @@ def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: st
                             "thinking_budget": thinking_budget, "resumed_rows": len(samples) - len(todo)}
     results: dict[str, dict[str, Any]] = {}
     if todo:
-        client = GeminiClient(model, base_url=base_url, temperature=0.0, thinking_budget=thinking_budget)
+        client = GeminiClient(model, base_url=base_url, temperature=0.0, thinking_budget=thinking_budget,
+                              retry=retry)
         writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
         prompt = instruction(fmt)
 

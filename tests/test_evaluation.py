@@ -294,3 +294,50 @@ def test_report_from_two_dirs(dataset, tmp_path, capsys):
     assert "## Paired comparison with Model A (parsed)" in text and "| Model B | parsed | 6 |" in text
     assert "## Explanation check" not in text  # predictions without text
     assert ctiqa_main(["report", *dirs, "--names", "only-one", "--out", str(md)]) == 2
+
+
+# ------------------------------------------------------------------------------------------ Gemini zero-shot
+def test_gemini_zero_shot(fake_gemini, dataset, tmp_path):
+    """Same student instruction (no true score), same parser; failures counted; a re-run asks only what is open."""
+    from fake_gemini import answer, blocked, server_error
+
+    from ctiqa.evaluation import load_samples, predict_with_gemini
+    from ctiqa.prompts import instruction
+    from datasets_builder.teachers import RetryPolicy
+
+    fake_gemini.set_script([
+        answer("Of course. The image shows moderate noise.\n\n**Overall quality score: 2.5/4**"),
+        answer("Score: 3.1\nReasoning: mild noise."),
+        blocked(),
+        server_error(503),
+        answer("I cannot assess the quality of medical images."),
+        answer("Rated from 0 (bad) to 4 (excellent), this is a 1."),
+    ], default=answer("Score: 2.0"))
+    samples, fmt = load_samples(str(dataset), "test")
+    out = tmp_path / "gemini"
+    fast = RetryPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.01, jitter=0.0)
+    rows, info = predict_with_gemini(samples, out, model="gemini-2.5-flash", fmt=fmt, key="k1",
+                                     base_url=fake_gemini.url, concurrency=1, retry=fast)
+    assert len(fake_gemini.requests) == N
+    for req in fake_gemini.requests:
+        assert req.prompt == instruction("score-first") and req.image_png and req.system is None
+        assert not any(f"{s:.1f}" in req.prompt for _, _, s in LADDER)  # the true score is never sent
+    by_rule = [(r["parsed_score"], r["parse_rule"]) for r in rows]
+    assert by_rule == [(2.5, "labelled"), (3.1, "strict-first"), (None, "no-score"), (None, "no-score"),
+                       (None, "no-score"), (None, "no-score")]  # the echoed scale is never read as a score
+    assert info["failed_calls"] == 2 and rows[2]["error"].startswith("blocked_prompt")
+    assert rows[3]["error"].startswith("http_503")
+
+    # a re-run with the same settings asks again only the transient failure (503), not the blocked prompt
+    rows2, info2 = predict_with_gemini(samples, out, model="gemini-2.5-flash", fmt=fmt, key="k1",
+                                       base_url=fake_gemini.url, concurrency=1, retry=fast)
+    assert len(fake_gemini.requests) == N + 1 and info2["resumed_rows"] == N - 1
+    assert rows2[3]["parsed_score"] == 2.0 and not rows2[3]["error"]
+
+    # the CLI path writes the usual files
+    cli_out = tmp_path / "gemini-cli"
+    assert ctiqa_main(["evaluate", "--teacher", "gemini", "--model", "gemini-2.5-flash", "--dataset", str(dataset),
+                       "--out", str(cli_out), "--base-url", fake_gemini.url, "--bootstrap", "20"]) == 0
+    res = _strict_json(cli_out / "results.json")
+    assert res["kind"] == "gemini" and list(res["metrics"]) == ["parsed"]
+    assert res["provenance"]["settings"]["decoding"]["temperature"] == 0.0
