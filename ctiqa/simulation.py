@@ -45,6 +45,16 @@ window in the original. Each level is reconstructed once on the full slice and c
 one level overlap by at most :data:`MAX_CROP_OVERLAP` where the slice allows). Slices smaller than ``--size``
 are skipped; a slice of exactly ``--size`` is used whole.
 
+``degradations.json``
+--------------------
+``synthetic: true``, ``note``, ``test_base_slices``, ``seed``, ``size``, ``score_formula``, ``physics``,
+``base_slices`` (file, anatomy, pixel spacing in mm, calibrated ``i0_full_dose``, images per slice) and
+``images``: per file ``base_slice``, ``source_file``, ``frame``, ``level`` (reconstruction index within the
+slice; crops of one level share its noise realisation), ``dose_fraction``, ``n_views``, ``relative_total_dose``
+(``d · n / 1024``), ``score`` (as in ``train.json``), ``crop`` ``[y, x, size]`` (pixels of the slice in standard
+display orientation), ``added_noise_hu`` (measured std of output - original HU over the crop's soft-tissue
+pixels: noise and streaks), ``noise_sigma_hu`` (expected quantum noise alone), ``synthetic: true``.
+
 Base slices (:data:`BASE_SLICES`; inspected one by one, rendered and HU checked)
 --------------------------------------------------------------------------------
 chest (CT_small.dcm, 128², thoracic spine and posterior chest, 0.66 mm; cropped field of view, mild horizontal
@@ -109,6 +119,8 @@ CALIBRATION_I0 = 1e6
 CALIBRATION_SEED = 20230417
 #: Default held-out base slice(s) for the test split.
 DEFAULT_TEST_BASE_SLICES = ("abdomen",)
+#: Written first into the output folder: a re-run may replace a folder holding it (an interrupted run).
+MARKER_FILE = ".ctiqa-simulation"
 #: Bump when the physics changes: it keys the on-disk sinogram cache.
 PHYSICS_VERSION = "1"
 
@@ -722,7 +734,7 @@ def simulate(
     if size < 16:
         raise CTIQAError(f"--size must be >= 16 pixels, got {size}")
     deg_file = out / "degradations.json"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_our_output(deg_file))):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_our_output(out))):
         raise CTIQAError(f"{out}: exists and is not a ctiqa simulation output; choose an empty or new --out")
     usable, skipped = resolve_base_slices(base_slices, size)
     say = print if progress else (lambda *a, **k: None)
@@ -762,6 +774,7 @@ def simulate(
     if out.exists():
         _clear_previous(out)
     (out / "image").mkdir(parents=True, exist_ok=True)
+    (out / MARKER_FILE).write_text(f"written by ctiqa.simulation (ctiqa {__version__}); synthetic data\n")
     records: dict[str, dict[str, Any]] = {}
     starts = np.cumsum([0] + [len(lv.crops) for lv in levels])
     results = _parallel(_level_task, [(levels[k], size, seed) for k in order], workers, "levels",
@@ -817,9 +830,12 @@ def simulate(
     return deg
 
 
-def _is_our_output(deg_file: Path) -> bool:
+def _is_our_output(out: Path) -> bool:
+    """A folder written (completely or partly) by :func:`simulate`: its marker file or its degradations.json."""
+    if (out / MARKER_FILE).is_file():
+        return True
     try:
-        d = json.loads(deg_file.read_text())
+        d = json.loads((out / "degradations.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and d.get("synthetic") is True and "ctiqa.simulation" in str(d.get("generator", ""))
@@ -827,7 +843,7 @@ def _is_our_output(deg_file: Path) -> bool:
 
 def _clear_previous(out: Path) -> None:
     """Remove a previous simulation's files (only the ones it writes)."""
-    for name in ("degradations.json", "train.json", "README.txt"):
+    for name in ("degradations.json", "degradations.json.tmp", "train.json", "README.txt"):
         (out / name).unlink(missing_ok=True)
     img = out / "image"
     if img.is_dir():

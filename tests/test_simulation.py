@@ -203,6 +203,7 @@ def test_held_out_base_slice_loads_and_splits_like_ldctiqa(tmp_path):
 def test_rerun_replaces_previous_output_and_refuses_foreign_folders(tmp_path):
     out = tmp_path / "sim"
     _sim(out, n_images=5, size=64, base_slices=["chest"], test_base_slices=[])
+    (out / "degradations.json").unlink()  # as if interrupted before the end: still ours, re-run replaces it
     _sim(out, n_images=3, size=64, base_slices=["chest"], test_base_slices=[])
     assert sorted(p.name for p in (out / "image").iterdir()) == ["0000.tif", "0001.tif", "0002.tif"]
     foreign = tmp_path / "mine"
