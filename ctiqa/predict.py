@@ -1,0 +1,243 @@
+"""``ctiqa predict``: score your own CT — DICOM files, DICOM series folders, TIFF or PNG/JPEG files.
+
+Each input is one *series*: a folder is read as one DICOM series (slices ordered along the slice normal,
+:func:`ctiqa.imaging.read_dicom_series`), a multi-frame DICOM or multi-page TIFF gives one slice per frame, any
+other file is a series of one slice. Every slice is rendered with :func:`ctiqa.imaging.render` (the encoding the
+model was trained with) and scored by :func:`ctiqa.inference.predict_images`:
+
+* per slice: the parsed score of the generated answer, the probability score and its spread, the rationale
+  (``--score-only`` skips generation and reads the score from one forward pass);
+* per series: mean and minimum score and the worst slices (the score used is the probability score when the
+  model has one, else the parsed score).
+
+Privacy: outputs name a series by the id the user chose (``--id``) or the path the user typed, and a slice by its
+index in the series; no DICOM metadata (names, UIDs, dates) is read into the output. Unreadable inputs are reported
+on stderr (naming the file) and skipped; the batch goes on.
+
+Without ``--model``/``--adapter`` the model trained by ``make demo`` (``runs/demo/model``) is used, offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctiqa import CTIQAError
+from ctiqa.imaging import ENCODINGS, CTImage, read_ct_frames, read_dicom_series, render
+from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
+
+#: The model ``make demo`` trains (used when no model is given).
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "runs" / "demo" / "model"
+#: How many lowest-scoring slices a series summary lists.
+N_WORST = 3
+
+
+@dataclass
+class Series:
+    """One input: ``id`` (user-chosen or the path as typed), its slices in order, and per-file read errors."""
+
+    id: str
+    slices: list[CTImage] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def gather_series(inputs: list[str], ids: list[str] | None = None) -> list[Series]:
+    """Read every input into a :class:`Series`; unreadable files become ``errors`` instead of exceptions.
+
+    Args:
+        inputs: paths of DICOM/TIFF/PNG/JPEG files or DICOM series folders.
+        ids: optional user-chosen series ids, one per input (default: the path as given).
+    Raises:
+        CTIQAError: ``ids`` given with a different length than ``inputs``.
+    """
+    if ids is not None and len(ids) != len(inputs):
+        raise CTIQAError(f"--id given {len(ids)} times for {len(inputs)} inputs: give one id per input or none")
+    out = []
+    for i, raw in enumerate(inputs):
+        s = Series(id=ids[i] if ids else raw)
+        p = Path(raw)
+        try:
+            if p.is_dir():
+                s.slices = [img for _, img in read_dicom_series(p, errors=s.errors)]
+            else:
+                s.slices = read_ct_frames(p)
+        except CTIQAError as e:
+            s.errors.append((raw, str(e)))
+        out.append(s)
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def summarise(series_id: str, rows: list[dict[str, Any]], n_worst: int = N_WORST) -> dict[str, Any]:
+    """Per-series summary of slice rows (as written by :func:`predict`): n, mean, min and the worst slices.
+
+    The score of a slice is its ``prob_score`` when present, else its ``parsed_score``; slices with neither are
+    counted in ``n_unscored``. ``mean``/``min`` are None when no slice has a score.
+    """
+    scored = [(r["slice"], s) for r in rows if (s := _finite(r.get("prob_score"))
+                                                if r.get("prob_score") is not None
+                                                else _finite(r.get("parsed_score"))) is not None]
+    vals = [v for _, v in scored]
+    worst = sorted(scored, key=lambda t: t[1])[:n_worst]
+    return {
+        "series": series_id,
+        "n_slices": len(rows),
+        "n_unscored": len(rows) - len(scored),
+        "mean": round(sum(vals) / len(vals), 4) if vals else None,
+        "min": round(min(vals), 4) if vals else None,
+        "worst_slices": [{"slice": i, "score": round(v, 4)} for i, v in worst],
+    }
+
+
+def predict(series: list[Series], lm: Any, *, fmt: str, encoding: str, score_only: bool, batch_size: int,
+            max_new_tokens: int, unit_is_hu: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Score every slice of every series.
+
+    Returns:
+        (slice rows, series summaries). A slice row: ``series``, ``slice`` (0-based index), ``parsed_score``,
+        ``parse_rule``, ``prob_score``, ``prob_std`` (0-4 scale), ``rationale`` (the generated text; None with
+        ``score_only``). A slice that cannot be rendered is reported on stderr and skipped.
+    """
+    from tqdm.auto import tqdm
+
+    from ctiqa.inference import predict_images
+
+    slice_rows: list[dict[str, Any]] = []
+    summaries = []
+    total = sum(len(s.slices) for s in series)
+    bar = tqdm(total=total, desc="scoring slices", unit="slice", disable=total == 0)
+    for s in series:
+        rows = []
+        for start in range(0, len(s.slices), batch_size):
+            chunk = list(enumerate(s.slices[start:start + batch_size], start=start))
+            images, idx = [], []
+            for i, img in chunk:
+                try:
+                    images.append(render(img, encoding, unit_is_hu=unit_is_hu))
+                    idx.append(i)
+                except CTIQAError as e:
+                    s.errors.append((img.source, str(e)))
+            preds = predict_images(lm, images, fmt=fmt, generate=not score_only, probability=True,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size) if images else []
+            for i, p in zip(idx, preds, strict=True):
+                rows.append({"series": s.id, "slice": i, "parsed_score": p.parsed_score, "parse_rule": p.parse_rule,
+                             "prob_score": p.prob_score, "prob_std": p.prob_std, "rationale": p.text})
+            bar.update(len(chunk))
+        for path, msg in s.errors:
+            print(f"skipped {path}: {msg}", file=sys.stderr)
+        slice_rows.extend(rows)
+        if s.slices or rows:
+            summaries.append(summarise(s.id, rows))
+    bar.close()
+    return slice_rows, summaries
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSONL (``.jsonl``/``.json``) or CSV (``.csv``; list values JSON-encoded).
+
+    Raises:
+        CTIQAError: another suffix.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, allow_nan=False) + "\n")
+    elif path.suffix == ".csv":
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    else:
+        raise CTIQAError(f"{path}: output must end in .jsonl or .csv")
+
+
+def _print_tables(slice_rows: list[dict[str, Any]], summaries: list[dict[str, Any]], score_only: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(x: Any) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
+    console = Console()
+    t = Table(title="per slice")
+    for c in ("series", "slice", "parsed", "prob ± std") + (() if score_only else ("rationale",)):
+        t.add_column(c)
+    for r in slice_rows:
+        cells = [str(r["series"]), str(r["slice"]), f(r["parsed_score"]),
+                 f"{f(r['prob_score'])} ± {f(r['prob_std'])}"]
+        if not score_only:
+            text = (r["rationale"] or "").replace("\n", " ")
+            cells.append(text[:100] + ("…" if len(text) > 100 else ""))
+        t.add_row(*cells)
+    console.print(t)
+    t = Table(title="per series")
+    for c in ("series", "slices", "mean", "min", "worst slices"):
+        t.add_column(c)
+    for s in summaries:
+        t.add_row(str(s["series"]), str(s["n_slices"]), f(s["mean"]), f(s["min"]),
+                  ", ".join(f"{w['slice']} ({w['score']:.2f})" for w in s["worst_slices"]))
+    console.print(t)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ctiqa predict``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="DICOM file, folder holding one DICOM series, TIFF or PNG/JPEG file")
+    parser.add_argument("--model", help="base model Hub id or folder (default: the model `make demo` trained, "
+                        "or the adapter's base model)")
+    parser.add_argument("--adapter", help="PEFT adapter Hub id or folder (as pushed by recipes/sft.py)")
+    parser.add_argument("--out", type=Path, help="write slice rows to FILE.jsonl or FILE.csv; the per-series "
+                        "summary goes to FILE.series.jsonl / .csv beside it")
+    parser.add_argument("--score-only", action="store_true",
+                        help="no rationale: read scores from token probabilities in one forward pass")
+    parser.add_argument("--id", action="append", dest="ids", metavar="ID",
+                        help="series id to report instead of the path (repeat once per input)")
+    parser.add_argument("--format", default=DEFAULT_TARGET_FORMAT, choices=TARGET_FORMATS,
+                        help="the target format the model was trained with")
+    parser.add_argument("--encoding", default="soft-tissue", choices=ENCODINGS,
+                        help="RGB encoding the model was trained with")
+    parser.add_argument("--unit-is-hu", action="store_true",
+                        help="treat [0,1] LDCTIQA-style images as W350/L40-windowed HU (for medgemma-3window)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "4bit"))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run ``ctiqa predict``. Exit 0 when at least one slice was scored, 1 when nothing could be scored."""
+    from ctiqa.inference import load_model
+
+    model, adapter = args.model, args.adapter
+    if model is None and adapter is None:
+        if not DEMO_MODEL.exists():
+            raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL}: run `make demo` first or pass "
+                             "--model/--adapter")
+        model = str(DEMO_MODEL)
+    if args.out is not None and args.out.suffix not in (".jsonl", ".json", ".csv"):
+        raise CTIQAError(f"{args.out}: output must end in .jsonl or .csv")
+    series = gather_series(args.inputs, args.ids)
+    lm = load_model(model, adapter, precision=args.precision)
+    slice_rows, summaries = predict(series, lm, fmt=args.format, encoding=args.encoding,
+                                    score_only=args.score_only, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, unit_is_hu=args.unit_is_hu)
+    _print_tables(slice_rows, summaries, args.score_only)
+    if args.out is not None:
+        write_rows(args.out, slice_rows)
+        write_rows(args.out.with_name(args.out.stem + ".series" + args.out.suffix), summaries)
+        print(f"wrote {args.out} and {args.out.stem}.series{args.out.suffix}")
+    n_err = sum(len(s.errors) for s in series)
+    if n_err:
+        print(f"{n_err} input(s) skipped (see above)", file=sys.stderr)
+    return 0 if slice_rows else 1

@@ -1,0 +1,96 @@
+"""`ctiqa predict` on users' own CT: a DICOM series folder (with a corrupt file), TIFF and PNG files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from ctiqa.cli import main
+from ctiqa.predict import summarise
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ctiqa.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _series(folder, n=3):
+    """n copies of pydicom's CT_small.dcm at different slice positions (written in reverse name order)."""
+    folder.mkdir()
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for k in range(n):
+        ds = src.copy()
+        ds.ImagePositionPatient = [0.0, 0.0, float(10 * k)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = k + 1
+        ds.save_as(folder / f"slice_{n - k:03d}.dcm")
+    (folder / "slice_999.dcm").write_bytes(b"DICM but truncated garbage")
+    return folder
+
+
+def test_predict_series_and_files(tiny, tmp_path, capsys):
+    series = _series(tmp_path / "series")
+    tif = tmp_path / "ldct.tif"
+    tifffile.imwrite(tif, np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    png = tmp_path / "shot.png"
+    Image.fromarray(np.full((64, 64), 120, np.uint8)).save(png)
+    out = tmp_path / "scores.jsonl"
+    rc = main(["predict", str(series), str(tif), str(png), "--model", str(tiny), "--out", str(out),
+               "--id", "patientA", "--id", "t", "--id", "p", "--max-new-tokens", "8", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "slice_999.dcm" in captured.err  # the corrupt file is named and skipped
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["series"], r["slice"]) for r in rows] == [("patientA", 0), ("patientA", 1), ("patientA", 2),
+                                                        ("t", 0), ("p", 0)]
+    for r in rows:
+        assert 0.0 <= r["prob_score"] <= 4.0 and r["prob_std"] >= 0
+        assert isinstance(r["rationale"], str)
+    summary = [json.loads(line) for line in (tmp_path / "scores.series.jsonl").read_text().splitlines()]
+    assert [s["series"] for s in summary] == ["patientA", "t", "p"]
+    a = summary[0]
+    scores = [r["prob_score"] for r in rows[:3]]
+    assert a["n_slices"] == 3 and a["min"] == pytest.approx(min(scores), abs=1e-4)
+    assert a["mean"] == pytest.approx(sum(scores) / 3, abs=1e-4)
+    # privacy: nothing from the DICOM header (CT_small's patient name, UIDs) reaches the outputs
+    hdr = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    text = out.read_text() + (tmp_path / "scores.series.jsonl").read_text() + captured.out
+    for value in (str(hdr.PatientName), str(hdr.SOPInstanceUID), str(hdr.StudyInstanceUID)):
+        assert value not in text
+
+
+def test_score_only_csv_and_unreadable_everything(tiny, tmp_path, capsys):
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    out = tmp_path / "s.csv"
+    assert main(["predict", str(good), "--model", str(tiny), "--score-only", "--out", str(out)]) == 0
+    header, row = out.read_text().splitlines()[:2]
+    assert header.startswith("series,slice,parsed_score")
+    assert row.split(",")[2] == ""  # no generation -> no parsed score
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["predict", str(bad), str(tmp_path / "missing.tif"), "--model", str(tiny)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "missing.tif" in err
+
+
+def test_summarise_prefers_probability_and_counts_unscored():
+    rows = [{"slice": 0, "prob_score": 3.0, "parsed_score": 1.0}, {"slice": 1, "prob_score": None,
+            "parsed_score": 2.0}, {"slice": 2, "prob_score": None, "parsed_score": None}]
+    s = summarise("x", rows, n_worst=1)
+    assert s["mean"] == 2.5 and s["min"] == 2.0 and s["n_unscored"] == 1
+    assert s["worst_slices"] == [{"slice": 1, "score": 2.0}]
