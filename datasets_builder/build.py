@@ -72,8 +72,12 @@ class Item:
     status: str = ""
 
     def image(self) -> Image.Image:
+        """The decoded RGB image; it carries its PNG bytes (``SOURCE_PNG_KEY``) so teachers send them as they are."""
+        from .teachers import SOURCE_PNG_KEY
+
         im = Image.open(io.BytesIO(self.png))
         im.load()
+        im.info[SOURCE_PNG_KEY] = self.png
         return im
 
 
@@ -161,7 +165,8 @@ async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | Non
 
     async def one(item: Item) -> Item:
         async with sem:
-            item.result = await teacher.explain(item.image(), item.score, item.metadata)
+            image = await asyncio.to_thread(item.image)
+            item.result = await teacher.explain(image, item.score, item.metadata)
         return item
 
     from tqdm.auto import tqdm
@@ -284,7 +289,7 @@ def write_audit(items: list[Item], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- Hub layout
-def write_hub_folder(dsd: Any, out: Path, card_fn: Any) -> list[Path]:
+def write_hub_folder(dsd: Any, out: Path, card_fn: Any, progress: bool = True) -> list[Path]:
     """Write ``dsd`` as the files ``DatasetDict.push_to_hub`` would put in a repo, into the folder ``out``.
 
     Mirrors datasets' ``_push_parquet_shards_to_hub`` (datasets 5.x): per split, ``num_shards =
@@ -292,11 +297,24 @@ def write_hub_folder(dsd: Any, out: Path, card_fn: Any) -> list[Path]:
     bytes embedded with ``embed_table_storage``, row groups of ``get_writer_batch_size_*`` rows. README.md
     YAML (``dataset_info``, ``configs``) is made with the same ``DatasetInfosDict`` / ``MetadataConfigs`` calls.
     ``card_fn(card_data) -> DatasetCard`` adds our card. Old ``data/*.parquet`` files in ``out`` are removed;
-    README.md is written last (its presence marks a finished folder).
+    README.md is written last (its presence marks a finished folder). ``progress=False`` silences datasets' bars.
 
     Returns:
         the written files.
     """
+    import datasets
+
+    quiet = not progress and not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return _write_hub_folder(dsd, out, card_fn)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _write_hub_folder(dsd: Any, out: Path, card_fn: Any) -> list[Path]:
     from datasets import DatasetInfo, SplitDict, SplitInfo
     from datasets import config as dconfig
     from datasets.arrow_writer import (
@@ -511,7 +529,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_audit(items, out / "audit.csv")
-        files = write_hub_folder(dsd, out, lambda cd: make_card(prov, cd))
+        files = write_hub_folder(dsd, out, lambda cd: make_card(prov, cd), progress=opts.progress)
         files.insert(0, out / "audit.csv")
         commit = push_folder(out, opts.push_to_hub, private=not opts.public) if opts.push_to_hub else None
     finally:
