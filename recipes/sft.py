@@ -143,12 +143,13 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig):
     """The model to train, and the LoRA config (None for full fine-tuning).
 
     4-bit NF4 when ``load_in_4bit`` (bitsandbytes; compute dtype = ``dtype``, storage ``bnb_4bit_quant_storage``),
-    one full copy per process on its own GPU (``device_map={"": local rank}``: ``"auto"`` breaks DDP), the CPU
-    otherwise. LoRA targets default to peft's ``all-linear`` (every linear layer but ``lm_head``, vision included).
+    one full copy per process on its own GPU (``device_map={"": local rank}``: ``"auto"`` breaks DDP; none under
+    FSDP, which loads on the CPU and shards), the CPU otherwise. LoRA targets default to peft's ``all-linear`` (every linear layer but ``lm_head``, vision included).
     """
     quantization_config = get_quantization_config(model_args)
-    device_map = None
-    if quantization_config is not None and torch.cuda.is_available():
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    device_map = None  # CPU, or FSDP (it loads on the CPU and shards; needs bf16 4-bit storage for QLoRA)
+    if quantization_config is not None and torch.cuda.is_available() and not fsdp:
         device_map = {"": training_args.local_process_index}
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
