@@ -200,30 +200,49 @@ def _encode(lm: LoadedModel, texts: list[str], images: Sequence[Any]) -> dict[st
 
 
 def score_token_ids(lm: LoadedModel, fmt: str) -> dict[str, Any]:
-    """Token ids used by :func:`probability_scores`: ``digits`` (ids of ``0``-``9``) and ``dot`` (``.``).
+    """Where the score is read and which tokens spell it, checked against the tokenizer.
 
-    Checks that ``prompt + "Score: d.e"`` tokenises as ``prompt + "Score: "`` followed by exactly the tokens
-    ``d``, ``.``, ``e`` for every d in 0..4 and e in 0..9, so that the score position is well defined.
+    Two layouts are accepted: ``prompt + "Score: "`` followed by the digit token ``d`` (Gemma 3 / MedGemma and the
+    tiny model: SentencePiece ``split_digits`` keeps ``▁`` apart from digits), or ``prompt + "Score:"`` followed by
+    a single token ``"▁d"`` (tokenizers that fold the space into the digit). Either way ``"d.e"`` must continue as
+    exactly the tokens (integer digit, ``.``, decimal digit ``e``) for every d in 0..4 and e in 0..9.
 
+    Returns:
+        dict: ``prompt`` (text up to the score position), ``int_digits`` (5 token ids for the integer part 0-4),
+        ``digits`` (10 token ids of ``0``-``9`` for the decimal), ``dot`` (id of ``.``).
     Raises:
-        CTIQAError: the tokenizer merges digits with their neighbours (no single-token digits).
+        CTIQAError: neither layout holds (digits are not single tokens).
     """
     if fmt in lm._tokens:
         return lm._tokens[fmt]
     tok = lm.processor.tokenizer
-    prompt = chat_prompt(lm.processor, fmt) + SCORE_PREFIX
-    base = tok(prompt, add_special_tokens=False)["input_ids"]
+    chat = chat_prompt(lm.processor, fmt)
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
     dot = tok.convert_tokens_to_ids(".")
-    for d in range(5):
-        for e in range(10):
-            ids = tok(f"{prompt}{d}.{e}", add_special_tokens=False)["input_ids"]
-            if ids != base + [digits[d], dot, digits[e]]:
-                raise CTIQAError(
-                    f"tokenizer of {lm.model_id}: '{SCORE_PREFIX}{d}.{e}' does not split into single digit tokens "
-                    "after the prompt; probability scores need single-token digits (as in Gemma 3)")
-    lm._tokens[fmt] = {"digits": digits, "dot": dot, "prompt": prompt}
-    return lm._tokens[fmt]
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def layout(prompt: str, lead: str) -> list[int] | None:
+        base = encode(prompt)
+        int_digits = []
+        for d in range(5):
+            first = encode(f"{prompt}{lead}{d}.0")
+            if first[:len(base)] != base or len(first) != len(base) + 3:
+                return None
+            if any(encode(f"{prompt}{lead}{d}.{e}") != base + [first[len(base)], dot, digits[e]] for e in range(10)):
+                return None
+            int_digits.append(first[len(base)])
+        return int_digits
+
+    for prefix, lead in ((SCORE_PREFIX, ""), (SCORE_PREFIX.rstrip(), " ")):
+        int_digits = layout(chat + prefix, lead)
+        if int_digits is not None:
+            lm._tokens[fmt] = {"prompt": chat + prefix, "int_digits": int_digits, "digits": digits, "dot": dot}
+            return lm._tokens[fmt]
+    raise CTIQAError(
+        f"tokenizer of {lm.model_id}: '{SCORE_PREFIX}d.e' does not split into single tokens (digit, '.', digit) "
+        "after the prompt; probability scores need single-token digits (as in Gemma 3)")
 
 
 # ---------------------------------------------------------------------------------------------------- inference
@@ -288,6 +307,7 @@ def probability_scores(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEF
         raise CTIQAError(f"probability scores need an answer that starts with the score ({', '.join(PROBABILITY_FORMATS)}); "
                          f"format {fmt!r} does not")
     ids = score_token_ids(lm, fmt)
+    int_digits = torch.tensor(ids["int_digits"], device=lm.device)
     digits = torch.tensor(ids["digits"], device=lm.device)
     out: list[ProbabilityScore] = []
     for i in range(0, len(images), batch_size):
@@ -297,11 +317,11 @@ def probability_scores(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEF
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             first = lm.model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
-            p = first.logits[:, -1].float().softmax(-1)[:, digits]           # (B, 10)
+            p = first.logits[:, -1].float().softmax(-1)[:, int_digits]       # (B, 5)
             cache = first.cache if hasattr(first, "cache") else first.past_key_values
             cache.batch_repeat_interleave(4)
             b = len(chunk)
-            cont = torch.tensor([[ids["digits"][d], ids["dot"]] for _ in range(b) for d in range(4)],
+            cont = torch.tensor([[ids["int_digits"][d], ids["dot"]] for _ in range(b) for d in range(4)],
                                 device=lm.device)
             last = pos[:, -1:].repeat_interleave(4, 0)
             second = lm.model(
@@ -311,7 +331,7 @@ def probability_scores(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEF
                 cache=cache, use_cache=True, logits_to_keep=1)
             q = second.logits[:, -1].float().softmax(-1)[:, digits].view(b, 4, 10)  # (B, 4, 10)
         for j in range(b):
-            pi = p[j, :5]
+            pi = p[j]
             mass = float(pi.sum())
             p_int = (pi / pi.sum()).tolist() if mass > 0 else [0.2] * 5
             qj = q[j]
