@@ -562,15 +562,19 @@ def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[fl
     p = print
     p(f"teacher {teacher_id}: {stats.cached_ok} answers from the cache, {stats.called} new calls "
       f"({stats.new_ok} ok, {stats.new_failed} failed), {stats.cached_failed} cached failures not retried")
-    u = stats.usage_new
-    p(f"tokens this run: prompt {u.prompt_tokens:,}, output {u.output_tokens:,}, thinking {u.thoughts_tokens:,}"
-      + (f"; estimated cost USD {u.cost_usd(*price):.4f}" if price else ""))
-    p(f"tokens of the dataset's answers (cached included): prompt {usage.prompt_tokens:,}, output "
-      f"{usage.output_tokens:,}, thinking {usage.thoughts_tokens:,}"
-      + (f"; estimated cost USD {usage.cost_usd(*price):.4f}" if price else ""))
-    if price:
-        p(f"  prices: USD {price[0]}/1M input, {price[1]}/1M output incl. thinking (ai.google.dev/gemini-api/docs/"
-          "pricing, 2025-07; override with --price-input/--price-output)")
+    if cache_path is not None:  # remote teachers only: the template teacher uses no tokens
+        u = stats.usage_new
+
+        def cost(x: Usage) -> str:
+            return f"; estimated cost USD {x.cost_usd(*price):.4f}" if price else ""
+
+        p(f"tokens this run: prompt {u.prompt_tokens:,}, output {u.output_tokens:,}, thinking "
+          f"{u.thoughts_tokens:,}{cost(u)}")
+        p(f"tokens of the dataset's answers (cached included): prompt {usage.prompt_tokens:,}, output "
+          f"{usage.output_tokens:,}, thinking {usage.thoughts_tokens:,}{cost(usage)}")
+        if price:
+            p(f"  prices: USD {price[0]}/1M input, {price[1]}/1M output incl. thinking (ai.google.dev/gemini-api/"
+              "docs/pricing, 2025-07; override with --price-input/--price-output)")
     p("rows: " + ", ".join(f"{s} {n}" for s, n in prov["counts"].items())
       + "; status: " + ", ".join(f"{k} {v}" for k, v in sorted(prov["status"].items())))
     if prov["failures"]:
@@ -611,7 +615,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache", type=Path, help=f"answer cache JSONL (default {default_cache_path()})")
     a("--max-output-tokens", type=int, help="output-token limit per answer, thinking included (gemini default 8192)")
     a("--thinking-budget", type=int, default=2048,
-      help="Gemini thinking tokens (2.5 Pro: 128-32768; -1 = dynamic). Default: 2048")
+      help="Gemini thinking tokens (2.5 Pro: 128-32768; 0 = off on Flash; -1 = not sent: the model's dynamic "
+           "default, and for models without thinking). Default: 2048")
     a("--temperature", type=float, help="teacher sampling temperature (default: the model's)")
     a("--timeout", type=float, default=300.0, help="seconds per request attempt. Default: 300")
     a("--max-attempts", type=int, default=6, help="attempts per request on 429/5xx/timeouts. Default: 6")

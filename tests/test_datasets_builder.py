@@ -432,11 +432,12 @@ def test_cli_template_refuses_real_data_and_score_only_needs_no_teacher(tmp_path
                  "--out", str(tmp_path / "o1"), "--no-progress"]) == 2
     assert "degradations.json" in capsys.readouterr().err
     assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--format", "score-only",
-                 "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
+                 "--out", str(tmp_path / "o2"), "--no-progress", "--limit", "3"]) == 0
     from datasets import load_dataset
 
     ds = load_dataset(str(tmp_path / "o2"))
-    assert ds["train"].num_rows == 8 and set(ds["train"]["teacher"]) == {"none"}
+    assert {s: ds[s].num_rows for s in ds} == {"train": 3, "validation": 1, "test": 1}  # --limit: first 3 per split
+    assert set(ds["train"]["teacher"]) == {"none"} and set(ds["train"]["rationale"]) == {""}
     assert ds["train"][0]["completion"][0]["content"][0]["text"] == f"Score: {ds['train'][0]['score']:.1f}"
     assert "base_slice" not in ds["train"].column_names
 
