@@ -276,8 +276,12 @@ def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: st
     return rows, info
 
 
-def predictions_from_file(path: str | Path, samples: list[Sample] | None) -> list[dict[str, Any]]:
+def predictions_from_file(path: str | Path, samples: list[Sample] | None,
+                          subset: bool = False) -> list[dict[str, Any]]:
     """Records from a predictions file, aligned to the dataset samples when given (see the module docstring).
+
+    Args:
+        subset: ``samples`` is a part of the split (``--limit``): rows for other ids are skipped, not an error.
 
     Raises:
         CTIQAError: duplicate ids, a row without a true score when no dataset is given, a row whose score
@@ -300,7 +304,7 @@ def predictions_from_file(path: str | Path, samples: list[Sample] | None) -> lis
     else:
         known = {s.id for s in samples}
         extra = [rid for rid in by_id if rid not in known]
-        if extra:
+        if extra and not subset:
             raise CTIQAError(f"{path}: {len(extra)} id(s) are not in the dataset split, e.g. {extra[:5]}")
     out = []
     for s in samples:
@@ -505,7 +509,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
     if mode == "predictions":
         samples = load_samples(args.dataset, args.split, limit=args.limit, images=False)[0] if args.dataset else None
-        records = predictions_from_file(args.predictions, samples)
+        records = predictions_from_file(args.predictions, samples, subset=args.limit is not None)
+        records = records[:args.limit] if args.limit else records
         settings = {"source": str(args.predictions), "dataset": args.dataset, "split": args.split if args.dataset
                     else None, "limit": args.limit}
         return _done(records, out, args, name=args.name or args.predictions.stem, kind="predictions",
