@@ -505,8 +505,8 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
     usage = _usage_of([it for it in items if it.split in rationale_splits]) if needs_teacher else Usage()
     price = _price(opts, teacher_id)
     prov = {
-        "source": f"{'simulated mini-LDCTIQA' if data.synthetic else 'LDCTIQA 2023 training release'} "
-                  f"({len(data.ids)} images in the source folder)",
+        "source": f"{'simulated mini-LDCTIQA (ctiqa simulate)' if data.synthetic else 'LDCTIQA 2023'}, folder "
+                  f"`{Path(data.root).name}` ({len(data.ids)} images)",
         "synthetic": data.synthetic, "teacher": teacher_id, "teacher_kind": teacher_kind,
         "prompt_version": prompts.PROMPT_VERSION, "target_format": opts.format, "encoding": enc,
         "split": opts.split, "seed": opts.seed, "counts": {s: len(dsd[s]) for s in SPLITS},

@@ -48,6 +48,7 @@ _MAX_INLINE_PNG_BYTES = int(GEMINI_INLINE_LIMIT_BYTES * 3 / 4) - 100_000
 #: ``HttpRetryOptions`` uses by default).
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
 #: Statuses that would fail every request of a run (bad key, no permission, unknown model): abort instead.
+#: The Gemini API answers a bad key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID: fatal too.
 FATAL_STATUS = (401, 403, 404)
 
 #: USD per 1M tokens (input, output incl. thinking), Gemini API paid tier, prompts <= 200k tokens.
@@ -329,6 +330,15 @@ class RetryPolicy:
         return base if server is None else max(base, min(server, self.max_server_delay))
 
 
+def is_fatal(exc: BaseException) -> bool:
+    """True for errors that would fail every request: :data:`FATAL_STATUS`, or a 400 for an invalid API key."""
+    status = status_of(exc)
+    if status in FATAL_STATUS:
+        return True
+    text = f"{getattr(exc, 'details', '')} {getattr(exc, 'message', '')}"
+    return status == 400 and ("API_KEY_INVALID" in text or "API key not valid" in text)
+
+
 def _error_result(exc: BaseException, model: str) -> CallResult:
     status = status_of(exc)
     if status is not None:
@@ -343,7 +353,7 @@ async def call_with_retries(send, policy: RetryPolicy, model: str, fatal_hint: s
     """Run ``await send()`` (returns a :class:`CallResult`) with ``policy``; exceptions become failed results.
 
     Raises:
-        TeacherConfigError: the server answered 401/403/404 (``fatal_hint`` says what to check).
+        TeacherConfigError: :func:`is_fatal` errors (401/403/404, invalid key; ``fatal_hint`` says what to check).
     """
     t0 = time.perf_counter()
     retrying = tenacity.AsyncRetrying(
@@ -359,7 +369,7 @@ async def call_with_retries(send, policy: RetryPolicy, model: str, fatal_hint: s
                 attempts = attempt.retry_state.attempt_number
                 result = await send()
     except Exception as exc:  # noqa: BLE001 - every per-request failure becomes a recorded result
-        if status_of(exc) in FATAL_STATUS:
+        if is_fatal(exc):
             raise TeacherConfigError(f"{model}: the server refused the request ({str(exc)[:300]}); {fatal_hint}") from exc
         result = _error_result(exc, model)
     result.attempts = attempts

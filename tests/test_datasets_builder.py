@@ -191,7 +191,8 @@ def test_gemini_client_plain_text_fatal_and_exhausted_retries(fake_gemini):
     img = Image.new("RGB", (8, 8), (40, 40, 40))
     client = GeminiClient("gemini-2.5-flash", base_url=fake_gemini.url, retry=FAST, thinking_budget=None)
     fake_gemini.set_script([ok(), server_error(503), server_error(503), server_error(503), server_error(503),
-                            status(403, "Permission denied")])
+                            status(403, "Permission denied"), status(400, "API key not valid. Please pass a valid key."),
+                            status(400, "Request contains an invalid argument.")])
 
     async def run():
         try:
@@ -199,6 +200,10 @@ def test_gemini_client_plain_text_fatal_and_exhausted_retries(fake_gemini):
             exhausted = await client.generate(img, "again", "system text", None)
             with pytest.raises(TeacherConfigError, match="403"):
                 await client.generate(img, "x")
+            with pytest.raises(TeacherConfigError, match="API key not valid"):
+                await client.generate(img, "x")
+            bad_request = await client.generate(img, "x")  # a 400 about this request: recorded, not fatal
+            assert bad_request.reason == "http_400" and bad_request.attempts == 1
             return plain, exhausted
         finally:
             await client.aclose()
