@@ -41,17 +41,19 @@ from ctiqa import CTIQAError
 from . import checks
 from .cache import AnswerCache, cache_key, default_cache_path, image_sha256
 from .teachers import (
+    SOURCE_PNG_KEY,
     TEACHERS,
     CallResult,
     RetryPolicy,
     Teacher,
     Usage,
     make_teacher,
+    png_bytes,
     price_for,
 )
 
 SPLITS = ("train", "validation", "test")
-SPLIT_METHODS = ("paper", "stratified", "base-slice")
+SPLIT_METHODS = ("paper", "stratified", "base-slice")  # ctiqa.ldctiqa.SPLIT_METHODS
 NO_TEACHER = "none"
 
 
@@ -73,8 +75,6 @@ class Item:
 
     def image(self) -> Image.Image:
         """The decoded RGB image; it carries its PNG bytes (``SOURCE_PNG_KEY``) so teachers send them as they are."""
-        from .teachers import SOURCE_PNG_KEY
-
         im = Image.open(io.BytesIO(self.png))
         im.load()
         im.info[SOURCE_PNG_KEY] = self.png
@@ -94,30 +94,24 @@ def plan_items(data: Any, split_method: str, seed: int, limit: int | None) -> li
         raise CTIQAError(f"split method {split_method!r} returned no {', '.join(missing)} split")
     items = []
     for split in SPLITS:
-        ids = list(parts[split])[: limit if limit is not None else None]
-        for i in ids:
+        for i in list(parts[split])[:limit]:
             items.append(Item(id=i, split=split, score=float(data.scores[i]), metadata=data.metadata.get(i)))
     return items
 
 
-def render_items(data: Any, items: list[Item], encoding: str, workers: int | None = None) -> None:
+def render_items(data: Any, items: list[Item], encoding: str, workers: int | None = None,
+                 progress: bool = True) -> None:
     """Render + PNG-encode every item (threads; PIL's zlib releases the GIL) and fill ``png`` and ``sha``."""
     from ctiqa.imaging import render
-
-    from .teachers import png_bytes
 
     def one(item: Item) -> None:
         im = render(data.image_path(item.id), encoding)
         item.png, item.sha = png_bytes(im), image_sha256(im)
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        list(_progress(pool.map(one, items), total=len(items), desc="render"))
+        from tqdm.auto import tqdm
 
-
-def _progress(it: Any, **kw: Any) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(it, disable=kw.pop("disable", None), file=sys.stderr, **kw)
+        list(tqdm(pool.map(one, items), total=len(items), desc="render", disable=not progress, file=sys.stderr))
 
 
 # --------------------------------------------------------------------------------------------------- teacher runs
@@ -472,7 +466,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
                 f"{opts.ldctiqa}: the template teacher needs degradations.json metadata (dose_fraction, n_views) "
                 f"for every image; {len(no_md)} image(s) have none (e.g. {no_md[0]}): real LDCTIQA needs "
                 "--teacher gemini or --teacher openai")
-    render_items(data, items, opts.encoding)
+    render_items(data, items, opts.encoding, progress=opts.progress)
 
     stats = RunStats()
     teacher_id = NO_TEACHER
