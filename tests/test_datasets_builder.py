@@ -466,6 +466,12 @@ def test_push_to_fake_hub_same_files_and_rows(tmp_path, fake_hub, capsys):
         assert back[split].with_format("arrow")[:].to_pylist() == \
             res.dataset[split].with_format("arrow")[:].to_pylist()
     assert TOKEN not in capsys.readouterr().out
+    # a later datasets push into the same repo merges its YAML into our card instead of replacing it
+    res.dataset["train"].push_to_hub("tester/ct-rationales", split="train")
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(fake_hub.files("tester/ct-rationales", "dataset")["README.md"].decode())
+    assert "synthetic-rationales" in card.data.tags and "Not for clinical use" in card.text
     assert not fake_hub.unknown
 
 
