@@ -87,15 +87,26 @@ def test_full_dose_noise_is_calibrated_and_grows_as_dose_falls(chest):
 def test_streaks_grow_as_views_fall(chest):
     # noiseless sparse-view recon minus the full-view reference = streaks only
     mask = soft_tissue_mask(chest.hu)
-    n = chest.hu.shape[0]
     streak = []
     for views in (1024, 512, 256, 128, 64):
         idx = view_indices(views)
-        rec = fbp(chest.sinogram[:, idx], full_view_angles()[idx], chest.spacing_mm, n)
+        rec = chest.recon(chest.sinogram[:, idx], full_view_angles()[idx])
         streak.append(float(simulation.mu_to_hu_difference(rec - chest.reference)[mask].std()))
     assert streak[0] < 1e-9
     assert all(a < b for a, b in zip(streak, streak[1:], strict=False))
     assert streak[-1] > 10.0
+
+
+def test_cropped_field_of_view_gets_a_tapered_margin(chest):
+    hu = chest.hu
+    mu, m = simulation.attenuation_map(hu)  # CT_small: tissue along the border
+    assert m == hu.shape[0] // simulation.TRUNCATION_MARGIN_DIVISOR and mu.shape == (hu.shape[0] + 2 * m,) * 2
+    np.testing.assert_allclose(mu[m:-m, m:-m], simulation.hu_to_mu(hu))  # the slice itself is untouched
+    assert np.all(mu[0] == 0) and np.all(mu[:, -1] == 0)  # faded to air at the outer edge
+    assert chest.margin == m
+    body = np.full((64, 64), -1000.0)
+    body[16:48, 16:48] = 40.0  # whole body inside the image: no margin
+    assert simulation.attenuation_map(body)[1] == 0
 
 
 def test_view_indices_are_evenly_spread():
