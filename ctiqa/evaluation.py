@@ -465,7 +465,16 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa evaluate``."""
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = ("Score a model, Gemini zero-shot or a predictions file against the true scores, with one "
+                          "prompt, decoding, parser and metric module for all.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = """examples:
+  ctiqa evaluate --model google/medgemma-4b-it --adapter runs/medgemma-qlora --dataset DATA --out runs/eval/ft
+  ctiqa evaluate --model runs/demo/model --dataset runs/demo/dataset --split test --out runs/demo
+  ctiqa evaluate --model google/medgemma-4b-it --dataset DATA --out runs/eval/zero-shot --max-new-tokens 768
+  ctiqa evaluate --teacher gemini --model gemini-2.5-flash --dataset DATA --out runs/eval/gemini-flash
+  ctiqa evaluate --predictions baseline.jsonl --dataset DATA --out runs/eval/baseline
+writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; a re-run resumes."""
     src = parser.add_argument_group("what to evaluate (one of)")
     src.add_argument("--model", help="model Hub id or folder (an adapter folder works too); with --teacher gemini: "
                                      "the Gemini model id (default gemini-2.5-flash)")
