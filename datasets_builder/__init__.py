@@ -1,1 +1,12 @@
-"""datasets_builder: teacher rationales for LDCTIQA-style data -> a chat-format dataset on the Hub or on disk."""
+"""datasets_builder: teacher rationales for LDCTIQA-style data -> a chat-format dataset on the Hub or on disk.
+
+Modules (each readable top to bottom; nothing is imported here so ``ctiqa`` sub-commands stay fast):
+
+* :mod:`datasets_builder.teachers`: ``GeminiClient`` / ``OpenAICompatClient`` (one async ``generate(image,
+  prompt, system, schema) -> CallResult`` with retries that honour the server's delay; reused by the zero-shot
+  evaluation), the teachers ``LLMTeacher`` and ``TemplateTeacher``, ``make_teacher``, prices.
+* :mod:`datasets_builder.cache`: the append-only JSONL answer cache (resume after ``kill -9``).
+* :mod:`datasets_builder.checks`: rationale cleaning, the rejection rubric, artifact-term counts.
+* :mod:`datasets_builder.card`: the dataset card (README.md).
+* :mod:`datasets_builder.build`: ``ctiqa build-dataset``: render, ask, check, assemble, write / push.
+"""
