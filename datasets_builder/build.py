@@ -585,6 +585,7 @@ def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[fl
 # --------------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``ctiqa build-dataset``."""
+    from ctiqa.imaging import ENCODINGS
     from ctiqa.prompts import TARGET_FORMATS
 
     parser.description = (
@@ -604,7 +605,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
       help="paper (shipped 800/100/100 ids), stratified (seeded 80/10/10), base-slice (simulated data). Default: paper")
     a("--seed", type=int, default=0, help="split seed (stratified, base-slice) and template wording seed")
     a("--format", choices=TARGET_FORMATS, default="score-first", help="target text format. Default: score-first")
-    a("--encoding", default="soft-tissue", help="CT -> RGB encoding (ctiqa.imaging.ENCODINGS). Default: soft-tissue")
+    a("--encoding", default="soft-tissue", choices=ENCODINGS,
+      help="CT -> RGB encoding (ctiqa.imaging.render). Default: soft-tissue")
     a("--concurrency", type=int, default=8, help="teacher requests in flight. Default: 8")
     a("--cache", type=Path, help=f"answer cache JSONL (default {default_cache_path()})")
     a("--max-output-tokens", type=int, help="output-token limit per answer, thinking included (gemini default 8192)")
