@@ -495,3 +495,19 @@ def test_our_folder_matches_datasets_push_to_hub(tmp_path, fake_hub):
     assert ours_meta["configs"] == theirs_meta["configs"]
     for key in ("features", "splits", "dataset_size"):
         assert ours_meta["dataset_info"][key] == theirs_meta["dataset_info"][key], key
+
+
+def test_gemini_timeout_is_retried_then_recorded():
+    img = Image.new("RGB", (8, 8), (10, 10, 10))
+    with FakeGemini(latency_s=1.5) as srv:
+        client = GeminiClient("gemini-2.5-pro", api_key="k", base_url=srv.url, timeout_s=0.3, retry=FAST)
+
+        async def run():
+            try:
+                return await client.generate(img, "x")
+            finally:
+                await client.aclose()
+
+        res = asyncio.run(run())
+        assert len(srv.requests) == FAST.max_attempts
+    assert not res.ok and res.reason == "timeout" and res.attempts == FAST.max_attempts
