@@ -238,6 +238,7 @@ class FakeGemini:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        self._server.handle_error = _quiet_disconnects(self._server.handle_error)  # type: ignore[method-assign]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -252,6 +253,18 @@ class FakeGemini:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _quiet_disconnects(handle_error):
+    """Server error hook that stays silent when a client hung up (timeouts, killed builders): expected in tests."""
+    import sys
+
+    def hook(request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        handle_error(request, client_address)
+
+    return hook
 
 
 if __name__ == "__main__":
