@@ -10,6 +10,9 @@ A key is *finished* once any of its records is ``ok``; failed records are kept f
 next run unless told otherwise. A last line cut short by a kill is dropped (and the file truncated to the last
 complete line before appending); a bad line anywhere else is an error naming the file and line.
 
+One process per cache file at a time (appends of long records from two processes could interleave); runs
+that must not share a file pass ``--cache``.
+
 Record fields: ``key``, ``image_sha256``, ``prompt_version``, ``teacher``, ``score``, ``id`` (LDCTIQA file stem;
 no DICOM metadata ever), ``time`` (UTC ISO 8601) and the :class:`~datasets_builder.teachers.CallResult` fields.
 """
