@@ -142,7 +142,9 @@ def _record(sample: Sample, **fields: Any) -> dict[str, Any]:
 
 
 def _run_key(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of the settings that change a row's content (``limit`` only selects rows, so it is left out)."""
+    content = {k: v for k, v in settings.items() if k != "limit"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 #: Call failures worth asking again on a re-run (transient); other failures (blocked, MAX_TOKENS...) are final.
@@ -170,6 +172,11 @@ class _Appender:
     def __init__(self, path: Path, key: str, keep: Iterable[dict[str, Any]]):
         self.path, self.key = path, key
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and any(f'"run_key": "{key}"' not in line for line in path.read_text().splitlines()):
+            # rows of a run with other settings (maybe paid for): keep them aside, never silently delete them
+            backup = path.with_name(f"predictions.{time.strftime('%Y%m%d-%H%M%S')}.bak.jsonl")
+            path.replace(backup)
+            print(f"note: {path} held rows of a run with other settings; moved to {backup.name}", file=sys.stderr)
         with open(path, "w") as f:
             for row in keep:
                 f.write(json.dumps(row) + "\n")

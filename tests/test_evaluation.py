@@ -217,6 +217,14 @@ def test_evaluate_score_only_and_limit(tiny, dataset, tmp_path):
     assert list(res["metrics"]) == ["probability"] and res["counts"]["n"] == 4
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(r["text"] is None and r["prob_score"] is not None for r in rows)
+    # without --limit the 4 finished rows are reused; other settings move the old rows aside, never delete them
+    base = ["evaluate", "--model", str(tiny), "--dataset", str(dataset), "--out", str(out), "--score-only",
+            "--bootstrap", "0"]
+    assert ctiqa_main(base) == 0
+    assert _strict_json(out / "results.json")["provenance"]["model"]["resumed_rows"] == 4
+    assert ctiqa_main([*base, "--batch-size", "2"]) == 0
+    assert _strict_json(out / "results.json")["provenance"]["model"]["resumed_rows"] == 0
+    assert len(list(out.glob("predictions.*.bak.jsonl"))) == 1
 
 
 def test_bad_inputs_are_clear_errors(tiny, dataset, tmp_path, capsys):
