@@ -33,33 +33,20 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None else str(x)
 
 
-def metric_rows(results: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, str, str, str]]:
-    """Rows ``(score kind, metric, value, 95 % interval)`` found in a ``results.json`` mapping.
+def metric_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows ``(score kind, metric, value, 95 % interval)`` of a ``ctiqa evaluate`` ``results.json``.
 
-    A metric is a key in :data:`METRIC_NAMES` (any case) whose value is a number or a mapping with ``value`` (or
-    ``estimate``/``point``) and an interval (``ci95`` / ``ci`` as ``[low, high]``, or ``ci_low``/``ci_high``).
-    Nested mappings (e.g. ``{"metrics": {"probability": {"srcc": ...}}}``) are searched 4 levels deep; the path
-    names the score kind.
+    Reads ``results["metrics"][kind][metric]`` and its bootstrap interval ``[metric]_ci`` for the kinds the
+    evaluation wrote (``parsed``: score parsed from the generated text, ``probability``: expected score from the
+    digit-token probabilities) and the metrics in :data:`METRIC_NAMES`.
     """
-    rows: list[tuple[str, str, str, str]] = []
-    if depth > 4 or not isinstance(results, dict):
-        return rows
-    for key, val in results.items():
-        name = str(key).lower()
-        if name in METRIC_NAMES:
-            if isinstance(val, (int, float)) and not isinstance(val, bool):
-                rows.append((prefix or "score", name.upper(), _fmt(float(val)), ""))
-            elif isinstance(val, dict):
-                point = next((val[k] for k in ("value", "estimate", "point") if k in val), None)
-                ci = val.get("ci95", val.get("ci"))
-                if ci is None and "ci_low" in val:
-                    ci = [val.get("ci_low"), val.get("ci_high")]
-                interval = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
-                if point is not None:
-                    rows.append((prefix or "score", name.upper(), _fmt(point), interval))
-        elif isinstance(val, dict) and name not in ("config", "provenance", "args"):
-            sub = name if name not in ("metrics", "results") else ""
-            rows += metric_rows(val, f"{prefix}/{sub}".strip("/") if sub else prefix, depth + 1)
+    rows = []
+    for kind, m in (results.get("metrics") or {}).items():
+        for k in METRIC_NAMES:
+            value, ci = m.get(k), m.get(f"{k}_ci")
+            if isinstance(value, (int, float)):
+                interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+                rows.append((kind, k.upper(), _fmt(float(value)), interval))
     return rows
 
 
@@ -115,7 +102,8 @@ def model_card(
         "dtype / bf16": f"{model_args.dtype} / {training_args.bf16}",
         "attention": model_args.attn_implementation,
         "learning rate": training_args.learning_rate,
-        "schedule / warmup": f"{training_args.lr_scheduler_type} / {training_args.warmup_steps}",
+        "schedule / warmup": f"{getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}"
+                             f" / {training_args.warmup_steps}",
         "epochs / max steps": f"{training_args.num_train_epochs} / {training_args.max_steps}",
         "batch per device x accumulation x processes": (
             f"{training_args.per_device_train_batch_size} x {training_args.gradient_accumulation_steps} x "
@@ -136,11 +124,13 @@ def model_card(
                                                      if isinstance(v, (int, float))) + ".\n")
     rows = metric_rows(eval_results) if eval_results else []
     if rows:
-        n = eval_results.get("n") or eval_results.get("n_samples") or (eval_results.get("data") or {}).get("n")
+        n = (eval_results.get("counts") or {}).get("n")
+        where = f"split `{eval_results.get('split')}` of `{eval_results.get('dataset')}`"
         eval_md = ("| score | metric | value | 95 % interval |\n|---|---|---|---|\n"
                    + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
-                   + (f"\n\nn = {n} held-out images." if n else "")
-                   + " Produced by `ctiqa evaluate` (results.json).")
+                   + f"\n\n{n or '?'} images of {where}; `ctiqa evaluate` (results.json), percentile bootstrap "
+                   "intervals. `parsed`: score parsed from the generated answer; `probability`: expected score from "
+                   "the probabilities of the digit tokens after `Score: `.")
     else:
         eval_md = "No evaluation was attached to this run; use `ctiqa evaluate` on the held-out test split."
     if adapter:
