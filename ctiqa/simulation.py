@@ -322,10 +322,11 @@ def fbp(
         angles_deg: (V,) projection angles in degrees.
         spacing_mm: pixel (and detector bin) size in mm.
         size: side of the square image grid (pixels).
-        pixels: ``(rows, cols)`` integer index arrays (same shape) to reconstruct; ``None``: the whole grid.
+        pixels: ``(rows, cols)`` integer index arrays, broadcastable against each other (e.g. (k, s, 1) and
+            (k, 1, s) for k square crops: then ``t`` costs one pass per view); ``None``: the whole grid.
 
     Returns:
-        float64 attenuation (1/mm): (size, size), or the shape of ``rows`` when ``pixels`` is given.
+        float64 attenuation (1/mm): (size, size), or the broadcast shape of ``rows`` and ``cols``.
     """
     from scipy.fft import fft, ifft
 
@@ -336,14 +337,14 @@ def fbp(
     padded = np.pad(sinogram / spacing_mm, ((0, n_padded - d), (0, 0)))
     filtered = np.real(ifft(fft(padded, axis=0) * ramp_filter(n_padded), axis=0)[:d])
     if pixels is None:
-        rows, cols = np.mgrid[:size, :size]
+        rows, cols = np.ogrid[:size, :size]
     else:
         rows, cols = (np.asarray(a) for a in pixels)
     r = size // 2
     xr = (rows - r).astype(np.float64)
     yc = (cols - r).astype(np.float64)
     x = np.arange(d) - d // 2
-    out = np.zeros(xr.shape, dtype=np.float64)
+    out = np.zeros(np.broadcast_shapes(xr.shape, yc.shape), dtype=np.float64)
     for col, angle in zip(filtered.T, np.deg2rad(angles_deg), strict=True):
         out += np.interp(yc * np.cos(angle) - xr * np.sin(angle), x, col, left=0, right=0)
     return out * (np.pi / (2 * v))
@@ -394,12 +395,12 @@ class Projections:
         self, sinogram: np.ndarray, angles_deg: np.ndarray, pixels: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
         """:func:`fbp` of (a view subset of) this slice's sinogram at slice pixels ``(rows, cols)`` (``None``: all
-        N × N), accounting for the margin. Returns float64 1/mm, shaped like ``rows`` (or (N, N))."""
+        N × N), accounting for the margin. Returns float64 1/mm: (N, N) or the broadcast shape of rows, cols."""
         return _recon(sinogram, angles_deg, self.spacing_mm, self.hu.shape[0], self.margin, pixels)
 
 
 def _recon(sinogram, angles_deg, spacing_mm: float, n: int, margin: int, pixels) -> np.ndarray:
-    rows, cols = np.mgrid[:n, :n] if pixels is None else (np.asarray(a) for a in pixels)
+    rows, cols = np.ogrid[:n, :n] if pixels is None else (np.asarray(a) for a in pixels)
     return fbp(sinogram, angles_deg, spacing_mm, n + 2 * margin, pixels=(rows + margin, cols + margin))
 
 
@@ -440,7 +441,7 @@ def degrade(
         pixels: ``(rows, cols)`` index arrays to compute (see :func:`fbp`); ``None``: the whole slice.
 
     Returns:
-        float64 HU to add to ``proj.hu``: (N, N), or the shape of ``rows``.
+        float64 HU to add to ``proj.hu``: (N, N), or the broadcast shape of ``rows`` and ``cols``.
     """
     if not 0 < dose_fraction <= 1:
         raise ValueError(f"dose fraction must be in (0, 1], got {dose_fraction}")
@@ -682,8 +683,8 @@ def _level_task(args: tuple[_Level, int, int]) -> list[tuple[np.ndarray, float]]
     lv, size, seed = args
     proj = _SHARED[lv.slice_index]
     grid = np.arange(size)
-    rows = np.stack([np.broadcast_to((y + grid)[:, None], (size, size)) for y, _ in lv.crops])
-    cols = np.stack([np.broadcast_to((x + grid)[None, :], (size, size)) for _, x in lv.crops])
+    rows = np.stack([y + grid for y, _ in lv.crops])[:, :, None]  # (k, size, 1)
+    cols = np.stack([x + grid for _, x in lv.crops])[:, None, :]  # (k, 1, size)
     added = degrade(proj, lv.dose, lv.n_views, _rng(seed, lv.slice_index, 1, lv.level), pixels=(rows, cols))
     out = []
     for (y, x), add in zip(lv.crops, added, strict=True):
@@ -816,6 +817,10 @@ def simulate(
     # --- stage 2: levels -> crops ----------------------------------------------------------------------------
     t1 = time.perf_counter()
     counts = [n_images // len(usable) + (1 if k < n_images % len(usable) else 0) for k in range(len(usable))]
+    empty = [h for h in held if counts[names.index(h)] == 0]
+    for h in empty:
+        say(f"[simulate] warning: test base slice {h!r} gets no image with --n-images {n_images}; not held out")
+    held = [h for h in held if h not in empty]
     levels = _plan(projs, usable, counts, size, seed)
     order = sorted(range(len(levels)), key=lambda k: -levels[k].n_views)  # big jobs first (load balance)
     ids = _rng(seed, 99).permutation(n_images)  # image ids shuffled so they reveal neither slice nor score
