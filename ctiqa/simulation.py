@@ -924,7 +924,8 @@ def _readme(deg: dict[str, Any]) -> str:
         "I0 * dose per ray on every k-th view; -log; ramp-filter FBP; output = original + (degraded recon -\n"
         "noiseless 1024-view recon), so noise and sparse-view streaks are added at the original resolution.\n"
         f"I0 per slice gives {FULL_DOSE_NOISE_HU} HU of added noise at full dose (1.0, 1024 views).\n"
-        "Source CT: pydicom / pydicom-data test files (see their licences); no DICOM metadata is copied.\n"
+        "Source CT: pydicom / pydicom-data test files (see their licences). No patient or study metadata is copied;\n"
+        "only the pixel spacing (a physical input of the simulation) is recorded.\n"
     )
 
 
