@@ -16,9 +16,9 @@ Physics (design.md §4), per base slice
 3. Reference: the noiseless full-view filtered back-projection ``ref = FBP_1024(p)``.
 4. Noise calibration (the analogue of automatic tube-current modulation): the full-dose photon count ``I0``
    is chosen per base slice so that the quantum noise added at (dose 1.0, 1024 views) has a standard deviation
-   of :data:`FULL_DOSE_NOISE_HU` over the slice's soft-tissue pixels. Without it a 128-px crop (short ray
-   paths) would get a fifth of the abdomen's noise at the same "dose" and the score would mean different things
-   on different slices. (With a fixed ``I0 = 3e6`` the abdomen gets 8.8 HU, the design note's "~9 HU".)
+   of :data:`FULL_DOSE_NOISE_HU` over the slice's soft-tissue pixels. Without it the 128² chest slice (short
+   ray paths) would get a quarter of the abdomen's noise at the same "dose" and the score would mean different
+   things on different slices. (With a fixed ``I0 = 3e6`` the abdomen gets 8.7 HU, the design note's "~9 HU".)
 5. One degradation level ``(dose fraction d, n views)``: keep ``n`` of the 1024 views (evenly spaced
    indices ``floor(k·1024/n)``), draw transmitted counts ``N ~ Poisson(I0·d·exp(-p))``, ``p̂ = -ln(max(N, 1) /
    (I0·d))``, reconstruct ``deg = FBP_n(p̂)`` (ramp filter, linear interpolation).
@@ -29,7 +29,8 @@ Physics (design.md §4), per base slice
 7. LDCTIQA representation: :func:`ctiqa.imaging.hu_to_unit` (``clip((HU + 135) / 350, 0, 1)``), float32.
 
 The quantum noise scales as ``FULL_DOSE_NOISE_HU / sqrt(d · n / 1024)`` (per-view counts ``I0·d``, FBP noise
-variance ~ 1 / total photons): measured within 2 % on the abdomen slice; it is recorded as ``noise_sigma_hu``.
+variance ~ 1 / total photons): measured within 1 % on every base slice, 3-4 % above it at the lowest counts
+(0.1, 64 views); it is recorded as ``noise_sigma_hu``.
 ``dose_fraction`` is the tube-current fraction per view; the total relative dose is ``d · n / 1024``.
 
 Synthetic score (:func:`synthetic_score`)
@@ -43,9 +44,10 @@ Crops
 -----
 ``--size`` smaller than a slice cuts crops at native resolution (downsampling would average the noise away):
 positions are seeded and each crop holds at least :data:`MIN_TISSUE_FRACTION` of pixels inside the soft-tissue
-window in the original. Each level is reconstructed once on the full slice and cropped a few times (crops of
-one level overlap by at most :data:`MAX_CROP_OVERLAP` where the slice allows). Slices smaller than ``--size``
-are skipped; a slice of exactly ``--size`` is used whole.
+window in the original. Each level (one noise realisation) is back-projected once, at the pixels of its crops
+only (:func:`fbp` with pixel indices; a few crops per level, overlapping by at most :data:`MAX_CROP_OVERLAP`
+where the slice allows). Slices smaller than ``--size`` are skipped; a slice of exactly ``--size`` is used
+whole.
 
 ``degradations.json``
 --------------------
