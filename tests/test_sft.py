@@ -28,6 +28,7 @@ from sft_data import write_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SFT = REPO / "recipes" / "sft.py"
 TINY_QLORA = REPO / "recipes" / "tiny" / "sft" / "config_qlora_cpu.yaml"
+TINY_FULL = REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml"
 RECIPES = sorted(REPO.glob("recipes/*/sft/config_*.yaml"))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -169,13 +170,15 @@ def test_no_config_means_the_paper_recipe():
     assert train.push_to_hub and train.hub_private_repo
 
 
-def test_help_documents_every_field():
-    proc = subprocess.run([sys.executable, str(SFT), "--help"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **OFFLINE}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit) as done:
+        sft.parse_args(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--dataset_name", "--check_examples", "--eval_results", "--lora_r", "--load_in_4bit",
                  "--max_length", "--learning_rate", "--hub_model_id", "--completion_only_loss"):
-        assert flag in proc.stdout
+        assert flag in out
+    assert "Hub dataset id or local folder written by `ctiqa build-dataset`" in " ".join(out.split())
 
 
 # -------------------------------------------------------------------------------------------------- QLoRA
@@ -217,7 +220,7 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
     out = tmp_path / "out"
     cmd = _launch(["--cpu", "--num_processes", "1"]) + [
         "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
-        "--output_dir", str(out), "--num_train_epochs", "6", "--logging_steps", "3",
+        "--output_dir", str(out), "--num_train_epochs", "6", "--per_device_train_batch_size", "8", "--logging_steps", "3",
         "--push_to_hub", "true", "--hub_model_id", "tester/tiny-ctiqa-qlora"]
     _run(cmd, {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
 
@@ -256,10 +259,12 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
 
 
 def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp_path):
+    """Full fine-tuning (config_cpu.yaml: no LoRA, no 4-bit), killed with SIGKILL after its first checkpoint, then
+    re-run: it resumes at that step and finishes; the output is a full model."""
     out = tmp_path / "out"
     args = _launch(["--cpu", "--num_processes", "1"]) + [
-        "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
-        "--output_dir", str(out), "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "4",
+        "--config", str(TINY_FULL), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+        "--output_dir", str(out), "--max_steps", "16", "--save_strategy", "steps", "--save_steps", "4",
         "--save_total_limit", "3", "--eval_strategy", "no", "--load_best_model_at_end", "false",
         "--per_device_train_batch_size", "2", "--report_to", "none", "--log_level", "info"]
     env = {**os.environ, **OFFLINE}
@@ -277,15 +282,19 @@ def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp
     assert not (out / "DONE").exists()
     first = sft.last_complete_checkpoint(str(out))
     step = int(first.rsplit("-", 1)[1])
-    assert 4 <= step < 40
+    assert 4 <= step < 16
 
     done = _run(args, OFFLINE)
     log = done.stdout + done.stderr
     assert f"resuming training at {first}" in log
     assert f"and global step {step}" in log  # transformers: "Resuming training from checkpoint with epoch E and global step N"
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 40
-    assert (out / "DONE").is_file()
+    assert state["global_step"] == 16
+    assert (out / "DONE").is_file() and not (out / "adapter_config.json").exists()
+    from transformers import AutoModelForImageTextToText
+
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(trained).__name__ == "Gemma3ForConditionalGeneration"
 
 
 @pytest.mark.slow
