@@ -182,7 +182,7 @@ def build_tiny_model(
     seed: int = 0,
     *,
     image_size: int = 128,
-    patch_size: int = 16,
+    patch_size: int = 8,
     mm_tokens_per_image: int = 16,
     vision_hidden: int = 64,
     vision_layers: int = 2,
@@ -200,9 +200,12 @@ def build_tiny_model(
     """Build a tiny random ``Gemma3ForConditionalGeneration`` + ``Gemma3Processor`` and save both to ``out_dir``.
 
     ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and ``AutoProcessor.from_pretrained(out_dir)`` load
-    them. Offline, deterministic for a given ``seed``, a fraction of a second with the defaults (~0.24 M
-    parameters: vision and text 64 wide, 2 layers each, 128-px input, 8x8 patches of 16 px average-pooled to
-    ``mm_tokens_per_image`` = 16 image tokens).
+    them. Offline, deterministic for a given ``seed``, a fraction of a second with the defaults (~0.22 M
+    parameters: vision and text 64 wide, 2 layers each, 128-px input, 16x16 patches of 8 px average-pooled to
+    ``mm_tokens_per_image`` = 16 image tokens). 8-px patches, not 16: on simulated crops of an anatomy left out
+    of training (the demo's training data with one base slice held out for validation), the model trained by
+    ``recipes/tiny/sft/config_cpu.yaml`` ranks quality with SRCC 0.95 with 8-px patches and 0.78 with 16-px ones:
+    it has to see pixel-scale noise, not only anatomy.
 
     Args:
         out_dir: folder to write (created; existing model files in it are overwritten).
@@ -334,6 +337,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder to write the model and processor to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--image-size", type=int, default=128, help="input side in pixels (default 128)")
+    parser.add_argument("--patch-size", type=int, default=8, help="vision patch side in pixels (default 8)")
     parser.add_argument("--width", type=int, default=64, help="vision and text hidden width (default 64)")
     parser.add_argument("--layers", type=int, default=2, help="vision and text depth (default 2)")
 
@@ -345,7 +349,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText
 
     t0 = time.perf_counter()
-    out = build_tiny_model(args.out, seed=args.seed, image_size=args.image_size,
+    out = build_tiny_model(args.out, seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
                            vision_hidden=args.width, text_hidden=args.width,
                            vision_intermediate=2 * args.width, text_intermediate=2 * args.width,
                            vision_layers=args.layers, text_layers=args.layers)
