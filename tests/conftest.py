@@ -6,6 +6,7 @@
     ``huggingface_hub`` and ``datasets`` are patched too. Yields the :class:`tests.fake_hub.FakeHub` (``.url``,
     ``.repo(id, repo_type)``, ``.files(id, repo_type)``, ``.dump(id, folder, repo_type)``, ``.requests``,
     ``.unknown``). Subprocesses inherit the environment variables.
+``_private_ctiqa_cache`` (autouse): ``CTIQA_CACHE_DIR`` points at a fresh temporary folder for the session.
 ``fake_gemini``: a started :class:`tests.fake_gemini.FakeGemini` (script empty: every answer is ``ok()``;
     call ``.set_script([...])``), with ``GEMINI_API_KEY`` set to a fake key.
 """
@@ -21,6 +22,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_gemini import FakeGemini  # noqa: E402
 from fake_hub import TOKEN, FakeHub  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_ctiqa_cache(tmp_path_factory):
+    """Keep tests off the user's ~/.cache/ctiqa (sinogram cache, teacher answers): every run starts cold."""
+    import os
+
+    old = os.environ.get("CTIQA_CACHE_DIR")
+    os.environ["CTIQA_CACHE_DIR"] = str(tmp_path_factory.mktemp("ctiqa_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CTIQA_CACHE_DIR", None)
+    else:
+        os.environ["CTIQA_CACHE_DIR"] = old
 
 
 @pytest.fixture
