@@ -1,11 +1,11 @@
 """Training speed and peak memory of the tiny recipes on the CPU, through the real script.
 
-    python bench/bench_train.py [--dataset runs/demo/dataset] [--steps 40] [--recipes qlora full]
+    python bench/bench_train.py [--dataset runs/demo/dataset] [--steps 40] [--recipes qlora full] [--workers 0 1]
 
-Builds the tiny model (``ctiqa tiny-model``), then runs ``accelerate launch --cpu recipes/sft.py`` with each tiny
-recipe for ``--steps`` optimiser steps (no evaluation, no checkpoints, no example check) and prints examples/s,
-tokens/s (real tokens of the batches, from TRL's ``num_tokens``), seconds per step, the whole command's wall time
-and its peak resident memory. Dataset: ``--dataset`` (e.g. the demo's, from ``ctiqa build-dataset``), else a small
+Builds the tiny model (``ctiqa tiny-model``), then runs ``accelerate launch --cpu recipes/sft.py`` with the demo
+recipe (``recipes/tiny/sft/config_cpu.yaml``: QLoRA) and its full-fine-tuning variant for ``--steps`` optimiser
+steps (no evaluation, no checkpoints, no example check) and prints examples/s, tokens/s (real tokens of the
+batches, from TRL's ``num_tokens``), seconds per step, the whole command's wall time and its peak resident memory. Dataset: ``--dataset`` (e.g. the demo's, from ``ctiqa build-dataset``), else a small
 synthetic one in the same schema (tests/sft_data.py).
 """
 
@@ -21,16 +21,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml"
+#: name -> overrides of the demo recipe (QLoRA: 4-bit base + LoRA; full: every weight trained, fp32)
 RECIPES = {
-    "qlora": REPO / "recipes" / "tiny" / "sft" / "config_qlora_cpu.yaml",
-    "full": REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml",
+    "qlora": [],
+    "full": ["--use_peft", "false", "--load_in_4bit", "false", "--learning_rate", "1e-3"],
 }
 
 
-def run_recipe(recipe: Path, model: Path, dataset: Path, out: Path, steps: int) -> dict:
-    """Train ``steps`` steps with ``recipe``; return speed and memory figures."""
+def run_recipe(overrides: list[str], model: Path, dataset: Path, out: Path, steps: int, workers: int) -> dict:
+    """Train ``steps`` steps with the demo recipe and ``overrides``; return speed and memory figures."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-           str(REPO / "recipes" / "sft.py"), "--config", str(recipe), "--model_name_or_path", str(model),
+           str(REPO / "recipes" / "sft.py"), "--config", str(DEMO_RECIPE), *overrides,
+           "--dataloader_num_workers", str(workers), "--model_name_or_path", str(model),
            "--dataset_name", str(dataset), "--output_dir", str(out), "--max_steps", str(steps),
            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
            "--report_to", "none", "--logging_steps", "1", "--check_examples", "false"]
@@ -41,7 +44,7 @@ def run_recipe(recipe: Path, model: Path, dataset: Path, out: Path, steps: int) 
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{recipe.name} failed:\n{proc.stderr.read()[-3000:]}")
+        raise SystemExit(f"{' '.join(overrides) or 'demo recipe'} failed:\n{proc.stderr.read()[-3000:]}")
     metrics = json.loads((out / "train_results.json").read_text())
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     tokens = max(h.get("num_tokens", 0) for h in history)
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", type=Path, default=None, help="dataset folder (default: small synthetic)")
     ap.add_argument("--steps", type=int, default=40, help="optimiser steps per recipe (default 40)")
     ap.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="dataloader workers to try (default 1)")
     args = ap.parse_args(argv)
 
     from ctiqa.tiny import build_tiny_model, count_parameters
@@ -83,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tiny model: {counts['total'] / 1e6:.3f} M parameters (vision {counts['vision'] / 1e6:.3f} M, "
               f"text {counts['text'] / 1e6:.3f} M), built in {build_s:.2f} s; dataset {dataset}; "
               f"{args.steps} steps per recipe; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-        print(f"{'recipe':<8} {'examples/s':>10} {'tokens/s':>9} {'s/step':>7} {'train s':>8} {'wall s':>7} "
+        print(f"{'recipe':<8} {'workers':>7} {'examples/s':>10} {'tokens/s':>9} {'s/step':>7} {'train s':>8} {'wall s':>7} "
               f"{'peak RSS MiB':>12}  loss first -> last")
         for name in args.recipes:
-            r = run_recipe(RECIPES[name], model, dataset, tmp / f"out-{name}", args.steps)
-            print(f"{name:<8} {r['examples_per_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['s_per_step']:>7.3f} "
-                  f"{r['train_s']:>8.1f} {r['command_wall_s']:>7.1f} {r['peak_rss_mib']:>12.0f}  "
-                  f"{r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f}")
+            for w in args.workers:
+                r = run_recipe(RECIPES[name], model, dataset, tmp / f"out-{name}-{w}", args.steps, w)
+                print(f"{name:<8} {w:>7} {r['examples_per_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['s_per_step']:>7.3f} "
+                      f"{r['train_s']:>8.1f} {r['command_wall_s']:>7.1f} {r['peak_rss_mib']:>12.0f}  "
+                      f"{r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f}", flush=True)
     return 0
 
 

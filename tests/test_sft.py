@@ -28,7 +28,7 @@ from sft_data import write_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SFT = REPO / "recipes" / "sft.py"
 TINY_QLORA = REPO / "recipes" / "tiny" / "sft" / "config_qlora_cpu.yaml"
-TINY_FULL = REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml"
+TINY_DEMO = REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml"
 RECIPES = sorted(REPO.glob("recipes/*/sft/config_*.yaml"))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -259,12 +259,13 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
 
 
 def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp_path):
-    """Full fine-tuning (config_cpu.yaml: no LoRA, no 4-bit), killed with SIGKILL after its first checkpoint, then
-    re-run: it resumes at that step and finishes; the output is a full model."""
+    """Full fine-tuning (the demo recipe with --use_peft false --load_in_4bit false), killed with SIGKILL after its
+    first checkpoint, then re-run: it resumes at that step and finishes; the output is a full model."""
     out = tmp_path / "out"
     args = _launch(["--cpu", "--num_processes", "1"]) + [
-        "--config", str(TINY_FULL), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
-        "--output_dir", str(out), "--max_steps", "16", "--save_strategy", "steps", "--save_steps", "4",
+        "--config", str(TINY_DEMO), "--use_peft", "false", "--load_in_4bit", "false", "--learning_rate", "1e-3",
+        "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir), "--output_dir", str(out),
+        "--max_steps", "16", "--save_strategy", "steps", "--save_steps", "4",
         "--save_total_limit", "3", "--eval_strategy", "no", "--load_best_model_at_end", "false",
         "--per_device_train_batch_size", "2", "--report_to", "none", "--log_level", "info"]
     env = {**os.environ, **OFFLINE}
