@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
           [_ctiqa("build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--split", "base-slice",
                   "--seed", str(SEED), "--out", str(data))])
     stage("train", model / "DONE",
-          [[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+          [[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_cpu_threads_per_process", "1",
             "recipes/sft.py", "--config", args.config, "--model_name_or_path", str(tiny),
             "--dataset_name", str(data), "--output_dir", str(model)]])
     trained = model
