@@ -115,6 +115,16 @@ def _is_adapter_dir(path: str) -> bool:
     return p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists()
 
 
+def _trained_on_4bit_base(adapter: str | None) -> bool:
+    """True when ``recipes/sft.py`` recorded (``ctiqa_training.json``) that the adapter learned on a 4-bit base."""
+    import json
+
+    if adapter is None or not (Path(adapter) / "ctiqa_training.json").is_file():
+        return False
+    info = json.loads((Path(adapter) / "ctiqa_training.json").read_text())
+    return bool(info.get("adapter") and info.get("load_in_4bit"))
+
+
 def load_model(model: str | None = None, adapter: str | None = None, *, precision: str = "auto",
                device: str | None = None) -> LoadedModel:
     """Load a base model (plus an optional PEFT adapter) and its processor for inference.
@@ -125,7 +135,8 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
             is accepted too: it is used as ``adapter`` and its ``base_model_name_or_path`` as the model.
             None: the adapter's base model.
         adapter: PEFT adapter id or folder (as saved by ``recipes/sft.py``), or None.
-        precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", or "4bit" (bitsandbytes NF4, double
+        precision: "auto" (4bit when the adapter folder's ``ctiqa_training.json`` says it was trained on a
+            4-bit base, else bf16 on CUDA, fp32 on CPU), "fp32", "bf16", or "4bit" (bitsandbytes NF4, double
             quantisation, bf16 compute and storage: the paper's QLoRA setting).
         device: "cpu", "cuda", "cuda:1"...; default CUDA when available, else CPU.
     Returns:
@@ -151,7 +162,7 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
             raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
+        precision = "4bit" if _trained_on_4bit_base(adapter) else "bf16" if device.startswith("cuda") else "fp32"
 
     kwargs: dict[str, Any] = {"dtype": torch.float32 if precision == "fp32" else torch.bfloat16}
     if precision == "4bit":

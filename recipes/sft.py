@@ -18,7 +18,8 @@ The dataset is a Hub id or a local folder written by ``ctiqa build-dataset`` (a 
 ``train``, model selection uses ``validation`` (eval loss); ``test`` is never read here.
 
 Outputs in ``output_dir``: the adapter (or the full model when ``use_peft`` is false) + processor, ``README.md``
-(our model card), ``train_results.json``, ``trainer_state.json`` (loss curve), TensorBoard logs in ``runs/``,
+(our model card), ``train_results.json``, ``trainer_state.json`` (loss curve), ``ctiqa_training.json`` (how the base was loaded: 4-bit or not, read by
+``ctiqa evaluate --precision auto``), TensorBoard logs in ``runs/``,
 checkpoints, and ``DONE`` when everything finished. A re-run resumes from the last complete checkpoint.
 """
 
@@ -280,6 +281,12 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
             train_metrics=metrics,
         )
         card.save(os.path.join(training_args.output_dir, "README.md"))
+        # How the base was loaded while the adapter learned: `ctiqa evaluate/predict --precision auto` loads the
+        # base the same way (an adapter trained on an NF4 base is evaluated on that NF4 base).
+        Path(training_args.output_dir, "ctiqa_training.json").write_text(json.dumps({
+            "base_model": model_args.model_name_or_path, "adapter": peft_config is not None,
+            "load_in_4bit": bool(model_args.load_in_4bit), "bnb_4bit_quant_type": model_args.bnb_4bit_quant_type,
+            "dtype": str(model_args.dtype), "bf16": bool(training_args.bf16)}, indent=2) + "\n")
         Path(training_args.output_dir, "DONE").write_text(json.dumps(metrics, indent=2) + "\n")
         logger.info("model and card saved to %s", training_args.output_dir)
 

@@ -231,6 +231,10 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
     assert evals[-1] < evals[0] and state["best_metric"] == min(evals)
     assert (out / "DONE").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not list(out.glob("model*.safetensors"))
+    assert json.loads((out / "ctiqa_training.json").read_text())["load_in_4bit"] is True
+    from ctiqa.inference import load_model
+
+    assert load_model(str(out)).precision == "4bit"  # evaluated on the NF4 base it learned on
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "pipeline_tag: image-text-to-text" in card
     assert "Not for clinical use" in card and "QLoRA" in card
