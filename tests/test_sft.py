@@ -76,7 +76,8 @@ def _launch(args: list[str]) -> list[str]:
 
 def _run(cmd: list[str], env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, **env_extra}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
