@@ -254,6 +254,15 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     t0 = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
     metrics = train_result.metrics
+    best = trainer.state.best_model_checkpoint
+    if peft_config is None and training_args.load_best_model_at_end and best:
+        # transformers 5 saves Gemma 3 checkpoints in the legacy key layout, and the Trainer's best-model reload
+        # (a non-strict load_state_dict) then matches no key and keeps the last weights with only a warning;
+        # from_pretrained converts the keys, so reload the best checkpoint through it.
+        best_model = AutoModelForImageTextToText.from_pretrained(best, dtype=trainer.model.dtype)
+        trainer.model.load_state_dict(best_model.state_dict())
+        logger.info("loaded the best checkpoint %s (%s %s)", best, training_args.metric_for_best_model,
+                    trainer.state.best_metric)
     metrics["train_samples"] = len(train_dataset)
     metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
     trainer.log_metrics("train", metrics)

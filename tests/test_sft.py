@@ -303,6 +303,31 @@ def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp
     assert type(trained).__name__ == "Gemma3ForConditionalGeneration"
 
 
+def test_full_fine_tuning_keeps_the_best_checkpoint(tiny, dataset_dir, tmp_path):
+    """load_best_model_at_end with full fine-tuning: the saved model is the best checkpoint's weights (transformers
+    5's own reload silently matches no Gemma 3 key)."""
+    out = tmp_path / "out"
+    args = _launch(["--cpu", "--num_processes", "1"]) + [
+        "--config", str(TINY_DEMO), "--use_peft", "false", "--load_in_4bit", "false", "--learning_rate", "1e-2",
+        "--lr_scheduler_type", "constant", "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+        "--output_dir", str(out), "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_total_limit", "10",
+        "--per_device_train_batch_size", "2", "--report_to", "none",
+        "--greater_is_better", "true"]  # "best" = highest eval loss = an early checkpoint, never the last one
+    _run(args, OFFLINE)
+    state = json.loads((out / "trainer_state.json").read_text())
+    best = state["best_model_checkpoint"]
+    assert best and not best.endswith("checkpoint-8")
+    assert state["best_metric"] == max(h["eval_loss"] for h in state["log_history"] if "eval_loss" in h)
+    from transformers import AutoModelForImageTextToText
+
+    final = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    for ckpt in sorted(out.glob("checkpoint-*")):
+        w = AutoModelForImageTextToText.from_pretrained(ckpt).state_dict()
+        same = all(torch.equal(final[k], w[k]) for k in final)
+        assert same == (str(ckpt) == best or Path(best).name == ckpt.name), ckpt
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tiny, dataset_dir, tmp_path):
     """2-process DDP (gloo) through `accelerate launch --multi_gpu --num_processes 2` on a machine without GPU."""
