@@ -24,6 +24,15 @@ def _pairs(true: list[float], pred: list[float | None]) -> tuple[np.ndarray, np.
     return t, p, len(true) - len(ok)
 
 
+def _save(plt, fig, out: str | Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
 def _figure(n_panels: int):
     import matplotlib
 
@@ -59,12 +68,7 @@ def scatter_plot(true: list[float], preds: dict[str, list[float | None]], out: s
         ax.set_xlabel("true score (0-4)")
         ax.set_ylabel("predicted score")
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, out, title)
 
 
 def bland_altman_plot(true: list[float], preds: dict[str, list[float | None]], out: str | Path,
@@ -92,9 +96,4 @@ def bland_altman_plot(true: list[float], preds: dict[str, list[float | None]], o
         ax.set_xlabel("mean of predicted and true score")
         ax.set_ylabel("predicted - true")
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, out, title)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from loopback import start_server, stop_server
+
 _PATH = re.compile(r"^/(?:v1|v1beta|v1alpha)/models/([^:/]+):generateContent$")
 _SCORE = re.compile(r"rated (\d+(?:\.\d+)?)")
 
@@ -223,48 +225,18 @@ class FakeGemini:
         handler.wfile.write(data)
 
     def start(self) -> FakeGemini:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802
-                fake._handle(self)
-
-            do_GET = do_POST  # noqa: N815
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._server.handle_error = _quiet_disconnects(self._server.handle_error)  # type: ignore[method-assign]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = start_server(self._handle)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
 
     def __enter__(self) -> FakeGemini:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _quiet_disconnects(handle_error):
-    """Server error hook that stays silent when a client hung up (timeouts, killed builders): expected in tests."""
-    import sys
-
-    def hook(request, client_address):
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return
-        handle_error(request, client_address)
-
-    return hook
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from loopback import start_server, stop_server
+
 USER = "tester"
 TOKEN = "hf_fake_token_for_tests"
 _LFS_SUFFIXES = (".parquet", ".safetensors", ".bin", ".pt", ".png", ".jpg", ".arrow", ".gguf")
@@ -151,30 +153,12 @@ class FakeHub:
 
     # ------------------------------------------------------------------ server
     def start(self) -> FakeHub:
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _any(self) -> None:
-                hub._dispatch(self)
-
-            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _any  # noqa: N815
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._server.handle_error = _quiet_disconnects(self._server.handle_error)  # type: ignore[method-assign]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = start_server(self._dispatch)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
 
     def __enter__(self) -> FakeHub:
         return self.start()
@@ -476,15 +460,3 @@ class FakeHub:
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
             return self._send(h, 206, raw=data[start:end + 1], headers=headers)
         return self._send(h, 200, raw=data, headers=headers)
-
-
-def _quiet_disconnects(handle_error):
-    """Server error hook that stays silent when a client hung up (timeouts, killed builders): expected in tests."""
-    import sys
-
-    def hook(request, client_address):
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return
-        handle_error(request, client_address)
-
-    return hook
