@@ -2,8 +2,8 @@
 
     python bench/bench_train.py [--dataset runs/demo/dataset] [--steps 40] [--recipes qlora full] [--workers 0 1]
 
-Builds the tiny model (``ctiqa tiny-model``), then runs ``accelerate launch --cpu recipes/sft.py`` with the demo
-recipe (``recipes/tiny/sft/config_cpu.yaml``: QLoRA) and its full-fine-tuning variant for ``--steps`` optimiser
+Builds the tiny model (``ctiqa tiny-model``), then runs ``accelerate launch --cpu recipes/sft.py`` with the tiny
+recipes (``config_cpu.yaml``: the demo's full fine-tuning; ``config_qlora_cpu.yaml``: QLoRA) for ``--steps`` optimiser
 steps (no evaluation, no checkpoints, no example check) and prints examples/s, tokens/s (real tokens of the
 batches, from TRL's ``num_tokens``), seconds per step, the whole command's wall time and its peak resident memory. Dataset: ``--dataset`` (e.g. the demo's, from ``ctiqa build-dataset``), else a small
 synthetic one in the same schema (tests/sft_data.py).
@@ -21,18 +21,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_RECIPE = REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml"
-#: name -> overrides of the demo recipe (QLoRA: 4-bit base + LoRA; full: every weight trained, fp32)
+#: name -> tiny recipe (full: the demo's, every weight trained, fp32; qlora: 4-bit base + LoRA)
 RECIPES = {
-    "qlora": [],
-    "full": ["--use_peft", "false", "--load_in_4bit", "false", "--learning_rate", "1e-3"],
+    "full": REPO / "recipes" / "tiny" / "sft" / "config_cpu.yaml",
+    "qlora": REPO / "recipes" / "tiny" / "sft" / "config_qlora_cpu.yaml",
 }
 
 
-def run_recipe(overrides: list[str], model: Path, dataset: Path, out: Path, steps: int, workers: int) -> dict:
-    """Train ``steps`` steps with the demo recipe and ``overrides``; return speed and memory figures."""
+def run_recipe(recipe: Path, model: Path, dataset: Path, out: Path, steps: int, workers: int) -> dict:
+    """Train ``steps`` steps with ``recipe``; return speed and memory figures."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-           str(REPO / "recipes" / "sft.py"), "--config", str(DEMO_RECIPE), *overrides,
+           str(REPO / "recipes" / "sft.py"), "--config", str(recipe),
            "--dataloader_num_workers", str(workers), "--model_name_or_path", str(model),
            "--dataset_name", str(dataset), "--output_dir", str(out), "--max_steps", str(steps),
            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
@@ -44,7 +43,7 @@ def run_recipe(overrides: list[str], model: Path, dataset: Path, out: Path, step
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(overrides) or 'demo recipe'} failed:\n{proc.stderr.read()[-3000:]}")
+        raise SystemExit(f"{recipe.name} failed:\n{proc.stderr.read()[-3000:]}")
     metrics = json.loads((out / "train_results.json").read_text())
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     tokens = max(h.get("num_tokens", 0) for h in history)

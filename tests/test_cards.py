@@ -50,7 +50,7 @@ def test_adapter_card_has_hub_metadata_recipe_and_evaluation(tmp_path):
 
 def test_full_model_card_without_evaluation_and_local_paths():
     tiny_cfg = PAPER.parent.parent.parent / "tiny" / "sft" / "config_cpu.yaml"
-    _, train, model = sft.parse_args(["--config", str(tiny_cfg), "--use_peft", "false", "--load_in_4bit", "false"])
+    _, train, model = sft.parse_args(["--config", str(tiny_cfg)])
     card = model_card(base_model="runs/demo/tiny-model", dataset="runs/demo/dataset", training_args=train,
                       model_args=model, adapter=False)
     meta = _front_matter(str(card))

@@ -264,12 +264,12 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
 
 
 def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp_path):
-    """Full fine-tuning (the demo recipe with --use_peft false --load_in_4bit false), killed with SIGKILL after its
-    first checkpoint, then re-run: it resumes at that step and finishes; the output is a full model."""
+    """Full fine-tuning (the demo recipe, config_cpu.yaml), killed with SIGKILL after its first checkpoint, then
+    re-run: it resumes at that step and finishes; the output is a full model."""
     out = tmp_path / "out"
     args = _launch(["--cpu", "--num_processes", "1"]) + [
-        "--config", str(TINY_DEMO), "--use_peft", "false", "--load_in_4bit", "false", "--learning_rate", "1e-3",
-        "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir), "--output_dir", str(out),
+        "--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+        "--output_dir", str(out),
         "--max_steps", "16", "--save_strategy", "steps", "--save_steps", "4",
         "--save_total_limit", "3", "--eval_strategy", "no", "--load_best_model_at_end", "false",
         "--per_device_train_batch_size", "2", "--report_to", "none", "--log_level", "info"]
