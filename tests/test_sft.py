@@ -75,9 +75,15 @@ def _launch(args: list[str]) -> list[str]:
 
 
 def _run(cmd: list[str], env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run CMD; on a non-zero exit or a timeout, fail with the tail of what it printed."""
     env = {**os.environ, **env_extra}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd[:6])} ...\n{out[-3000:]}\n{err[-5000:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -332,12 +338,14 @@ def test_full_fine_tuning_keeps_the_best_checkpoint(tiny, dataset_dir, tmp_path)
 def test_ddp_two_processes_on_cpu(tiny, dataset_dir, tmp_path):
     """2-process DDP (gloo) through `accelerate launch --multi_gpu --num_processes 2` on a machine without GPU."""
     out = tmp_path / "out"
-    cmd = _launch(["--multi_gpu", "--num_processes", "2"]) + [
+    cmd = _launch(["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]) + [
         "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
         "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         "--report_to", "none", "--log_level", "info", "--logging_steps", "1"]
-    done = _run(cmd, OFFLINE)
+    # torchrun's agent looks its own address up from the hostname and waits forever where the hostname does not
+    # resolve (as on the CI machine); PET_LOCAL_ADDR is torchrun's --local_addr, which accelerate passes on.
+    done = _run(cmd, {**OFFLINE, "PET_LOCAL_ADDR": "127.0.0.1"}, timeout=300)
     log = done.stdout + done.stderr
     assert "world size 2" in log
     state = json.loads((out / "trainer_state.json").read_text())
