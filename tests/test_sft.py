@@ -343,8 +343,9 @@ def test_ddp_two_processes_on_cpu(tiny, dataset_dir, tmp_path):
         "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         "--report_to", "none", "--log_level", "info", "--logging_steps", "1"]
-    # torchrun's agent looks its own address up from the hostname and waits forever where the hostname does not
-    # resolve (as on the CI machine); PET_LOCAL_ADDR is torchrun's --local_addr, which accelerate passes on.
+    # torchrun's agent advertises its hostname to the workers; where it does not resolve (as on the CI machine) they
+    # start, print their rank, then wait forever in the first collective. PET_LOCAL_ADDR is torchrun's --local_addr
+    # (accelerate passes it on): reproduced with `unshare --uts` + an unresolvable hostname, hangs without, passes with.
     done = _run(cmd, {**OFFLINE, "PET_LOCAL_ADDR": "127.0.0.1"}, timeout=300)
     log = done.stdout + done.stderr
     assert "world size 2" in log
