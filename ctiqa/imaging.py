@@ -448,7 +448,8 @@ def _read_dicom_dataset(path: Path) -> Any:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as e:
-        raise CTIQAError(f"{path}: not a DICOM file ({e})") from e
+        raise CTIQAError(f"{path}: not a DICOM file (no 'DICM' marker after the 128-byte preamble and no "
+                         "readable DICOM header)") from e
     except Exception as e:
         raise CTIQAError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -548,27 +549,29 @@ def read_ct(path: str | os.PathLike, frame: int | None = None) -> CTImage:
     return frames[int(frame)]
 
 
-def read_dicom_series(
+def read_dicom_folder(
     folder: str | os.PathLike, *, errors: list[tuple[str, str]] | None = None, recursive: bool = True
-) -> list[tuple[str, CTImage]]:
-    """Read a DICOM series from a folder, ordered along the slice normal.
+) -> list[list[tuple[str, CTImage]]]:
+    """Read every DICOM series in a folder, each ordered along its slice normal.
 
     Every file (hidden files and ``DICOMDIR`` skipped; sub-folders too when ``recursive``) is read with the same
-    rules as :func:`read_ct`; multi-frame files contribute one entry per frame. The folder is taken to hold one
-    series: files of several series are not told apart (ordering them along one normal is then meaningless).
+    rules as :func:`read_ct`; multi-frame files contribute one entry per frame. Files are told apart into series by
+    Series Instance UID (0020,000E); the UID is used only to group, never returned. Files without one form one
+    series of their own.
 
-    Ordering: by :attr:`CTImage.position` (Image Position (Patient) projected on the normal of Image
-    Orientation (Patient), mm) when every slice has one; otherwise by Instance Number; ties and the rest by name.
+    Ordering within a series: by :attr:`CTImage.position` (Image Position (Patient) projected on the normal of
+    Image Orientation (Patient), mm) when every slice has one; otherwise by Instance Number; ties and the rest by
+    name. Series are ordered by the name of their first file.
 
     Args:
-        folder: the series folder.
+        folder: the folder.
         errors: if a list is given, each unreadable file is skipped and ``(path, message)`` is appended to it
             (``ctiqa predict`` reports and skips corrupt files this way); if ``None`` the first bad file raises.
         recursive: also read sub-folders.
 
     Returns:
-        list of ``(name, image)``: ``name`` is the path relative to ``folder`` (``"name#N"`` for frame N of a
-        multi-frame file).
+        one list per series of ``(name, image)``: ``name`` is the path relative to ``folder`` (``"name#N"`` for
+        frame N of a multi-frame file).
 
     Raises:
         CTIQAError: ``folder`` is not a folder; no readable slice in it; a bad file when ``errors`` is None.
@@ -577,7 +580,7 @@ def read_dicom_series(
     if not root.is_dir():
         raise CTIQAError(f"{root}: not a folder")
     files = sorted(root.rglob("*") if recursive else root.iterdir())
-    entries: list[tuple[str, CTImage, float]] = []
+    groups: dict[str, list[tuple[str, CTImage, float]]] = {}
     for f in files:
         rel = f.relative_to(root)
         if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
@@ -592,19 +595,42 @@ def read_dicom_series(
             except (TypeError, ValueError):
                 inst_num = math.inf
             frames = list(_iter_dicom_frames(f, ds=ds))  # all frames first: a bad frame skips the whole file
+            group = groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), [])
             for img in frames:
-                entries.append((str(rel) + img.source[len(str(f)):], img, inst_num))
+                group.append((str(rel) + img.source[len(str(f)):], img, inst_num))
         except CTIQAError as e:
             if errors is None:
                 raise
             errors.append((str(f), str(e)))
-    if not entries:
+    if not groups:
         raise CTIQAError(f"{root}: no readable DICOM slices in this folder")
-    if all(img.position is not None for _, img, _ in entries):
-        entries.sort(key=lambda e: (e[1].position, e[2], e[0]))
-    else:
-        entries.sort(key=lambda e: (e[2], e[0]))
-    return [(name, img) for name, img, _ in entries]
+    out = []
+    for entries in sorted(groups.values(), key=lambda g: min(e[0] for e in g)):
+        if all(img.position is not None for _, img, _ in entries):
+            entries.sort(key=lambda e: (e[1].position, e[2], e[0]))
+        else:
+            entries.sort(key=lambda e: (e[2], e[0]))
+        out.append([(name, img) for name, img, _ in entries])
+    return out
+
+
+def read_dicom_series(
+    folder: str | os.PathLike, *, errors: list[tuple[str, str]] | None = None, recursive: bool = True
+) -> list[tuple[str, CTImage]]:
+    """Read the one DICOM series a folder holds, ordered along the slice normal (see :func:`read_dicom_folder`).
+
+    Returns:
+        list of ``(name, image)``, ``name`` relative to ``folder``.
+
+    Raises:
+        CTIQAError: as :func:`read_dicom_folder`, and when the folder holds files of more than one series (by
+            Series Instance UID; ordering them along one normal would be meaningless).
+    """
+    series = read_dicom_folder(folder, errors=errors, recursive=recursive)
+    if len(series) > 1:
+        raise CTIQAError(f"{folder}: holds {len(series)} DICOM series (different Series Instance UIDs); "
+                         "give one series per folder, or read them with read_dicom_folder")
+    return series[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

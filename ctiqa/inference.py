@@ -115,6 +115,27 @@ def _is_adapter_dir(path: str) -> bool:
     return p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists()
 
 
+def _check_source(name: str, what: str, marker: str) -> None:
+    """Fail early, naming ``name``, when it is meant as a local folder that is missing or lacks ``marker``.
+
+    A name counts as a local folder when it exists, is absolute, starts with ``.`` or ``~``, or has more than one
+    ``/`` (Hub ids are ``name`` or ``owner/name``); anything else is left to the Hub client.
+
+    Raises:
+        CTIQAError: the folder does not exist, is a file, or has no ``marker`` file.
+    """
+    p = Path(name).expanduser()
+    local = p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if not local:
+        return
+    if not p.exists():
+        raise CTIQAError(f"{what} {name}: no such folder (and not a Hub id of the form owner/name)")
+    if not p.is_dir():
+        raise CTIQAError(f"{what} {name}: is a file; give the folder that holds {marker}")
+    if not (p / marker).is_file():
+        raise CTIQAError(f"{what} {name}: folder has no {marker}; is this the right folder?")
+
+
 def _trained_on_4bit_base(adapter: str | None) -> bool:
     """True when ``recipes/sft.py`` recorded (``ctiqa_training.json``) that the adapter learned on a 4-bit base."""
     import json
@@ -152,14 +173,20 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
         raise CTIQAError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if model and adapter is None and _is_adapter_dir(model):
         model, adapter = None, model
+    if adapter is not None:
+        _check_source(adapter, "adapter", "adapter_config.json")
     if model is None:
         if adapter is None:
             raise CTIQAError("give a model (Hub id or folder) or an adapter")
         from peft import PeftConfig
 
-        model = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        try:
+            model = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        except (OSError, ValueError) as e:
+            raise CTIQAError(f"cannot read the adapter config of {adapter}: {e}") from e
         if not model:
             raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
+    _check_source(model, "model", "config.json")
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     if precision == "auto":
         precision = "4bit" if _trained_on_4bit_base(adapter) else "bf16" if device.startswith("cuda") else "fp32"

@@ -20,6 +20,7 @@ from ctiqa.imaging import (
     hu_to_unit,
     read_ct,
     read_ct_frames,
+    read_dicom_folder,
     read_dicom_series,
     render,
     unit_to_hu,
@@ -359,3 +360,17 @@ def test_cli_render_frame_and_errors(tmp_path, capsys):
     assert main(["render", str(x), "--out", str(out), "--encoding", "medgemma-3window", "--unit-is-hu"]) == 0
     assert main(["render", _testdata("eCT_Supplemental.dcm"), "--out", str(out), "--frame", "1"]) == 0
     assert Image.open(out).size == (512, 512)
+
+
+def test_dicom_folder_tells_series_apart(tmp_path):
+    d = tmp_path / "two"
+    d.mkdir()
+    for name, z in [("a.dcm", 5.0), ("b.dcm", 0.0)]:
+        write_ct_dicom(d / name, [[1024]], position=(0, 0, z), instance=1)
+    ds = pydicom.dcmread(d / "a.dcm")
+    ds.SeriesInstanceUID = "1.2.826.0.1.99"
+    ds.save_as(d / "c.dcm")
+    groups = read_dicom_folder(d)
+    assert [[n for n, _ in g] for g in groups] == [["b.dcm", "a.dcm"], ["c.dcm"]]
+    with pytest.raises(CTIQAError, match="holds 2 DICOM series"):
+        read_dicom_series(d)

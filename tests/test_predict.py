@@ -93,4 +93,49 @@ def test_summarise_prefers_probability_and_counts_unscored():
             "parsed_score": 2.0}, {"slice": 2, "prob_score": None, "parsed_score": None}]
     s = summarise("x", rows, n_worst=1)
     assert s["mean"] == 2.5 and s["min"] == 2.0 and s["n_unscored"] == 1
-    assert s["worst_slices"] == [{"slice": 1, "score": 2.0}]
+    assert s["worst_slices"] == [{"slice": 1, "score": 2.0}] and s["n_skipped"] == 0
+
+
+def test_folder_with_two_series_file_names_and_nothing_readable(tiny, tmp_path, capsys):
+    """A folder holding two series is scored as two (told apart by Series Instance UID, which never reaches the
+    output); --file-names adds the files; nothing readable -> exit 1 before any model is loaded."""
+    folder = _series(tmp_path / "mixed", n=2)
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    other = src.copy()
+    other.SeriesInstanceUID = "1.2.3.4.5.6.7"
+    other.ImagePositionPatient, other.ImageOrientationPatient = [0.0, 0.0, 0.0], [1, 0, 0, 0, 1, 0]
+    other.save_as(folder / "zz_other.dcm")
+    out = tmp_path / "s.jsonl"
+    assert main(["predict", str(folder), "--model", str(tiny), "--score-only", "--file-names", "--out",
+                 str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "holds 2 DICOM series" in captured.err and "1.2.3.4.5.6.7" not in captured.err + captured.out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["series"], r["file"]) for r in rows] == [(f"{folder}#1", "slice_002.dcm"),
+                                                       (f"{folder}#1", "slice_001.dcm"),
+                                                       (f"{folder}#2", "zz_other.dcm")]
+    summary = [json.loads(line) for line in (tmp_path / "s.series.jsonl").read_text().splitlines()]
+    assert [(s["series"], s["n_slices"], s["n_skipped"]) for s in summary] == [(f"{folder}#1", 2, 1),
+                                                                               (f"{folder}#2", 1, 0)]
+    assert "file" in summary[0]["worst_slices"][0]
+    # default: no file names in the outputs
+    assert main(["predict", str(folder), "--model", str(tiny), "--score-only", "--out", str(out)]) == 0
+    assert all("file" not in json.loads(line) for line in out.read_text().splitlines())
+    capsys.readouterr()
+    # nothing readable: the (missing) model is never loaded
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), str(tmp_path / "nope.dcm"), "--model", str(tmp_path / "no-model")]) == 1
+    err = capsys.readouterr().err
+    assert "empty" in err and "nope.dcm" in err and "nothing to score" in err and "no-model" not in err
+
+
+def test_wrong_model_or_adapter_folder_is_named(tiny, tmp_path, capsys):
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    assert main(["predict", str(good), "--model", str(tmp_path / "no_such_model")]) == 2
+    assert "no_such_model: no such folder" in capsys.readouterr().err
+    assert main(["predict", str(good), "--adapter", str(tmp_path / "no_adapter")]) == 2
+    assert "no_adapter: no such folder" in capsys.readouterr().err
+    assert main(["predict", str(good), "--model", str(tiny), "--adapter", str(tmp_path)]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
