@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     _run(_ctiqa("report", str(out), str(out / "baselines" / "untrained"), str(noise_dir),
                 "--names", "tiny VLM (fine-tuned)", "tiny VLM (untrained)", "noise-σ baseline",
                 "--out", str(report)))
-    print("\n" + report.read_text())
     total = sum(v["seconds"] for v in stages.values())
     print("[demo] stage times (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in stages.items())
           + f"; total {total:.0f} s")

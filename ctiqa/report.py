@@ -89,8 +89,9 @@ def compare(ref: dict[str, Any], row: dict[str, Any], n_bootstrap: int, seed: in
 
 
 def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed: int = 0,
-                    title: str = "CT image quality: agreement with radiologists' scores") -> str:
-    """The report as markdown: the metrics table, the paired comparisons with the first row, explanation checks."""
+                    title: str = "CT image quality: agreement with the reference scores") -> str:
+    """The report as markdown: the metrics table, which row agrees best, the paired comparisons with the first
+    row, explanation checks. (The reference scores are radiologists' on LDCTIQA, synthetic on simulated data.)"""
     lines = [f"# {title}", ""]
     head = ["Model", "Score", "n", "Parse failures", *(h for _, h in _METRICS)]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
@@ -103,6 +104,10 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
               "resamples, seeded). Overall = |PLCC| + |SRCC| + |KRCC| (LDCTIQA 2023 challenge). Parse failures "
               "are counted and left out of the metrics. parsed = score read from the generated text; "
               "probability = expected score from the digit-token probabilities." if rows else ""]
+    ranked = [r for r in rows if isinstance(r["metrics"].get("srcc"), (int, float))]
+    if ranked:
+        best = max(ranked, key=lambda r: r["metrics"]["srcc"])
+        lines += ["", f"Highest SRCC: **{best['name']}** ({best['kind']}), {best['metrics']['srcc']:.3f}."]
     if len(rows) > 1:
         ref = rows[0]
         lines += ["", f"## Paired comparison with {ref['name']} ({ref['kind']})", "",

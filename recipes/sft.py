@@ -261,8 +261,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         # from_pretrained converts the keys, so reload the best checkpoint through it.
         best_model = AutoModelForImageTextToText.from_pretrained(best, dtype=trainer.model.dtype)
         trainer.model.load_state_dict(best_model.state_dict())
-        logger.info("loaded the best checkpoint %s (%s %s)", best, training_args.metric_for_best_model,
-                    trainer.state.best_metric)
+        logger.warning("reloaded the best checkpoint %s (%s %s) through from_pretrained; the Trainer's "
+                       "'missing keys' / 'unexpected keys' warning just above is about its own reload and is "
+                       "expected (transformers 5 checkpoint key layout)", best, training_args.metric_for_best_model,
+                       trainer.state.best_metric)
     metrics["train_samples"] = len(train_dataset)
     metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
     trainer.log_metrics("train", metrics)

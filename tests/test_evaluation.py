@@ -301,6 +301,11 @@ def test_report_from_two_dirs(dataset, tmp_path, capsys):
     assert "| Model A | parsed | 6 | 0 |" in text and "| Model B | parsed | 6 | 0 |" in text
     assert "## Paired comparison with Model A (parsed)" in text and "| Model B | parsed | 6 |" in text
     assert "## Explanation check" not in text  # predictions without text
+    import re
+
+    srcc = {m[1]: float(m[2]) for m in re.finditer(r"\| (Model [AB]) \| parsed \| 6 \| 0 \| ([-0-9.]+) ", text)}
+    best = max(srcc, key=srcc.get)
+    assert f"Highest SRCC: **{best}** (parsed), {srcc[best]:.3f}." in text
     assert ctiqa_main(["report", *dirs, "--names", "only-one", "--out", str(md)]) == 2
 
 
