@@ -424,6 +424,11 @@ def print_table(results: dict[str, Any]) -> None:
         console.print(f"explanation check ({ex['n_checked']} rationales): degradation named "
                       f"{fmt(ex['degradation_named_rate'])}, severity matches {fmt(ex['severity_match_rate'])}, "
                       f"false streaks {fmt(ex['false_streak_rate'])}")
+    rc = results.get("rationale_consistency")
+    if rc and rc["n_rationales"]:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        console.print(f"rationale-score consistency ({rc['n_rationales']} rationales): overall quality stated "
+                      f"{fmt(rc['stated_rate'])}, agrees with the parsed score {fmt(rc['consistent_rate'])}")
 
 
 def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, dataset: str | None,
@@ -439,6 +444,11 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(records, n_bootstrap=n_bootstrap, seed=seed)
     expl = explanation_check(records)
+    consistency = None
+    if any(r.get("text") for r in records):
+        from ctiqa.explanations import quality_consistency
+
+        consistency = quality_consistency([(r.get("parsed_score"), r.get("text")) for r in records])
     preds = {k: [r.get(c) for r in records] for k, c in (("parsed", "parsed_score"), ("probability", "prob_score"))
              if k in metrics}
     true = [r["score"] for r in records]
@@ -458,6 +468,7 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         "primary_score": primary if metrics else None, "metrics": metrics,
         "parse_rules": dict(Counter(r.get("parse_rule") for r in records if r.get("parse_rule"))),
         "explanation_check": expl,
+        "rationale_consistency": consistency,
         "counts": {"n": len(records), **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
         "files": {"predictions": PREDICTIONS_FILE, "plots": plots},
         "provenance": provenance(settings, model_info),

@@ -18,6 +18,10 @@ rationale can be checked against it with a small, transparent keyword rubric (no
   degradation; ``unstated`` when none.
 * **False streaks**: streaks named although none were applied (artifacts the data never had).
 
+A second check needs no truth and applies to any data (real LDCTIQA included): :func:`quality_consistency` asks
+whether the overall quality a rationale states ("overall quality is fair") agrees with the score the model gave
+(:func:`stated_quality`; LDCTIQA scale anchors 0 bad ... 4 excellent).
+
 Rates (over the rows where each applies): ``noise_named_rate``, ``streaks_named_rate``, ``degradation_named_rate``
 (all applied degradations named), ``severity_match_rate`` (per applied degradation: stated == expected),
 ``false_streak_rate``.
@@ -110,4 +114,58 @@ def explanation_rates(checks: list[dict[str, Any]]) -> dict[str, Any]:
         "n_noise_applied": len(noise), "n_streaks_applied": len(streak), "n_degraded": len(degraded),
         "rubric": f"ctiqa.explanations keyword rubric: noise from {NOISE_APPLIED_HU:g} HU, streaks below "
                   f"{STREAK_VIEWS_BELOW} views",
+    }
+
+
+# ------------------------------------------------------------------------------ rationale-score consistency
+#: Overall-quality labels and their anchor on the 0-4 scale (LDCTIQA 2023: 0 bad, 1 poor, 2 fair, 3 good,
+#: 4 excellent; ctiqa.prompts.SCALE_LABELS), plus common synonyms.
+QUALITY_LABELS = {"excellent": 4, "good": 3, "fair": 2, "adequate": 2, "acceptable": 2, "poor": 1, "bad": 0,
+                  "non-diagnostic": 0, "nondiagnostic": 0, "unacceptable": 0}
+_LABEL = "|".join(sorted((re.escape(k) for k in QUALITY_LABELS), key=len, reverse=True))
+# "good overall image quality", "poor diagnostic quality" / "quality is good", "quality remains only fair"
+_QUALITY_STATEMENT = re.compile(
+    rf"\b(?P<neg1>not\s+|n't\s+)?(?P<a>{_LABEL})\s+(?:(?:overall|diagnostic|image|technical)\s+)*quality\b"
+    rf"|\bquality\s+(?:is|was|remains|appears|seems)\s+(?P<neg2>not\s+)?(?:(?:only|overall|still|very|quite|"
+    rf"rather|generally|largely|mostly)\s+)*(?P<b>{_LABEL})\b",
+    re.IGNORECASE)
+
+
+def stated_quality(text: str) -> int | None:
+    """The overall quality a rationale states, as its scale anchor 0-4; None when it states none.
+
+    Looks for "<label> [overall/diagnostic/image] quality" or "quality is [only/overall...] <label>" with a label
+    of :data:`QUALITY_LABELS`; a negated statement ("not good quality", "quality is not good") does not count. When
+    several are stated the last wins (rationales conclude). Words elsewhere ("good contrast") are not read.
+    """
+    found = None
+    for m in _QUALITY_STATEMENT.finditer(text or ""):
+        if m.group("neg1") or m.group("neg2"):
+            continue
+        found = QUALITY_LABELS[(m.group("a") or m.group("b")).lower()]
+    return found
+
+
+def quality_consistency(checks: list[tuple[float | None, str | None]]) -> dict[str, Any]:
+    """Does the rationale's stated overall quality agree with the model's own score? (no reference needed)
+
+    A stated label agrees with a score ``s`` when it is one of the two scale anchors that bracket it,
+    ``|s - anchor| < 1`` (so 2.6 agrees with "fair" and "good", 1.0 only with "poor"). This checks that the
+    explanation is coherent with the score it explains, not that either is right; it applies to any data,
+    real LDCTIQA included.
+
+    Args:
+        checks: (parsed score or None, generated text or None) per row.
+    Returns:
+        ``n_rationales`` (rows with a parsed score and a text), ``n_stated`` (of those, rows stating an overall
+        quality), ``stated_rate``, ``consistent_rate`` (over the stated rows; None when none).
+    """
+    pairs = [(s, t) for s, t in checks if s is not None and t]
+    stated = [(s, q) for s, t in pairs if (q := stated_quality(t)) is not None]
+    return {
+        "n_rationales": len(pairs),
+        "n_stated": len(stated),
+        "stated_rate": _rate([True] * len(stated) + [False] * (len(pairs) - len(stated))),
+        "consistent_rate": _rate([abs(s - q) < 1 for s, q in stated]),
+        "rule": "stated overall-quality label within 1 of the parsed score (ctiqa.explanations)",
     }

@@ -77,6 +77,7 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
                 "dataset": results.get("dataset"), "split": results.get("split"),
                 "pairs": {str(r["id"]): (float(r["score"]), r.get(col)) for r in preds},
                 "explanation_check": results.get("explanation_check") if kind == kinds[0] else None,
+                "rationale_consistency": results.get("rationale_consistency") if kind == kinds[0] else None,
             })
     return rows
 
@@ -130,6 +131,15 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
             e = r["explanation_check"]
             lines.append(f"| {r['name']} | {e['n_checked']} | {_num(e['degradation_named_rate'], 2)} | "
                          f"{_num(e['severity_match_rate'], 2)} | {_num(e['false_streak_rate'], 2)} |")
+    cons = [r for r in rows if (r.get("rationale_consistency") or {}).get("n_rationales")]
+    if cons:
+        lines += ["", "## Rationale-score consistency (any data: does the stated overall quality agree with the "
+                  "model's own score? ctiqa.explanations)", "",
+                  "| Model | rationales | overall quality stated | agrees with its score |", "|---|---:|---:|---:|"]
+        for r in cons:
+            c = r["rationale_consistency"]
+            lines.append(f"| {r['name']} | {c['n_rationales']} | {_num(c['stated_rate'], 2)} | "
+                         f"{_num(c['consistent_rate'], 2)} |")
     sources = sorted({f"{r['dataset']} / {r['split']}" for r in rows if r.get("dataset")})
     if sources:
         lines += ["", "Data: " + "; ".join(sources)]

@@ -262,6 +262,8 @@ def test_predictions_file_mode_and_explanation_check(dataset, tmp_path):
     assert m["srcc"] == pytest.approx(stats.spearmanr(*zip(*ok, strict=True)).statistic)
     ex = res["explanation_check"]
     assert ex["n_checked"] == 3 and ex["degradation_named_rate"] == 1.0 and ex["severity_match_rate"] == 1.0
+    rc = res["rationale_consistency"]  # three rationales with a parsed score, none states an overall quality
+    assert (rc["n_rationales"], rc["n_stated"], rc["stated_rate"], rc["consistent_rate"]) == (3, 0, 0.0, None)
 
     # without a dataset the rows' own scores are the truth
     out2 = tmp_path / "no-dataset"
@@ -354,3 +356,34 @@ def test_gemini_zero_shot(fake_gemini, dataset, tmp_path):
     res = _strict_json(cli_out / "results.json")
     assert res["kind"] == "gemini" and list(res["metrics"]) == ["parsed"]
     assert res["provenance"]["settings"]["decoding"]["temperature"] == 0.0
+
+
+@pytest.mark.parametrize("text, anchor", [
+    ("Score: 1.0\nReasoning: Mild noise. Overall quality is fair; confidence is reduced.", 2),
+    ("The image is of poor diagnostic quality.", 1),
+    ("Overall image quality is good; diagnosis is only slightly limited.", 3),
+    ("**Excellent** overall image quality.".replace("**", ""), 4),
+    ("Non-diagnostic quality due to dense streaks.", 0),
+    ("Quality remains only fair.", 2),
+    ("Good soft-tissue contrast, but heavy noise.", None),  # "good" not about the overall quality
+    ("The quality is not good.", None),  # negated
+    ("Noise is moderate. Initially good quality, but overall the image quality is poor.", 1),  # the last wins
+    ("", None),
+])
+def test_stated_quality(text, anchor):
+    from ctiqa.explanations import stated_quality
+
+    assert stated_quality(text) == anchor
+
+
+def test_quality_consistency_brackets_the_score():
+    from ctiqa.explanations import quality_consistency
+
+    rc = quality_consistency([(1.0, "Overall quality is fair."),  # 1.0 is bracketed by poor only: disagrees
+                              (2.6, "Overall quality is fair."), (2.6, "Overall quality is good."),  # both agree
+                              (3.9, "Poor image quality."),  # disagrees
+                              (2.0, "Mild noise only."),  # states nothing
+                              (None, "Overall quality is good."),  # no parsed score: not counted
+                              (3.0, None)])
+    assert (rc["n_rationales"], rc["n_stated"]) == (5, 4)
+    assert rc["stated_rate"] == 0.8 and rc["consistent_rate"] == 0.5
