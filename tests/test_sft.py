@@ -346,7 +346,8 @@ def test_ddp_two_processes_on_cpu(tiny, dataset_dir, tmp_path):
     # torchrun's agent advertises its hostname to the workers; where it does not resolve (as on the CI machine) they
     # start, print their rank, then wait forever in the first collective. PET_LOCAL_ADDR is torchrun's --local_addr
     # (accelerate passes it on): reproduced with `unshare --uts` + an unresolvable hostname, hangs without, passes with.
-    done = _run(cmd, {**OFFLINE, "PET_LOCAL_ADDR": "127.0.0.1"}, timeout=300)
+    # GLOO_SOCKET_IFNAME=lo keeps gloo's own connections on loopback too, whatever the hostname resolves to.
+    done = _run(cmd, {**OFFLINE, "PET_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}, timeout=300)
     log = done.stdout + done.stderr
     assert "world size 2" in log
     state = json.loads((out / "trainer_state.json").read_text())
