@@ -418,15 +418,14 @@ def print_table(results: dict[str, Any]) -> None:
     for kind, m in results["metrics"].items():
         for w in m["warnings"]:
             console.print(f"[yellow]warning[/yellow] ({kind}): {w}")
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     ex = results.get("explanation_check")
     if ex:
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         console.print(f"explanation check ({ex['n_checked']} rationales): degradation named "
                       f"{fmt(ex['degradation_named_rate'])}, severity matches {fmt(ex['severity_match_rate'])}, "
                       f"false streaks {fmt(ex['false_streak_rate'])}")
     rc = results.get("rationale_consistency")
     if rc and rc["n_rationales"]:
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         console.print(f"rationale-score consistency ({rc['n_rationales']} rationales): overall quality stated "
                       f"{fmt(rc['stated_rate'])}, agrees with the parsed score {fmt(rc['consistent_rate'])}")
 

@@ -165,7 +165,7 @@ def quality_consistency(checks: list[tuple[float | None, str | None]]) -> dict[s
     return {
         "n_rationales": len(pairs),
         "n_stated": len(stated),
-        "stated_rate": _rate([True] * len(stated) + [False] * (len(pairs) - len(stated))),
+        "stated_rate": len(stated) / len(pairs) if pairs else None,
         "consistent_rate": _rate([abs(s - q) < 1 for s, q in stated]),
         "rule": "stated overall-quality label within 1 of the parsed score (ctiqa.explanations)",
     }

@@ -118,6 +118,11 @@ def summarise(series_id: str, rows: list[dict[str, Any]], n_worst: int = N_WORST
     }
 
 
+def _print_skipped(s: Series) -> None:
+    for path, msg in s.errors:
+        print(f"skipped {path}: {msg}", file=sys.stderr)
+
+
 def predict(series: list[Series], lm: Any, *, fmt: str, encoding: str, score_only: bool, batch_size: int,
             max_new_tokens: int, unit_is_hu: bool = False, file_names: bool = False
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -155,8 +160,7 @@ def predict(series: list[Series], lm: Any, *, fmt: str, encoding: str, score_onl
                              "parsed_score": p.parsed_score, "parse_rule": p.parse_rule,
                              "prob_score": p.prob_score, "prob_std": p.prob_std, "rationale": p.text})
             bar.update(len(chunk))
-        for path, msg in s.errors:
-            print(f"skipped {path}: {msg}", file=sys.stderr)
+        _print_skipped(s)
         slice_rows.extend(rows)
         if s.slices or rows:
             summaries.append(summarise(s.id, rows, n_skipped=len(s.errors)))
@@ -260,8 +264,7 @@ def cli_main(args: argparse.Namespace) -> int:
     series = gather_series(args.inputs, args.ids)
     if not any(s.slices for s in series):  # nothing readable: say so without loading a model
         for s in series:
-            for path, msg in s.errors:
-                print(f"skipped {path}: {msg}", file=sys.stderr)
+            _print_skipped(s)
         print("nothing to score: no input could be read", file=sys.stderr)
         return 1
     lm = load_model(model, adapter, precision=args.precision)
