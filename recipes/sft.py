@@ -319,8 +319,18 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                           commit_message="ctiqa SFT: adapter, processor and model card")
         logger.info("pushed to %s (private=%s)", repo_url, private)
 
+    multi_process = trainer.accelerator.num_processes > 1
     if hasattr(trainer, "end"):
         trainer.end()
+    if multi_process:
+        # Everything is saved (and pushed). Leave without freeing the DDP model: gloo's process-group destructor
+        # joins its worker threads while holding the GIL, and a worker still releasing its last all-gather's
+        # Python tensors waits for the GIL: a deadlock at exit (pytorch/pytorch#56297), seen here in about 1 of 5
+        # 2-process CPU runs, after "model and card saved".
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfig, ModelConfig]:
