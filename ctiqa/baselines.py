@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ctiqa.prompts import SCORE_MAX, SCORE_MIN
+from ctiqa.scale import SCORE_MAX, SCORE_MIN
 
 #: Floor on σ before the log, in display units ([0, 1]); 1/255/10 is far below one 8-bit grey level.
 _SIGMA_FLOOR = 1.0 / 2550.0

@@ -33,6 +33,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ctiqa.scale import QUALITY_LABELS
+
 NOISE_APPLIED_HU = 17.0
 STREAK_VIEWS_BELOW = 512
 NOISE_BANDS_HU = ((32.0, "mild"), (60.0, "moderate"), (float("inf"), "severe"))  # sigma < bound -> class
@@ -118,10 +120,7 @@ def explanation_rates(checks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ rationale-score consistency
-#: Overall-quality labels and their anchor on the 0-4 scale (LDCTIQA 2023: 0 bad, 1 poor, 2 fair, 3 good,
-#: 4 excellent; ctiqa.prompts.SCALE_LABELS), plus common synonyms.
-QUALITY_LABELS = {"excellent": 4, "good": 3, "fair": 2, "adequate": 2, "acceptable": 2, "poor": 1, "bad": 0,
-                  "non-diagnostic": 0, "nondiagnostic": 0, "unacceptable": 0}
+#: Overall-quality labels and their anchor on the 0-4 scale: ctiqa.scale.QUALITY_LABELS.
 _LABEL = "|".join(sorted((re.escape(k) for k in QUALITY_LABELS), key=len, reverse=True))
 # "good overall image quality", "poor diagnostic quality" / "quality is good", "quality remains only fair"
 _QUALITY_STATEMENT = re.compile(

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.prompts import DEFAULT_TARGET_FORMAT, SCORE_MAX, TARGET_FORMATS, prompt_messages
+from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS, prompt_messages
+from ctiqa.scale import SCORE_MAX
 from ctiqa.scoring import parse_score_detailed
 
 #: Formats whose answer starts with ``Score: `` and so have a probability score.

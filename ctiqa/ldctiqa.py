@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from ctiqa import CTIQAError
+from ctiqa.scale import SCORE_MAX, SCORE_MIN
 
-#: Score range of LDCTIQA labels (5-point scale 0 bad … 4 excellent; dataset documentation).
-SCORE_RANGE: tuple[float, float] = (0.0, 4.0)
+#: Score range of LDCTIQA labels (ctiqa.scale).
+SCORE_RANGE: tuple[float, float] = (SCORE_MIN, SCORE_MAX)
 LABEL_FILES: tuple[str, ...] = ("train.json", "test.json", "labels.json")
 IMAGE_DIRS: tuple[str, ...] = ("image", "images")
 RELEASE_DIRS: tuple[str, ...] = ("LDCTIQAG2023_train", "LDCTIQAC_test")

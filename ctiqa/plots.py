@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctiqa.prompts import SCORE_MAX, SCORE_MIN
+from ctiqa.scale import SCORE_MAX, SCORE_MIN
 
 #: Bland-Altman limits of agreement: mean difference ± 1.96 SD (Bland & Altman, Lancet 1986).
 LOA_Z = 1.96

@@ -5,32 +5,26 @@ the dataset builder, the SFT recipe, the evaluation harness and ``ctiqa predict`
 Change any text here -> bump :data:`PROMPT_VERSION` (it is recorded in dataset cards, teacher caches and
 ``results.json``; the teacher cache is keyed by it, so a new version re-asks the teacher).
 
-Score scale: LDCTIQA 2023 (Lee et al., Medical Image Analysis 99, 103343, 2025): mean of radiologists' ratings on
-0-4 (0 bad, 1 poor, 2 fair, 3 good, 4 excellent), training labels in steps of 0.2.
+Score scale: :mod:`ctiqa.scale` (LDCTIQA 2023, 0 bad ... 4 excellent, labels in steps of 0.2).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-PROMPT_VERSION = "ctiqa-prompt-v1"
+from ctiqa.scale import SCALE_TEXT, SCORE_MAX, SCORE_MIN
 
-SCORE_MIN = 0.0
-SCORE_MAX = 4.0
-#: LDCTIQA rating scale (dataset paper, Lee et al. 2025).
-SCALE_LABELS = {0: "bad", 1: "poor", 2: "fair", 3: "good", 4: "excellent"}
+PROMPT_VERSION = "ctiqa-prompt-v1"
 
 #: Target text formats. ``score-first`` is the paper's (``Score: 2.2\nReasoning: ...``); the score comes first so
 #: that one forward pass reads it from token probabilities. ``score-only`` is the stronger score baseline.
 TARGET_FORMATS = ("score-first", "score-only", "rationale-first")
 DEFAULT_TARGET_FORMAT = "score-first"
 
-_SCALE_TEXT = "0 = bad, 1 = poor, 2 = fair, 3 = good, 4 = excellent"
-
 _TASK = (
     "You are a radiologist assessing the technical image quality of one axial CT slice shown in a soft-tissue "
     "window. Judge noise, streak artifacts, sharpness of structure edges and how well low-contrast soft tissue "
-    f"can be distinguished. Rate the overall diagnostic quality on a continuous scale ({_SCALE_TEXT})."
+    f"can be distinguished. Rate the overall diagnostic quality on a continuous scale ({SCALE_TEXT})."
 )
 
 _ANSWER = {
@@ -129,7 +123,7 @@ def teacher_prompt(score: float) -> str:
     s = format_score(score)
     return (
         f"This axial CT slice, shown in a soft-tissue window (W350/L40), was rated {s} on a 0-4 image quality "
-        f"scale ({_SCALE_TEXT}) by a panel of radiologists. Explain why this image deserves a quality score of "
+        f"scale ({SCALE_TEXT}) by a panel of radiologists. Explain why this image deserves a quality score of "
         f"{s}. Describe the noise level and texture, any streak artifacts, the sharpness of organ and vessel "
         "edges, and low-contrast detectability, and how they limit diagnostic use. Describe only what is visible "
         "in this one image: do not mention other views, crops, zoomed regions, other slices, the score panel or "

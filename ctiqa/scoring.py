@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ctiqa.prompts import SCORE_MAX, SCORE_MIN
+from ctiqa.scale import QUALITY_LABELS, SCORE_MAX, SCORE_MIN
 
 #: Rule names recorded per sample (``predictions.jsonl`` ``parse_rule``).
 RULES = ("strict-first", "strict-last", "labelled", "fraction", "bare-number", "out-of-range", "no-score")
@@ -55,7 +55,7 @@ _WORDS = {"zero": 0.0, "one": 1.0, "two": 2.0, "three": 3.0, "four": 4.0}
 _WORD = r"\b(?:zero|one|two|three|four)\b(?!\s+of\b)(?!-)"
 _VAL = rf"(?:{_NUM}|{_WORD})"
 _DASH = r"(?:-|–|—|to)"
-_QUALITY_WORD = r"(?:very\s+)?(?:bad|poor|fair|good|excellent|adequate|acceptable)"
+_QUALITY_WORD = rf"(?:very\s+)?(?:{'|'.join(sorted(map(re.escape, QUALITY_LABELS), key=len, reverse=True))})"
 
 # A value: optional "between", number or word, an optional range end, an optional "/4" or "out of 4" denominator,
 # and the next token (to reject units such as mm, %, HU).

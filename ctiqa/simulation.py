@@ -91,6 +91,7 @@ import numpy as np
 
 from ctiqa import CTIQAError, __version__
 from ctiqa.imaging import SOFT_TISSUE, hu_to_unit, read_ct
+from ctiqa.scale import SCORE_MAX
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants (each with its source)
@@ -111,7 +112,6 @@ DOSE_RANGE = (0.1, 1.0)
 VIEWS_RANGE = (64, N_FULL_VIEWS)
 #: Weight of the dose term in the synthetic score (the view term gets 1 - this); see the module docstring.
 SCORE_DOSE_WEIGHT = 0.4
-SCORE_MAX = 4.0
 #: A crop must hold at least this fraction of pixels inside the soft-tissue window (HU -135..215) of the original.
 MIN_TISSUE_FRACTION = 0.5
 #: Most crops cut from one reconstructed level, and the most two crops of one level may overlap (area fraction).

@@ -15,7 +15,7 @@ Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
 ``mentions_given_score``
     leaks the set-up: "was rated", "a panel of radiologists", "the given/assigned score", "these instructions".
 ``contradicts_score``
-    overall-quality words at odds with the true score (LDCTIQA scale 0 bad, 1 poor, 2 fair, 3 good,
+    overall-quality words at odds with the true score (ctiqa.scale: 0 bad, 1 poor, 2 fair, 3 good,
     4 excellent): for score <= 1.5: excellent, outstanding, pristine, superb, optimal/ideal quality,
     artifact-free, no artifacts, fully diagnostic; for score >= 3.5: severe(ly), non-diagnostic, unreadable,
     uninterpretable, very poor, markedly/heavily/severely degraded. A term preceded (within ~4 words) by a

@@ -95,3 +95,25 @@ def test_never_zero_on_failure():
 
 def test_none_input():
     assert parse_score(None) is None
+
+
+def test_scale_has_one_home():
+    """The 0-4 range and its anchor words are defined only in ctiqa.scale; prompts and rubrics speak its words."""
+    import re
+    from pathlib import Path
+
+    import ctiqa
+    from ctiqa import explanations, prompts, scale
+
+    root = Path(ctiqa.__file__).parent
+    for path in [*root.rglob("*.py"), *(root.parent / "datasets_builder").rglob("*.py")]:
+        if path.name == "scale.py":
+            continue
+        src = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*SCORE_(MAX|MIN)\s*=", src, re.MULTILINE), path
+        assert not re.search(r"\{\s*0:\s*\"bad\"", src), path
+        assert not re.search(r"\"excellent\":\s*4", src), path
+    assert scale.SCALE_TEXT in prompts.instruction()
+    assert explanations.stated_quality("Overall the image quality is adequate.") == scale.QUALITY_LABELS["adequate"]
+    assert [scale.in_scale(v) for v in (0, 4.0, 4.01, -0.0, float("nan"), True, "3")] == [
+        True, True, False, True, False, False, False]
