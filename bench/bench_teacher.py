@@ -27,10 +27,11 @@ import numpy as np
 from PIL import Image
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
+from ctiqa.clients import GeminiClient  # noqa: E402
 from ctiqa.prompts import PROMPT_VERSION  # noqa: E402
 from datasets_builder.build import Item, annotate  # noqa: E402
 from datasets_builder.cache import AnswerCache, image_sha256  # noqa: E402
-from datasets_builder.teachers import GeminiClient, LLMTeacher  # noqa: E402
+from datasets_builder.teachers import LLMTeacher  # noqa: E402
 
 
 def make_items(n: int, size: int = 512) -> list[Item]:

@@ -4,7 +4,9 @@ Stages (one module each): :mod:`ctiqa.imaging` (read + window CT, the ONE pixel 
 :mod:`ctiqa.ldctiqa` (the LDCTIQA 2023 data layer), :mod:`ctiqa.simulation` (mini-LDCTIQA from real CT),
 :mod:`ctiqa.prompts` (every prompt and target format, versioned), :mod:`ctiqa.scoring` (score parsing),
 :mod:`ctiqa.inference` / :mod:`ctiqa.evaluation` / :mod:`ctiqa.report` (evaluation harness),
-:mod:`ctiqa.tiny` (a tiny Gemma 3 built offline for tests and the demo), :mod:`ctiqa.cli` (the ``ctiqa`` command).
+:mod:`ctiqa.tiny` (a tiny Gemma 3 built offline for tests and the demo), :mod:`ctiqa.clients` (Gemini and
+OpenAI-compatible API clients, retries, costs), :mod:`ctiqa.paths` (the cache folder), :mod:`ctiqa.cli` (the
+``ctiqa`` command).
 """
 
 __version__ = "0.1.0"

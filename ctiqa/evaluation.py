@@ -234,18 +234,18 @@ def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: st
                         base_url: str | None = None, concurrency: int = 4, thinking_budget: int | None = None,
                         retry: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Gemini zero-shot: the student instruction :func:`ctiqa.prompts.instruction` with the image, no true score,
-    temperature 0, through :class:`datasets_builder.teachers.GeminiClient` (retries, finish-reason checks).
+    temperature 0, through :class:`ctiqa.clients.GeminiClient` (retries, finish-reason checks).
     Every answer is appended to ``predictions.jsonl`` as it arrives; a failed call (after retries) is recorded with
     its ``error`` (its text, if any, is still parsed); transient failures (timeouts, HTTP errors after the
     retries) are asked again by the next run.
 
     Args:
-        retry: a :class:`datasets_builder.teachers.RetryPolicy` (default: its defaults, 6 attempts).
+        retry: a :class:`ctiqa.clients.RetryPolicy` (default: its defaults, 6 attempts).
     Raises:
-        CTIQAError (TeacherConfigError): no API key, or a fatal API error (bad key, unknown model).
+        CTIQAError (ctiqa.clients.ClientConfigError): no API key, or a fatal API error (bad key, unknown model).
     """
     from ctiqa.scoring import parse_score_detailed
-    from datasets_builder.teachers import GeminiClient
+    from ctiqa.clients import GeminiClient
 
     path = out / PREDICTIONS_FILE
     done = _load_done(path, key)

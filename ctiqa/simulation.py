@@ -521,11 +521,10 @@ def read_base_slice(bs: BaseSlice, path: Path) -> tuple[np.ndarray, float]:
 
 
 def default_cache_dir() -> Path:
-    """``$CTIQA_CACHE_DIR/sinograms``, else ``$XDG_CACHE_HOME/ctiqa/sinograms``, else ``~/.cache/ctiqa/sinograms``."""
-    if os.environ.get("CTIQA_CACHE_DIR"):
-        return Path(os.environ["CTIQA_CACHE_DIR"]) / "sinograms"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "ctiqa" / "sinograms"
+    """``sinograms/`` in the ctiqa cache folder (:func:`ctiqa.paths.cache_home`; ``$CTIQA_CACHE_DIR`` moves it)."""
+    from ctiqa.paths import cache_path
+
+    return cache_path("sinograms")
 
 
 def _cache_key(bs: BaseSlice, path: Path) -> str:

@@ -1,10 +1,10 @@
 """datasets_builder: teacher rationales for LDCTIQA-style data -> a chat-format dataset on the Hub or on disk.
 
-Modules (each readable top to bottom; nothing is imported here so ``ctiqa`` sub-commands stay fast):
+Modules (each readable top to bottom; nothing is imported here so ``ctiqa`` sub-commands stay fast; this
+package imports ``ctiqa``, never the reverse):
 
-* :mod:`datasets_builder.teachers`: ``GeminiClient`` / ``OpenAICompatClient`` (one async ``generate(image,
-  prompt, system, schema) -> CallResult`` with retries that honour the server's delay; reused by the zero-shot
-  evaluation), the teachers ``LLMTeacher`` and ``TemplateTeacher``, ``make_teacher``, prices.
+* :mod:`datasets_builder.teachers`: the teachers ``LLMTeacher`` (a remote model through a client of
+  :mod:`ctiqa.clients`) and ``TemplateTeacher`` (offline, simulated data), ``make_teacher``.
 * :mod:`datasets_builder.cache`: the append-only JSONL answer cache (resume after ``kill -9``).
 * :mod:`datasets_builder.checks`: rationale cleaning, the rejection rubric, artifact-term counts.
 * :mod:`datasets_builder.card`: the dataset card (README.md).

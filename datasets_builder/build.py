@@ -37,20 +37,11 @@ from typing import Any
 from PIL import Image
 
 from ctiqa import CTIQAError
+from ctiqa.clients import SOURCE_PNG_KEY, CallResult, RetryPolicy, Usage, png_bytes, price_for
 
 from . import checks
 from .cache import AnswerCache, cache_key, default_cache_path, image_sha256
-from .teachers import (
-    SOURCE_PNG_KEY,
-    TEACHERS,
-    CallResult,
-    RetryPolicy,
-    Teacher,
-    Usage,
-    make_teacher,
-    png_bytes,
-    price_for,
-)
+from .teachers import TEACHERS, Teacher, make_teacher
 
 SPLITS = ("train", "validation", "test")
 SPLIT_METHODS = ("paper", "stratified", "base-slice")  # ctiqa.ldctiqa.SPLIT_METHODS
@@ -132,7 +123,7 @@ async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | Non
     """Fill ``item.result`` for every item: from the cache when finished, else by asking ``teacher``.
 
     At most ``concurrency`` requests are in flight. Each answer is appended to ``cache`` (when the teacher is
-    cacheable) the moment it arrives. A :class:`~datasets_builder.teachers.TeacherConfigError` cancels the
+    cacheable) the moment it arrives. A :class:`~ctiqa.clients.ClientConfigError` cancels the
     other requests and propagates; answers that arrived before it are already on disk.
     """
     stats = RunStats()

@@ -14,7 +14,7 @@ One process per cache file at a time (appends of long records from two processes
 that must not share a file pass ``--cache``.
 
 Record fields: ``key``, ``image_sha256``, ``prompt_version``, ``teacher``, ``score``, ``id`` (LDCTIQA file stem;
-no DICOM metadata ever), ``time`` (UTC ISO 8601) and the :class:`~datasets_builder.teachers.CallResult` fields.
+no DICOM metadata ever), ``time`` (UTC ISO 8601) and the :class:`~ctiqa.clients.CallResult` fields.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from typing import Any
 from PIL import Image
 
 from ctiqa import CTIQAError
-
-from .teachers import CallResult
+from ctiqa.clients import CallResult
 
 
 def image_sha256(image: Image.Image) -> str:
@@ -47,13 +46,12 @@ def cache_key(sha: str, prompt_version: str, teacher: str, score: float) -> str:
 
 
 def default_cache_path() -> Path:
-    """``$CTIQA_CACHE_DIR/teacher_answers.jsonl``, else ``$XDG_CACHE_HOME/ctiqa/...``, else ``~/.cache/ctiqa/...``.
+    """``teacher_answers.jsonl`` in the ctiqa cache folder (:func:`ctiqa.paths.cache_home`; ``$CTIQA_CACHE_DIR``
+    moves it). Outside any output folder on purpose: deleting or re-writing a dataset never deletes paid-for
+    answers."""
+    from ctiqa.paths import cache_path
 
-    Outside any output folder on purpose: deleting or re-writing a dataset never deletes paid-for answers.
-    """
-    root = os.environ.get("CTIQA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ctiqa")
-    return Path(root) / "teacher_answers.jsonl"
+    return cache_path("teacher_answers.jsonl")
 
 
 class AnswerCache:

@@ -34,20 +34,19 @@ from fake_gemini import (
 from PIL import Image
 
 from ctiqa import CTIQAError, prompts
-from datasets_builder import checks
-from datasets_builder.build import BuildOptions, build_dataset
-from datasets_builder.cache import AnswerCache, image_sha256
-from datasets_builder.teachers import (
+from ctiqa.clients import (
     CallResult,
+    ClientConfigError,
     GeminiClient,
-    LLMTeacher,
     OpenAICompatClient,
     RetryPolicy,
-    TeacherConfigError,
-    TemplateTeacher,
     Usage,
     server_retry_delay,
 )
+from datasets_builder import checks
+from datasets_builder.build import BuildOptions, build_dataset
+from datasets_builder.cache import AnswerCache, image_sha256
+from datasets_builder.teachers import LLMTeacher, TemplateTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 #: (dose fraction, views, score): a monotone quality ladder like the simulator's.
@@ -198,9 +197,9 @@ def test_gemini_client_plain_text_fatal_and_exhausted_retries(fake_gemini):
         try:
             plain = await client.generate(img, "Rate this image.", None, None)  # zero-shot style: free text
             exhausted = await client.generate(img, "again", "system text", None)
-            with pytest.raises(TeacherConfigError, match="403"):
+            with pytest.raises(ClientConfigError, match="403"):
                 await client.generate(img, "x")
-            with pytest.raises(TeacherConfigError, match="API key not valid"):
+            with pytest.raises(ClientConfigError, match="API key not valid"):
                 await client.generate(img, "x")
             bad_request = await client.generate(img, "x")  # a 400 about this request: recorded, not fatal
             assert bad_request.reason == "http_400" and bad_request.attempts == 1
@@ -219,7 +218,7 @@ def test_gemini_client_plain_text_fatal_and_exhausted_retries(fake_gemini):
 def test_gemini_needs_a_key(monkeypatch):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    with pytest.raises(TeacherConfigError, match="GEMINI_API_KEY"):
+    with pytest.raises(ClientConfigError, match="GEMINI_API_KEY"):
         GeminiClient()
 
 
@@ -511,3 +510,30 @@ def test_gemini_timeout_is_retried_then_recorded():
         res = asyncio.run(run())
         assert len(srv.requests) == FAST.max_attempts
     assert not res.ok and res.reason == "timeout" and res.attempts == FAST.max_attempts
+
+
+def test_one_cache_home_for_every_cache(monkeypatch, tmp_path):
+    from ctiqa.paths import cache_home
+    from ctiqa.simulation import default_cache_dir
+    from datasets_builder.cache import default_cache_path
+
+    monkeypatch.setenv("CTIQA_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_path() == tmp_path / "c" / "teacher_answers.jsonl"
+    assert default_cache_dir() == tmp_path / "c" / "sinograms"
+    monkeypatch.delenv("CTIQA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert cache_home() == tmp_path / "xdg" / "ctiqa"
+    assert default_cache_path().parent == default_cache_dir().parent == cache_home()
+
+
+def test_no_ctiqa_module_imports_datasets_builder():
+    """No package cycle: ctiqa is the library, datasets_builder builds on it (the CLI's lazy dispatch table
+    names the build-dataset module as a string, which is not an import)."""
+    import ast
+
+    for path in (REPO / "ctiqa").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "datasets_builder" for n in names), path

@@ -318,7 +318,7 @@ def test_gemini_zero_shot(fake_gemini, dataset, tmp_path):
 
     from ctiqa.evaluation import load_samples, predict_with_gemini
     from ctiqa.prompts import instruction
-    from datasets_builder.teachers import RetryPolicy
+    from ctiqa.clients import RetryPolicy
 
     fake_gemini.set_script([
         answer("Of course. The image shows moderate noise.\n\n**Overall quality score: 2.5/4**"),
