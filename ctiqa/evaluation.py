@@ -515,6 +515,9 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
     parser.add_argument("--concurrency", type=int, default=4, help="parallel Gemini requests (default 4)")
     parser.add_argument("--thinking-budget", type=int, default=None,
                         help="Gemini thinking tokens (default: the model's dynamic budget)")
+    parser.add_argument("--html", nargs="?", const="", metavar="FILE.html",
+                        help="also write a self-contained HTML report (default OUT/report.html): per-sample table "
+                        "sortable by error, images, plots")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
@@ -530,6 +533,10 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError(f"--dataset is required to evaluate {'Gemini' if mode == 'gemini' else 'a model'}")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise CTIQAError("--batch-size and --limit must be positive")
+    if args.html:
+        from ctiqa.html_report import check_html_path
+
+        check_html_path(args.html)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -571,4 +578,8 @@ def cli_main(args: argparse.Namespace) -> int:
 def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace, **kw: Any) -> int:
     finish(records, out, dataset=args.dataset, split=args.split if args.dataset else None,
            n_bootstrap=args.bootstrap, seed=args.seed, **kw)
+    if getattr(args, "html", None) is not None:
+        from ctiqa.html_report import write_evaluation_report
+
+        print(f"wrote {write_evaluation_report(out, args.html or None)}")
     return 0

@@ -97,3 +97,46 @@ def bland_altman_plot(true: list[float], preds: dict[str, list[float | None]], o
         ax.set_ylabel("predicted - true")
         ax.grid(alpha=0.3)
     return _save(plt, fig, out, title)
+
+
+def series_plot(rows: list[dict], out: str | Path | None = None, title: str = "", worst: list[int] | None = None):
+    """Score along a series: the probability score (± its std) and the parsed score per slice index.
+
+    Args:
+        rows: slice rows of ONE series as written by ``ctiqa predict`` (``slice``: 0-based index in the series,
+            ordered along the slice normal; ``prob_score``/``prob_std``/``parsed_score`` on the 0-4 scale, None
+            when not computed).
+        out: PNG path, or None to return the open matplotlib figure (for Gradio's ``gr.Plot``).
+        title: figure title. worst: slice indices to mark (the series summary's worst slices).
+    Returns:
+        the PNG path, or the figure when ``out`` is None.
+    """
+    plt, fig, axes = _figure(1)
+    ax = axes[0]
+    fig.set_size_inches(7.0, 3.2)
+    rows = sorted(rows, key=lambda r: r["slice"])
+    idx = np.array([r["slice"] for r in rows], dtype=np.float64)
+    prob = np.array([np.nan if r.get("prob_score") is None else r["prob_score"] for r in rows], dtype=np.float64)
+    std = np.array([0.0 if r.get("prob_std") is None else r["prob_std"] for r in rows], dtype=np.float64)
+    parsed = np.array([np.nan if r.get("parsed_score") is None else r["parsed_score"] for r in rows],
+                      dtype=np.float64)
+    if np.isfinite(prob).any():
+        ax.plot(idx, prob, marker="o", ms=3, lw=1.2, label="probability score")
+        ax.fill_between(idx, prob - std, prob + std, alpha=0.2, lw=0, label="± std")
+    if np.isfinite(parsed).any():
+        ax.plot(idx, parsed, ls="none", marker="x", ms=5, color="C1", label="parsed score")
+    for i in worst or []:
+        ax.axvline(i, color="C3", lw=0.8, ls=":")
+    ax.set_ylim(SCORE_MIN - 0.1, SCORE_MAX + 0.1)
+    ax.set_xlabel("slice (index along the slice normal)")
+    ax.set_ylabel("score (0 bad - 4 excellent)")
+    ax.grid(alpha=0.3)
+    if len(idx):
+        ax.set_xlim(idx.min() - 0.5, idx.max() + 0.5)
+        ax.legend(fontsize=8, loc="lower right")
+    if out is None:
+        if title:
+            fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        return fig
+    return _save(plt, fig, out, title)

@@ -233,6 +233,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         "summary goes to FILE.series.jsonl / .csv beside it")
     parser.add_argument("--score-only", action="store_true",
                         help="no rationale: read scores from token probabilities in one forward pass")
+    parser.add_argument("--html", type=Path, metavar="FILE.html",
+                        help="also write one self-contained HTML report (images embedded; opens offline)")
     parser.add_argument("--id", action="append", dest="ids", metavar="ID",
                         help="series id to report instead of the path (repeat once per input)")
     parser.add_argument("--file-names", action="store_true",
@@ -261,6 +263,10 @@ def cli_main(args: argparse.Namespace) -> int:
         model = str(DEMO_MODEL)
     if args.out is not None and args.out.suffix not in (".jsonl", ".json", ".csv"):
         raise CTIQAError(f"{args.out}: output must end in .jsonl or .csv")
+    if args.html is not None:
+        from ctiqa.html_report import check_html_path, write_predict_report
+
+        check_html_path(args.html)
     series = gather_series(args.inputs, args.ids)
     if not any(s.slices for s in series):  # nothing readable: say so without loading a model
         for s in series:
@@ -277,6 +283,10 @@ def cli_main(args: argparse.Namespace) -> int:
         write_rows(args.out, slice_rows)
         write_rows(args.out.with_name(args.out.stem + ".series" + args.out.suffix), summaries)
         print(f"wrote {args.out} and {args.out.stem}.series{args.out.suffix}")
+    if args.html is not None:
+        write_predict_report(args.html, slice_rows, summaries, series, encoding=args.encoding,
+                             unit_is_hu=args.unit_is_hu, model=" + ".join(filter(None, (lm.model_id, lm.adapter))))
+        print(f"wrote {args.html}")
     n_err = sum(len(s.errors) for s in series)
     if n_err:
         print(f"{n_err} input(s) skipped (see above)", file=sys.stderr)
