@@ -6,12 +6,21 @@ MedGemma). The parser is strict for the first and flexible for the second, and i
 
 1. ``strict-first``: the text starts with a line ``Score: x.x`` (score-first / score-only formats).
 2. ``strict-last``: the last non-empty line is ``Score: x.x`` (rationale-first format).
-3. ``labelled``: the LAST score that a label introduces anywhere in the text: ``score``, ``rating``, ``rated``,
+3. ``json``: a JSON object (bare, in a ```json fence or inside prose; the last one that has a score) with a key
+   ``score``, ``rating``, ``quality_score``, ``overall_score``, ``grade`` ... (:data:`JSON_KEYS`, case-insensitive,
+   also one level down): ``{"score": 2.6, "reasoning": "..."}``, ``{"rating": 3}``. What zero-shot models and
+   score-only fine-tunes often emit.
+4. ``labelled``: the LAST score that a label introduces anywhere in the text: ``score``, ``rating``, ``rated``,
    ``grade``, ``quality score``, ``overall``, ``final answer``, markdown bold (``**Score:** 3``), a verb phrase
    (``I would rate the overall quality as 3``, ``give it a 3``). Values may be decimals, number words
    (``three``), ``x/4``, ``x out of 4``, or a range (``2-3``, ``2 to 3``, ``between 2 and 3``: its midpoint).
-4. ``fraction``: with no label, the last ``x/4`` or ``x out of 4``.
-5. ``bare-number``: the whole answer is one number (``3.2``).
+   A label may carry an echoed scale: ``Quality (0-4): 3``.
+5. ``fraction``: with no label, the last ``x/4`` or ``x out of 4``.
+6. ``bare-number``: the whole answer is one number (``3.2``).
+
+A decimal comma is read (``Score: 3,5`` is 3.5; one or two digits after the comma, so ``1,200`` is no score).
+A value followed by a unit (mm, HU, kV, slices, views, %) or by a finding it grades (``grade 2 motion``,
+``grade 3 streaking``) is not a score: a long report that only grades an artifact gives ``no-score``.
 
 Before any of this, an echoed scale is blanked out so it can never be read as the score: ``(0-4)``,
 ``from 0 (very poor) to 4 (excellent)``, ``on a scale of 0-4``, ``between 0 and 4``, ``0 = bad ... 4 = excellent``.
@@ -25,13 +34,18 @@ Score scale [0, 4]: LDCTIQA 2023 (Lee et al., Medical Image Analysis 99, 103343,
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from ctiqa.scale import QUALITY_LABELS, SCORE_MAX, SCORE_MIN
+from ctiqa.scale import QUALITY_LABELS, SCORE_MAX, in_scale
 
 #: Rule names recorded per sample (``predictions.jsonl`` ``parse_rule``).
-RULES = ("strict-first", "strict-last", "labelled", "fraction", "bare-number", "out-of-range", "no-score")
+RULES = ("strict-first", "strict-last", "json", "labelled", "fraction", "bare-number", "out-of-range", "no-score")
+#: Keys of a JSON answer that hold the score, in order of preference (case-insensitive).
+JSON_KEYS = ("score", "quality_score", "overall_score", "overall_quality_score", "image_quality_score", "rating",
+             "quality_rating", "overall_rating", "grade", "quality", "overall", "overall_quality", "final_score")
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,8 @@ class ParsedScore:
 
 
 # ------------------------------------------------------------------------------------------------- patterns
-_NUM = r"(?:(?<![\w.])-(?=\d))?(?<![\d.])(?:\d+(?:\.\d+)?|\.\d+)(?![\d])(?!\.\d)"
+# A number: ``3``, ``2.6``, ``.5``, a decimal comma ``3,5`` (one or two digits: ``1,200`` is not a number here).
+_NUM = r"(?:(?<![\w.])-(?=\d))?(?<![\d.,])(?:\d+(?:\.\d+|,\d{1,2}(?!\d))?|\.\d+)(?![\d])(?![.,]\d)"
 _WORDS = {"zero": 0.0, "one": 1.0, "two": 2.0, "three": 3.0, "four": 4.0}
 _WORD = r"\b(?:zero|one|two|three|four)\b(?!\s+of\b)(?!-)"
 _VAL = rf"(?:{_NUM}|{_WORD})"
@@ -63,14 +78,17 @@ _VALUE = (
     rf"(?P<between>between\s+)?(?P<a>{_VAL})"
     rf"(?:\s*(?:{_DASH}|(?(between)and|(?!)))\s*(?P<b>{_VAL}))?"
     rf"(?:\s*(?:/|out\s+of)\s*(?P<den>{_VAL}))?"
-    r"(?P<unit>\s*(?:mm|cm|%|hu|kv|kvp|mas|ms|views?|slices?|x\b|times)\b|\s*%)?"
+    r"(?P<unit>\s*(?:mm|cm|%|hu|kv|kvp|mas|ms|views?|slices?|x\b|times)\b|\s*%"
+    # a graded finding on the same line: "grade 2 motion", "grade 3 streaking", "rated 2 noise"
+    r"|[ \t]+(?:-\s*)?(?:motion|artifacts?|artefacts?|streak\w*|noise|noisy|metal|ring|beam|blur\w*|mottl\w*|"
+    r"lesions?|nodules?|stenosis|fatty|steatosis|hepatic|renal|injury|trauma|disease|fibrosis|emphysema)\b)?"
 )
 
 _LABEL = (
     r"(?:\boverall(?:\s+(?:image|diagnostic|technical))?(?:\s+quality)?(?:\s+(?:score|rating|grade|assessment))?"
     r"|\b(?:image\s+|diagnostic\s+|technical\s+|final\s+|my\s+|the\s+)?quality\s+(?:score|rating|grade)"
     r"|\bfinal\s+(?:score|rating|grade|answer)"
-    r"|\b(?:image\s+)?quality(?=\s*[:=])|\bscore[ds]?\b|\brating\b|\brated\b|\bgrade[ds]?\b)"
+    r"|\b(?:image\s+)?quality(?=[\s()\[\]]*[:=])|\bscore[ds]?\b|\brating\b|\brated\b|\bgrade[ds]?\b)"
 )
 # Between a label and its value: punctuation and a few linking words ("Score: ", "score of", "is approximately").
 _GAP = (
@@ -113,11 +131,10 @@ def _number(token: str | None) -> float | None:
     if token is None:
         return None
     t = token.strip().lower()
-    return _WORDS[t] if t in _WORDS else float(t)
+    return _WORDS[t] if t in _WORDS else float(t.replace(",", "."))
 
 
-def _in_range(v: float) -> bool:
-    return SCORE_MIN <= v <= SCORE_MAX
+_in_range = in_scale
 
 
 def _blank_scales(text: str) -> str:
@@ -149,6 +166,54 @@ def _decide(m: re.Match, rule: str, text: str) -> ParsedScore | None:
     return ParsedScore(value if ok else None, rule if ok else "out-of-range", span)
 
 
+_JSON_DECODER = json.JSONDecoder()
+_FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
+
+
+def _json_value(obj: dict, depth: int = 0) -> tuple[Any, str] | None:
+    """(value, key) of the first :data:`JSON_KEYS` key in ``obj`` (or one level down); None when it has none."""
+    lower = {str(k).lower().replace(" ", "_"): (k, v) for k, v in obj.items()}
+    for key in JSON_KEYS:
+        if key in lower:
+            k, v = lower[key]
+            if isinstance(v, dict) and depth == 0:
+                found = _json_value(v, 1)
+                if found:
+                    return found
+                continue
+            return v, str(k)
+    if depth == 0:
+        for v in obj.values():
+            if isinstance(v, dict) and (found := _json_value(v, 1)):
+                return found
+    return None
+
+
+def _json_score(text: str) -> ParsedScore | None:
+    """The score of the last JSON object in ``text`` that holds one (:data:`JSON_KEYS`); None when none does."""
+    body = _FENCE.sub(" ", text)
+    found = None
+    pos = body.find("{")
+    while pos != -1:
+        try:
+            obj, end = _JSON_DECODER.raw_decode(body, pos)
+        except ValueError:
+            pos = body.find("{", pos + 1)
+            continue
+        if isinstance(obj, dict) and (kv := _json_value(obj)) is not None:
+            value, key = kv
+            if isinstance(value, str) and re.fullmatch(rf"\s*{_VAL}\s*", value, re.IGNORECASE):
+                value = _number(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                v = float(value)
+                ok = _in_range(v)
+                found = ParsedScore(v if ok else None, "json" if ok else "out-of-range", body[pos:end].strip())
+            else:  # a null or a word ("good"): the JSON says there is no number
+                found = ParsedScore(None, "no-score", body[pos:end].strip())
+        pos = body.find("{", end)
+    return found
+
+
 # ------------------------------------------------------------------------------------------------- public
 def parse_score_detailed(text: str | None) -> ParsedScore:
     """Parse a 0-4 quality score from a model answer and say which rule matched.
@@ -163,10 +228,12 @@ def parse_score_detailed(text: str | None) -> ParsedScore:
     last_line = text.strip().splitlines()[-1]
     for rule, m in (("strict-first", _STRICT_FIRST.match(text)), ("strict-last", _STRICT_LAST.match(last_line))):
         if m:
-            v = float(m.group("a"))
+            v = _number(m.group("a"))
             ok = _in_range(v)
             return ParsedScore(v if ok else None, rule if ok else "out-of-range", m.group(0).strip())
 
+    if "{" in text and (js := _json_score(text)) is not None:
+        return js
     flat = _blank_scales(_MARKDOWN.sub(" ", text))
     for rx, rule in ((_LABELLED_RE, "labelled"), (_FRACTION_RE, "fraction")):
         found = [p for p in (_decide(m, rule, flat) for m in rx.finditer(flat)) if p is not None]
@@ -179,11 +246,3 @@ def parse_score_detailed(text: str | None) -> ParsedScore:
         return ParsedScore(v if _in_range(v) else None, "bare-number" if _in_range(v) else "out-of-range", bare)
     return ParsedScore(None, "no-score")
 
-
-def parse_score(text: str | None) -> float | None:
-    """The 0-4 score in a model answer, or None when there is none or it lies outside [0, 4].
-
-    Strict for ctiqa's trained formats, flexible for zero-shot prose; see :func:`parse_score_detailed` and the
-    module docstring for the rules. Never returns 0 for a failure.
-    """
-    return parse_score_detailed(text).value

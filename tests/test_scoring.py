@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctiqa.scoring import RULES, ParsedScore, parse_score, parse_score_detailed
+from ctiqa.scoring import RULES, ParsedScore, parse_score_detailed
 
 CASES = [
     # --- trained formats (strict)
@@ -68,6 +68,25 @@ CASES = [
      "labelled"),
     ("Score: 2.2 Reasoning: moderate noise. A score of 4 would require less noise.", 2.2, "strict-first"),
     ("I cannot rate images of 5 mm slices.", None, "no-score"),
+    # --- JSON answers (zero-shot models, score-only fine-tunes)
+    ('{"score": 2.6, "reasoning": "Moderate noise."}', 2.6, "json"),
+    ('{"rating": 3}', 3.0, "json"),
+    ('```json\n{"quality_score": "1.8", "findings": ["noise"]}\n```', 1.8, "json"),
+    ('Here is my assessment: {"assessment": {"overall_score": 3.2}, "notes": "sharp"}. Thanks!', 3.2, "json"),
+    ('{"score": 8, "scale": "0-10"}', None, "out-of-range"),
+    ('{"score": null, "reason": "cannot assess"}', None, "no-score"),
+    ('{"score": true}', None, "no-score"),
+    # --- an echoed scale inside the label, decimal commas
+    ("Quality (0-4): 3", 3.0, "labelled"),
+    ("Image quality [0-4]: 2.4. Noise is mild.", 2.4, "labelled"),
+    ("Score: 3,5", 3.5, "strict-first"),
+    ("Bewertung / overall rating: 2,4 (fair)", 2.4, "labelled"),
+    ("We rated 1,200 images in total.", None, "no-score"),
+    # --- a stray number far from any score word: a graded finding is not the score
+    ("Findings: grade 2 motion artifact in the upper abdomen. Noise is moderate and the liver edges are soft. "
+     "This is slice 4 of 120; overall fair.", None, "no-score"),
+    ("There is grade 3 streaking from the shoulders. Overall quality is fair.", None, "no-score"),
+    ("Grade 2 motion artifact. Overall score: 1.6", 1.6, "labelled"),
 ]
 
 
@@ -81,7 +100,7 @@ def test_parse_table(text, value, rule):
         assert got.value is None, got
     else:
         assert got.value == pytest.approx(value, abs=1e-12), got
-    assert parse_score(text) == got.value
+        assert got.matched  # the span it was read from is recorded
 
 
 def test_table_size():
@@ -89,12 +108,10 @@ def test_table_size():
 
 
 def test_never_zero_on_failure():
-    for text in ("Score: 10.0", "N/A", "The image is of excellent quality.", "score of ten"):
-        assert parse_score(text) is None
-
-
-def test_none_input():
-    assert parse_score(None) is None
+    """A failure is None with a failure rule, never a 0 that would be scored as a 'bad' image."""
+    for text in ("Score: 10.0", "N/A", "The image is of excellent quality.", "score of ten", None, "   "):
+        got = parse_score_detailed(text)
+        assert got.value is None and got.rule in ("out-of-range", "no-score"), (text, got)
 
 
 def test_scale_has_one_home():
