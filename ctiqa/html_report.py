@@ -361,9 +361,9 @@ def prepare_series(rows: list[dict[str, Any]], series: list[Any], encoding: str 
     images = {}
     for r in rows:
         s = by_id.get(r["series"])
-        if s is None or not 0 <= r["slice"] < len(s.slices):
+        ct = s.read_slice(r["slice"]) if s is not None and r.get("slice") is not None else None
+        if ct is None:
             continue
-        ct = s.slices[r["slice"]]
         images[(r["series"], r["slice"])] = render(ct, encoding, unit_is_hu=unit_is_hu)
         annotate(r, ct)
     return images

@@ -633,6 +633,71 @@ def read_dicom_series(
     return series[0]
 
 
+def index_dicom_folder(
+    folder: str | os.PathLike, *, errors: list[tuple[str, str]] | None = None, recursive: bool = True
+) -> list[list[tuple[str, Path, int | None]]]:
+    """The DICOM series of a folder as ordered lists of slice references, reading headers only (no pixel data).
+
+    Same files, grouping (Series Instance UID, never returned) and ordering as :func:`read_dicom_folder`, but
+    memory does not grow with the pixels: a caller reads each slice when it needs it with
+    ``read_ct(path, frame)``. A file whose pixels turn out to be unreadable fails then, not here.
+
+    Returns:
+        one list per series of ``(name, path, frame)``: ``name`` relative to ``folder`` (``"name#N"`` for frame N
+        of a multi-frame file), ``frame`` None for a single-frame file.
+    Raises:
+        CTIQAError: as :func:`read_dicom_folder` (not a folder; no DICOM header readable; a bad file when
+            ``errors`` is None).
+    """
+    import pydicom
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise CTIQAError(f"{root}: not a folder")
+    files = sorted(root.rglob("*") if recursive else root.iterdir())
+    groups: dict[str, list[tuple[str, Path, int | None, float | None, float]]] = {}
+    for f in files:
+        rel = f.relative_to(root)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
+            continue
+        try:
+            if not _is_dicom(f) and f.suffix != "":
+                raise CTIQAError(f"{f}: not a DICOM file")
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception as e:
+                raise CTIQAError(f"{f}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+            inst = ds.get("InstanceNumber")
+            try:
+                inst_num = float(inst) if inst not in (None, "") else math.inf
+            except (TypeError, ValueError):
+                inst_num = math.inf
+            n = _n_frames(ds)
+            group = groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), [])
+            for k in range(n):
+                pos_item = _frame_item(ds, k, "PlanePositionSequence")
+                ori_item = _frame_item(ds, k, "PlaneOrientationSequence")
+                ipp = pos_item.get("ImagePositionPatient") if pos_item is not None else ds.get("ImagePositionPatient")
+                iop = ori_item.get("ImageOrientationPatient") if ori_item is not None else ds.get(
+                    "ImageOrientationPatient")
+                position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
+                group.append((str(rel) + (f"#{k}" if n > 1 else ""), f, k if n > 1 else None, position, inst_num))
+        except CTIQAError as e:
+            if errors is None:
+                raise
+            errors.append((str(f), str(e)))
+    if not groups:
+        raise CTIQAError(f"{root}: no readable DICOM slices in this folder")
+    out = []
+    for entries in sorted(groups.values(), key=lambda g: min(e[0] for e in g)):
+        if all(e[3] is not None for e in entries):
+            entries.sort(key=lambda e: (e[3], e[4], e[0]))
+        else:
+            entries.sort(key=lambda e: (e[4], e[0]))
+        out.append([(name, path, frame) for name, path, frame, _, _ in entries])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------------------

@@ -1,20 +1,33 @@
-"""``ctiqa predict``: score your own CT — DICOM files, DICOM series folders, TIFF or PNG/JPEG files.
+"""``ctiqa predict``: score your own CT — DICOM files, DICOM series folders (trees), TIFF or PNG/JPEG files.
 
-Each input is one *series*: a folder is read as a DICOM series (slices ordered along the slice normal,
-:func:`ctiqa.imaging.read_dicom_folder`; a folder holding several series, told apart by Series Instance UID, gives
-one series each, ``ID#1``, ``ID#2``... with a note on stderr), a multi-frame DICOM or multi-page TIFF gives one
-slice per frame, any other file is a series of one slice. Every slice is rendered with :func:`ctiqa.imaging.render` (the encoding the
-model was trained with) and scored by :func:`ctiqa.inference.predict_images`:
+Each input is one *series*: a folder (and its sub-folders) is read as DICOM series (slices ordered along the slice
+normal, :func:`ctiqa.imaging.index_dicom_folder`; a folder holding several series, told apart by Series Instance
+UID, gives one series each, ``ID#1``, ``ID#2``... with a note on stderr), a multi-frame DICOM or multi-page TIFF
+gives one slice per frame, any other file is a series of one slice. Every slice is rendered with
+:func:`ctiqa.imaging.render` (the encoding the model was trained with) and scored by a *backend*:
 
 * per slice: the parsed score of the generated answer, the probability score and its spread, the rationale
   (``--score-only`` skips generation and reads the score from one forward pass);
 * per series: mean and minimum score and the worst slices (the score used is the probability score when the
-  model has one, else the parsed score).
+  model has one, else the parsed score), computed from the written rows at the end.
 
-Privacy: outputs name a series by the id the user chose (``--id``) or the path the user typed, and a slice by its
-index in the series; no DICOM metadata (names, UIDs, dates) is read into the output. File names are left out
-unless asked for (``--file-names``): exported DICOM files are often named by their SOP Instance UID. Unreadable inputs are reported
-on stderr (naming the file) and skipped; the batch goes on.
+Streaming: folders are indexed from DICOM headers only and each slice's pixels are read when its batch is scored,
+so memory stays flat in the number of slices. Each row is appended to ``--out`` as soon as it is scored (with a
+progress bar: slices/s, ETA); a killed run keeps what it wrote, and a re-run with the same ``--out`` and settings
+skips the slices already there (a different model or setting into the same ``--out`` is refused, naming what
+differs: the settings live beside the rows in ``FILE.run.json``).
+
+Skipped inputs (unreadable files, slices that cannot be rendered) are rows too, with ``skipped`` holding the reason
+and no file name; the batch goes on. Privacy: outputs name a series by the id the user chose (``--id``) or the path
+the user typed, and a slice by its index in the series; no DICOM metadata (names, UIDs, dates) is read into the
+output. File names are left out of the outputs and stderr unless asked for (``--file-names``): exported DICOM
+files are often named by their SOP Instance UID.
+
+Backends (:data:`Backend`): a function taking a list of RGB PIL images and returning one dict per image with the
+keys of :class:`ctiqa.inference.ImagePrediction` (``text``, ``parsed_score``, ``parse_rule``, ``prob_score``,
+``prob_std``; None where not computed), optionally ``error`` (a failed call) and further keys, which are kept in the
+row (add them to :data:`ROW_COLUMNS` for CSV). :func:`model_backend` wraps an in-process model; a server backend
+plugs into :func:`score_series` the same way.
 
 Without ``--model``/``--adapter`` the model trained by ``make demo`` (``runs/demo/model``) is used, offline.
 """
@@ -23,43 +36,82 @@ from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import json
 import math
+import re
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.imaging import ENCODINGS, CTImage, read_ct_frames, read_dicom_folder, render
+from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
 #: The model ``make demo`` trains (used when no model is given).
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "runs" / "demo" / "model"
 #: How many lowest-scoring slices a series summary lists.
 N_WORST = 3
+#: Up to this many slice rows are also printed as a table at the end (more: see --out).
+TABLE_MAX = 200
+#: Columns of a slice row, in order (``file`` only with ``--file-names``). ``skipped`` holds the reason a slice or
+#: input was not scored; ``error`` a failed backend call.
+ROW_COLUMNS = ["series", "slice", "file", "parsed_score", "parse_rule", "prob_score", "prob_std", "rationale",
+               "skipped", "error"]
+SUFFIXES = (".jsonl", ".json", ".csv")
+
+#: A scoring backend: RGB PIL images -> one dict per image (see the module docstring).
+Backend = Callable[[list[Any]], list[dict[str, Any]]]
+
+
+@dataclass
+class SliceRef:
+    """A slice (or a whole file, ``frame == "all"``) to read when its turn comes: ``index`` in the series, ``name``
+    (the file relative to the input folder, or the input path; ``#N`` for frame N), ``path`` and ``frame``
+    (None: a single-frame file)."""
+
+    index: int
+    name: str
+    path: Path
+    frame: int | str | None = None
 
 
 @dataclass
 class Series:
-    """One series: ``id`` (user-chosen or the path as typed), its slices in order, the file of each slice (relative
-    to the input folder, or the input path; ``#N`` for frame N), and per-file read errors."""
+    """One series: ``id`` (user-chosen or the path as typed), its slices in order (not yet read) and the files that
+    could not even be indexed, as ``(path, message)``."""
 
     id: str
-    slices: list[CTImage] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
+    refs: list[SliceRef] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def read_slice(self, index: int) -> CTImage | None:
+        """Slice ``index`` of the series, read now (None when the series has no such slice).
+
+        Raises:
+            CTIQAError: the file cannot be read.
+        """
+        for ref in self.refs:
+            if ref.frame == "all":
+                frames = read_ct_frames(ref.path)
+                return frames[index] if 0 <= index < len(frames) else None
+            if ref.index == index:
+                return _read(ref, {})[0][2]
+        return None
 
 
 def gather_series(inputs: list[str], ids: list[str] | None = None) -> list[Series]:
-    """Read every input into a :class:`Series`; unreadable files become ``errors`` instead of exceptions.
+    """Index every input into :class:`Series` without reading pixels (DICOM headers only).
 
     Args:
-        inputs: paths of DICOM/TIFF/PNG/JPEG files or DICOM series folders.
+        inputs: paths of DICOM/TIFF/PNG/JPEG files or folders (trees) of DICOM files.
         ids: optional user-chosen series ids, one per input (default: the path as given).
     Returns:
         one :class:`Series` per input, except a folder holding k > 1 DICOM series (by Series Instance UID), which
-        gives k, with ids ``ID#1`` ... ``ID#k`` (a note on stderr says so; the UIDs themselves are not used).
+        gives k, with ids ``ID#1`` ... ``ID#k`` (a note on stderr says so; the UIDs themselves are not used). An
+        input that cannot be read at all is a series without slices whose ``errors`` say why.
     Raises:
         CTIQAError: ``ids`` given with a different length than ``inputs``.
     """
@@ -70,127 +122,342 @@ def gather_series(inputs: list[str], ids: list[str] | None = None) -> list[Serie
         sid = ids[i] if ids else raw
         p = Path(raw)
         errors: list[tuple[str, str]] = []
-        try:
-            if p.is_dir():
-                found = read_dicom_folder(p, errors=errors)
-                if len(found) > 1:
-                    print(f"note: {raw} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
-                          f"separately as {sid}#1 .. {sid}#{len(found)}", file=sys.stderr)
-                group = [Series(id=f"{sid}#{k}" if len(found) > 1 else sid, slices=[img for _, img in sl],
-                                files=[name for name, _ in sl]) for k, sl in enumerate(found, start=1)]
-                group[0].errors = errors
-                out.extend(group)
+        if p.is_dir():
+            try:
+                found = index_dicom_folder(p, errors=errors)
+            except CTIQAError as e:
+                out.append(Series(id=sid, errors=[*errors, (raw, str(e))]))
                 continue
-            frames = read_ct_frames(p)
-            out.append(Series(id=sid, slices=frames, files=[raw + img.source[len(str(p)):] for img in frames]))
-        except CTIQAError as e:
-            out.append(Series(id=sid, errors=[*errors, (raw, str(e))]))
+            if len(found) > 1:
+                print(f"note: {raw} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
+                      f"separately as {sid}#1 .. {sid}#{len(found)}", file=sys.stderr)
+            group = [Series(id=f"{sid}#{k}" if len(found) > 1 else sid,
+                            refs=[SliceRef(j, name, path, frame) for j, (name, path, frame) in enumerate(sl)])
+                     for k, sl in enumerate(found, start=1)]
+            group[0].errors = errors
+            out.extend(group)
+        elif p.is_file():
+            out.append(Series(id=sid, refs=[SliceRef(0, raw, p, "all")]))
+        else:
+            out.append(Series(id=sid, errors=[(raw, f"{raw}: no such file or folder")]))
     return out
 
 
+def _reason(message: str, path: str | Path) -> str:
+    """A read error without the file's name (which may be a UID): ``"<path>[#N]: why"`` -> ``"why"``."""
+    p, name = str(path), Path(path).name
+    text = re.sub(rf"^{re.escape(p)}(?:#\d+)?:\s*", "", message).replace(p, "<file>")
+    return text.replace(name, "<file>") if len(name) >= 5 else text
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+def model_backend(lm: Any, *, fmt: str, score_only: bool, max_new_tokens: int, batch_size: int) -> Backend:
+    """The in-process backend: :func:`ctiqa.inference.predict_images` on a loaded model (greedy answer, parsed
+    score, probability score)."""
+    from ctiqa.inference import predict_images
+
+    def score(images: list[Any]) -> list[dict[str, Any]]:
+        return [p.to_dict() for p in predict_images(lm, images, fmt=fmt, generate=not score_only, probability=True,
+                                                    max_new_tokens=max_new_tokens, batch_size=batch_size)]
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+def _row_columns(file_names: bool) -> list[str]:
+    return [c for c in ROW_COLUMNS if file_names or c != "file"]
+
+
+class RowSink:
+    """Slice rows appended to a JSONL or CSV file as they are scored (flushed per row), resumable.
+
+    ``path`` None keeps nothing on disk (rows go to ``on_row`` only). The run's settings are kept beside the rows
+    in ``<stem>.run.json``; a re-run with other settings is refused before any work, and a file that holds rows
+    but no settings (not written by ``ctiqa predict``) is never overwritten.
+
+    Raises:
+        CTIQAError: bad suffix, ``path`` is a folder, its folder cannot be created or written, settings differ.
+    """
+
+    def __init__(self, path: Path | None, settings: dict[str, Any], file_names: bool):
+        self.path, self.columns, self.done, self.skipped = path, _row_columns(file_names), set(), set()
+        if path is None:
+            return
+        if path.is_dir():
+            raise CTIQAError(f"--out {path}: is a folder; give a file name such as {path / 'scores.jsonl'}")
+        if path.suffix not in SUFFIXES:
+            raise CTIQAError(f"--out {path}: must end in .jsonl or .csv")
+        self.run_file = path.with_name(path.stem + ".run.json")
+        has_rows = path.is_file() and path.stat().st_size > 0
+        if has_rows:
+            if not self.run_file.is_file():
+                raise CTIQAError(f"--out {path}: exists and was not written by ctiqa predict (no {self.run_file.name})"
+                                 "; choose another --out")
+            before = json.loads(self.run_file.read_text())
+            diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+            if diff:
+                raise CTIQAError(f"--out {path}: holds rows of a run with other settings ("
+                                 + ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
+                                 + "); choose another --out")
+            for r in self.read():
+                if r.get("skipped"):
+                    self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
+                elif r.get("slice") not in (None, ""):
+                    self.done.add((str(r["series"]), int(r["slice"])))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a", newline="")
+            self.run_file.write_text(json.dumps(settings, indent=1) + "\n")
+        except OSError as e:
+            raise CTIQAError(f"--out {path}: cannot write ({e.strerror or e})") from e
+        self._csv = None
+        if path.suffix == ".csv":
+            self._csv = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore")
+            if not has_rows:
+                self._csv.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        if self._csv is not None:
+            self._csv.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+        else:
+            self._f.write(json.dumps(row, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self.path is not None:
+            self._f.close()
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """The rows in the file (JSONL: a last line cut short by a kill is ignored; CSV: numbers restored)."""
+        if self.path is None or not self.path.is_file():
+            return
+        with open(self.path, newline="") as f:
+            if self.path.suffix == ".csv":
+                for r in csv.DictReader(f):
+                    yield {k: _from_csv(k, v) for k, v in r.items()}
+            else:
+                for line in f:
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+
+
+def _from_csv(key: str, value: str | None) -> Any:
+    if value in (None, ""):
+        return None
+    if key == "slice":
+        return int(value)
+    if key in ("parsed_score", "prob_score", "prob_std"):
+        return float(value)
+    return value
+
+
 def _finite(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _slice_score(r: dict[str, Any]) -> float | None:
+    return _finite(r.get("prob_score")) if r.get("prob_score") is not None else _finite(r.get("parsed_score"))
+
+
+class SeriesSummary:
+    """Running per-series summary (n, sum, min, the ``n_worst`` lowest slices): memory flat in the slices."""
+
+    def __init__(self, series_id: str, n_worst: int = N_WORST):
+        self.id, self.n_worst = series_id, n_worst
+        self.n = self.n_unscored = self.n_skipped = 0
+        self.total, self.worst = 0.0, []  # heap of (-score, -slice, entry): the n_worst lowest kept
+
+    def add(self, r: dict[str, Any]) -> None:
+        if r.get("skipped"):
+            self.n_skipped += 1
+            return
+        self.n += 1
+        v = _slice_score(r)
+        if v is None:
+            self.n_unscored += 1
+            return
+        self.total += v
+        entry = {"slice": r["slice"], **({"file": r["file"]} if r.get("file") else {}), "score": round(v, 4)}
+        item = (-v, -int(r["slice"]), entry)
+        if len(self.worst) < self.n_worst:
+            heapq.heappush(self.worst, item)
+        elif item > self.worst[0]:
+            heapq.heapreplace(self.worst, item)
+
+    def result(self) -> dict[str, Any]:
+        scored = self.n - self.n_unscored
+        worst = [e for _, _, e in sorted(self.worst, reverse=True)]
+        return {"series": self.id, "n_slices": self.n, "n_unscored": self.n_unscored, "n_skipped": self.n_skipped,
+                "mean": round(self.total / scored, 4) if scored else None,
+                "min": worst[0]["score"] if worst else None, "worst_slices": worst}
 
 
 def summarise(series_id: str, rows: list[dict[str, Any]], n_worst: int = N_WORST, n_skipped: int = 0
               ) -> dict[str, Any]:
-    """Per-series summary of slice rows (as written by :func:`predict`): n, mean, min and the worst slices.
+    """Per-series summary of slice rows: n, mean, min and the worst slices (:class:`SeriesSummary`).
 
     The score of a slice is its ``prob_score`` when present, else its ``parsed_score``; slices with neither are
-    counted in ``n_unscored``. ``mean``/``min`` are None when no slice has a score. ``n_skipped``: files or slices
-    of the series that could not be read or rendered (named on stderr). A worst slice carries its ``file`` when
-    the rows do (``--file-names``).
+    counted in ``n_unscored``; rows with ``skipped`` (and ``n_skipped`` more) in ``n_skipped``. ``mean``/``min``
+    are None when no slice has a score. A worst slice carries its ``file`` when the rows do (``--file-names``).
     """
-    scored = [(r, s) for r in rows if (s := _finite(r.get("prob_score"))
-                                       if r.get("prob_score") is not None
-                                       else _finite(r.get("parsed_score"))) is not None]
-    vals = [v for _, v in scored]
-    worst = sorted(scored, key=lambda t: t[1])[:n_worst]
-    return {
-        "series": series_id,
-        "n_slices": len(rows),
-        "n_unscored": len(rows) - len(scored),
-        "n_skipped": n_skipped,
-        "mean": round(sum(vals) / len(vals), 4) if vals else None,
-        "min": round(min(vals), 4) if vals else None,
-        "worst_slices": [{"slice": r["slice"], **({"file": r["file"]} if "file" in r else {}),
-                          "score": round(v, 4)} for r, v in worst],
-    }
+    acc = SeriesSummary(series_id, n_worst)
+    for r in rows:
+        acc.add(r)
+    acc.n_skipped += n_skipped
+    return acc.result()
 
 
-def _print_skipped(s: Series) -> None:
-    for path, msg in s.errors:
-        print(f"skipped {path}: {msg}", file=sys.stderr)
+def summaries_from_rows(rows: Iterator[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """One summary per series id in ``order`` that has rows, from streamed rows (any order)."""
+    acc: dict[str, SeriesSummary] = {}
+    for r in rows:
+        sid = str(r["series"])
+        acc.setdefault(sid, SeriesSummary(sid)).add(r)
+    return [acc[s].result() for s in order if s in acc]
 
 
-def predict(series: list[Series], lm: Any, *, fmt: str, encoding: str, score_only: bool, batch_size: int,
-            max_new_tokens: int, unit_is_hu: bool = False, file_names: bool = False
-            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Score every slice of every series.
+# ---------------------------------------------------------------------------------------------------- scoring
+def _read(ref: SliceRef, cache: dict[str, Any]) -> list[tuple[int, str, CTImage]]:
+    """(index, name, image) of a ref; a whole file expands to its frames. One multi-frame file is kept cached."""
+    if ref.frame == "all":
+        frames = read_ct_frames(ref.path)
+        return [(k, ref.name + img.source[len(str(ref.path)):], img) for k, img in enumerate(frames)]
+    if ref.frame is None:
+        return [(ref.index, ref.name, read_ct(ref.path))]
+    if cache.get("path") != ref.path:
+        cache.clear()
+        cache["path"] = ref.path
+        try:
+            cache["frames"] = read_ct_frames(ref.path)
+        except CTIQAError as e:
+            cache["error"] = e
+    if "error" in cache:
+        raise cache["error"]
+    return [(ref.index, ref.name, cache["frames"][int(ref.frame)])]
+
+
+def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encoding: str, batch_size: int,
+                 unit_is_hu: bool = False, file_names: bool = False,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, int]:
+    """Score every slice not already in ``sink``, writing each row (and each skipped input) as it comes.
+
+    Slices are read and rendered one batch at a time (``batch_size`` images, across series), so memory does not
+    grow with the number of slices. A slice row: ``series``, ``slice`` (0-based), ``file`` (only with
+    ``file_names``), ``parsed_score``, ``parse_rule``, ``prob_score``, ``prob_std`` (0-4 scale), ``rationale``
+    (the generated text; None with score-only) and what else the backend returns; a skipped row: ``series``,
+    ``slice`` (None when the file could not be indexed), ``skipped`` (the reason, without the file name).
 
     Returns:
-        (slice rows, series summaries). A slice row: ``series``, ``slice`` (0-based index), ``file`` (only with
-        ``file_names``), ``parsed_score``, ``parse_rule``, ``prob_score``, ``prob_std`` (0-4 scale), ``rationale``
-        (the generated text; None with ``score_only``). A slice that cannot be rendered is reported on stderr and
-        skipped.
+        counts: ``scored`` (this run), ``resumed`` (already in ``sink``), ``skipped`` (this run).
     """
     from tqdm.auto import tqdm
 
-    from ctiqa.inference import predict_images
+    counts = {"scored": 0, "resumed": 0, "skipped": 0}
+    pending: list[tuple[str, int, str, Any]] = []
+    emit = on_row or (lambda r: None)
 
-    slice_rows: list[dict[str, Any]] = []
-    summaries = []
-    total = sum(len(s.slices) for s in series)
-    bar = tqdm(total=total, desc="scoring slices", unit="slice", disable=total == 0)
-    for s in series:
-        rows = []
-        for start in range(0, len(s.slices), batch_size):
-            chunk = list(enumerate(s.slices[start:start + batch_size], start=start))
-            images, idx = [], []
-            for i, img in chunk:
+    def put(row: dict[str, Any]) -> None:
+        sink.write(row)
+        emit(row)
+
+    def skip(sid: str, index: int | None, name: str, path: str, message: str) -> None:
+        reason = _reason(message, path)
+        key = (sid, str(index), reason)
+        if key in sink.skipped:  # reported by an earlier run into the same --out
+            return
+        sink.skipped.add(key)
+        counts["skipped"] += 1
+        where = f"{path}" if file_names else f"{sid}" + (f" slice {index}" if index is not None else "")
+        tqdm.write(f"skipped {where}: {reason if not file_names else message}", file=sys.stderr)
+        put({"series": sid, "slice": index, **({"file": name} if file_names else {}), "skipped": reason})
+
+    def flush(bar: Any) -> None:
+        if not pending:
+            return
+        preds = backend([img for *_, img in pending])
+        if len(preds) != len(pending):
+            raise CTIQAError(f"scoring backend returned {len(preds)} results for {len(pending)} images")
+        for (sid, index, name, _), p in zip(pending, preds, strict=True):
+            extra = {k: v for k, v in p.items() if k not in _PREDICTION_KEYS}
+            put({"series": sid, "slice": index, **({"file": name} if file_names else {}),
+                 "parsed_score": p.get("parsed_score"), "parse_rule": p.get("parse_rule"),
+                 "prob_score": p.get("prob_score"), "prob_std": p.get("prob_std"), "rationale": p.get("text"),
+                 **extra})
+            counts["scored"] += 1
+        bar.update(len(pending))
+        pending.clear()
+
+    total = sum(len(s.refs) for s in series)
+    cache: dict[str, Any] = {}
+    with tqdm(total=total, desc="scoring", unit="slice", file=sys.stderr, disable=total == 0) as bar:
+        for s in series:
+            for path, message in s.errors:
+                skip(s.id, None, path, path, message)
+            for ref in s.refs:
+                if ref.frame != "all" and (s.id, ref.index) in sink.done:
+                    counts["resumed"] += 1
+                    bar.update(1)
+                    continue
                 try:
-                    images.append(render(img, encoding, unit_is_hu=unit_is_hu))
-                    idx.append(i)
+                    items = _read(ref, cache)
                 except CTIQAError as e:
-                    s.errors.append((img.source, str(e)))
-            preds = predict_images(lm, images, fmt=fmt, generate=not score_only, probability=True,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size) if images else []
-            for i, p in zip(idx, preds, strict=True):
-                rows.append({"series": s.id, "slice": i, **({"file": s.files[i]} if file_names else {}),
-                             "parsed_score": p.parsed_score, "parse_rule": p.parse_rule,
-                             "prob_score": p.prob_score, "prob_std": p.prob_std, "rationale": p.text})
-            bar.update(len(chunk))
-        _print_skipped(s)
-        slice_rows.extend(rows)
-        if s.slices or rows:
-            summaries.append(summarise(s.id, rows, n_skipped=len(s.errors)))
-    bar.close()
-    return slice_rows, summaries
+                    skip(s.id, None if ref.frame == "all" else ref.index, ref.name, str(ref.path), str(e))
+                    bar.update(1)
+                    continue
+                if ref.frame == "all" and len(items) > 1:
+                    bar.total += len(items) - 1
+                    bar.refresh()
+                for index, name, img in items:
+                    if (s.id, index) in sink.done:
+                        counts["resumed"] += 1
+                        bar.update(1)
+                        continue
+                    try:
+                        image = render(img, encoding, unit_is_hu=unit_is_hu)
+                    except CTIQAError as e:
+                        skip(s.id, index, name, str(ref.path), str(e))
+                        bar.update(1)
+                        continue
+                    pending.append((s.id, index, name, image))
+                    if len(pending) >= batch_size:
+                        flush(bar)
+        flush(bar)
+    return counts
+
+
+_PREDICTION_KEYS = {"text", "parsed_score", "parse_rule", "prob_score", "prob_std", "prob_mass",
+                    "prob_decimal_mass", "prob_digits"}
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSONL (``.jsonl``/``.json``) or CSV (``.csv``; list values JSON-encoded).
+    """Write rows as JSONL (``.jsonl``/``.json``) or CSV (``.csv``; list values JSON-encoded), atomically.
 
     Raises:
         CTIQAError: another suffix.
     """
+    if path.suffix not in SUFFIXES:
+        raise CTIQAError(f"{path}: output must end in .jsonl or .csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, allow_nan=False) + "\n")
-    elif path.suffix == ".csv":
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if path.suffix == ".csv":
+            keys = list(dict.fromkeys(k for r in rows for k in r))
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             for r in rows:
                 w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    else:
-        raise CTIQAError(f"{path}: output must end in .jsonl or .csv")
+        else:
+            for r in rows:
+                f.write(json.dumps(r, allow_nan=False) + "\n")
+    tmp.replace(path)
 
 
-def _print_tables(slice_rows: list[dict[str, Any]], summaries: list[dict[str, Any]], score_only: bool) -> None:
+def _print_tables(slice_rows: list[dict[str, Any]] | None, summaries: list[dict[str, Any]], score_only: bool
+                  ) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -198,20 +465,24 @@ def _print_tables(slice_rows: list[dict[str, Any]], summaries: list[dict[str, An
         return "—" if x is None else f"{x:.2f}"
 
     console = Console()
-    t = Table(title="per slice")
-    has_files = any("file" in r for r in slice_rows)
-    for c in ("series", "slice") + (("file",) if has_files else ()) + ("parsed", "prob ± std") + (
-            () if score_only else ("rationale",)):
-        t.add_column(c)
-    for r in slice_rows:
-        cells = [str(r["series"]), str(r["slice"]), *([str(r.get("file", ""))] if has_files else []),
-                 f(r["parsed_score"]),
-                 f"{f(r['prob_score'])} ± {f(r['prob_std'])}"]
-        if not score_only:
-            text = (r["rationale"] or "").replace("\n", " ")
-            cells.append(text[:100] + ("…" if len(text) > 100 else ""))
-        t.add_row(*cells)
-    console.print(t)
+    if slice_rows:
+        t = Table(title="per slice")
+        has_files = any("file" in r for r in slice_rows)
+        for c in ("series", "slice") + (("file",) if has_files else ()) + ("parsed", "prob ± std") + (
+                () if score_only else ("rationale",)):
+            t.add_column(c)
+        for r in slice_rows:
+            cells = [str(r["series"]), "—" if r.get("slice") is None else str(r["slice"]),
+                     *([str(r.get("file", ""))] if has_files else [])]
+            if r.get("skipped"):
+                t.add_row(*cells, "skipped", r["skipped"][:60], *(() if score_only else ("",)))
+                continue
+            cells += [f(r.get("parsed_score")), f"{f(r.get('prob_score'))} ± {f(r.get('prob_std'))}"]
+            if not score_only:
+                text = (r.get("rationale") or r.get("error") or "").replace("\n", " ")
+                cells.append(text[:100] + ("…" if len(text) > 100 else ""))
+            t.add_row(*cells)
+        console.print(t)
     t = Table(title="per series")
     for c in ("series", "slices", "skipped", "mean", "min", "worst slices"):
         t.add_column(c)
@@ -225,12 +496,12 @@ def _print_tables(slice_rows: list[dict[str, Any]], summaries: list[dict[str, An
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ctiqa predict``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="DICOM file, folder holding one DICOM series, TIFF or PNG/JPEG file")
+                        help="DICOM file, folder (tree) of DICOM files, TIFF or PNG/JPEG file")
     parser.add_argument("--model", help="base model Hub id or folder (default: the model `make demo` trained, "
                         "or the adapter's base model)")
     parser.add_argument("--adapter", help="PEFT adapter Hub id or folder (as pushed by recipes/sft.py)")
-    parser.add_argument("--out", type=Path, help="write slice rows to FILE.jsonl or FILE.csv; the per-series "
-                        "summary goes to FILE.series.jsonl / .csv beside it")
+    parser.add_argument("--out", type=Path, help="write slice rows to FILE.jsonl or FILE.csv as they are scored (a "
+                        "re-run resumes); the per-series summary goes to FILE.series.jsonl / .csv beside it")
     parser.add_argument("--score-only", action="store_true",
                         help="no rationale: read scores from token probabilities in one forward pass")
     parser.add_argument("--html", type=Path, metavar="FILE.html",
@@ -238,8 +509,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", action="append", dest="ids", metavar="ID",
                         help="series id to report instead of the path (repeat once per input)")
     parser.add_argument("--file-names", action="store_true",
-                        help="add each slice's file (relative to its input folder) to the outputs; off by default "
-                        "because exported DICOM files are often named by their SOP Instance UID")
+                        help="add each slice's file (relative to its input folder) to the outputs and name skipped "
+                        "files on stderr; off by default because exported DICOM files are often named by their "
+                        "SOP Instance UID")
     parser.add_argument("--format", default=DEFAULT_TARGET_FORMAT, choices=TARGET_FORMATS,
                         help="the target format the model was trained with")
     parser.add_argument("--encoding", default="soft-tissue", choices=ENCODINGS,
@@ -247,47 +519,87 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unit-is-hu", action="store_true",
                         help="treat [0,1] LDCTIQA-style images as W350/L40-windowed HU (for medgemma-3window)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "4bit"))
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
 
 
+def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
+    """What makes two runs' rows comparable (recorded in FILE.run.json; a resume needs the same)."""
+    return {"model": model, "adapter": args.adapter, "format": args.format, "encoding": args.encoding,
+            "unit_is_hu": args.unit_is_hu, "score_only": args.score_only, "precision": args.precision,
+            "max_new_tokens": None if args.score_only else args.max_new_tokens, "file_names": args.file_names}
+
+
 def cli_main(args: argparse.Namespace) -> int:
-    """Run ``ctiqa predict``. Exit 0 when at least one slice was scored, 1 when nothing could be scored."""
+    """Run ``ctiqa predict``. Exit 0 when at least one slice is scored (now or by the run resumed), 1 when nothing
+    could be scored."""
     from ctiqa.inference import load_model
 
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise CTIQAError(f"--batch-size and --max-new-tokens must be at least 1 (got {args.batch_size}, "
+                         f"{args.max_new_tokens})")
     model, adapter = args.model, args.adapter
     if model is None and adapter is None:
         if not DEMO_MODEL.exists():
             raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL}: run `make demo` first or pass "
                              "--model/--adapter")
         model = str(DEMO_MODEL)
-    if args.out is not None and args.out.suffix not in (".jsonl", ".json", ".csv"):
-        raise CTIQAError(f"{args.out}: output must end in .jsonl or .csv")
     if args.html is not None:
         from ctiqa.html_report import check_html_path, write_predict_report
 
         check_html_path(args.html)
-    series = gather_series(args.inputs, args.ids)
-    if not any(s.slices for s in series):  # nothing readable: say so without loading a model
-        for s in series:
-            _print_skipped(s)
-        print("nothing to score: no input could be read", file=sys.stderr)
-        return 1
-    lm = load_model(model, adapter, precision=args.precision)
-    slice_rows, summaries = predict(series, lm, fmt=args.format, encoding=args.encoding,
-                                    score_only=args.score_only, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, unit_is_hu=args.unit_is_hu,
-                                    file_names=args.file_names)
-    _print_tables(slice_rows, summaries, args.score_only)
+    sink = RowSink(args.out, _settings(args, model), args.file_names)  # a bad --out fails here, before any work
+    loaded: dict[str, Backend] = {}
+
+    def backend(images: list[Any]) -> list[dict[str, Any]]:
+        """The model is loaded for the first batch: nothing readable or all done already -> never loaded."""
+        if "model" not in loaded:
+            lm = load_model(model, adapter, precision=args.precision)
+            loaded["model"] = model_backend(lm, fmt=args.format, score_only=args.score_only,
+                                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        return loaded["model"](images)
+
+    shown: list[dict[str, Any]] = []
+    running: dict[str, SeriesSummary] = {}
+    try:
+        series = gather_series(args.inputs, args.ids)
+        stream = args.out is None and sum(len(s.refs) for s in series) > TABLE_MAX
+
+        def on_row(row: dict[str, Any]) -> None:
+            running.setdefault(str(row["series"]), SeriesSummary(str(row["series"]))).add(row)
+            if stream:  # no file to look at later and too many for a table: print each row as it comes
+                print(json.dumps(row), flush=True)
+            elif len(shown) <= TABLE_MAX or args.html is not None:
+                shown.append(row)
+
+        counts = score_series(series, backend, sink, encoding=args.encoding, batch_size=args.batch_size,
+                              unit_is_hu=args.unit_is_hu, file_names=args.file_names, on_row=on_row)
+    finally:
+        sink.close()
+    order = [s.id for s in series]
+    if args.out is not None:  # the file holds this run's rows and the resumed ones
+        summaries = summaries_from_rows(sink.read(), order)
+        table = list(sink.read()) if counts["resumed"] + len(shown) <= TABLE_MAX else None
+    else:
+        summaries = [running[s].result() for s in order if s in running]
+        table = None if stream or len(shown) > TABLE_MAX else shown
+    _print_tables(table, summaries, args.score_only)
     if args.out is not None:
-        write_rows(args.out, slice_rows)
-        write_rows(args.out.with_name(args.out.stem + ".series" + args.out.suffix), summaries)
-        print(f"wrote {args.out} and {args.out.stem}.series{args.out.suffix}")
+        series_file = args.out.with_name(args.out.stem + ".series" + args.out.suffix)
+        write_rows(series_file, summaries)
+        print(f"wrote {args.out} and {series_file.name}")
     if args.html is not None:
-        write_predict_report(args.html, slice_rows, summaries, series, encoding=args.encoding,
-                             unit_is_hu=args.unit_is_hu, model=" + ".join(filter(None, (lm.model_id, lm.adapter))))
+        rows = list(sink.read()) if args.out is not None else shown
+        write_predict_report(args.html, [r for r in rows if not r.get("skipped")], summaries, series,
+                             encoding=args.encoding, unit_is_hu=args.unit_is_hu,
+                             model=" + ".join(filter(None, (model, adapter))))
         print(f"wrote {args.html}")
-    n_err = sum(len(s.errors) for s in series)
-    if n_err:
-        print(f"{n_err} input(s) skipped (see above)", file=sys.stderr)
-    return 0 if slice_rows else 1
+    n_scored = counts["scored"] + counts["resumed"]
+    if counts["resumed"]:
+        print(f"resumed: {counts['resumed']} slice(s) already in {args.out}", file=sys.stderr)
+    if counts["skipped"]:
+        print(f"{counts['skipped']} input(s) or slice(s) skipped (see above"
+              + ("" if args.file_names else "; --file-names names the files") + ")", file=sys.stderr)
+    if not n_scored:
+        print("nothing to score: no input could be read", file=sys.stderr)
+    return 0 if n_scored else 1

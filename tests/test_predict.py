@@ -53,8 +53,13 @@ def test_predict_series_and_files(tiny, tmp_path, capsys):
                "--id", "patientA", "--id", "t", "--id", "p", "--max-new-tokens", "8", "--batch-size", "2"])
     captured = capsys.readouterr()
     assert rc == 0
-    assert "slice_999.dcm" in captured.err  # the corrupt file is named and skipped
+    # the corrupt file is skipped and listed in the output with its reason, but not named (no --file-names)
+    assert "skipped patientA: unreadable DICOM" in captured.err and "slice_999" not in captured.err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    skipped = [r for r in rows if r.get("skipped")]
+    assert [(r["series"], r["slice"]) for r in skipped] == [("patientA", None)]
+    assert "unreadable DICOM" in skipped[0]["skipped"] and "slice_999" not in out.read_text()
+    rows = [r for r in rows if not r.get("skipped")]
     assert [(r["series"], r["slice"]) for r in rows] == [("patientA", 0), ("patientA", 1), ("patientA", 2),
                                                         ("t", 0), ("p", 0)]
     for r in rows:
@@ -111,6 +116,9 @@ def test_folder_with_two_series_file_names_and_nothing_readable(tiny, tmp_path, 
     captured = capsys.readouterr()
     assert "holds 2 DICOM series" in captured.err and "1.2.3.4.5.6.7" not in captured.err + captured.out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["file"], r["slice"]) for r in rows if r.get("skipped")] == [(str(folder / "slice_999.dcm"), None)]
+    assert f"skipped {folder / 'slice_999.dcm'}:" in captured.err  # --file-names: the file is named
+    rows = [r for r in rows if not r.get("skipped")]
     assert [(r["series"], r["file"]) for r in rows] == [(f"{folder}#1", "slice_002.dcm"),
                                                        (f"{folder}#1", "slice_001.dcm"),
                                                        (f"{folder}#2", "zz_other.dcm")]
@@ -119,8 +127,10 @@ def test_folder_with_two_series_file_names_and_nothing_readable(tiny, tmp_path, 
                                                                                (f"{folder}#2", 1, 0)]
     assert "file" in summary[0]["worst_slices"][0]
     # default: no file names in the outputs
-    assert main(["predict", str(folder), "--model", str(tiny), "--score-only", "--out", str(out)]) == 0
-    assert all("file" not in json.loads(line) for line in out.read_text().splitlines())
+    out2 = tmp_path / "s2.jsonl"
+    assert main(["predict", str(folder), "--model", str(tiny), "--score-only", "--out", str(out2)]) == 0
+    assert all("file" not in json.loads(line) for line in out2.read_text().splitlines())
+    assert "slice_999" not in capsys.readouterr().err
     capsys.readouterr()
     # nothing readable: the (missing) model is never loaded
     empty = tmp_path / "empty"
@@ -139,3 +149,96 @@ def test_wrong_model_or_adapter_folder_is_named(tiny, tmp_path, capsys):
     assert "no_adapter: no such folder" in capsys.readouterr().err
     assert main(["predict", str(good), "--model", str(tiny), "--adapter", str(tmp_path)]) == 2
     assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def _count_backend(monkeypatch, fail_after=None):
+    """Wrap predict.model_backend: record each batch's size; raise (as a kill would stop it) after N batches."""
+    import ctiqa.predict as predict
+
+    calls: list[int] = []
+    real = getattr(predict.model_backend, "original", predict.model_backend)
+
+    def wrapped(*a, **kw):
+        score = real(*a, **kw)
+
+        def counted(images):
+            if fail_after is not None and len(calls) >= fail_after:
+                raise RuntimeError("killed")
+            calls.append(len(images))
+            return score(images)
+
+        return counted
+
+    wrapped.original = real
+    monkeypatch.setattr(predict, "model_backend", wrapped)
+    return calls
+
+
+def test_rows_stream_and_a_killed_run_resumes(tiny, tmp_path, monkeypatch, capsys):
+    """Each batch's rows are on disk as soon as it is scored; after a kill a re-run scores only what is left."""
+    folder = _series(tmp_path / "series", n=5)
+    out = tmp_path / "scores.csv"
+    args = ["predict", str(folder), "--model", str(tiny), "--score-only", "--batch-size", "2", "--out", str(out)]
+    calls = _count_backend(monkeypatch, fail_after=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(args)
+    import csv
+
+    kept = list(csv.DictReader(out.open()))
+    assert [r["slice"] for r in kept if not r["skipped"]] == ["0", "1", "2", "3"] and calls == [2, 2]
+    calls = _count_backend(monkeypatch)
+    assert main(args) == 0
+    assert calls == [1]  # only slice 4 was scored again
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["slice"] for r in rows if not r["skipped"]) == ["0", "1", "2", "3", "4"]
+    assert sum(1 for r in rows if r["skipped"]) == 1  # the corrupt file is listed once, not once per run
+    summary = [json.loads(json.dumps(r)) for r in csv.DictReader((tmp_path / "scores.series.csv").open())]
+    assert summary[0]["n_slices"] == "5" and summary[0]["n_skipped"] == "1"
+    assert "resumed: 4 slice(s)" in capsys.readouterr().err
+    # a run with another setting into the same --out is refused before any work, naming what differs
+    calls = _count_backend(monkeypatch)
+    assert main(args[:-2] + ["--encoding", "medgemma-3window", "--out", str(out)]) == 2
+    assert "encoding: 'soft-tissue' then, 'medgemma-3window' now" in capsys.readouterr().err and calls == []
+
+
+def test_bad_out_and_batch_size_fail_before_the_model_loads(tmp_path, capsys):
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    no_model = str(tmp_path / "no_such_model")
+    for extra, message in ((["--out", str(tmp_path)], "is a folder"),
+                           (["--out", str(tmp_path / "x.txt")], "must end in .jsonl or .csv"),
+                           (["--batch-size", "0"], "--batch-size and --max-new-tokens must be at least 1")):
+        assert main(["predict", str(good), "--model", no_model, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no_such_model" not in err, err
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text('{"my": "data"}\n')
+    assert main(["predict", str(good), "--model", no_model, "--out", str(foreign)]) == 2
+    assert "not written by ctiqa predict" in capsys.readouterr().err
+    assert foreign.read_text() == '{"my": "data"}\n'  # never overwritten
+
+
+def test_memory_is_flat_in_the_number_of_slices(tmp_path):
+    """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
+    import gc
+
+    from ctiqa.imaging import CTImage
+    from ctiqa.predict import RowSink, gather_series, score_series
+
+    folder = _series(tmp_path / "big", n=24)
+    series = gather_series([str(folder)])
+    assert sum(len(s.refs) for s in series) == 24
+    assert not any(isinstance(o, CTImage) for o in gc.get_objects())  # nothing read yet
+    alive = []
+
+    def backend(images):
+        gc.collect()
+        alive.append(sum(isinstance(o, CTImage) for o in gc.get_objects()))
+        return [{"prob_score": 2.0, "prob_std": 0.1, "extra_field": 1} for _ in images]
+
+    rows = []
+    sink = RowSink(None, {}, False)
+    counts = score_series(series, backend, sink, encoding="soft-tissue", batch_size=4, on_row=rows.append)
+    assert counts == {"scored": 24, "resumed": 0, "skipped": 1} and len(alive) == 6
+    assert max(alive) <= 4
+    assert all(r["extra_field"] == 1 for r in rows if not r.get("skipped"))  # backend keys are kept
