@@ -228,12 +228,12 @@ def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     folder = _series(tmp_path / "big", n=24)
     series = gather_series([str(folder)])
     assert sum(len(s.refs) for s in series) == 24
-    assert not any(isinstance(o, CTImage) for o in gc.get_objects())  # nothing read yet
+    assert not any(type(o) is CTImage for o in gc.get_objects())  # nothing read yet
     alive = []
 
     def backend(images):
         gc.collect()
-        alive.append(sum(isinstance(o, CTImage) for o in gc.get_objects()))
+        alive.append(sum(type(o) is CTImage for o in gc.get_objects()))
         return [{"prob_score": 2.0, "prob_std": 0.1, "extra_field": 1} for _ in images]
 
     rows = []
