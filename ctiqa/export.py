@@ -1,0 +1,216 @@
+"""``ctiqa export``: merge a LoRA adapter into a full copy of its base and save a servable model.
+
+Why: inference servers load a full model folder fastest and most faithfully. vLLM loads only the language-model
+part of a Gemma 3 LoRA adapter and drops vision-tower LoRA weights (vllm-project/vllm#32758), while the paper's
+recipe trains LoRA on the vision tower too (``lora_target_modules: all-linear``); serving the adapter through
+vLLM would silently score with a different model. The merged folder holds everything in one place::
+
+    ctiqa export --adapter runs/medgemma-qlora --out runs/medgemma-merged
+    vllm serve runs/medgemma-merged ...            # or: transformers serve runs/medgemma-merged
+
+What is written in ``--out``: the merged weights (``model.safetensors``, bf16 by default), ``config.json``,
+``generation_config.json``, the processor (tokenizer, image processor, chat template; from the adapter folder
+when ``recipes/sft.py`` saved one there, else from the base), the adapter's recorded training settings
+(:data:`TRAINING_SETTINGS_FILE`, copied, with an ``export`` entry added saying what was merged into what), and
+``EXPORTED`` (the export settings, written last: a folder without it is an interrupted export).
+
+How the base is loaded before merging (``--base-weights``): ``original`` (the base checkpoint's weights) or
+``nf4`` (quantised to NF4 with double quantisation as ``recipes/sft.py`` does, then dequantised: exactly the
+weights a QLoRA adapter learned against, so the merged model computes what the adapter computed in training).
+``auto`` (default) picks ``nf4`` when the adapter's settings say it was trained on a 4-bit base. The merge is
+done in fp32 (``peft`` ``merge_and_unload``: W + scale * B @ A) and the result cast to ``--dtype``. Merging into a
+4-bit model is not possible (the merged delta would be re-quantised), so the base is always loaded unquantised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ctiqa import CTIQAError
+
+#: The settings ``recipes/sft.py`` records beside an adapter or model (how the base was loaded).
+TRAINING_SETTINGS_FILE = "ctiqa_training.json"
+#: Written last into an export folder; holds the export settings.
+DONE_FILE = "EXPORTED"
+DTYPES = ("bf16", "fp32")
+BASE_WEIGHTS = ("auto", "original", "nf4")
+
+
+def _is_local(name: str) -> bool:
+    p = Path(name).expanduser()
+    return p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def read_training_settings(adapter: str) -> dict[str, Any] | None:
+    """The adapter's :data:`TRAINING_SETTINGS_FILE` (local folder or Hub repo), or None when it has none.
+
+    Raises:
+        CTIQAError: the file exists but is not a JSON object.
+    """
+    if _is_local(adapter):
+        path = Path(adapter).expanduser() / TRAINING_SETTINGS_FILE
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(adapter, TRAINING_SETTINGS_FILE))
+        except EntryNotFoundError:
+            return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CTIQAError(f"{path}: not JSON ({e.msg})") from e
+    if not isinstance(data, dict):
+        raise CTIQAError(f"{path}: expected a JSON object")
+    return data
+
+
+def _resolve(adapter: str, base: str | None) -> tuple[str, str]:
+    """(adapter, base model) after checking the adapter folder; the base defaults to the adapter's own."""
+    from peft import PeftConfig
+
+    if _is_local(adapter):
+        p = Path(adapter).expanduser()
+        if not p.is_dir():
+            raise CTIQAError(f"adapter {adapter}: no such folder (and not a Hub id of the form owner/name)")
+        if not (p / "adapter_config.json").is_file():
+            hint = " (it is a full model: serve it as it is)" if (p / "config.json").is_file() else ""
+            raise CTIQAError(f"adapter {adapter}: folder has no adapter_config.json{hint}")
+    try:
+        cfg = PeftConfig.from_pretrained(adapter)
+    except (OSError, ValueError) as e:
+        raise CTIQAError(f"cannot read the adapter config of {adapter}: {e}") from e
+    if getattr(cfg, "peft_type", None) is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+        raise CTIQAError(f"adapter {adapter}: a {cfg.peft_type} adapter; only LoRA adapters can be merged")
+    base = base or cfg.base_model_name_or_path
+    if not base:
+        raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
+    return adapter, base
+
+
+def export_model(adapter: str, out: str | Path, *, model: str | None = None, dtype: str = "bf16",
+                 base_weights: str = "auto", push_to_hub: str | None = None, private: bool = True) -> Path:
+    """Merge a LoRA adapter into its base model and save a full model folder (see the module docstring).
+
+    Args:
+        adapter: PEFT LoRA adapter folder or Hub id (as saved or pushed by ``recipes/sft.py``).
+        out: output folder; must not exist or be empty (an earlier interrupted export of this function, one
+            without :data:`DONE_FILE`, is replaced; a finished one is left as it is and returned).
+        model: base model id or folder (default: the adapter's ``base_model_name_or_path``).
+        dtype: "bf16" (default; what vLLM and ``transformers serve --dtype auto`` load) or "fp32".
+        base_weights: "auto", "original" or "nf4" (see the module docstring).
+        push_to_hub: a Hub repo id to upload the folder to (private unless ``private=False``; token from
+            ``HF_TOKEN`` or ``hf auth login``, never printed).
+    Returns:
+        the output folder.
+    Raises:
+        CTIQAError: a missing or non-LoRA adapter, an unloadable base, an unknown dtype or base_weights, or an
+            output folder that holds other files.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    if dtype not in DTYPES:
+        raise CTIQAError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if base_weights not in BASE_WEIGHTS:
+        raise CTIQAError(f"unknown base weights {base_weights!r}; choose one of {', '.join(BASE_WEIGHTS)}")
+    out = Path(out)
+    settings_out = {"adapter": str(adapter), "dtype": dtype}
+    if (out / DONE_FILE).is_file():
+        done = json.loads((out / DONE_FILE).read_text())
+        if {k: done.get(k) for k in settings_out} != settings_out:
+            raise CTIQAError(f"{out} holds an export of {done.get('adapter')} ({done.get('dtype')}); choose another "
+                             "--out")
+        print(f"{out}: already exported (remove the folder to export again)", file=sys.stderr)
+    else:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CTIQAError(f"{out}: exists and is not empty; choose a new --out (nothing was written)")
+        adapter, base = _resolve(str(adapter), model)
+        training = read_training_settings(adapter)
+        if base_weights == "auto":
+            base_weights = "nf4" if training and training.get("load_in_4bit") else "original"
+        tmp = out.with_name(out.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)  # our own interrupted export: nothing of the user's
+        kwargs: dict[str, Any] = {"dtype": torch.float32}
+        if base_weights == "nf4":
+            # quantise from the dtype the base had when the adapter learned (recorded by recipes/sft.py)
+            recorded = getattr(torch, str((training or {}).get("dtype")).removeprefix("torch."), None)
+            kwargs["dtype"] = recorded if isinstance(recorded, torch.dtype) else torch.bfloat16
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+            kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        try:
+            net = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+        except (OSError, ValueError) as e:
+            raise CTIQAError(f"cannot load base model {base}: {e}") from e
+        if base_weights == "nf4":
+            net = net.dequantize(dtype=torch.float32).to("cpu", dtype=torch.float32)
+        try:
+            peft_model = PeftModel.from_pretrained(net, adapter)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CTIQAError(f"cannot load adapter {adapter} onto {base}: {e}") from e
+        merged = peft_model.merge_and_unload()
+        merged = merged.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        for cfg in (merged.config, *(getattr(merged.config, k, None) for k in merged.config.sub_configs)):
+            if cfg is not None:
+                cfg.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        merged.save_pretrained(tmp)
+        source = adapter if _is_local(adapter) and any(
+            (Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")) else base
+        try:
+            AutoProcessor.from_pretrained(source).save_pretrained(tmp)
+        except (OSError, ValueError) as e:
+            raise CTIQAError(f"cannot load the processor of {source}: {e}") from e
+        export = {**settings_out, "base_model": str(base), "base_weights": base_weights, "merge": "peft merge_and_unload",
+                  "processor_from": str(source)}
+        (tmp / TRAINING_SETTINGS_FILE).write_text(json.dumps({**(training or {}), "export": export}, indent=2) + "\n")
+        (tmp / DONE_FILE).write_text(json.dumps(export, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.replace(out)
+        print(f"wrote {out} (merged {adapter} into {base}, {base_weights} base weights, {dtype})")
+    if push_to_hub:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = HfApi()
+        try:
+            url = api.create_repo(push_to_hub, private=private, exist_ok=True)
+            api.upload_folder(repo_id=push_to_hub, folder_path=str(out), commit_message="ctiqa export: merged model")
+        except HfHubHTTPError as e:
+            raise CTIQAError(f"push to {push_to_hub} failed: {e}") from e
+        print(f"pushed {out} to {url}")
+    return out
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ctiqa export``."""
+    parser.description = ("Merge a LoRA adapter into a full copy of its base and save a servable model (for vLLM, "
+                          "which drops Gemma 3 vision-tower LoRA weights, and `transformers serve`).")
+    parser.add_argument("--adapter", required=True, help="LoRA adapter folder or Hub id")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    parser.add_argument("--model", help="base model id or folder (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="dtype of the saved weights (default bf16)")
+    parser.add_argument("--base-weights", default="auto", choices=BASE_WEIGHTS,
+                        help="merge into the original base weights or NF4-dequantised ones (auto: nf4 when the "
+                             "adapter was trained on a 4-bit base)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged folder to this Hub repo")
+    parser.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run ``ctiqa export``. Returns 0."""
+    export_model(args.adapter, args.out, model=args.model, dtype=args.dtype, base_weights=args.base_weights,
+                 push_to_hub=args.push_to_hub, private=not args.public)
+    return 0

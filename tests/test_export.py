@@ -1,0 +1,149 @@
+"""``ctiqa export``: a LoRA adapter merged into its base scores as base + adapter does.
+
+The base is a tiny Gemma 3 taught the answer format (tests/trained_tiny.py), the adapter a LoRA on every linear
+layer, vision tower included (as the paper's recipe), with random B matrices so that merging changes the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctiqa import CTIQAError
+from ctiqa.cli import main as ctiqa_main
+from ctiqa.export import DONE_FILE, TRAINING_SETTINGS_FILE, export_model
+from ctiqa.inference import load_model, predict_images
+from sft_data import rows
+from trained_tiny import train_tiny
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("trained") / "model")
+
+
+def make_adapter(base: Path, out: Path, *, std: float = 0.03, seed: int = 0,
+                 training: dict | None = None) -> Path:
+    """A LoRA adapter (r 4, all linear layers incl. the vision tower) with random B, saved like recipes/sft.py."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    net = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    peft_model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    (out / TRAINING_SETTINGS_FILE).write_text(json.dumps(training or {
+        "base_model": str(base), "adapter": True, "load_in_4bit": False, "dtype": "float32"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(trained, tmp_path_factory):
+    return make_adapter(trained, tmp_path_factory.mktemp("adapter") / "lora")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [r["images"][0] for r in rows(6, np.random.default_rng(7))]
+
+
+def _predict(model=None, adapter=None, images=()):
+    return predict_images(load_model(model and str(model), adapter and str(adapter), precision="fp32"),
+                          images, max_new_tokens=40, batch_size=3)
+
+
+def test_fp32_export_gives_identical_greedy_text_and_scores(trained, adapter, images, tmp_path):
+    out = export_model(str(adapter), tmp_path / "merged", dtype="fp32")
+    ref = _predict(adapter=adapter, images=images)
+    got = _predict(model=out, images=images)
+    base = _predict(model=trained, images=images)
+    assert [p.text for p in got] == [p.text for p in ref]
+    assert all(p.parsed_score is not None for p in got)
+    np.testing.assert_allclose([p.prob_score for p in got], [p.prob_score for p in ref], atol=1e-4)
+    # the adapter matters: without it the probability scores are different
+    assert max(abs(a.prob_score - b.prob_score) for a, b in zip(base, ref, strict=True)) > 0.05
+    # vision-tower LoRA was merged too (vLLM would drop it from an adapter)
+    from safetensors.torch import load_file
+
+    merged, orig = load_file(out / "model.safetensors"), load_file(trained / "model.safetensors")
+    key = next(k for k in merged if "vision_tower" in k and "q_proj.weight" in k)
+    assert not torch.equal(merged[key], orig[key])
+    assert not any("lora" in k for k in merged)
+    settings = json.loads((out / TRAINING_SETTINGS_FILE).read_text())
+    assert settings["adapter"] is True and settings["export"]["base_weights"] == "original"
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def test_bf16_export_scores_within_002(trained, adapter, images, tmp_path, capsys):
+    assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "m16")]) == 0
+    out = tmp_path / "m16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    ref = _predict(adapter=adapter, images=images)
+    got = _predict(model=out, images=images)
+    np.testing.assert_allclose([p.prob_score for p in got], [p.prob_score for p in ref], atol=0.02)
+    # a re-run finds the finished export and leaves it alone
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert "already exported" in capsys.readouterr().err
+
+
+def test_qlora_adapter_merges_into_dequantised_nf4_base(trained, tmp_path, images):
+    """An adapter trained on an NF4 base is merged into the NF4-rounded weights it learned against: the export
+    scores closer to ``ctiqa evaluate --adapter`` (precision auto = that NF4 base) than a merge into the original
+    base weights does."""
+    pytest.importorskip("bitsandbytes")
+    ad = make_adapter(trained, tmp_path / "qlora", training={"base_model": str(trained), "adapter": True,
+                                                              "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                              "dtype": "bfloat16"})
+    out = export_model(str(ad), tmp_path / "merged")
+    assert json.loads((out / DONE_FILE).read_text())["base_weights"] == "nf4"
+    orig = export_model(str(ad), tmp_path / "orig", base_weights="original")
+    ref = predict_images(load_model(adapter=str(ad)), images, generate=False)  # auto: the 4-bit base, bf16 compute
+    got = predict_images(load_model(str(out), precision="bf16"), images, generate=False)
+    alt = predict_images(load_model(str(orig), precision="bf16"), images, generate=False)
+    err = max(abs(a.prob_score - b.prob_score) for a, b in zip(got, ref, strict=True))
+    err_orig = max(abs(a.prob_score - b.prob_score) for a, b in zip(alt, ref, strict=True))
+    # measured: 0.047 vs 0.100 (bf16 rounding of W + BA and bf16 compute account for the rest)
+    assert err < 0.75 * err_orig
+
+
+def test_bad_inputs_are_named_and_nothing_is_lost(trained, adapter, tmp_path, capsys):
+    keep = tmp_path / "busy"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("user file")
+    assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(keep)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (keep / "mine.txt").read_text() == "user file"
+    assert ctiqa_main(["export", "--adapter", str(trained), "--out", str(tmp_path / "x")]) == 2
+    assert "full model" in capsys.readouterr().err
+    assert ctiqa_main(["export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_push_to_hub_uploads_the_merged_folder(adapter, tmp_path, fake_hub):
+    out = export_model(str(adapter), tmp_path / "merged", push_to_hub="me/ctiqa-merged")
+    files = set(fake_hub.files("me/ctiqa-merged", "model"))
+    assert {"model.safetensors", "config.json", "tokenizer.json", TRAINING_SETTINGS_FILE, DONE_FILE} <= files
+    assert fake_hub.repo("me/ctiqa-merged", "model").private
+    assert out.is_dir()
+
+
+def test_error_on_unknown_dtype(adapter, tmp_path):
+    with pytest.raises(CTIQAError, match="dtype"):
+        export_model(str(adapter), tmp_path / "o", dtype="fp8")
