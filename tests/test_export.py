@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sft_data import rows
+from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
 from ctiqa.export import DONE_FILE, TRAINING_SETTINGS_FILE, export_model
 from ctiqa.inference import load_model, predict_images
-from sft_data import rows
-from trained_tiny import train_tiny
 
 
 @pytest.fixture(autouse=True)
