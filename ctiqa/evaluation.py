@@ -4,11 +4,19 @@ Three sources of predictions:
 
 * a local or Hub model (``--model ID_OR_DIR [--adapter DIR]``): greedy generation with the training prompt, parsed
   by :mod:`ctiqa.scoring`, plus the probability score (:mod:`ctiqa.inference`); ``--score-only`` skips generation;
-* Gemini zero-shot (``--teacher gemini --model gemini-2.5-flash``): the same student instruction (no true score),
-  temperature 0, the same parser (``GEMINI_API_KEY`` from the environment);
+* a zero-shot API baseline (``--api gemini --model gemini-2.5-flash``, ``--api openai --model gpt-4o`` or any
+  OpenAI-compatible server with ``--base-url``): the same student instruction (no true score), temperature 0, the
+  same parser (``GEMINI_API_KEY`` / ``OPENAI_API_KEY`` from the environment). ``--teacher gemini`` is the old,
+  deprecated name of ``--api gemini``;
 * a predictions file (``--predictions FILE.jsonl``): rows with ``id``, ``score`` and either ``prediction`` (a
-  number or null) or ``text`` (parsed); with ``--dataset`` the true scores and the ids to expect come from the
-  dataset split (an id with no row counts as a missing prediction).
+  number in [0, 4] or null) or ``text`` (parsed); with ``--dataset`` the true scores and the ids to expect come
+  from the dataset split (an id with no row counts as a missing prediction). NaN, infinities, booleans and values
+  outside [0, 4] are refused up front, naming the line.
+
+Failures are counted by kind in ``results.json`` (``failures``): ``connection`` (timeouts, refused or dropped
+connections), ``api`` (an answer refused or cut by the API: HTTP errors, blocked prompts, token limits),
+``no_score`` (an answer without a readable 0-4 score) and ``missing`` (no prediction for an id). A run in which no
+sample has a usable score (server unreachable, empty file) writes its results and exits 1.
 
 Outputs in ``--out``: ``predictions.jsonl`` (one row per sample: id, score, parsed_score, parse_rule, prob_score,
 prob_std, prob_mass, text, ...; written as batches finish, so a re-run with the same settings resumes and a paid
@@ -24,6 +32,7 @@ import asyncio
 import datetime as _dt
 import hashlib
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -36,6 +45,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
+from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "ctiqa_iqa"
 SCORE_KINDS = ("parsed", "probability")
@@ -109,14 +119,19 @@ def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
 def read_predictions_file(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a predictions JSONL: ``id``, optional ``score``, and ``prediction`` (number or null) or ``text``.
 
+    Every number (``prediction``, ``score``, ``prob_score``) must be a finite number in [0, 4] (``prob_std``: finite
+    and >= 0); ``text`` a string or null. Checked for the whole file before any work.
+
     Raises:
-        CTIQAError: unreadable file, a bad JSON line, or a row without id / prediction-or-text (names file and line).
+        CTIQAError: unreadable or empty file, a bad JSON line, a row without id / prediction-or-text, or a value
+            that is NaN, infinite, a boolean, a string or outside [0, 4] (names the file and line).
     """
     p = Path(path)
     if not p.is_file():
         raise CTIQAError(f"predictions file {p} does not exist")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    scale = f"a number in [{SCORE_MIN:g}, {SCORE_MAX:g}]"
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -125,10 +140,21 @@ def read_predictions_file(path: str | Path) -> list[dict[str, Any]]:
             raise CTIQAError(f"{p} line {n}: not JSON ({e.msg})") from e
         if not isinstance(row, dict) or "id" not in row or not ("prediction" in row or "text" in row):
             raise CTIQAError(f"{p} line {n}: a row needs 'id' and 'prediction' or 'text'")
-        pred = row.get("prediction")
-        if pred is not None and not isinstance(pred, (int, float)):
-            raise CTIQAError(f"{p} line {n}: 'prediction' must be a number or null, got {pred!r}")
+        for key in ("prediction", "score", "prob_score"):
+            v = row.get(key)
+            if (v is not None or key == "score" and "score" in row) and not in_scale(v):
+                what = "or null " if key != "score" else ""
+                raise CTIQAError(f"{p} line {n}: {key!r} must be {scale} {what}(true scores and predictions are on "
+                                 f"the 0-4 scale), got {json.dumps(v)}")
+        std = row.get("prob_std")
+        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std)
+                                or std < 0):
+            raise CTIQAError(f"{p} line {n}: 'prob_std' must be a finite number >= 0 or null, got {json.dumps(std)}")
+        if row.get("text") is not None and not isinstance(row["text"], str):
+            raise CTIQAError(f"{p} line {n}: 'text' must be a string or null, got {json.dumps(row['text'])[:40]}")
         rows.append(row)
+    if not rows:
+        raise CTIQAError(f"predictions file {p} holds no rows: nothing to evaluate")
     return rows
 
 
@@ -230,32 +256,61 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
     return [done[s.id] for s in samples], info
 
 
-def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: str, key: str,
-                        base_url: str | None = None, concurrency: int = 4, thinking_budget: int | None = None,
-                        retry: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Gemini zero-shot: the student instruction :func:`ctiqa.prompts.instruction` with the image, no true score,
-    temperature 0, through :class:`ctiqa.clients.GeminiClient` (retries, finish-reason checks).
-    Every answer is appended to ``predictions.jsonl`` as it arrives; a failed call (after retries) is recorded with
-    its ``error`` (its text, if any, is still parsed); transient failures (timeouts, HTTP errors after the
-    retries) are asked again by the next run.
+#: Zero-shot API baselines (``--api``) and their default model.
+APIS = {"gemini": "gemini-2.5-flash", "openai": "gpt-4o"}
+#: Call-error codes (:attr:`ctiqa.clients.CallResult.error`) that mean the server was not reached.
+CONNECTION_ERRORS = ("timeout", "connection_error")
+
+
+def api_client(api: str, model: str, *, base_url: str | None = None, thinking_budget: int | None = None,
+               retry: Any = None) -> Any:
+    """The :mod:`ctiqa.clients` client of a zero-shot baseline, at temperature 0.
 
     Args:
-        retry: a :class:`ctiqa.clients.RetryPolicy` (default: its defaults, 6 attempts).
+        api: ``gemini`` (:class:`ctiqa.clients.GeminiClient`, ``GEMINI_API_KEY``) or ``openai``
+            (:class:`ctiqa.clients.OpenAICompatClient`, ``OPENAI_API_KEY``; any OpenAI-compatible server with
+            ``base_url``). thinking_budget: Gemini only. retry: a :class:`ctiqa.clients.RetryPolicy`.
+    Raises:
+        CTIQAError: unknown api; ClientConfigError: no API key (Gemini).
+    """
+    from ctiqa.clients import GeminiClient, OpenAICompatClient
+
+    if api == "gemini":
+        return GeminiClient(model, base_url=base_url, temperature=0.0, thinking_budget=thinking_budget, retry=retry)
+    if api == "openai":
+        return OpenAICompatClient(model, base_url=base_url, temperature=0.0, retry=retry)
+    raise CTIQAError(f"unknown --api {api!r}; choose one of {', '.join(APIS)}")
+
+
+def predict_with_api(samples: list[Sample], out: Path, *, api: str, model: str, fmt: str, key: str,
+                     base_url: str | None = None, concurrency: int = 4, thinking_budget: int | None = None,
+                     retry: Any = None, client: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Zero-shot through an API: the student instruction :func:`ctiqa.prompts.instruction` with the image, no true
+    score, temperature 0, through :func:`api_client` (retries, finish-reason checks). Every answer is appended to
+    ``predictions.jsonl`` as it arrives; a failed call (after retries) is recorded with its ``error`` (its text, if
+    any, is still parsed); transient failures (timeouts, HTTP errors after the retries) are asked again by the next
+    run.
+
+    Args:
+        api: ``gemini`` or ``openai`` (recorded in the provenance). client: an already built client with
+            ``generate(image, prompt)`` and ``aclose()`` (default: :func:`api_client`).
+        retry: a :class:`ctiqa.clients.RetryPolicy` (default: its defaults).
+    Returns:
+        (records in sample order, provenance with ``failed_calls``).
     Raises:
         CTIQAError (ctiqa.clients.ClientConfigError): no API key, or a fatal API error (bad key, unknown model).
     """
     from ctiqa.scoring import parse_score_detailed
-    from ctiqa.clients import GeminiClient
 
     path = out / PREDICTIONS_FILE
     done = _load_done(path, key)
     todo = [s for s in samples if s.id not in done]
-    info: dict[str, Any] = {"model": model, "adapter": None, "api": "gemini", "temperature": 0.0,
-                            "thinking_budget": thinking_budget, "resumed_rows": len(samples) - len(todo)}
+    info: dict[str, Any] = {"model": model, "adapter": None, "api": api, "base_url": base_url, "temperature": 0.0,
+                            "thinking_budget": thinking_budget if api == "gemini" else None,
+                            "resumed_rows": len(samples) - len(todo)}
     results: dict[str, dict[str, Any]] = {}
     if todo:
-        client = GeminiClient(model, base_url=base_url, temperature=0.0, thinking_budget=thinking_budget,
-                              retry=retry)
+        client = client or api_client(api, model, base_url=base_url, thinking_budget=thinking_budget, retry=retry)
         writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
         prompt = instruction(fmt)
 
@@ -281,6 +336,11 @@ def predict_with_gemini(samples: list[Sample], out: Path, *, model: str, fmt: st
     rows = [done.get(s.id) or results[s.id] for s in samples]
     info["failed_calls"] = sum(1 for r in rows if r.get("error"))
     return rows, info
+
+
+def predict_with_gemini(samples: list[Sample], out: Path, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`predict_with_api` with ``api="gemini"`` (kept for callers of the old name)."""
+    return predict_with_api(samples, out, api="gemini", **kw)
 
 
 def predictions_from_file(path: str | Path, samples: list[Sample] | None,
@@ -418,6 +478,11 @@ def print_table(results: dict[str, Any]) -> None:
     for kind, m in results["metrics"].items():
         for w in m["warnings"]:
             console.print(f"[yellow]warning[/yellow] ({kind}): {w}")
+    f = results.get("failures") or {}
+    if any(f.values()):
+        console.print("failures: " + ", ".join(f"{n} {what}" for what, n in (
+            ("connection (server not reached)", f["connection"]), ("API errors", f["api"]),
+            ("answers without a score", f["no_score"]), ("missing", f["missing"])) if n))
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     ex = results.get("explanation_check")
     if ex:
@@ -456,10 +521,9 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         title = f"{name} ({dataset or 'predictions'}{'/' + split if split else ''})"
         plots["scatter"] = scatter_plot(true, preds, out / PLOT_FILES["scatter"], title, metrics).name
         plots["bland_altman"] = bland_altman_plot(true, preds, out / PLOT_FILES["bland_altman"], title).name
+    lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)  # fails before touching the file
     tmp = out / (PREDICTIONS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, allow_nan=False) + "\n")
+    tmp.write_text(lines)
     tmp.replace(out / PREDICTIONS_FILE)
     primary = "probability" if (metrics.get("probability") or {}).get("n_valid") else "parsed"
     results = {
@@ -469,6 +533,7 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         "explanation_check": expl,
         "rationale_consistency": consistency,
         "counts": {"n": len(records), **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
+        "failures": count_failures(records),
         "files": {"predictions": PREDICTIONS_FILE, "plots": plots},
         "provenance": provenance(settings, model_info),
     }
@@ -479,24 +544,52 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
     return results
 
 
+def count_failures(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Samples without a parsed score, by cause: ``connection`` (the server was not reached:
+    :data:`CONNECTION_ERRORS`), ``api`` (another call error: HTTP status, blocked prompt, token limit...),
+    ``no_score`` (an answer came back but holds no 0-4 score, or one outside it) and ``missing`` (no prediction
+    for the id). A record with a probability score but no parsed one (``--score-only``) is not a failure."""
+    out = dict.fromkeys(("connection", "api", "no_score", "missing"), 0)
+    for r in records:
+        if r.get("parsed_score") is not None or (r.get("prob_score") is not None and r.get("text") is None
+                                                 and not r.get("error")):
+            continue
+        err = str(r.get("error") or "")
+        if err:
+            out["connection" if err.startswith(CONNECTION_ERRORS) else "api"] += 1
+        elif r.get("parse_rule") in ("missing", None):
+            out["missing"] += 1
+        else:
+            out["no_score"] += 1
+    return out
+
+
+def usable(results: dict[str, Any]) -> bool:
+    """True when at least one sample has a usable score of some kind."""
+    return any((m or {}).get("n_valid") for m in results["metrics"].values())
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa evaluate``."""
-    parser.description = ("Score a model, Gemini zero-shot or a predictions file against the true scores, with one "
-                          "prompt, decoding, parser and metric module for all.")
+    parser.description = ("Score a model, a zero-shot API model or a predictions file against the true scores, with "
+                          "one prompt, decoding, parser and metric module for all.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = """examples:
   ctiqa evaluate --model google/medgemma-4b-it --adapter runs/medgemma-qlora --dataset DATA --out runs/eval/ft
   ctiqa evaluate --model runs/demo/model --dataset runs/demo/dataset --split test --out runs/demo
   ctiqa evaluate --model google/medgemma-4b-it --dataset DATA --out runs/eval/zero-shot --max-new-tokens 768
-  ctiqa evaluate --teacher gemini --model gemini-2.5-flash --dataset DATA --out runs/eval/gemini-flash
+  ctiqa evaluate --api gemini --model gemini-2.5-flash --dataset DATA --out runs/eval/gemini-flash
+  ctiqa evaluate --api openai --model gpt-4o --dataset DATA --out runs/eval/gpt-4o
   ctiqa evaluate --predictions baseline.jsonl --dataset DATA --out runs/eval/baseline
 writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; a re-run resumes."""
     src = parser.add_argument_group("what to evaluate (one of)")
-    src.add_argument("--model", help="model Hub id or folder (an adapter folder works too); with --teacher gemini: "
-                                     "the Gemini model id (default gemini-2.5-flash)")
+    src.add_argument("--model", help="model Hub id or folder (an adapter folder works too); with --api: the API's "
+                                     "model id (default " + ", ".join(f"{a}: {m}" for a, m in APIS.items()) + ")")
     src.add_argument("--adapter", help="PEFT adapter folder or Hub id (its base model unless --model is given)")
-    src.add_argument("--teacher", choices=["gemini"], help="zero-shot through an API instead of a local model")
+    src.add_argument("--api", choices=list(APIS), help="zero-shot baseline through an API instead of a local model "
+                     "(openai: any OpenAI-compatible server with --base-url)")
+    src.add_argument("--teacher", choices=["gemini"], help="deprecated name of --api gemini")
     src.add_argument("--predictions", type=Path, help="JSONL with id, score and prediction or text")
     parser.add_argument("--dataset", help="dataset Hub id or folder (ctiqa build-dataset output)")
     parser.add_argument("--split", default="test", help="dataset split (default test)")
@@ -511,8 +604,9 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "4bit"],
                         help="weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or 4bit NF4")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--base-url", help="Gemini API root (a proxy or test server); default Google's")
-    parser.add_argument("--concurrency", type=int, default=4, help="parallel Gemini requests (default 4)")
+    parser.add_argument("--base-url", help="API root (a proxy, test server or OpenAI-compatible server); default "
+                        "Google's / OpenAI's")
+    parser.add_argument("--concurrency", type=int, default=4, help="parallel API requests (default 4)")
     parser.add_argument("--thinking-budget", type=int, default=None,
                         help="Gemini thinking tokens (default: the model's dynamic budget)")
     parser.add_argument("--html", nargs="?", const="", metavar="FILE.html",
@@ -523,16 +617,24 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``ctiqa evaluate``: see the module docstring. Returns 0."""
-    modes = [m for m, on in (("predictions", args.predictions), ("gemini", args.teacher),
-                             ("model", (args.model or args.adapter) and not args.teacher)) if on]
+    """``ctiqa evaluate``: see the module docstring. Returns 0, or 1 when no sample got a usable score."""
+    if args.teacher:
+        if args.api and args.api != args.teacher:
+            raise CTIQAError(f"--teacher {args.teacher} and --api {args.api} disagree; give --api only")
+        print(f"warning: --teacher {args.teacher} is deprecated (it runs a zero-shot baseline, not a teacher); use "
+              f"--api {args.teacher}", file=sys.stderr)
+        args.api = args.teacher
+    modes = [m for m, on in (("predictions", args.predictions), ("api", args.api),
+                             ("model", (args.model or args.adapter) and not args.api)) if on]
     if len(modes) != 1:
-        raise CTIQAError("give exactly one of --model/--adapter, --teacher gemini, or --predictions")
+        raise CTIQAError("give exactly one of --model/--adapter, --api gemini|openai, or --predictions")
     mode = modes[0]
     if mode != "predictions" and not args.dataset:
-        raise CTIQAError(f"--dataset is required to evaluate {'Gemini' if mode == 'gemini' else 'a model'}")
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise CTIQAError("--batch-size and --limit must be positive")
+        raise CTIQAError(f"--dataset is required to evaluate {'an API model' if mode == 'api' else 'a model'}")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.concurrency < 1:
+        raise CTIQAError("--batch-size, --concurrency and --limit must be positive")
+    if args.out.exists() and not args.out.is_dir():
+        raise CTIQAError(f"--out {args.out}: is a file; give a folder for results.json, predictions.jsonl and plots")
     if args.html:
         from ctiqa.html_report import check_html_path
 
@@ -541,6 +643,7 @@ def cli_main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if mode == "predictions":
+        read_predictions_file(args.predictions)  # every row checked before the dataset is read
         samples = load_samples(args.dataset, args.split, limit=args.limit, images=False)[0] if args.dataset else None
         records = predictions_from_file(args.predictions, samples, subset=args.limit is not None)
         records = records[:args.limit] if args.limit else records
@@ -551,15 +654,16 @@ def cli_main(args: argparse.Namespace) -> int:
 
     samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit)
     fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
-    if mode == "gemini":
-        model = args.model or "gemini-2.5-flash"
-        settings = {"source": "gemini", "model": model, "format": fmt, "prompt_version": PROMPT_VERSION,
-                    "decoding": {"temperature": 0.0, "thinking_budget": args.thinking_budget},
-                    "dataset": args.dataset, "split": args.split, "limit": args.limit}
-        records, info = predict_with_gemini(samples, out, model=model, fmt=fmt, key=_run_key(settings),
-                                            base_url=args.base_url, concurrency=args.concurrency,
-                                            thinking_budget=args.thinking_budget)
-        return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind="gemini",
+    if mode == "api":
+        model = args.model or APIS[args.api]
+        decoding = {"temperature": 0.0, **({"thinking_budget": args.thinking_budget} if args.api == "gemini" else {})}
+        settings = {"source": args.api, "model": model, "format": fmt, "prompt_version": PROMPT_VERSION,
+                    "decoding": decoding, "dataset": args.dataset, "split": args.split, "limit": args.limit,
+                    **({"base_url": args.base_url} if args.api != "gemini" else {})}
+        records, info = predict_with_api(samples, out, api=args.api, model=model, fmt=fmt, key=_run_key(settings),
+                                         base_url=args.base_url, concurrency=args.concurrency,
+                                         thinking_budget=args.thinking_budget)
+        return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind=args.api,
                      settings=settings, model_info=info)
 
     settings = {"source": "model", "model": args.model, "adapter": args.adapter, "format": fmt,
@@ -576,10 +680,16 @@ def cli_main(args: argparse.Namespace) -> int:
 
 
 def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace, **kw: Any) -> int:
-    finish(records, out, dataset=args.dataset, split=args.split if args.dataset else None,
-           n_bootstrap=args.bootstrap, seed=args.seed, **kw)
+    results = finish(records, out, dataset=args.dataset, split=args.split if args.dataset else None,
+                     n_bootstrap=args.bootstrap, seed=args.seed, **kw)
     if getattr(args, "html", None) is not None:
         from ctiqa.html_report import write_evaluation_report
 
         print(f"wrote {write_evaluation_report(out, args.html or None)}")
+    if not usable(results):
+        f = results["failures"]
+        print(f"error: no sample has a usable score ({len(records)} samples: {f['connection']} connection "
+              f"failures, {f['api']} API errors, {f['no_score']} answers without a score, {f['missing']} missing); "
+              f"see {out / PREDICTIONS_FILE}", file=sys.stderr)
+        return 1
     return 0

@@ -312,7 +312,7 @@ def test_report_from_two_dirs(dataset, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ Gemini zero-shot
-def test_gemini_zero_shot(fake_gemini, dataset, tmp_path):
+def test_gemini_zero_shot(fake_gemini, dataset, tmp_path, capsys):
     """Same student instruction (no true score), same parser; failures counted; a re-run asks only what is open."""
     from fake_gemini import answer, blocked, server_error
 
@@ -353,6 +353,7 @@ def test_gemini_zero_shot(fake_gemini, dataset, tmp_path):
     cli_out = tmp_path / "gemini-cli"
     assert ctiqa_main(["evaluate", "--teacher", "gemini", "--model", "gemini-2.5-flash", "--dataset", str(dataset),
                        "--out", str(cli_out), "--base-url", fake_gemini.url, "--bootstrap", "20"]) == 0
+    assert "--teacher gemini is deprecated" in capsys.readouterr().err  # the old flag still works, with a warning
     res = _strict_json(cli_out / "results.json")
     assert res["kind"] == "gemini" and list(res["metrics"]) == ["parsed"]
     assert res["provenance"]["settings"]["decoding"]["temperature"] == 0.0
@@ -387,3 +388,98 @@ def test_quality_consistency_brackets_the_score():
                               (3.0, None)])
     assert (rc["n_rationales"], rc["n_stated"]) == (5, 4)
     assert rc["stated_rate"] == 0.8 and rc["consistent_rate"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------ failures look like failures
+@pytest.mark.parametrize("line, what", [
+    ('{"id": "0001", "score": 2.6, "prediction": NaN}', "'prediction' must be a number in [0, 4]"),
+    ('{"id": "0001", "score": 2.6, "prediction": Infinity}', "got Infinity"),
+    ('{"id": "0001", "score": 2.6, "prediction": -Infinity}', "got -Infinity"),
+    ('{"id": "0001", "score": 2.6, "prediction": true}', "got true"),
+    ('{"id": "0001", "score": 2.6, "prediction": 4.5}', "got 4.5"),
+    ('{"id": "0001", "score": 2.6, "prediction": -0.1}', "got -0.1"),
+    ('{"id": "0001", "score": 2.6, "prediction": "3"}', 'got "3"'),
+    ('{"id": "0001", "score": NaN, "prediction": 2.0}', "'score' must be"),
+    ('{"id": "0001", "score": 7, "prediction": 2.0}', "'score' must be"),
+    ('{"id": "0001", "score": 2.6, "prediction": 2.0, "prob_score": 9}', "'prob_score' must be"),
+])
+def test_predictions_file_bad_values_refused_up_front(dataset, tmp_path, capsys, line, what):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "0000", "score": 3.8, "prediction": 3.0}\n' + line + "\n")
+    out = tmp_path / "out"
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{f} line 2:" in err and what in err, err
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written (no 0-byte temp file)
+
+
+def test_no_usable_score_exits_nonzero_and_out_file_refused(dataset, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert ctiqa_main(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "e")]) == 2
+    assert "holds no rows" in capsys.readouterr().err
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("".join(json.dumps({"id": f"{i:04d}", "score": s, "text": "I cannot rate this image."}) + "\n"
+                             for i, (_, _, s) in enumerate(LADDER)))
+    out = tmp_path / "n"
+    assert ctiqa_main(["evaluate", "--predictions", str(nulls), "--out", str(out), "--bootstrap", "0"]) == 1
+    assert "no sample has a usable score" in capsys.readouterr().err
+    res = _strict_json(out / "results.json")  # the results are still written, to look at
+    assert res["failures"] == {"connection": 0, "api": 0, "no_score": N, "missing": 0}
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    assert ctiqa_main(["evaluate", "--predictions", str(nulls), "--dataset", str(tmp_path / "no-such-dataset"),
+                       "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
+
+
+def _fake_openai(answers):
+    """An OpenAI-compatible chat server answering the n-th request with answers[n] ((status, body) pairs)."""
+    from loopback import start_server
+
+    requests = []
+
+    def dispatch(h):
+        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+        requests.append(body)
+        status, payload = answers[min(len(requests), len(answers)) - 1]
+        data = json.dumps(payload).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    return start_server(dispatch), requests
+
+
+def _chat(content, finish="stop"):
+    return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                              "finish_reason": finish}], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                                   "total_tokens": 2}}
+
+
+def test_api_openai_zero_shot_counts_api_errors_apart_from_parse_failures(dataset, tmp_path, capsys):
+    from loopback import stop_server
+
+    server, requests = _fake_openai([
+        _chat('{"score": 3.4, "reasoning": "sharp edges"}'), _chat("Score: 2,6"),
+        (400, {"error": {"message": "image too large", "type": "invalid_request_error"}}),
+        _chat("Score: 1.", "length"), _chat("I cannot assess medical images."), _chat("Quality (0-4): 1")])
+    out = tmp_path / "openai"
+    try:
+        rc = ctiqa_main(["evaluate", "--api", "openai", "--model", "local-vlm", "--dataset", str(dataset),
+                         "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--out", str(out),
+                         "--concurrency", "1", "--bootstrap", "0"])
+    finally:
+        stop_server(server)
+    assert rc == 0
+    assert len(requests) == N and requests[0]["temperature"] == 0.0 and requests[0]["model"] == "local-vlm"
+    res = _strict_json(out / "results.json")
+    assert res["kind"] == "openai" and res["provenance"]["model"]["api"] == "openai"
+    assert res["failures"] == {"connection": 0, "api": 1, "no_score": 1, "missing": 0}
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["parsed_score"] for r in rows] == [3.4, 2.6, None, 1.0, None, 1.0]
+    assert rows[2]["error"].startswith("http_400") and rows[3]["error"] == "finish_reason: length"
+    assert "1 API errors, 1 answers without a score" in capsys.readouterr().out
