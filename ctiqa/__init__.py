@@ -17,3 +17,10 @@ class CTIQAError(ValueError):
 
     The ``ctiqa`` command prints it on one line (``error: ...``) and exits with status 2.
     """
+
+
+class CTIQAWarning(UserWarning):
+    """Something was assumed or adjusted while reading an image (e.g. a CT DICOM without Rescale Intercept read
+    with the -1024 convention, overshoot of [0, 1] data clipped). The message names the file; the ``ctiqa``
+    command prints it as one ``warning: ...`` line. The same text is kept in :attr:`ctiqa.imaging.CTImage.notes`.
+    """

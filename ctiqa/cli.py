@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 #: sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,9 +40,21 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A :class:`ctiqa.CTIQAWarning` is printed as one ``warning: ...`` line on stderr; others as Python does."""
+    from ctiqa import CTIQAWarning
+
+    if issubclass(category, CTIQAWarning):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ctiqa`` console script. Returns the process exit status."""
     from ctiqa import CTIQAError
+
+    warnings.showwarning = _show_warning
 
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()

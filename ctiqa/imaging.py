@@ -21,9 +21,21 @@ How the kind is detected (explicit rules; nothing is clipped silently)
   float64, so uint16 storage with intercept -1024 never overflows; Pixel Padding Value pixels become air
   (:data:`AIR_HU`); axis-aligned axial slices stored flipped are flipped to the standard display orientation.
   Window Center/Width in the file are ignored (ctiqa applies its own, recorded windows). Modality CT -> ``"hu"``; an 8-bit image of
-  another modality without rescale -> ``"display"``; anything else is refused.
+  another modality without rescale -> ``"display"`` (MONOCHROME1 inverted); anything else is refused.
+  Colour DICOM (RGB/YBR/palette: secondary captures, screenshots) is refused: it holds no CT values.
+  A CT without Rescale Slope/Intercept (Type 1 in the CT Image module, DICOM PS3.3 C.8.2.1, so the file is
+  non-conformant) is decided from its stored values (padding excluded; ``p_lo``/``p_hi`` = 0.5th/99.5th
+  percentiles): clearly negative values (``p_lo < -50``) are HU stored directly (the standard's identity
+  default; read silently); values that only fit the usual CT storage offset (``-50 <= p_lo <= 200``, i.e. air
+  at the dark end, and ``p_hi >= 824``, i.e. tissue once shifted) are read with intercept -1024 and a
+  :class:`ctiqa.CTIQAWarning`; anything else is refused (air would land at 0 HU or the image would be all air).
+  A file whose pixel data holds more frames than Number of Frames is refused.
 * TIFF (read with tifffile, never PIL) and PNG/JPEG (PIL, only for 8/16-bit integer data):
   - float data with all values in [-0.001, 1.001] -> ``"unit"`` (LDCTIQA);
+  - float data in [-0.25, 1.25] (:data:`UNIT_OVERSHOOT`: denoiser output, resampling overshoot) -> ``"unit"``,
+    clipped to [0, 1] with a :class:`ctiqa.CTIQAWarning` giving the clipped fraction (clipping is what the
+    soft-tissue window does to those values anyway);
+  - other float data within [-2, 2] -> refused (normalised by another convention, e.g. [-1, 1]; not HU);
   - float data outside that, within :data:`PLAUSIBLE_HU` -> ``"hu"`` (a float image in 0..255 is therefore read
     as HU: export such images as 8-bit instead);
   - signed integers (int8/16/32) -> ``"hu"`` (HU stored directly);
@@ -34,6 +46,11 @@ How the kind is detected (explicit rules; nothing is clipped silently)
   - RGB(A) 8-bit -> converted to grey by ITU-R BT.601 luminance 0.299 R + 0.587 G + 0.114 B (float, no
     rounding), ``"display"``;
   - NaN/inf, other dtypes, more than one channel in non-8-bit data -> :class:`ctiqa.CTIQAError`.
+* Every file: each side at least :data:`MIN_IMAGE_SIZE` pixels, else :class:`ctiqa.CTIQAError`.
+
+Anything assumed or adjusted while reading is kept in :attr:`CTImage.notes` and issued as a
+:class:`ctiqa.CTIQAWarning` naming the file. Images that reach the model without :func:`render` (the Python API,
+hand-built datasets) are checked by :func:`check_model_image`.
 
 Rendering (:func:`render`)
 --------------------------
@@ -50,15 +67,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ctiqa import CTIQAError
+from ctiqa import CTIQAError, CTIQAWarning
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants (each with its source)
@@ -79,13 +97,34 @@ ENCODINGS: tuple[str, ...] = ("soft-tissue", "medgemma-3window")
 #: +32767 the top of the extended CT scale). Outside -> CTIQAError.
 PLAUSIBLE_HU: tuple[float, float] = (-3100.0, 32767.0)
 
-#: Tolerance around [0, 1] for LDCTIQA-style float images (float rounding of the normalisation).
+#: Tolerance around [0, 1] for LDCTIQA-style float images (float rounding of the normalisation): clipped silently.
 UNIT_TOLERANCE = 1e-3
 
-#: Offset of 12-bit unsigned CT storage (uint16 TIFF/PNG, max <= 4095): HU = value + UINT16_HU_INTERCEPT.
-#: Source: the DICOM default CT Rescale Intercept -1024 (DICOM PS3.3 C.11.1; typical CT storage).
+#: Overshoot around [0, 1] still read as window-normalised data (denoiser output, resampling overshoot of
+#: -0.1..1.1 seen in practice): a quarter of the window (87.5 HU past each edge of W350/L40). Values outside
+#: [0, 1] are clipped and counted (:class:`ctiqa.CTIQAWarning`). Float data within ±2 beyond this is refused:
+#: no CT slice in HU fits in ±2 HU (air is -1000), so it is normalised data of an unknown convention.
+UNIT_OVERSHOOT = 0.25
+NORMALISED_LIMIT = 2.0
+
+#: Offset of 12-bit unsigned CT storage (uint16 TIFF/PNG, max <= 4095; CT DICOM without a Rescale Intercept whose
+#: values fit it): HU = value + UINT16_HU_INTERCEPT. Source: the Rescale Intercept -1024 that CT scanners write
+#: for unsigned storage (air -1000 HU stored as 24), e.g. pydicom's CT_small.dcm and bad_sequence.dcm.
 UINT16_HU_INTERCEPT = -1024.0
 UINT16_MAX_CT_VALUE = 4095
+
+#: Stored-value thresholds deciding a CT DICOM without Rescale Slope/Intercept (module docstring): 0.5th percentile
+#: below -50 -> HU stored directly (air/fat present as negative numbers, beyond noise around 0); 0.5th percentile
+#: in [-50, 200] and 99.5th percentile >= 824 -> the -1024 storage offset (air stored near 24, tissue above
+#: -200 HU once shifted).
+NO_RESCALE_NEGATIVE = -50.0
+NO_RESCALE_AIR_MAX = 200.0
+NO_RESCALE_TISSUE_MIN = 824.0
+
+#: Smallest image side (pixels) ctiqa reads or feeds the model. A floor against 1×1 images, icons and one-line
+#: "images" (usually a mis-read): below it there is no texture to grade and the processor's resize to 896 px
+#: (MedGemma/SigLIP) magnifies by > 50×. Real CT slices are 512 px; ctiqa simulate crops default to 128 px.
+MIN_IMAGE_SIZE = 16
 
 #: HU given to DICOM padding pixels (Pixel Padding Value, outside the field of view): air. Padding is often
 #: -2000/-3024 HU or raw -32768; mapping it to air keeps every window unchanged (black) and the HU plausible.
@@ -109,6 +148,8 @@ class CTImage:
         source: the file it came from (path string; with ``#N`` appended for frame N of a multi-frame file).
         position: slice position in mm along the slice normal (DICOM Image Position (Patient) · normal), used
             only to order a series; ``None`` when unknown.
+        notes: what was assumed or adjusted while reading (e.g. ``"... 3.1 % of pixels outside [0, 1] clipped"``),
+            each also issued as a :class:`ctiqa.CTIQAWarning`; empty when the file was read as it is.
 
     DICOM axial slices stored flipped (Image Orientation (Patient) with row direction -x or column direction -y)
     are flipped into the standard display orientation on reading (see ``_standard_axial``); TIFF/PNG pixels are
@@ -119,6 +160,7 @@ class CTImage:
     kind: str
     source: str
     position: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -190,8 +232,28 @@ def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _warn(notes: list[str], message: str) -> None:
+    """Keep ``message`` in a CTImage's notes and issue it as a CTIQAWarning (shown once per message)."""
+    notes.append(message)
+    warnings.warn(message, CTIQAWarning, stacklevel=3)
+
+
+def _check_size(shape: tuple[int, ...], source: str) -> None:
+    """Refuse an image whose height or width (the first two entries of ``shape``) is below MIN_IMAGE_SIZE."""
+    h, w = int(shape[0]), int(shape[1])
+    if min(h, w) < MIN_IMAGE_SIZE:
+        raise CTIQAError(f"{source}: image is {w}x{h} pixels; ctiqa needs at least {MIN_IMAGE_SIZE} pixels per side "
+                         "(a CT slice, not an icon or a single line)")
+
+
 def _classify(arr: np.ndarray, source: str) -> CTImage:
-    """Apply the detection rules of the module docstring to a decoded TIFF/PNG array."""
+    """Apply the detection rules of the module docstring to a decoded TIFF/PNG array, then the size floor."""
+    img = _classify_values(arr, source)
+    _check_size(img.shape, source)
+    return img
+
+
+def _classify_values(arr: np.ndarray, source: str) -> CTImage:
     a = np.asarray(arr)  # (H, W) or (H, W, channels)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -217,8 +279,19 @@ def _classify(arr: np.ndarray, source: str) -> CTImage:
         if not np.isfinite(a).all():
             raise CTIQAError(f"{source}: image contains NaN or infinite values")
         lo, hi = float(a.min()), float(a.max())
-        if lo >= -UNIT_TOLERANCE and hi <= 1.0 + UNIT_TOLERANCE:
-            return CTImage(a, "unit", source)
+        if lo >= -UNIT_OVERSHOOT and hi <= 1.0 + UNIT_OVERSHOOT:
+            notes: list[str] = []
+            if lo < -UNIT_TOLERANCE or hi > 1.0 + UNIT_TOLERANCE:
+                frac = float(((a < 0) | (a > 1)).mean())
+                _warn(notes, f"{source}: window-normalised [0, 1] data with overshoot (values {lo:.3g}..{hi:.3g}): "
+                             f"{100 * frac:.1f} % of pixels clipped to [0, 1]")
+            return CTImage(np.clip(a, 0.0, 1.0), "unit", source, notes=notes)
+        if lo >= -NORMALISED_LIMIT and hi <= NORMALISED_LIMIT:
+            raise CTIQAError(
+                f"{source}: float values {lo:.3g}..{hi:.3g} are not Hounsfield units (air is -1000 HU) and not [0, 1] "
+                f"data (overshoot up to {UNIT_OVERSHOOT:g} is accepted): normalised by another convention (e.g. "
+                "[-1, 1]?); save [0, 1] = soft-tissue window W350/L40, or HU"
+            )
         if lo >= PLAUSIBLE_HU[0] and hi <= PLAUSIBLE_HU[1]:
             return CTImage(a, "hu", source)
         raise CTIQAError(
@@ -390,36 +463,71 @@ def _frame_item(ds: Any, frame: int, keyword: str) -> Any:
     return None
 
 
+def _ct_without_rescale(stored: np.ndarray, padding: np.ndarray | None, source: str, notes: list[str]
+                        ) -> np.ndarray:
+    """HU of a CT frame that has no Rescale Intercept (module docstring: decided from the stored values)."""
+    body = stored[~padding] if padding is not None else stored.ravel()
+    if body.size == 0:
+        raise CTIQAError(f"{source}: CT without Rescale Intercept whose pixels are all padding")
+    p_lo, p_hi = (float(v) for v in np.percentile(body, [0.5, 99.5]))
+    if p_lo < NO_RESCALE_NEGATIVE:
+        return stored  # HU stored directly: the standard's identity default, air and fat are negative numbers
+    if p_lo <= NO_RESCALE_AIR_MAX and p_hi >= NO_RESCALE_TISSUE_MIN:
+        hu = stored + UINT16_HU_INTERCEPT
+        _warn(notes, f"{source}: CT without Rescale Slope/Intercept (required by DICOM); stored values "
+                     f"{float(body.min()):g}..{float(body.max()):g} read with the usual CT intercept "
+                     f"{UINT16_HU_INTERCEPT:g} (darkest 0.5 % then at {p_lo + UINT16_HU_INTERCEPT:.0f} HU, air); "
+                     "the DICOM default intercept 0 would put air at 0 HU")
+        return hu
+    raise CTIQAError(
+        f"{source}: CT without Rescale Slope/Intercept (required by DICOM), and its stored values "
+        f"{float(body.min()):g}..{float(body.max()):g} fit neither HU stored directly (no air or fat below 0) nor "
+        f"the usual intercept {UINT16_HU_INTERCEPT:g} (no air near 0 and tissue above {NO_RESCALE_TISSUE_MIN:g}): "
+        "cannot tell what they mean; add the scanner's RescaleIntercept/RescaleSlope to the file"
+    )
+
+
 def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
     """Turn one decoded DICOM frame into a CTImage (modality LUT in float64, kind, position)."""
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
 
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        if arr.dtype == np.uint8 and arr.ndim == 3:
-            return _classify(arr, source)  # 8-bit colour secondary capture -> grey display image
-        raise CTIQAError(f"{source}: {ds.get('SamplesPerPixel')}-sample DICOM pixels; CT must be single-channel")
+    modality = str(ds.get("Modality", "")).upper()
+    photometric = str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise CTIQAError(
+            f"{source}: colour DICOM ({photometric}, {samples} sample(s) per pixel, Modality {modality or 'missing'}): "
+            "a secondary capture or screenshot, not CT values; export the original greyscale CT series"
+        )
+    if arr.ndim != 2:
+        raise CTIQAError(f"{source}: decoded pixel data has shape {arr.shape}; expected one 2-D frame")
+    _check_size(arr.shape, source)
 
     # 1) per-frame / shared Pixel Value Transformation (enhanced CT); pydicom's apply_modality_lut reads only the
-    #    top-level attributes, so hand it a small dataset holding this frame's slope/intercept.
+    #    top-level attributes, so hand it a small dataset holding this frame's slope/intercept. An intercept
+    #    without a slope gets slope 1.
     pvt = _frame_item(ds, frame, "PixelValueTransformationSequence")
-    if pvt is not None and "RescaleSlope" in pvt and "RescaleIntercept" in pvt:
+    src = pvt if pvt is not None and pvt.get("RescaleIntercept") not in (None, "") else ds
+    slope = src.get("RescaleSlope")
+    slope = 1 if slope in (None, "") else slope
+    if "ModalityLUTSequence" in ds and src is ds:
+        values, has_lut = apply_modality_lut(arr, ds), True
+    elif src.get("RescaleIntercept") not in (None, ""):
         tmp = Dataset()
-        tmp.RescaleSlope, tmp.RescaleIntercept = pvt.RescaleSlope, pvt.RescaleIntercept
-        values = apply_modality_lut(arr, tmp)
-        has_lut = True
-    elif "ModalityLUTSequence" in ds or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
-        values = apply_modality_lut(arr, ds)
-        has_lut = True
-    else:
-        values, has_lut = arr, False
+        tmp.RescaleIntercept, tmp.RescaleSlope = src.RescaleIntercept, slope
+        values, has_lut = apply_modality_lut(arr, tmp), True
+    else:  # no intercept: a slope alone is applied, the intercept is decided from the values below
+        values, has_lut = arr * float(slope), False
     values = np.asarray(values, dtype=np.float64)
 
-    modality = str(ds.get("Modality", "")).upper()
+    notes: list[str] = []
     rescale_type = str(ds.get("RescaleType", "") or (pvt.get("RescaleType", "") if pvt is not None else "")).upper()
     if modality == "CT" or rescale_type == "HU":
         kind = "hu"
         padding = _padding_mask(ds, arr)
+        if not has_lut:
+            values = _ct_without_rescale(values, padding, source, notes)
         if padding is not None:
             values[padding] = AIR_HU
         lo, hi = float(values.min()), float(values.max())
@@ -427,6 +535,8 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
             raise CTIQAError(f"{source}: values {lo:g}..{hi:g} after the modality LUT are not plausible HU")
     elif not has_lut and arr.dtype == np.uint8:
         kind = "display"
+        if photometric == "MONOCHROME1":  # 0 = white: invert to the grey levels of a MONOCHROME2 display
+            values = 255.0 - values
     else:
         raise CTIQAError(
             f"{source}: not a CT image (Modality {modality or 'missing'}); ctiqa grades CT in Hounsfield units"
@@ -438,7 +548,7 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
     ipp = plane_pos.get("ImagePositionPatient") if plane_pos is not None else ds.get("ImagePositionPatient")
     iop = plane_ori.get("ImageOrientationPatient") if plane_ori is not None else ds.get("ImageOrientationPatient")
     position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
-    return CTImage(_standard_axial(values, iop).astype(np.float32), kind, source, position)
+    return CTImage(_standard_axial(values, iop).astype(np.float32), kind, source, position, notes)
 
 
 def _read_dicom_dataset(path: Path) -> Any:
@@ -457,15 +567,45 @@ def _read_dicom_dataset(path: Path) -> Any:
     return ds
 
 
+def _frames_held(ds: Any) -> int | None:
+    """How many whole frames uncompressed Pixel Data holds (None when it cannot be told without decoding:
+    compressed, bit-packed or float pixel data, missing Image Pixel attributes)."""
+    from pydicom.pixels.utils import get_expected_length
+
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" not in ds or ts is None or ts.is_encapsulated or int(ds.get("BitsAllocated", 0) or 0) < 8:
+        return None
+    try:
+        per_frame = get_expected_length(ds, "bytes") // _n_frames(ds)
+    except Exception:  # missing Rows/Columns/...: pydicom's decoder reports it
+        return None
+    return len(ds.PixelData) // per_frame if per_frame else None
+
+
+def _excess_frames_error(path: Path, held: int, n: int) -> CTIQAError:
+    return CTIQAError(f"{path}: pixel data holds {held} frames but Number of Frames says {n}: the header and the "
+                      "pixels disagree (a truncated or badly edited file); fix Number of Frames (0028,0008)")
+
+
 def _decode(ds: Any, path: Path, index: int | None) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
+    n = _n_frames(ds)
+    held = _frames_held(ds)
+    if held is not None and held > n:
+        raise _excess_frames_error(path, held, n)
     try:
-        return pixel_array(ds, index=index)
+        with warnings.catch_warnings():  # pydicom's own excess-frames warning: our error below says it in one line
+            warnings.filterwarnings("ignore", message=r".*'Number of Frames'")
+            arr = pixel_array(ds, index=index)
     except Exception as e:  # missing decoder, truncated data, ...
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", ts)
         raise CTIQAError(f"{path}: cannot decode pixel data (transfer syntax {name}): {type(e).__name__}: {e}") from e
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if index is None and arr.ndim == (3 if samples > 1 else 2) + 1:  # compressed data with excess frames
+        raise _excess_frames_error(path, arr.shape[0], n)
+    return arr
 
 
 def _n_frames(ds: Any) -> int:
@@ -796,6 +936,37 @@ def render(
     return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
 
 
+def check_model_image(img: Any, source: str | None = None) -> Image.Image:
+    """Check that an image is what the model was trained on before it reaches the processor: an 8-bit RGB
+    ``PIL.Image`` (mode ``"RGB"``, :func:`render` output), at least :data:`MIN_IMAGE_SIZE` pixels per side.
+
+    Images that skip :func:`render` (the Python API, hand-built datasets) are not converted: PIL's
+    ``convert("RGB")`` would clip 16-bit and float data to 0..255 and drop alpha without a word, and a grey image
+    says nothing about the encoding the model expects.
+
+    Args:
+        img: the image.
+        source: its name for the message (default: the PIL image's ``filename``, else ``"image"``).
+
+    Returns:
+        ``img`` itself, unchanged.
+
+    Raises:
+        CTIQAError: not a PIL image; a mode other than ``"RGB"`` (``"L"`` grey, ``"I;16"`` 16-bit, ``"F"`` float,
+            ``"RGBA"``, ``"P"`` palette, ...); a side below :data:`MIN_IMAGE_SIZE`. The message names the image.
+    """
+    name = source or getattr(img, "filename", "") or "image"
+    if not isinstance(img, Image.Image):
+        raise CTIQAError(f"{name}: expected a PIL RGB image (ctiqa.imaging.render output), got {type(img).__name__}")
+    if img.mode != "RGB":
+        raise CTIQAError(
+            f"{name}: image mode {img.mode!r}, but the model was trained on 8-bit RGB (mode 'RGB'); render CT with "
+            "ctiqa.imaging.render, or convert it yourself if you know the conversion is lossless"
+        )
+    _check_size((img.height, img.width), name)
+    return img
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CLI: ctiqa render INPUT --out FILE.png
 # --------------------------------------------------------------------------------------------------------------
@@ -825,6 +996,6 @@ def cli_main(args: argparse.Namespace) -> int:
     px = img.pixels
     print(
         f"{args.input}: {img.kind} {px.shape[1]}x{px.shape[0]} values {float(px.min()):g}..{float(px.max()):g} "
-        f"-> {out} ({args.encoding})"
+        f"-> {out} ({args.encoding})" + (f"; {len(img.notes)} warning(s) above" if img.notes else "")
     )
     return 0

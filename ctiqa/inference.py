@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
+from ctiqa.imaging import check_model_image
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS, prompt_messages
 from ctiqa.scale import SCORE_MAX
 from ctiqa.scoring import parse_score_detailed
@@ -232,7 +233,7 @@ def chat_prompt(processor: Any, fmt: str = DEFAULT_TARGET_FORMAT) -> str:
 
 
 def _encode(lm: LoadedModel, texts: list[str], images: Sequence[Any]) -> dict[str, Any]:
-    batch = lm.processor(text=texts, images=[[im.convert("RGB")] for im in images], padding=True,
+    batch = lm.processor(text=texts, images=[[check_model_image(im)] for im in images], padding=True,
                          return_tensors="pt", add_special_tokens=False)
     dtype = lm.model.dtype
     return {k: (v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in batch.items()}

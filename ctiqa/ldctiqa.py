@@ -45,7 +45,9 @@ LABEL_FILES: tuple[str, ...] = ("train.json", "test.json", "labels.json")
 IMAGE_DIRS: tuple[str, ...] = ("image", "images")
 RELEASE_DIRS: tuple[str, ...] = ("LDCTIQAG2023_train", "LDCTIQAC_test")
 TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
-SPLIT_METHODS: tuple[str, ...] = ("paper", "stratified", "base-slice")
+#: Split methods of :func:`split_ids` (the ONE home of these names; ``ctiqa build-dataset --split`` imports them).
+#: ``"auto"`` picks one of the other three (:func:`resolve_split_method`).
+SPLIT_METHODS: tuple[str, ...] = ("auto", "paper", "stratified", "base-slice")
 DEGRADATIONS_FILE = "degradations.json"
 
 
@@ -166,10 +168,29 @@ def _check_score(value: Any, key: str, labels_file: Path) -> float:
     return v
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """``json`` object hook: a key given twice in one object is an error (``json`` itself keeps the last)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _load_json_object(path: Path, what: str) -> dict:
+    """Read a JSON object file: UTF-8 with or without a byte-order mark; a key twice in one object is an error
+    naming the key; NaN/Infinity parse to floats (the callers reject them with the key)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f, parse_constant=lambda c: float(c))  # NaN/Infinity -> float, rejected later
+        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: a leading BOM (Windows editors) is dropped
+            data = json.load(f, parse_constant=lambda c: float(c), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CTIQAError(f"{path}: key {e.args[0]!r} appears twice in one object (JSON readers keep only the "
+                         "last value, silently): remove one") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CTIQAError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
@@ -331,22 +352,34 @@ class ValidationReport:
     score_max: float | None
     score_mean: float | None
     synthetic: bool
+    notes: dict[str, list[str]] = field(default_factory=dict)  # id -> what reading assumed/adjusted (CTImage.notes)
 
 
 def validate(ds: LDCTIQASet) -> ValidationReport:
     """Read every image's pixels with :func:`ctiqa.imaging.read_ct` and summarise the set.
 
+    What reading assumed or adjusted (e.g. overshoot of [0, 1] clipped) is collected in ``notes`` instead of one
+    :class:`ctiqa.CTIQAWarning` per image.
+
     Raises:
         CTIQAError: an unreadable image, or images whose detected kinds differ (e.g. one HU image among [0, 1]
             LDCTIQA images), naming the file.
     """
+    import warnings
+
+    from ctiqa import CTIQAWarning
     from ctiqa.imaging import read_ct
 
     kinds: dict[str, str] = {}
+    notes: dict[str, list[str]] = {}
     lo, hi = math.inf, -math.inf
     shape = ds.shape
     for i in ds.ids:
-        img = read_ct(ds.image_path(i))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CTIQAWarning)
+            img = read_ct(ds.image_path(i))
+        if img.notes:
+            notes[i] = img.notes
         if shape is None:
             shape = img.shape
         elif img.shape != shape:
@@ -365,7 +398,7 @@ def validate(ds: LDCTIQASet) -> ValidationReport:
         n_images=len(ds.ids), n_labelled=len(s), shape=tuple(shape), kind=kind, value_min=lo, value_max=hi,
         score_counts=counts,
         score_min=float(s.min()) if len(s) else None, score_max=float(s.max()) if len(s) else None,
-        score_mean=float(s.mean()) if len(s) else None, synthetic=ds.synthetic,
+        score_mean=float(s.mean()) if len(s) else None, synthetic=ds.synthetic, notes=notes,
     )
 
 
@@ -400,10 +433,42 @@ def _stratified_cycle(ids: list[str], scores: dict[str, float], seed: int, slots
     return {k: sorted(v) for k, v in out.items()}
 
 
+def resolve_split_method(ds: LDCTIQASet, method: str = "auto") -> tuple[str, str]:
+    """The split method ``"auto"`` stands for, and why; other names are returned as given.
+
+    ``"auto"`` picks:
+
+    * ``"base-slice"`` for ``ctiqa simulate`` output (``degradations.json`` lists ``test_base_slices``): the test
+      split is a base slice never seen in training;
+    * ``"paper"`` for the full LDCTIQA training release (exactly the 1,000 ids of the shipped paper split);
+    * ``"stratified"`` otherwise (a subset, the test release, your own labelled folder).
+
+    Returns:
+        ``(method, reason)``: one of ``"paper" | "stratified" | "base-slice"``, and a short phrase for the output
+        (e.g. ``"auto: ctiqa simulate output with held-out base slices"``; ``"as asked"`` for an explicit name).
+
+    Raises:
+        CTIQAError: unknown method name.
+    """
+    if method not in SPLIT_METHODS:
+        raise CTIQAError(f"unknown split method {method!r}; choose one of {', '.join(SPLIT_METHODS)}")
+    if method != "auto":
+        return method, "as asked"
+    if ds.test_base_slices:
+        return "base-slice", (f"auto: ctiqa simulate output, held-out base slice(s) "
+                              f"{', '.join(ds.test_base_slices)} form the test split")
+    want = set().union(*paper_split().values())
+    if set(ds.ids) == want:
+        return "paper", "auto: the full LDCTIQA training release (the paper's 800/100/100 ids)"
+    return "stratified", (f"auto: {len(ds.ids)} images that are neither the full LDCTIQA training release nor "
+                          "simulated data: seeded 80/10/10 stratified by score")
+
+
 def split_ids(ds: LDCTIQASet, method: str, seed: int = 0) -> dict[str, list[str]]:
     """Split the ids of ``ds`` into train / validation / test (sorted, disjoint, covering ``ds.ids``).
 
-    Methods:
+    Methods (:data:`SPLIT_METHODS`):
+        ``"auto"``: whichever of the three below fits the data (:func:`resolve_split_method`).
         ``"paper"``: the shipped 800/100/100 partition of the BVM 2026 paper (``ctiqa/data/
         ldctiqa_paper_split.json``); ``ds`` must hold exactly those 1,000 ids.
         ``"stratified"``: seeded 80/10/10, stratified by score rounded to 0-4 (deterministic for a seed).
@@ -414,6 +479,7 @@ def split_ids(ds: LDCTIQASet, method: str, seed: int = 0) -> dict[str, list[str]
         CTIQAError: unknown method; ids missing from / not in the paper split; unlabelled set for a stratified
             split; missing ``base_slice``/``test_base_slices`` for ``base-slice``.
     """
+    method, _ = resolve_split_method(ds, method)
     if method == "paper":
         split = paper_split()
         have = set(ds.ids)
@@ -431,8 +497,6 @@ def split_ids(ds: LDCTIQASet, method: str, seed: int = 0) -> dict[str, list[str]
                 "use --split stratified"
             )
         return split
-    if method not in SPLIT_METHODS:
-        raise CTIQAError(f"unknown split method {method!r}; choose one of {', '.join(SPLIT_METHODS)}")
     if not ds.labelled:
         raise CTIQAError(f"{ds.root}: the {method} split needs a score for every image")
     if method == "stratified":
@@ -479,17 +543,18 @@ def format_report(ds: LDCTIQASet, rep: ValidationReport) -> str:
         f"  pixel values: {rep.value_min:.6g} .. {rep.value_max:.6g}  detected kind: {rep.kind}"
         + ("  (soft-tissue window W350/L40 scaled to [0, 1], not HU)" if rep.kind == "unit" else ""),
     ]
+    if rep.notes:
+        first = next(iter(rep.notes.values()))[0]
+        lines.append(f"  adjusted on reading: {len(rep.notes)} image(s), e.g. {first}")
     if rep.n_labelled:
         lines.append(f"  scores: min {rep.score_min:.2f}  mean {rep.score_mean:.2f}  max {rep.score_max:.2f}")
         lines.append("  score histogram (rounded score):")
         top = max(rep.score_counts.values()) or 1
         for b, c in rep.score_counts.items():
             lines.append(f"    {b}  {c:5d}  {'#' * round(40 * c / top)}")
-    try:
-        split_ids(ds, "paper")
-        lines.append("  paper split (800/100/100): available")
-    except CTIQAError:
-        pass
+    if ds.labelled:
+        method, why = resolve_split_method(ds, "auto")
+        lines.append(f"  split (build-dataset --split auto): {method} ({why.removeprefix('auto: ')})")
     if ds.test_base_slices:
         lines.append(f"  held-out base slices: {', '.join(ds.test_base_slices)}")
     return "\n".join(lines)

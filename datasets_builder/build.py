@@ -38,13 +38,13 @@ from PIL import Image
 
 from ctiqa import CTIQAError
 from ctiqa.clients import SOURCE_PNG_KEY, CallResult, RetryPolicy, Usage, png_bytes, price_for
+from ctiqa.ldctiqa import SPLIT_METHODS
 
 from . import checks
 from .cache import AnswerCache, cache_key, default_cache_path, image_sha256
 from .teachers import TEACHERS, Teacher, make_teacher
 
 SPLITS = ("train", "validation", "test")
-SPLIT_METHODS = ("paper", "stratified", "base-slice")  # ctiqa.ldctiqa.SPLIT_METHODS
 NO_TEACHER = "none"
 
 
@@ -390,7 +390,7 @@ class BuildOptions:
     public: bool = False
     model: str | None = None
     base_url: str | None = None
-    split: str = "paper"
+    split: str = "auto"
     seed: int = 0
     format: str = "score-first"
     encoding: str = "soft-tissue"
@@ -439,7 +439,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
     import ctiqa
     from ctiqa import prompts
     from ctiqa.imaging import encoding_info
-    from ctiqa.ldctiqa import load_ldctiqa
+    from ctiqa.ldctiqa import load_ldctiqa, resolve_split_method
 
     if opts.out is None and opts.push_to_hub is None:
         raise CTIQAError("give --out DIR, --push-to-hub REPO_ID, or both")
@@ -447,7 +447,9 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
         raise CTIQAError(f"unknown --format {opts.format!r}; choose one of {', '.join(prompts.TARGET_FORMATS)}")
     enc = encoding_info(opts.encoding)
     data = load_ldctiqa(opts.ldctiqa)
-    items = plan_items(data, opts.split, opts.seed, opts.limit)
+    split, why = resolve_split_method(data, opts.split)
+    print(f"split: {split} ({why})")
+    items = plan_items(data, split, opts.seed, opts.limit)
     rationale_splits = ("train", "validation", "test") if opts.test_rationales else ("train", "validation")
     needs_teacher = opts.format != "score-only"
     if needs_teacher and opts.teacher == "template" and teacher is None:
@@ -494,7 +496,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
                   f"`{Path(data.root).name}` ({len(data.ids)} images)",
         "synthetic": data.synthetic, "teacher": teacher_id, "teacher_kind": teacher_kind,
         "prompt_version": prompts.PROMPT_VERSION, "target_format": opts.format, "encoding": enc,
-        "split": opts.split, "seed": opts.seed, "counts": {s: len(dsd[s]) for s in SPLITS},
+        "split": split, "seed": opts.seed, "counts": {s: len(dsd[s]) for s in SPLITS},
         "rationale_splits": list(rationale_splits) if needs_teacher else [],
         "status": dict(Counter(it.status for it in items)), "rejections": dict(rejections),
         "failures": dict(failures), "terms": terms, "n_rationales": len(kept),
@@ -592,8 +594,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--public", action="store_true", help="create the Hub repo public")
     a("--model", help="teacher model id (gemini default gemini-2.5-pro; openai: the served model name)")
     a("--base-url", help="API root: required for --teacher openai (e.g. http://localhost:8000/v1)")
-    a("--split", choices=SPLIT_METHODS, default="paper",
-      help="paper (shipped 800/100/100 ids), stratified (seeded 80/10/10), base-slice (simulated data). Default: paper")
+    a("--split", choices=SPLIT_METHODS, default="auto",
+      help="paper (shipped 800/100/100 ids), stratified (seeded 80/10/10), base-slice (simulated data); auto: paper "
+           "for the full LDCTIQA training release, base-slice for `ctiqa simulate` output, else stratified. "
+           "Default: auto")
     a("--seed", type=int, default=0, help="split seed (stratified, base-slice) and template wording seed")
     a("--format", choices=TARGET_FORMATS, default="score-first", help="target text format. Default: score-first")
     a("--encoding", default="soft-tissue", choices=ENCODINGS,

@@ -1,6 +1,9 @@
 """CT imaging: reading (DICOM/TIFF/PNG/JPEG), value-range detection, windowing and rendering, on hand-computed pixels."""
 
 import json
+import re
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -11,11 +14,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ctiqa import CTIQAError
+from ctiqa import CTIQAError, CTIQAWarning
 from ctiqa.cli import main
 from ctiqa.imaging import (
     ENCODINGS,
+    MIN_IMAGE_SIZE,
     CTImage,
+    check_model_image,
     encoding_info,
     hu_to_unit,
     read_ct,
@@ -28,11 +33,25 @@ from ctiqa.imaging import (
 )
 
 
+def tile(a, side=MIN_IMAGE_SIZE):
+    """Repeat a small pattern of hand-computed values to at least ``side`` pixels per side (the reader's size
+    floor); the pattern stays at the top left: ``tile(a)[:h, :w] == a``."""
+    a = np.asarray(a)
+    h, w = a.shape[:2]
+    return np.tile(a, (-(-side // h), -(-side // w)) + (1,) * (a.ndim - 2))
+
+
+def top(x, like):
+    """The top-left block of ``x`` with the (H, W) of ``like`` (undo :func:`tile`), as a list."""
+    h, w = np.asarray(like).shape[:2]
+    return np.asarray(x)[:h, :w].tolist()
+
+
 def write_ct_dicom(path, raw, *, intercept=-1024.0, slope=1.0, position=(0.0, 0.0, 0.0), instance=1,
                    orientation=(1, 0, 0, 0, 1, 0), window_center=None, window_width=None, modality="CT",
                    signed=False):
-    """A minimal CT DICOM file with the given stored (raw) pixel values, uncompressed."""
-    raw = np.asarray(raw, dtype=np.int16 if signed else np.uint16)
+    """A minimal CT DICOM file with the given stored (raw) pixel values, tiled to the size floor, uncompressed."""
+    raw = tile(np.asarray(raw, dtype=np.int16 if signed else np.uint16))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -113,25 +132,25 @@ def test_dicom_uint16_with_intercept_minus_1024_golden(tmp_path):
     raw = np.array([[0, 1023, 1024], [1064, 1239, 4095]])
     path = write_ct_dicom(tmp_path / "a.dcm", raw, window_center=[40, 400], window_width=[350, 1500])
     img = read_ct(path)
-    assert img.kind == "hu" and img.pixels.dtype == np.float32 and img.shape == (2, 3)
-    assert img.pixels.tolist() == [[-1024, -1, 0], [40, 215, 3071]]
+    assert img.kind == "hu" and img.pixels.dtype == np.float32 and img.shape == (16, 18) and img.notes == []
+    assert top(img.pixels, raw) == [[-1024, -1, 0], [40, 215, 3071]]
     # soft tissue: 255*(HU+135)/350 -> 0, 97.6->98, 98.4->98, 127.5->128, 255, 255
     rgb = np.asarray(render(path))
-    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
-    assert rgb[..., 0].tolist() == [[0, 98, 98], [128, 255, 255]]
+    assert rgb.shape == (16, 18, 3) and rgb.dtype == np.uint8
+    assert top(rgb[..., 0], raw) == [[0, 98, 98], [128, 255, 255]]
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
     # medgemma 3-window: R = 255*(HU+1024)/2048, G = soft tissue, B = 255*HU/80
     rgb3 = np.asarray(render(path, "medgemma-3window"))
-    assert rgb3[..., 0].tolist() == [[0, 127, 128], [132, 154, 255]]
-    assert rgb3[..., 1].tolist() == [[0, 98, 98], [128, 255, 255]]
-    assert rgb3[..., 2].tolist() == [[0, 0, 0], [128, 255, 255]]
+    assert top(rgb3[..., 0], raw) == [[0, 127, 128], [132, 154, 255]]
+    assert top(rgb3[..., 1], raw) == [[0, 98, 98], [128, 255, 255]]
+    assert top(rgb3[..., 2], raw) == [[0, 0, 0], [128, 255, 255]]
 
 
 def test_dicom_slope_and_signed_storage(tmp_path):
     path = write_ct_dicom(tmp_path / "s.dcm", [[-1000, 0, 500]], intercept=0.0, slope=1.0, signed=True)
-    assert read_ct(path).pixels.tolist() == [[-1000, 0, 500]]
+    assert read_ct(path).pixels[0, :3].tolist() == [-1000, 0, 500]
     path = write_ct_dicom(tmp_path / "t.dcm", [[0, 100, 1000]], intercept=-1000.0, slope=2.0)
-    assert read_ct(path).pixels.tolist() == [[-1000, -800, 1000]]
+    assert read_ct(path).pixels[0, :3].tolist() == [-1000, -800, 1000]
 
 
 def test_dicom_padding_becomes_air(tmp_path):
@@ -142,15 +161,15 @@ def test_dicom_padding_becomes_air(tmp_path):
     ds = pydicom.dcmread(path)
     ds.add_new(0x00280120, "SS", -32768)  # Pixel Padding Value
     ds.save_as(path)
-    assert read_ct(path).pixels.tolist() == [[-1024, 0, 40]]
+    assert read_ct(path).pixels[0, :3].tolist() == [-1024, 0, 40]
 
 
 def test_dicom_flipped_axial_is_shown_in_standard_orientation(tmp_path):
     raw = np.array([[1, 2], [3, 4]]) + 1024
     normal = read_ct(write_ct_dicom(tmp_path / "n.dcm", raw))
     flipped = read_ct(write_ct_dicom(tmp_path / "f.dcm", raw, orientation=(1, 0, 0, 0, -1, 0)))
-    assert normal.pixels.tolist() == [[1, 2], [3, 4]]
-    assert flipped.pixels.tolist() == [[3, 4], [1, 2]]
+    assert top(normal.pixels, raw) == [[1, 2], [3, 4]]
+    assert top(flipped.pixels, raw) == [[3, 4], [1, 2]]
 
 
 def test_dicom_non_ct_and_garbage_are_refused(tmp_path):
@@ -245,10 +264,11 @@ def test_ldctiqa_float_tiff_is_not_binarised(tmp_path):
 
 
 def test_float_tiff_hu_and_errors(tmp_path):
-    tifffile.imwrite(tmp_path / "hu.tif", np.array([[-1000.0, 40.0], [215.0, 1500.0]], dtype=np.float32))
+    hu = np.array([[-1000.0, 40.0], [215.0, 1500.0]], dtype=np.float32)
+    tifffile.imwrite(tmp_path / "hu.tif", tile(hu))
     img = read_ct(tmp_path / "hu.tif")
     assert img.kind == "hu"
-    assert np.asarray(render(img))[..., 0].tolist() == [[0, 128], [255, 255]]
+    assert top(np.asarray(render(img))[..., 0], hu) == [[0, 128], [255, 255]]
     tifffile.imwrite(tmp_path / "nan.tif", np.array([[0.5, np.nan]], dtype=np.float32))
     with pytest.raises(CTIQAError, match=r"nan\.tif.*NaN"):
         read_ct(tmp_path / "nan.tif")
@@ -264,16 +284,16 @@ def test_float_tiff_hu_and_errors(tmp_path):
 
 
 def test_integer_tiffs(tmp_path):
-    tifffile.imwrite(tmp_path / "i16.tif", np.array([[-1024, 0, 40]], dtype=np.int16))
-    assert read_ct(tmp_path / "i16.tif").pixels.tolist() == [[-1024, 0, 40]]
+    tifffile.imwrite(tmp_path / "i16.tif", tile(np.array([[-1024, 0, 40]], dtype=np.int16)))
+    assert read_ct(tmp_path / "i16.tif").pixels[0, :3].tolist() == [-1024, 0, 40]
     # uint16 CT storage (12 bit, +1024 offset): HU = value - 1024
-    tifffile.imwrite(tmp_path / "u16.tif", np.array([[0, 1024, 1064, 4095]], dtype=np.uint16))
+    tifffile.imwrite(tmp_path / "u16.tif", tile(np.array([[0, 1024, 1064, 4095]], dtype=np.uint16)))
     img = read_ct(tmp_path / "u16.tif")
-    assert img.kind == "hu" and img.pixels.tolist() == [[-1024, 0, 40, 3071]]
+    assert img.kind == "hu" and img.pixels[0, :4].tolist() == [-1024, 0, 40, 3071]
     tifffile.imwrite(tmp_path / "u16big.tif", np.array([[0, 60000]], dtype=np.uint16))
     with pytest.raises(CTIQAError, match=r"u16big\.tif.*uint16"):
         read_ct(tmp_path / "u16big.tif")
-    tifffile.imwrite(tmp_path / "u8.tif", np.array([[0, 128, 255]], dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "u8.tif", tile(np.array([[0, 128, 255]], dtype=np.uint8)))
     assert read_ct(tmp_path / "u8.tif").kind == "display"
 
 
@@ -287,12 +307,12 @@ def test_lzw_float_tiff_without_imagecodecs(tmp_path):
 
 
 def test_tiff_axes(tmp_path):
-    tifffile.imwrite(tmp_path / "q.tif", np.full((1, 8, 8), 0.25, np.float32))  # axes QYX: one slice
-    assert read_ct(tmp_path / "q.tif").shape == (8, 8)
+    tifffile.imwrite(tmp_path / "q.tif", np.full((1, 16, 16), 0.25, np.float32))  # axes QYX: one slice
+    assert read_ct(tmp_path / "q.tif").shape == (16, 16)
     tifffile.imwrite(tmp_path / "planar.tif", np.zeros((3, 8, 8), np.float32))  # tifffile writes planar RGB
     with pytest.raises(CTIQAError, match=r"planar\.tif.*3-channel float32"):
         read_ct(tmp_path / "planar.tif")
-    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[..., 1] = 200
     tifffile.imwrite(tmp_path / "rgb8.tif", rgb, photometric="rgb")
     img = read_ct(tmp_path / "rgb8.tif")
@@ -300,7 +320,7 @@ def test_tiff_axes(tmp_path):
 
 
 def test_multipage_tiff_frames(tmp_path):
-    stack = np.stack([np.full((8, 8), v, np.float32) for v in (0.0, 0.5, 1.0)])
+    stack = np.stack([np.full((16, 16), v, np.float32) for v in (0.0, 0.5, 1.0)])
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")  # 3 pages, not planar RGB
     with pytest.raises(CTIQAError, match=r"stack\.tif.*3 images"):
         read_ct(tmp_path / "stack.tif")
@@ -309,17 +329,17 @@ def test_multipage_tiff_frames(tmp_path):
 
 
 def test_png_jpeg_display(tmp_path):
-    Image.fromarray(np.array([[0, 100, 255]], dtype=np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(tile(np.array([[0, 100, 255]], dtype=np.uint8))).save(tmp_path / "g.png")
     img = read_ct(tmp_path / "g.png")
-    assert img.kind == "display" and img.pixels.tolist() == [[0, 100, 255]]
-    assert np.asarray(render(img))[0].tolist() == [[0, 0, 0], [100, 100, 100], [255, 255, 255]]
+    assert img.kind == "display" and img.pixels[0, :3].tolist() == [0, 100, 255]
+    assert np.asarray(render(img))[0, :3].tolist() == [[0, 0, 0], [100, 100, 100], [255, 255, 255]]
     # RGB -> grey by BT.601 luminance: pure red 255 -> 0.299*255 = 76.2 -> 76
-    Image.fromarray(np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8)).save(tmp_path / "c.png")
-    assert np.asarray(render(tmp_path / "c.png"))[0, :, 0].tolist() == [76, 150]
+    Image.fromarray(tile(np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8))).save(tmp_path / "c.png")
+    assert np.asarray(render(tmp_path / "c.png"))[0, :2, 0].tolist() == [76, 150]
     # 16-bit PNG keeps its values (not clipped to 8 bit): uint16 rule, HU = v - 1024
-    Image.fromarray(np.array([[0, 1024, 2000]], dtype=np.uint16)).save(tmp_path / "w.png")
-    assert read_ct(tmp_path / "w.png").pixels.tolist() == [[-1024, 0, 976]]
-    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(tmp_path / "j.jpg", quality=95)
+    Image.fromarray(tile(np.array([[0, 1024, 2000]], dtype=np.uint16))).save(tmp_path / "w.png")
+    assert read_ct(tmp_path / "w.png").pixels[0, :3].tolist() == [-1024, 0, 976]
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / "j.jpg", quality=95)
     j = read_ct(tmp_path / "j.jpg")
     assert j.kind == "display" and abs(float(j.pixels.mean()) - 90) < 2
 
@@ -347,12 +367,12 @@ def test_cli_render_writes_what_render_returns(tmp_path, capsys):
     written = Image.open(out)
     assert written.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(written), np.asarray(render(path, "medgemma-3window")))
-    assert "hu 2x2" in capsys.readouterr().out
+    assert "hu 16x16" in capsys.readouterr().out
 
 
 def test_cli_render_frame_and_errors(tmp_path, capsys):
     x = tmp_path / "u.tif"
-    tifffile.imwrite(x, np.full((4, 4), 0.5, np.float32))
+    tifffile.imwrite(x, np.full((16, 16), 0.5, np.float32))
     out = tmp_path / "u.png"
     assert main(["render", str(x), "--out", str(out), "--encoding", "medgemma-3window"]) == 2
     err = capsys.readouterr().err.strip()
@@ -374,3 +394,163 @@ def test_dicom_folder_tells_series_apart(tmp_path):
     assert [[n for n, _ in g] for g in groups] == [["b.dcm", "a.dcm"], ["c.dcm"]]
     with pytest.raises(CTIQAError, match="holds 2 DICOM series"):
         read_dicom_series(d)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs (issue 9)
+
+
+def _without_rescale(src, dst, keep=()):
+    ds = pydicom.dcmread(src)
+    for kw in ("RescaleIntercept", "RescaleSlope", "RescaleType"):
+        if kw in ds and kw not in keep:
+            delattr(ds, kw)
+    ds.save_as(dst)
+    return dst
+
+
+def test_ct_without_rescale_uses_the_ct_convention_and_warns(tmp_path):
+    # CT_small.dcm: signed storage of HU + 1024 (intercept -1024 in the file). Without the tags, DICOM's identity
+    # default would put air at 0 HU and render the slice ~92 % white.
+    src = _testdata("CT_small.dcm")
+    path = _without_rescale(src, tmp_path / "norescale.dcm")
+    with pytest.warns(CTIQAWarning, match=r"norescale\.dcm: CT without Rescale Slope/Intercept.*-1024"):
+        img = read_ct(path)
+    assert img.kind == "hu" and len(img.notes) == 1 and "norescale.dcm" in img.notes[0]
+    np.testing.assert_array_equal(img.pixels, read_ct(src).pixels)
+    np.testing.assert_array_equal(np.asarray(render(img)), np.asarray(render(src)))
+    assert (np.asarray(render(img))[..., 0] == 255).mean() < 0.5
+    # an intercept without a slope: slope 1, read silently
+    only_intercept = _without_rescale(src, tmp_path / "intercept.dcm", keep=("RescaleIntercept",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CTIQAWarning)
+        np.testing.assert_array_equal(read_ct(only_intercept).pixels, read_ct(src).pixels)
+
+
+def test_ct_without_rescale_stored_as_hu_is_read_silently(tmp_path):
+    src = _testdata("explicit_VR-UN.dcm")  # signed, intercept 0: HU stored directly, air at -1024
+    path = _without_rescale(src, tmp_path / "hu.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CTIQAWarning)
+        img = read_ct(path)
+    assert img.notes == []
+    np.testing.assert_array_equal(img.pixels, read_ct(src).pixels)
+
+
+def test_ct_without_rescale_that_fits_no_convention_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    liver = rng.normal(60, 5, (32, 32)).clip(30, 90)  # HU stored directly, unsigned: no air, no fat
+    path = write_ct_dicom(tmp_path / "liver.dcm", liver, intercept=None)
+    with pytest.raises(CTIQAError, match=r"liver\.dcm: CT without Rescale Slope/Intercept.*cannot tell"):
+        read_ct(path)
+    with_tag = read_ct(write_ct_dicom(tmp_path / "ok.dcm", liver, intercept=0.0))  # the same values, tagged
+    assert with_tag.kind == "hu" and 30 <= with_tag.pixels.min() and with_tag.pixels.max() <= 90
+
+
+def test_float_tiff_with_overshoot_is_clipped_and_counted(tmp_path):
+    x = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
+    y = (1.2 * x - 0.1).astype(np.float32)  # a denoiser's output: -0.1..1.1
+    tifffile.imwrite(tmp_path / "denoised.tif", y)
+    expected = float(((y < 0) | (y > 1)).mean())  # 2 * 0.1/1.2 of a linear ramp, ~16.5 %
+    with pytest.warns(CTIQAWarning, match=rf"denoised\.tif: .*overshoot.*{100 * expected:.1f} % of pixels clipped"):
+        img = read_ct(tmp_path / "denoised.tif")
+    assert img.kind == "unit" and img.pixels.min() == 0 and img.pixels.max() == 1
+    np.testing.assert_array_equal(img.pixels, np.clip(y, 0, 1))
+    grey = np.asarray(render(img))[..., 0]
+    assert grey.min() == 0 and grey.max() == 255 and len(np.unique(grey)) > 200  # not flat grey
+    # data normalised to [-1, 1] is neither [0, 1] nor HU: refused, not rendered grey
+    tifffile.imwrite(tmp_path / "pm1.tif", 2 * x - 1)
+    with pytest.raises(CTIQAError, match=r"pm1\.tif: float values -1\.\.1 are not Hounsfield units"):
+        read_ct(tmp_path / "pm1.tif")
+
+
+def _excess_frames(tmp_path):
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds.PixelData = ds.PixelData * 3  # three frames of pixels, Number of Frames absent (= 1)
+    ds.save_as(tmp_path / "excess.dcm")
+    return tmp_path / "excess.dcm"
+
+
+def _one_pixel(tmp_path):
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds.Rows = ds.Columns = 1
+    ds.PixelData = ds.PixelData[:2]
+    ds.save_as(tmp_path / "dot.dcm")
+    return tmp_path / "dot.dcm"
+
+
+def test_excess_frames_colour_and_tiny_dicom_are_one_line_errors(tmp_path):
+    with pytest.raises(CTIQAError, match=r"excess\.dcm: pixel data holds 3 frames but Number of Frames says 1"):
+        read_ct_frames(_excess_frames(tmp_path))
+    for name in ("SC_rgb.dcm", "SC_rgb_2frame.dcm", "OBXXXX1A.dcm"):  # RGB secondary captures, palette colour
+        with pytest.raises(CTIQAError, match=rf"{name}.*: colour DICOM"):
+            read_ct_frames(_testdata(name))
+    with pytest.raises(CTIQAError, match=rf"dot\.dcm: image is 1x1 pixels; ctiqa needs at least {MIN_IMAGE_SIZE}"):
+        read_ct(_one_pixel(tmp_path))
+    tifffile.imwrite(tmp_path / "dot.tif", np.full((1, 1), 0.5, np.float32))
+    with pytest.raises(CTIQAError, match=r"dot\.tif: image is 1x1 pixels"):
+        read_ct(tmp_path / "dot.tif")
+
+
+def test_a_batch_skips_bad_files_and_goes_on(tmp_path):
+    """`ctiqa predict` over a folder: each bad file is one line in the errors, the good slices are scored."""
+    from ctiqa.predict import gather_series
+
+    d = tmp_path / "batch"
+    d.mkdir()
+    for z in (0.0, 5.0):
+        write_ct_dicom(d / f"good{int(z)}.dcm", np.full((16, 16), 1064), position=(0, 0, z))
+    _excess_frames(tmp_path).rename(d / "excess.dcm")
+    _one_pixel(tmp_path).rename(d / "dot.dcm")
+    (d / "rgb.dcm").write_bytes(open(_testdata("SC_rgb.dcm"), "rb").read())
+    errors = []
+    groups = read_dicom_folder(d, errors=errors)
+    assert [[n for n, _ in g] for g in groups] == [["good0.dcm", "good5.dcm"]]
+    assert sorted(Path(p).name for p, _ in errors) == ["dot.dcm", "excess.dcm", "rgb.dcm"]
+    assert all(Path(p).name in msg and "\n" not in msg for p, msg in errors)
+    series = gather_series([str(d)])
+    assert sum(len(s.slices) for s in series) == 2
+    assert sorted(Path(p).name for s in series for p, _ in s.errors) == ["dot.dcm", "excess.dcm", "rgb.dcm"]
+
+
+@pytest.mark.parametrize("image, match", [
+    (Image.fromarray(np.full((32, 32), 3000, np.uint16)), "mode 'I;16'"),
+    (Image.fromarray(np.full((32, 32), 0.5, np.float32)), "mode 'F'"),
+    (Image.new("L", (32, 32), 90), "mode 'L'"),
+    (Image.new("RGBA", (32, 32), (9, 9, 9, 0)), "mode 'RGBA'"),
+    (Image.new("P", (32, 32)), "mode 'P'"),
+    (Image.new("RGB", (8, 32)), "image is 8x32 pixels"),
+    (np.zeros((32, 32, 3), np.uint8), "expected a PIL RGB image"),
+])
+def test_check_model_image_refuses_what_the_model_was_not_trained_on(image, match):
+    with pytest.raises(CTIQAError, match=rf"slice 7: .*{re.escape(match)}"):
+        check_model_image(image, "slice 7")
+    ok = Image.new("RGB", (16, 16))
+    assert check_model_image(ok) is ok
+
+
+def test_inference_refuses_images_that_skipped_render():
+    """A 16-bit image handed to the Python API is refused before the processor (PIL would clip it to 255)."""
+    from types import SimpleNamespace
+
+    from ctiqa.inference import generate_texts
+
+    class Processor:
+        def apply_chat_template(self, *a, **k):
+            return "prompt"
+
+        def __call__(self, *a, **k):
+            raise AssertionError("reached the processor")
+
+    lm = SimpleNamespace(processor=Processor())
+    with pytest.raises(CTIQAError, match="mode 'I;16'"):
+        generate_texts(lm, [Image.fromarray(np.full((32, 32), 3000, np.uint16))])
+    with pytest.raises(AssertionError, match="reached the processor"):  # an RGB image goes through
+        generate_texts(lm, [Image.new("RGB", (32, 32))])
+
+
+def test_cli_render_prints_a_warning_line(tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "o.tif", np.linspace(-0.1, 1.1, 256, dtype=np.float32).reshape(16, 16))
+    assert main(["render", str(tmp_path / "o.tif"), "--out", str(tmp_path / "o.png")]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.startswith("warning: ") and "o.tif" in cap.err and cap.err.count("\n") == 1
+    assert "unit 16x16" in cap.out and "1 warning(s)" in cap.out

@@ -10,7 +10,7 @@ import tifffile
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main
-from ctiqa.ldctiqa import LDCTIQASet, load_ldctiqa, paper_split, split_ids, validate
+from ctiqa.ldctiqa import LDCTIQASet, load_ldctiqa, paper_split, resolve_split_method, split_ids, validate
 
 N = 12
 
@@ -96,6 +96,25 @@ def test_degradations_metadata(tmp_path):
     (root / "degradations.json").write_text(json.dumps({"synthetic": True, "images": images}))
     with pytest.raises(CTIQAError, match=r"degradations\.json.*9999"):
         load_ldctiqa(root)
+
+
+def test_duplicate_label_key_is_an_error_naming_it(tmp_path):
+    root = make_set(tmp_path / "s")
+    body = ", ".join(f'"{i}.tif": {s}' for i, s in scores_for().items())
+    (root / "train.json").write_text("{" + body + ', "0004.tif": 0.4}')  # 0004 twice: json.load keeps the last
+    with pytest.raises(CTIQAError, match=r"train\.json: key '0004\.tif' appears twice"):
+        load_ldctiqa(root)
+    (root / "degradations.json").write_text('{"synthetic": true, "images": {}, "images": {}}')
+    write_labels(root, {f"{i}.tif": s for i, s in scores_for().items()})
+    with pytest.raises(CTIQAError, match=r"degradations\.json: key 'images' appears twice"):
+        load_ldctiqa(root)
+
+
+def test_labels_with_utf8_bom_are_read(tmp_path):
+    root = make_set(tmp_path / "s")
+    text = json.dumps({f"{i}.tif": s for i, s in scores_for().items()})
+    (root / "train.json").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Windows Notepad saves it
+    assert load_ldctiqa(root).scores == scores_for()
 
 
 # ---------------------------------------------------------------------------------------------- validation errors
@@ -217,6 +236,46 @@ def test_base_slice_needs_degradations(tmp_path):
     ds = load_ldctiqa(make_set(tmp_path / "s"))
     with pytest.raises(CTIQAError, match="test_base_slices"):
         split_ids(ds, "base-slice")
+
+
+def _simulated(root, n=N):
+    """make_set + a degradations.json as `ctiqa simulate` writes it (base slices b0..b2, b0 held out)."""
+    make_set(root, n)
+    images = {f"{i}.tif": {"base_slice": f"b{int(i) % 3}", "dose_fraction": 0.5, "n_views": 256}
+              for i in scores_for(n)}
+    (root / "degradations.json").write_text(json.dumps(
+        {"synthetic": True, "test_base_slices": ["b0"], "images": images}))
+    return root
+
+
+def test_auto_split_resolves_per_kind_of_data(tmp_path):
+    sim = load_ldctiqa(_simulated(tmp_path / "sim"))
+    method, why = resolve_split_method(sim)
+    assert method == "base-slice" and "simulate" in why and "b0" in why
+    assert split_ids(sim, "auto") == split_ids(sim, "base-slice")
+    paper = paper_split()
+    all_ids = paper["train"] + paper["validation"] + paper["test"]
+    full = _fake_set(all_ids, {i: 2.0 for i in all_ids})
+    assert resolve_split_method(full)[0] == "paper" and split_ids(full, "auto") == paper
+    subset = _fake_set(all_ids[:200], {i: 0.2 * (k % 21) for k, i in enumerate(all_ids[:200])})
+    assert resolve_split_method(subset)[0] == "stratified"
+    assert split_ids(subset, "auto", seed=3) == split_ids(subset, "stratified", seed=3)
+    assert resolve_split_method(subset, "paper") == ("paper", "as asked")
+    with pytest.raises(CTIQAError, match="unknown split"):
+        resolve_split_method(subset, "random")
+
+
+def test_build_dataset_default_split_on_simulated_data(tmp_path, capsys):
+    """The README flow: `ctiqa simulate` output -> `ctiqa build-dataset` with no --split (was: paper, failing)."""
+    sim = _simulated(tmp_path / "sim", n=30)
+    out = tmp_path / "ds"
+    assert main(["build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--format", "score-only",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "split: base-slice (auto: ctiqa simulate output" in capsys.readouterr().out
+    from datasets import load_dataset
+
+    test_ids = load_dataset(str(out), split="test")["id"]
+    assert sorted(test_ids) == [i for i in sorted(scores_for(30)) if int(i) % 3 == 0]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
