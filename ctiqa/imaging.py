@@ -487,6 +487,22 @@ def _ct_without_rescale(stored: np.ndarray, padding: np.ndarray | None, source: 
     )
 
 
+def _check_dicom_header(ds: Any, source: str) -> None:
+    """Refuse from the header alone: colour pixels (RGB/YBR/palette: a secondary capture or screenshot, no CT
+    values) and Rows/Columns below MIN_IMAGE_SIZE."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        modality = str(ds.get("Modality", "") or "missing")
+        raise CTIQAError(
+            f"{source}: colour DICOM ({photometric}, {samples} sample(s) per pixel, Modality {modality}): "
+            "a secondary capture or screenshot, not CT values; export the original greyscale CT series"
+        )
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if isinstance(rows, int) and isinstance(cols, int):
+        _check_size((rows, cols), source)
+
+
 def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
     """Turn one decoded DICOM frame into a CTImage (modality LUT in float64, kind, position)."""
     from pydicom.dataset import Dataset
@@ -494,12 +510,7 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
 
     modality = str(ds.get("Modality", "")).upper()
     photometric = str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise CTIQAError(
-            f"{source}: colour DICOM ({photometric}, {samples} sample(s) per pixel, Modality {modality or 'missing'}): "
-            "a secondary capture or screenshot, not CT values; export the original greyscale CT series"
-        )
+    _check_dicom_header(ds, source)
     if arr.ndim != 2:
         raise CTIQAError(f"{source}: decoded pixel data has shape {arr.shape}; expected one 2-D frame")
     _check_size(arr.shape, source)
@@ -807,6 +818,7 @@ def index_dicom_folder(
                 ds = pydicom.dcmread(f, stop_before_pixels=True)
             except Exception as e:
                 raise CTIQAError(f"{f}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+            _check_dicom_header(ds, str(f))
             inst = ds.get("InstanceNumber")
             try:
                 inst_num = float(inst) if inst not in (None, "") else math.inf

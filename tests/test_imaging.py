@@ -492,8 +492,8 @@ def test_excess_frames_colour_and_tiny_dicom_are_one_line_errors(tmp_path):
 
 
 def test_a_batch_skips_bad_files_and_goes_on(tmp_path):
-    """`ctiqa predict` over a folder: each bad file is one line in the errors, the good slices are scored."""
-    from ctiqa.predict import gather_series
+    """`ctiqa predict` over a folder: each bad file is one skipped row with its reason, the good slices are scored."""
+    from ctiqa.predict import RowSink, gather_series, score_series
 
     d = tmp_path / "batch"
     d.mkdir()
@@ -501,15 +501,21 @@ def test_a_batch_skips_bad_files_and_goes_on(tmp_path):
         write_ct_dicom(d / f"good{int(z)}.dcm", np.full((16, 16), 1064), position=(0, 0, z))
     _excess_frames(tmp_path).rename(d / "excess.dcm")
     _one_pixel(tmp_path).rename(d / "dot.dcm")
-    (d / "rgb.dcm").write_bytes(open(_testdata("SC_rgb.dcm"), "rb").read())
+    (d / "rgb.dcm").write_bytes(Path(_testdata("SC_rgb.dcm")).read_bytes())
     errors = []
     groups = read_dicom_folder(d, errors=errors)
     assert [[n for n, _ in g] for g in groups] == [["good0.dcm", "good5.dcm"]]
     assert sorted(Path(p).name for p, _ in errors) == ["dot.dcm", "excess.dcm", "rgb.dcm"]
     assert all(Path(p).name in msg and "\n" not in msg for p, msg in errors)
-    series = gather_series([str(d)])
-    assert sum(len(s.slices) for s in series) == 2
-    assert sorted(Path(p).name for s in series for p, _ in s.errors) == ["dot.dcm", "excess.dcm", "rgb.dcm"]
+
+    rows = []
+    counts = score_series(gather_series([str(d)]), lambda images: [{"prob_score": 2.0} for _ in images],
+                          RowSink(None, {}, False), encoding="soft-tissue", batch_size=4, on_row=rows.append)
+    assert counts["scored"] == 2 and counts["skipped"] == 3
+    reasons = sorted(r["skipped"] for r in rows if r.get("skipped"))
+    assert [re.split("[:;]", r)[0] for r in reasons] == ["colour DICOM (RGB, 3 sample(s) per pixel, Modality OT)",
+                                                 "image is 1x1 pixels", "pixel data holds 3 frames but Number of "
+                                                 "Frames says 1"]
 
 
 @pytest.mark.parametrize("image, match", [
