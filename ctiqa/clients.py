@@ -462,15 +462,9 @@ class GeminiClient:
         self._client = genai.Client(api_key=key, http_options=types.HttpOptions(
             base_url=base_url, timeout=int(timeout_s * 1000), retry_options=types.HttpRetryOptions(attempts=1)))
 
-    async def generate(self, image: Image.Image, prompt: str, system: str | None = None,
-                       schema: dict[str, Any] | None = None) -> CallResult:
-        """One image + prompt -> :class:`CallResult`. JSON mode (``response_schema``) when ``schema`` is given."""
+    def _config(self, system: str | None, schema: dict[str, Any] | None) -> Any:
         t = self._types
-        data = await asyncio.to_thread(png_bytes, image)  # zlib releases the GIL: encode off the event loop
-        if len(data) > _MAX_INLINE_PNG_BYTES:
-            return CallResult(ok=False, error=f"request_too_large: PNG is {len(data)} bytes; the inline request "
-                              f"limit is {GEMINI_INLINE_LIMIT_BYTES} bytes after base64", model=self.model)
-        config = t.GenerateContentConfig(
+        return t.GenerateContentConfig(
             system_instruction=system,
             max_output_tokens=self.max_output_tokens,
             temperature=self.temperature,
@@ -479,15 +473,109 @@ class GeminiClient:
             response_mime_type="application/json" if schema is not None else None,
             response_schema=schema,
         )
+
+    @property
+    def _hint(self) -> str:
+        return ("check GEMINI_API_KEY, your access to the model, --model and the network"
+                + (f" (--base-url {self.base_url})" if self.base_url else ""))
+
+    async def generate(self, image: Image.Image, prompt: str, system: str | None = None,
+                       schema: dict[str, Any] | None = None) -> CallResult:
+        """One image + prompt -> :class:`CallResult`. JSON mode (``response_schema``) when ``schema`` is given."""
+        t = self._types
+        data = await asyncio.to_thread(png_bytes, image)  # zlib releases the GIL: encode off the event loop
+        if len(data) > _MAX_INLINE_PNG_BYTES:
+            return CallResult(ok=False, error=f"request_too_large: PNG is {len(data)} bytes; the inline request "
+                              f"limit is {GEMINI_INLINE_LIMIT_BYTES} bytes after base64", model=self.model)
+        config = self._config(system, schema)
         contents = [t.Part.from_bytes(data=data, mime_type="image/png"), prompt]
 
         async def send() -> CallResult:
             resp = await self._client.aio.models.generate_content(model=self.model, contents=contents, config=config)
             return self._to_result(resp, schema)
 
-        return await call_with_retries(send, self.retry, self.model,
-                                       "check GEMINI_API_KEY, your access to the model, --model and the network"
-                                       + (f" (--base-url {self.base_url})" if self.base_url else ""))
+        return await call_with_retries(send, self.retry, self.model, self._hint)
+
+    # ----------------------------------------------------------------------------------- Batch API
+    def inline_request(self, png: bytes, prompt: str, system: str | None = None,
+                       schema: dict[str, Any] | None = None, key: str | None = None) -> Any:
+        """One request of a Batch API job (``google.genai.types.InlinedRequest``): the same contents and config as
+        :meth:`generate`; ``key`` travels in the request's ``metadata`` and comes back with its answer."""
+        t = self._types
+        return t.InlinedRequest(contents=[t.Content(role="user", parts=[
+            t.Part.from_bytes(data=png, mime_type="image/png"), t.Part.from_text(text=prompt)])],
+            config=self._config(system, schema), metadata=None if key is None else {"key": key})
+
+    async def submit_batch(self, requests: list[Any], display_name: str) -> str:
+        """Create a Batch API job (``POST models/{model}:batchGenerateContent`` with inline requests) and return
+        its name (``batches/...``). Inline requests must stay below :data:`GEMINI_INLINE_LIMIT_BYTES` in all.
+
+        Not retried blindly (a retry after a lost answer would pay twice): after a transient failure the job
+        list is searched for ``display_name`` before the next attempt.
+
+        Raises:
+            ClientConfigError: fatal errors (see :func:`call_with_retries`).
+        """
+        t = self._types
+        for attempt in range(1, max(1, self.retry.max_attempts) + 1):
+            try:
+                job = await self._client.aio.batches.create(
+                    model=self.model, src=requests, config=t.CreateBatchJobConfig(display_name=display_name))
+                return str(job.name)
+            except Exception as exc:  # noqa: BLE001
+                if is_fatal(exc) or (is_unreachable(exc) and attempt >= self.retry.max_connect_attempts):
+                    raise self._as_config_error(exc) from exc
+                if not is_transient(exc) or attempt >= self.retry.max_attempts:
+                    raise
+                found = await self.find_batch(display_name)
+                if found is not None:
+                    return found
+                await asyncio.sleep(min(self.retry.max_delay, self.retry.initial_delay * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def find_batch(self, display_name: str) -> str | None:
+        """The name of a Batch API job with ``display_name`` (the newest first), or None."""
+        pager = await self._retrying(lambda: self._client.aio.batches.list())
+        async for job in pager:
+            if job.display_name == display_name:
+                return str(job.name)
+        return None
+
+    async def get_batch(self, name: str) -> Any:
+        """The Batch API job ``name`` (``google.genai.types.BatchJob``: ``state.name`` is ``JOB_STATE_PENDING``,
+        ``..._RUNNING``, ``..._SUCCEEDED``, ``..._FAILED``, ``..._CANCELLED`` or ``..._EXPIRED``), with retries."""
+        return await self._retrying(lambda: self._client.aio.batches.get(name=name))
+
+    def batch_results(self, job: Any, schema: dict[str, Any] | None = None) -> list[tuple[str | None, CallResult]]:
+        """``(key, result)`` for every answer of a finished job, in request order (``key`` from the request's
+        metadata, None when absent). A per-request error becomes ``batch_error: ...``; results are ``batch``."""
+        out: list[tuple[str | None, CallResult]] = []
+        for r in (job.dest.inlined_responses if job.dest is not None else None) or []:
+            if r.response is not None:
+                res = self._to_result(r.response, schema)
+            else:
+                err = r.error
+                res = CallResult(ok=False, error=f"batch_error: {getattr(err, 'code', '')} "
+                                 f"{getattr(err, 'message', err)}"[:300])
+            res.model, res.batch = self.model, True
+            out.append(((r.metadata or {}).get("key"), res))
+        return out
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async for attempt in tenacity.AsyncRetrying(stop=self.retry.stop, wait=self.retry.wait, reraise=True,
+                                                        retry=tenacity.retry_if_exception(is_transient)):
+                with attempt:
+                    return await call()
+        except Exception as exc:
+            if is_fatal(exc) or is_unreachable(exc):
+                raise self._as_config_error(exc) from exc
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _as_config_error(self, exc: BaseException) -> ClientConfigError:
+        what = "cannot reach the server" if is_unreachable(exc) else "the server refused the request"
+        return ClientConfigError(f"{self.model}: {what} ({str(exc)[:500]}); {self._hint}")
 
     def _to_result(self, resp: Any, schema: dict[str, Any] | None) -> CallResult:
         um = resp.usage_metadata

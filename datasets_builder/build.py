@@ -9,11 +9,16 @@ Steps, top to bottom:
    no teacher at all). Remote answers go through the :class:`~datasets_builder.cache.AnswerCache`: finished
    items are never asked again, also after ``kill -9``; failed ones are asked again unless
    ``--no-retry-failed``.
+   With ``--batch`` (Gemini) the requests go through the Batch API at half the price
+   (:mod:`datasets_builder.batch`): jobs are recorded beside the cache and resumed by a re-run.
 3. Check every rationale (:mod:`datasets_builder.checks`); rows whose request failed or whose rationale was
-   rejected are left out and listed in ``audit.csv``.
-4. Build the ``DatasetDict`` (schema: notes/common.md), write a Hub-layout folder
-   (``data/<split>-0000i-of-0000N.parquet`` + ``README.md`` + ``audit.csv``) exactly as
-   ``DatasetDict.push_to_hub`` lays out a repo, and with ``--push-to-hub`` upload that folder (one commit).
+   rejected are left out and listed in ``audit.csv``. A split left without rows ends the build (exit 1) with a
+   failure summary, writing nothing.
+4. Build the ``DatasetDict`` (schema: notes/common.md) and publish it through the public ``datasets`` /
+   ``huggingface_hub`` API: ``--out DIR`` writes the Hub's layout (``data/<split>-0000i-of-0000N.parquet`` by
+   ``Dataset.to_parquet``, ``README.md``, ``audit.csv``) that ``load_dataset(DIR)`` reads, into a new or empty
+   folder or one an earlier build wrote (never over someone else's files); ``--push-to-hub`` calls
+   ``DatasetDict.push_to_hub`` and commits the card and ``audit.csv`` beside the data.
 
 Memory: the PNG bytes of all images stay in memory (about 0.3 GB per 1,000 LDCTIQA 512x512 slices).
 """
@@ -24,11 +29,11 @@ import argparse
 import asyncio
 import csv
 import io
+import json
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +42,34 @@ from typing import Any
 from PIL import Image
 
 from ctiqa import CTIQAError
-from ctiqa.clients import SOURCE_PNG_KEY, CallResult, RetryPolicy, Usage, png_bytes, price_for
+from ctiqa.clients import (
+    BATCH_PRICE_FACTOR,
+    SOURCE_PNG_KEY,
+    CallResult,
+    RetryPolicy,
+    Usage,
+    png_bytes,
+    price_for,
+)
 from ctiqa.ldctiqa import SPLIT_METHODS
 
 from . import checks
 from .cache import AnswerCache, cache_key, default_cache_path, image_sha256
-from .teachers import TEACHERS, Teacher, make_teacher
+from .teachers import TEACHERS, Teacher, TemplateTeacher, make_teacher
 
 SPLITS = ("train", "validation", "test")
 NO_TEACHER = "none"
+#: Largest parquet shard, in bytes of Arrow data: ``datasets.config.MAX_SHARD_SIZE`` ("500MB"), push_to_hub's default.
+DEFAULT_MAX_SHARD_BYTES = 500_000_000
 
 
 # --------------------------------------------------------------------------------------------------- items
 @dataclass
 class Item:
-    """One image of the build: id, split, true score, degradation metadata (simulated data) and its PNG."""
+    """One image of the build: id, split, true score, degradation metadata (simulated data) and its PNG.
+
+    ``extra``: more row values (columns declared through :func:`features`'s ``extra``), e.g. measured findings.
+    """
 
     id: str
     split: str
@@ -63,6 +81,7 @@ class Item:
     result: CallResult | None = None
     check: checks.CheckResult | None = None
     status: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def image(self) -> Image.Image:
         """The decoded RGB image; it carries its PNG bytes (``SOURCE_PNG_KEY``) so teachers send them as they are."""
@@ -108,7 +127,8 @@ def render_items(data: Any, items: list[Item], encoding: str, workers: int | Non
 # --------------------------------------------------------------------------------------------------- teacher runs
 @dataclass
 class RunStats:
-    """What a teacher run did: answers from the cache, new calls (ok / failed), tokens of the new calls."""
+    """What a teacher run did: answers from the cache, new calls (ok / failed), tokens and cost of the new calls
+    (batch answers at the batch price)."""
 
     cached_ok: int = 0
     cached_failed: int = 0
@@ -116,17 +136,17 @@ class RunStats:
     new_ok: int = 0
     new_failed: int = 0
     usage_new: Usage = field(default_factory=Usage)
+    batch_new: int = 0
+    new_results: list[CallResult] = field(default_factory=list, repr=False)
 
 
-async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | None, *, concurrency: int = 8,
-                   retry_failed: bool = True, prompt_version: str, progress: bool = True) -> RunStats:
-    """Fill ``item.result`` for every item: from the cache when finished, else by asking ``teacher``.
+def triage(items: list[Item], teacher: Teacher, cache: AnswerCache | None, stats: RunStats, *,
+           retry_failed: bool, prompt_version: str) -> list[Item]:
+    """Set ``item.key`` and fill ``item.result`` from the cache where it can; returns the items still to ask.
 
-    At most ``concurrency`` requests are in flight. Each answer is appended to ``cache`` (when the teacher is
-    cacheable) the moment it arrives. A :class:`~ctiqa.clients.ClientConfigError` cancels the
-    other requests and propagates; answers that arrived before it are already on disk.
+    A key with an ``ok`` record is finished; one whose last record failed is asked again unless
+    ``retry_failed`` is False. Updates ``stats.cached_ok`` / ``stats.cached_failed``.
     """
-    stats = RunStats()
     todo: list[Item] = []
     use_cache = cache is not None and teacher.cacheable
     for item in items:
@@ -143,9 +163,38 @@ async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | Non
                 stats.cached_failed += 1
                 continue
         todo.append(item)
+    return todo
+
+
+def _cache_fields(item: Item, teacher: Teacher, prompt_version: str) -> dict[str, Any]:
+    return {"key": item.key, "image_sha256": item.sha, "prompt_version": prompt_version, "teacher": teacher.model_id,
+            "score": item.score, "id": item.id}
+
+
+def _count(stats: RunStats, res: CallResult) -> None:
+    stats.called += 1
+    stats.usage_new = stats.usage_new + res.usage
+    stats.batch_new += int(res.batch)
+    stats.new_results.append(res)
+    if res.ok:
+        stats.new_ok += 1
+    else:
+        stats.new_failed += 1
+
+
+async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | None, *, concurrency: int = 8,
+                   retry_failed: bool = True, prompt_version: str, progress: bool = True) -> RunStats:
+    """Fill ``item.result`` for every item: from the cache when finished, else by asking ``teacher``.
+
+    At most ``concurrency`` requests are in flight. Each answer is appended to ``cache`` (when the teacher is
+    cacheable) the moment it arrives. A :class:`~ctiqa.clients.ClientConfigError` cancels the other requests and
+    propagates; answers that arrived before it are already on disk.
+    """
+    stats = RunStats()
+    todo = triage(items, teacher, cache, stats, retry_failed=retry_failed, prompt_version=prompt_version)
     if not todo:
         return stats
-
+    use_cache = cache is not None and teacher.cacheable
     sem = asyncio.Semaphore(max(1, concurrency))
 
     async def one(item: Item) -> Item:
@@ -165,14 +214,9 @@ async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | Non
             res = item.result
             assert res is not None
             if use_cache:
-                cache.append(item.key, res, image_sha256=item.sha, prompt_version=prompt_version,
-                             teacher=teacher.model_id, score=item.score, id=item.id)
-            stats.called += 1
-            stats.usage_new = stats.usage_new + res.usage
-            if res.ok:
-                stats.new_ok += 1
-            else:
-                stats.new_failed += 1
+                cache.append(item.key, res, **{k: v for k, v in _cache_fields(item, teacher, prompt_version).items()
+                                               if k != "key"})
+            _count(stats, res)
             bar.set_postfix(done=stats.new_ok, failed=stats.new_failed, remaining=len(todo) - stats.called)
             bar.update()
     except BaseException:
@@ -185,9 +229,38 @@ async def annotate(items: list[Item], teacher: Teacher, cache: AnswerCache | Non
     return stats
 
 
+async def annotate_batch(items: list[Item], teacher: Teacher, cache: AnswerCache, jobs: Path, *,
+                         retry_failed: bool = True, prompt_version: str, poll_s: float = 30.0,
+                         progress: bool = True) -> RunStats:
+    """As :func:`annotate`, through the Gemini Batch API (:mod:`datasets_builder.batch`): open jobs in the job
+    log ``jobs`` are resumed, new ones submitted and recorded, and every answer lands in ``cache``."""
+    from .batch import JobLog, run_batches
+
+    stats = RunStats()
+    todo = triage(items, teacher, cache, stats, retry_failed=retry_failed, prompt_version=prompt_version)
+    by_key = {it.key: it for it in todo}
+
+    def record(key: str, res: CallResult, fields: dict[str, Any]) -> None:
+        cache.append(key, res, **{k: v for k, v in fields.items() if k != "key"})
+        item = by_key.get(key)
+        if item is not None:
+            item.result = res
+            _count(stats, res)
+
+    await run_batches(todo, teacher, JobLog(jobs), record=record,
+                      fields=lambda it: _cache_fields(it, teacher, prompt_version), poll_s=poll_s, progress=progress)
+    return stats
+
+
 # --------------------------------------------------------------------------------------------------- dataset
-def features(synthetic: bool) -> Any:
-    """The ``datasets.Features`` of the schema in notes/common.md (``score`` float64: no float32 rounding)."""
+def features(synthetic: bool, extra: dict[str, Any] | None = None) -> Any:
+    """The ``datasets.Features`` of the schema in notes/common.md (``score`` float64: no float32 rounding).
+
+    Args:
+        synthetic: add the degradation columns of simulated data.
+        extra: more columns, ``{name: datasets feature}`` (e.g. measured findings); rows fill them from
+            ``Item.extra``.
+    """
     from datasets import Features, Image, List, Value
 
     message = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
@@ -199,11 +272,12 @@ def features(synthetic: bool) -> Any:
     if synthetic:
         f |= {"base_slice": Value("string"), "dose_fraction": Value("float64"), "n_views": Value("int32"),
               "synthetic": Value("bool")}
-    return Features(f)
+    return Features(f | (extra or {}))
 
 
 def make_row(item: Item, fmt: str, rationale: str, teacher_id: str, synthetic: bool) -> dict[str, Any]:
-    """One dataset row. Without a rationale the completion holds the score line only."""
+    """One dataset row (the columns of :func:`features`, then ``item.extra``). Without a rationale the completion
+    holds the score line only. The image is stored as its PNG bytes (``{"bytes": ..., "path": None}``)."""
     from ctiqa import prompts
 
     target = prompts.format_target(item.score, rationale or None, fmt if rationale else "score-only")
@@ -217,18 +291,16 @@ def make_row(item: Item, fmt: str, rationale: str, teacher_id: str, synthetic: b
         md = item.metadata or {}
         row |= {"base_slice": str(md.get("base_slice", "")), "dose_fraction": md.get("dose_fraction"),
                 "n_views": md.get("n_views"), "synthetic": True}
-    return row
+    return row | item.extra
 
 
 def assemble(items: list[Item], fmt: str, teacher_id: str, synthetic: bool, rationale_splits: tuple[str, ...],
-             min_words: int = checks.MIN_WORDS) -> Any:
-    """Check rationales, set ``item.status`` and build the ``DatasetDict``.
+             min_words: int = checks.MIN_WORDS) -> dict[str, list[dict[str, Any]]]:
+    """Check rationales, set ``item.status`` and return the rows of each split (see :func:`to_dataset`).
 
     Status: ``kept`` (row with rationale), ``no_rationale`` (row without: score-only format or a split without
     rationales), ``failed`` (teacher request failed: left out), ``rejected`` (rationale rejected: left out).
     """
-    from datasets import Dataset, DatasetDict
-
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for item in items:
         wants = fmt != "score-only" and item.split in rationale_splits
@@ -249,136 +321,168 @@ def assemble(items: list[Item], fmt: str, teacher_id: str, synthetic: bool, rati
             continue
         item.status = "kept"
         rows[item.split].append(make_row(item, fmt, item.check.text, teacher_id, synthetic))
-    feats = features(synthetic)
-    return DatasetDict({s: Dataset.from_list(rows[s], features=feats) for s in SPLITS})
+    return rows
+
+
+def to_dataset(rows: dict[str, list[dict[str, Any]]], feats: Any) -> Any:
+    """The ``DatasetDict`` of the rows of every split (each split must hold at least one row)."""
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({s: Dataset.from_list(r, features=feats) for s, r in rows.items()})
 
 
 AUDIT_COLUMNS = ("id", "split", "score", "status", "reasons", "evidence", "failure", "finish_reason", "attempts",
                  "words", *checks.ARTIFACT_TERMS)
 
 
-def write_audit(items: list[Item], path: Path) -> None:
-    """``audit.csv``: one row per image: status, rejection reasons and evidence, failure, artifact-term counts."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=AUDIT_COLUMNS)
-        w.writeheader()
-        for it in items:
-            res, chk = it.result, it.check
-            w.writerow({
-                "id": it.id, "split": it.split, "score": it.score, "status": it.status,
-                "reasons": ";".join(chk.reasons) if chk else "", "evidence": " | ".join(chk.evidence) if chk else "",
-                "failure": (res.error or "") if res is not None and not res.ok else "",
-                "finish_reason": (res.finish_reason or "") if res else "", "attempts": res.attempts if res else "",
-                "words": chk.words if chk else "", **{t: (chk.terms[t] if chk else "") for t in checks.ARTIFACT_TERMS},
-            })
+def audit_csv(items: list[Item]) -> str:
+    """``audit.csv`` text: one row per image: status, rejection reasons and evidence, failure, artifact-term
+    counts."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=AUDIT_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for it in items:
+        res, chk = it.result, it.check
+        w.writerow({
+            "id": it.id, "split": it.split, "score": it.score, "status": it.status,
+            "reasons": ";".join(chk.reasons) if chk else "", "evidence": " | ".join(chk.evidence) if chk else "",
+            "failure": (res.error or "") if res is not None and not res.ok else "",
+            "finish_reason": (res.finish_reason or "") if res else "", "attempts": res.attempts if res else "",
+            "words": chk.words if chk else "", **{t: (chk.terms[t] if chk else "") for t in checks.ARTIFACT_TERMS},
+        })
+    return buf.getvalue()
 
 
-# --------------------------------------------------------------------------------------------------- Hub layout
-def write_hub_folder(dsd: Any, out: Path, card_fn: Any, progress: bool = True) -> list[Path]:
-    """Write ``dsd`` as the files ``DatasetDict.push_to_hub`` would put in a repo, into the folder ``out``.
+# --------------------------------------------------------------------------------------------------- output
+#: Written first into every ``--out`` folder ctiqa builds (a JSON list of the files it wrote there). A folder that
+#: is not empty and lacks it holds someone else's files: the build refuses to write there.
+MARKER = ".ctiqa-dataset.json"
+_OURS = ("README.md", "audit.csv")
 
-    Mirrors datasets' ``_push_parquet_shards_to_hub`` (datasets 5.x): per split, ``num_shards =
-    int(nbytes / config.MAX_SHARD_SIZE) + 1``, file names ``data/{split}-{i:05d}-of-{n:05d}.parquet``, media
-    bytes embedded with ``embed_table_storage``, row groups of ``get_writer_batch_size_*`` rows. README.md
-    YAML (``dataset_info``, ``configs``) is made with the same ``DatasetInfosDict`` / ``MetadataConfigs`` calls.
-    ``card_fn(card_data) -> DatasetCard`` adds our card. Old ``data/*.parquet`` files in ``out`` are removed;
-    README.md is written last (its presence marks a finished folder). ``progress=False`` silences datasets' bars.
+
+def _folder_files(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def owned_files(out: Path) -> set[str]:
+    """The files of an earlier build in ``out`` that a new build may replace (relative POSIX paths).
+
+    A missing or empty folder: none. A folder with :data:`MARKER`: the files it lists. A folder written by ctiqa
+    before the marker existed (a README.md naming ``ctiqa build-dataset``, and nothing but README.md, audit.csv
+    and data/*.parquet): those files.
+
+    Raises:
+        CTIQAError: ``out`` is a file, or holds files ctiqa did not write (nothing is changed).
+    """
+    if out.exists() and not out.is_dir():
+        raise CTIQAError(f"--out {out} is a file; give a folder")
+    files = _folder_files(out) if out.exists() else []
+    if not files:
+        return set()
+    if MARKER in files:
+        try:
+            listed = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
+            return {str(f) for f in listed} | {MARKER}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CTIQAError(f"{out / MARKER}: unreadable ({e}); move the folder away or delete that file") from e
+    readme = out / "README.md"
+    legacy = readme.is_file() and "`ctiqa build-dataset`" in readme.read_text(encoding="utf-8", errors="replace")
+    if legacy and all(f in _OURS or (f.startswith("data/") and f.endswith(".parquet") and f.count("/") == 1)
+                      for f in files):
+        return set(files)
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    raise CTIQAError(f"--out {out} holds files ctiqa did not write ({shown}); nothing was changed. Give a new or "
+                     "empty folder (ctiqa writes README.md, audit.csv and data/*.parquet there)")
+
+
+def _shards(nbytes: int, rows: int, max_shard_bytes: int) -> int:
+    """Shards of a split: ``int(nbytes / max_shard_bytes) + 1``, the rule ``Dataset.push_to_hub`` uses, at most one
+    per row."""
+    return max(1, min(rows, int(nbytes / max_shard_bytes) + 1))
+
+
+def write_folder(dsd: Any, out: Path, card_fn: Callable[[Any], Any], audit: str, *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write ``dsd`` into ``out`` in the Hub's layout, which ``load_dataset(str(out))`` reads:
+    ``data/{split}-{i:05d}-of-{n:05d}.parquet`` (``Dataset.to_parquet``; images embedded as PNG bytes; file names
+    and shard count as ``push_to_hub`` makes them), ``audit.csv``, ``README.md`` (``card_fn(card_data)``) and
+    :data:`MARKER`.
+
+    Only files an earlier build wrote are replaced or removed (:func:`owned_files`); the marker, written first,
+    lists every file this build may leave, so a kill at any point leaves a folder the next build may rewrite.
+    README.md goes last: its presence marks a finished folder.
 
     Returns:
         the written files.
+    Raises:
+        CTIQAError: ``out`` holds files ctiqa did not write.
     """
-    import datasets
+    old = owned_files(out)
+    plan: dict[str, Any] = {}
+    for split, ds in dsd.items():
+        n = _shards(ds.data.nbytes, len(ds), max_shard_bytes)
+        for i in range(n):
+            plan[f"data/{split}-{i:05d}-of-{n:05d}.parquet"] = (ds, n, i)
+    new = sorted([*plan, *_OURS])
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
 
-    quiet = not progress and not datasets.are_progress_bars_disabled()
-    if quiet:
-        datasets.disable_progress_bars()
-    try:
-        return _write_hub_folder(dsd, out, card_fn)
-    finally:
-        if quiet:
-            datasets.enable_progress_bars()
+    def mark(files: set[str]) -> None:
+        marker.write_text(json.dumps({"tool": "ctiqa build-dataset", "files": sorted(files - {MARKER})}, indent=1),
+                          encoding="utf-8")
 
-
-def _write_hub_folder(dsd: Any, out: Path, card_fn: Any) -> list[Path]:
-    from datasets import DatasetInfo, SplitDict, SplitInfo
-    from datasets import config as dconfig
-    from datasets.arrow_writer import (
-        get_writer_batch_size_from_data_size,
-        get_writer_batch_size_from_features,
-    )
-    from datasets.info import DatasetInfosDict
-    from datasets.table import embed_table_storage
-    from datasets.utils.metadata import MetadataConfigs
-    from datasets.utils.py_utils import convert_file_size_to_int
+    mark(old | set(new))
+    (out / "README.md").unlink(missing_ok=True)
+    for f in sorted(old - set(new) - {MARKER}):
+        (out / f).unlink(missing_ok=True)
+    written = []
+    for rel, (ds, n, i) in plan.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.shard(num_shards=n, index=i, contiguous=True).to_parquet(str(path))
+        written.append(path)
+    (out / "audit.csv").write_text(audit, encoding="utf-8")
+    # No `configs` in the local card: load_dataset finds the splits from the file names, and its cache key then
+    # includes each file's mtime. With `configs` the key is the YAML alone, so a rebuilt folder would be read
+    # from the stale cache of the previous build (datasets 5 load.py, LocalDatasetModuleFactory).
     from huggingface_hub import DatasetCardData
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / dconfig.REPOCARD_FILENAME).unlink(missing_ok=True)
-    data_dir = out / "data"
-    if data_dir.exists():
-        for old in data_dir.glob("*.parquet"):
-            old.unlink()
-    data_dir.mkdir(exist_ok=True)
-    written: list[Path] = []
-    splits = SplitDict()
-    download_size = dataset_size = 0
-    max_shard = convert_file_size_to_int(dconfig.MAX_SHARD_SIZE)
-    features = None
-    for split, ds in dsd.items():
-        features = ds.features
-        nbytes = ds._estimate_nbytes()
-        batch = get_writer_batch_size_from_features(ds.features) or get_writer_batch_size_from_data_size(
-            len(ds), nbytes)
-        n = int(nbytes / max_shard) + 1
-        for i in range(n):
-            shard = ds.shard(num_shards=n, index=i, contiguous=True)
-            fmt = shard.format
-            shard = shard.with_format("arrow").map(embed_table_storage, batched=True, batch_size=batch,
-                                                   keep_in_memory=True).with_format(**fmt)
-            path = data_dir / f"{split}-{i:05d}-of-{n:05d}.parquet"
-            shard.to_parquet(str(path), batch_size=batch)
-            written.append(path)
-            download_size += path.stat().st_size
-        splits.add(SplitInfo(name=split, num_bytes=nbytes, num_examples=len(ds)))
-        dataset_size += nbytes
-    info = DatasetInfo(config_name="default", features=features, splits=splits, download_size=download_size,
-                       dataset_size=dataset_size)
-    info.size_in_bytes = download_size + dataset_size
-    card_data = DatasetCardData()
-    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
-    MetadataConfigs({"default": {"data_files": [{"split": s, "path": f"data/{s}-*"} for s in dsd]}}
-                    ).to_dataset_card_data(card_data)
-    card = card_fn(card_data)
-    readme = out / dconfig.REPOCARD_FILENAME
-    readme.write_text(str(card), encoding="utf-8")
-    written.append(readme)
-    return written
+    (out / "README.md").write_text(str(card_fn(DatasetCardData())), encoding="utf-8")
+    mark(set(new))
+    return [out / "audit.csv", *written, out / "README.md"]
 
 
-def push_folder(folder: Path, repo_id: str, private: bool) -> str:
-    """Upload a Hub-layout folder to a dataset repo in one commit (create the repo, private unless told).
-
-    Old shards under ``data/`` that are not in ``folder`` are deleted in the same commit. The token comes from
-    ``HF_TOKEN`` or ``hf auth login`` and is never printed.
+def push_to_hub(dsd: Any, repo_id: str, card_fn: Callable[[Any], Any], audit: str, *, private: bool,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Publish ``dsd`` to a Hub dataset repo: ``DatasetDict.push_to_hub`` (creates the repo, private unless told;
+    shards, embeds images, writes ``dataset_info`` and ``configs``), then one commit with our card (merged into the
+    YAML ``push_to_hub`` wrote) and ``audit.csv``. The token comes from ``HF_TOKEN`` or ``hf auth login`` and is
+    never printed.
 
     Returns:
-        the commit URL.
+        the URL of the card commit.
     Raises:
         CTIQAError: no token.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, get_token
 
     if not get_token():
         raise CTIQAError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
-                             allow_patterns=["README.md", "audit.csv", "data/*.parquet"],
-                             delete_patterns=["data/*"], commit_message="ctiqa build-dataset")
-    return str(getattr(info, "commit_url", info))
+    dsd.push_to_hub(repo_id, private=private, max_shard_size=max_shard_bytes,
+                    commit_message="ctiqa build-dataset: data")
+    card = card_fn(DatasetCard.load(repo_id, repo_type="dataset").data)
+    info = HfApi().create_commit(repo_id, repo_type="dataset", commit_message="ctiqa build-dataset: card, audit",
+                                 operations=[CommitOperationAdd("README.md", str(card).encode("utf-8")),
+                                             CommitOperationAdd("audit.csv", audit.encode("utf-8"))])
+    return str(info.commit_url)
 
 
 # --------------------------------------------------------------------------------------------------- orchestration
+class EmptySplitError(CTIQAError):
+    """A split would hold no row (every teacher request failed or was rejected): nothing was written. The
+    ``ctiqa build-dataset`` command prints it after the failure summary and exits with status 1."""
+
+
 @dataclass
 class BuildOptions:
     """Options of :func:`build_dataset` (the CLI flags; see ``ctiqa build-dataset --help``)."""
@@ -408,6 +512,9 @@ class BuildOptions:
     price_input: float | None = None
     price_output: float | None = None
     progress: bool = True
+    batch: bool = False
+    batch_poll_s: float = 30.0
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
 
 @dataclass
@@ -422,37 +529,64 @@ class BuildResult:
     commit_url: str | None = None
 
 
-def _usage_of(items: list[Item]) -> Usage:
-    total = Usage()
-    for it in items:
-        if it.result is not None:
-            total = total + it.result.usage
-    return total
+def check_options(opts: BuildOptions) -> None:
+    """Refuse bad options before any work (one line each).
+
+    Raises:
+        CTIQAError: no output target; a count or time that is not positive; unknown format; ``--batch`` without
+            ``--teacher gemini``; ``--out`` holding files ctiqa did not write.
+    """
+    from ctiqa import prompts
+
+    if opts.out is None and opts.push_to_hub is None:
+        raise CTIQAError("give --out DIR, --push-to-hub REPO_ID, or both")
+    for flag, value in (("--limit", opts.limit), ("--concurrency", opts.concurrency),
+                        ("--max-attempts", opts.max_attempts), ("--timeout", opts.timeout_s),
+                        ("--batch-poll", opts.batch_poll_s), ("--max-shard-mb", opts.max_shard_bytes)):
+        if value is not None and not value > 0:
+            raise CTIQAError(f"{flag} must be positive, got {value}")
+    if opts.format not in prompts.TARGET_FORMATS:
+        raise CTIQAError(f"unknown --format {opts.format!r}; choose one of {', '.join(prompts.TARGET_FORMATS)}")
+    if opts.batch and opts.teacher != "gemini":
+        raise CTIQAError(f"--batch needs --teacher gemini (the Gemini Batch API), not --teacher {opts.teacher}")
+    if opts.out is not None:
+        owned_files(opts.out)
+
+
+def _cost(results: list[CallResult], price: tuple[float, float] | None) -> float | None:
+    return None if price is None else sum(r.cost_usd(price) for r in results)
 
 
 def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildResult:
     """Run the whole build (module docstring). ``teacher`` overrides the one named in ``opts`` (tests).
 
+    Order: options and the output folder are checked, then the teacher is made (a missing API key stops here),
+    then the data is read and rendered, the teacher asked, the rows checked and written.
+
     Raises:
-        CTIQAError: bad data folder, unknown split/format/encoding, teacher configuration, no output target.
+        CTIQAError: bad options or data folder, ``--out`` holding other files, teacher configuration (no key,
+            bad key, quota 0, unreachable server).
+        EmptySplitError: a split without rows (its summary is printed first; nothing is written).
     """
     import ctiqa
     from ctiqa import prompts
     from ctiqa.imaging import encoding_info
     from ctiqa.ldctiqa import load_ldctiqa, resolve_split_method
 
-    if opts.out is None and opts.push_to_hub is None:
-        raise CTIQAError("give --out DIR, --push-to-hub REPO_ID, or both")
-    if opts.format not in prompts.TARGET_FORMATS:
-        raise CTIQAError(f"unknown --format {opts.format!r}; choose one of {', '.join(prompts.TARGET_FORMATS)}")
+    check_options(opts)
     enc = encoding_info(opts.encoding)
+    needs_teacher = opts.format != "score-only"
+    if needs_teacher and teacher is None:
+        teacher = make_teacher(
+            opts.teacher, model=opts.model, base_url=opts.base_url, max_output_tokens=opts.max_output_tokens,
+            thinking_budget=opts.thinking_budget, temperature=opts.temperature, timeout_s=opts.timeout_s,
+            retry=RetryPolicy(max_attempts=opts.max_attempts), seed=opts.seed)
     data = load_ldctiqa(opts.ldctiqa)
     split, why = resolve_split_method(data, opts.split)
     print(f"split: {split} ({why})")
     items = plan_items(data, split, opts.seed, opts.limit)
     rationale_splits = ("train", "validation", "test") if opts.test_rationales else ("train", "validation")
-    needs_teacher = opts.format != "score-only"
-    if needs_teacher and opts.teacher == "template" and teacher is None:
+    if needs_teacher and isinstance(teacher, TemplateTeacher):
         no_md = [it.id for it in items if (it.metadata or {}).get("dose_fraction") is None]
         if no_md:
             raise CTIQAError(
@@ -466,11 +600,8 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
     teacher_kind = "none (score-only format)"
     cache_path = None
     if needs_teacher:
-        teacher = teacher or make_teacher(
-            opts.teacher, model=opts.model, base_url=opts.base_url, max_output_tokens=opts.max_output_tokens,
-            thinking_budget=opts.thinking_budget, temperature=opts.temperature, timeout_s=opts.timeout_s,
-            retry=RetryPolicy(max_attempts=opts.max_attempts), seed=opts.seed)
-        teacher_id, teacher_kind = teacher.model_id, opts.teacher
+        assert teacher is not None
+        teacher_id, teacher_kind = teacher.model_id, opts.teacher + (" (Batch API)" if opts.batch else "")
         asked = [it for it in items if it.split in rationale_splits]
         cache = None
         if teacher.cacheable:
@@ -478,57 +609,78 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
             cache = AnswerCache(cache_path)
             print(f"answer cache: {cache_path}", file=sys.stderr)
         try:
-            stats = asyncio.run(_annotate_and_close(asked, teacher, cache, opts, prompts.PROMPT_VERSION))
+            stats = asyncio.run(_annotate_and_close(asked, teacher, cache, cache_path, opts, prompts.PROMPT_VERSION))
         finally:
             if cache is not None:
                 cache.close()
 
-    dsd = assemble(items, opts.format, teacher_id, data.synthetic, rationale_splits, opts.min_words)
-
+    rows = assemble(items, opts.format, teacher_id, data.synthetic, rationale_splits, opts.min_words)
     kept = [it for it in items if it.status == "kept"]
     terms = {t: sum(1 for it in kept if it.check and it.check.terms[t]) for t in checks.ARTIFACT_TERMS}
     rejections = Counter(r for it in items if it.status == "rejected" and it.check for r in it.check.reasons)
     failures = Counter((it.result.reason if it.result else "not_asked") for it in items if it.status == "failed")
-    usage = _usage_of([it for it in items if it.split in rationale_splits]) if needs_teacher else Usage()
+    answers = [it.result for it in items if it.split in rationale_splits and it.result is not None] \
+        if needs_teacher else []
+    usage = sum((r.usage for r in answers), Usage())
     price = _price(opts, teacher_id)
     prov = {
         "source": f"{'simulated mini-LDCTIQA (ctiqa simulate)' if data.synthetic else 'LDCTIQA 2023'}, folder "
                   f"`{Path(data.root).name}` ({len(data.ids)} images)",
         "synthetic": data.synthetic, "teacher": teacher_id, "teacher_kind": teacher_kind,
         "prompt_version": prompts.PROMPT_VERSION, "target_format": opts.format, "encoding": enc,
-        "split": split, "seed": opts.seed, "counts": {s: len(dsd[s]) for s in SPLITS},
+        "split": split, "seed": opts.seed, "counts": {s: len(rows[s]) for s in SPLITS},
         "rationale_splits": list(rationale_splits) if needs_teacher else [],
         "status": dict(Counter(it.status for it in items)), "rejections": dict(rejections),
         "failures": dict(failures), "terms": terms, "n_rationales": len(kept),
         "usage": {"prompt_tokens": usage.prompt_tokens, "output_tokens": usage.output_tokens,
-                  "thoughts_tokens": usage.thoughts_tokens,
-                  "cost_usd": usage.cost_usd(*price) if price else None},
+                  "thoughts_tokens": usage.thoughts_tokens, "cost_usd": _cost(answers, price),
+                  "batch_answers": sum(1 for r in answers if r.batch)},
         "ctiqa_version": ctiqa.__version__,
     }
+    empty = [s for s in SPLITS if not rows[s]]
+    if empty:
+        _report(stats, prov, usage, price, teacher_id, None, None, cache_path, items)
+        raise EmptySplitError(
+            f"no rows for split(s) {', '.join(empty)}: every image of {'them' if len(empty) > 1 else 'it'} failed or "
+            "was rejected (summary above); nothing was written. Answers so far are in the cache: fix the cause and "
+            "re-run")
 
     from .card import make_card
 
-    tmp = None
-    out = opts.out
-    if out is None:
-        tmp = tempfile.mkdtemp(prefix="ctiqa-dataset-")
-        out = Path(tmp)
+    dsd = to_dataset(rows, features(data.synthetic))
+    audit = audit_csv(items)
+
+    def card_fn(card_data: Any) -> Any:
+        return make_card(prov, card_data)
+
+    quiet = not opts.progress
+    import datasets
+
+    if quiet:
+        datasets.disable_progress_bars()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_audit(items, out / "audit.csv")
-        files = write_hub_folder(dsd, out, lambda cd: make_card(prov, cd), progress=opts.progress)
-        files.insert(0, out / "audit.csv")
-        commit = push_folder(out, opts.push_to_hub, private=not opts.public) if opts.push_to_hub else None
+        files = write_folder(dsd, opts.out, card_fn, audit, max_shard_bytes=opts.max_shard_bytes) \
+            if opts.out is not None else []
+        commit = push_to_hub(dsd, opts.push_to_hub, card_fn, audit, private=not opts.public,
+                             max_shard_bytes=opts.max_shard_bytes) if opts.push_to_hub else None
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _report(stats, prov, usage, price, opts, teacher_id, out if tmp is None else None, commit, cache_path)
-    return BuildResult(dsd, items, stats, prov, files if tmp is None else [], commit)
+        if quiet:
+            datasets.enable_progress_bars()
+    _report(stats, prov, usage, price, teacher_id, opts.out, commit, cache_path, items)
+    return BuildResult(dsd, items, stats, prov, files, commit)
 
 
-async def _annotate_and_close(items: list[Item], teacher: Teacher, cache: AnswerCache | None, opts: BuildOptions,
-                              prompt_version: str) -> RunStats:
+async def _annotate_and_close(items: list[Item], teacher: Teacher, cache: AnswerCache | None,
+                              cache_path: Path | None, opts: BuildOptions, prompt_version: str) -> RunStats:
     try:
+        if opts.batch:
+            if cache is None or cache_path is None:
+                raise CTIQAError("--batch needs a remote teacher with an answer cache (--teacher gemini)")
+            from .batch import job_log_path
+
+            return await annotate_batch(items, teacher, cache, job_log_path(cache_path),
+                                        retry_failed=opts.retry_failed, prompt_version=prompt_version,
+                                        poll_s=opts.batch_poll_s, progress=opts.progress)
         return await annotate(items, teacher, cache, concurrency=opts.concurrency, retry_failed=opts.retry_failed,
                               prompt_version=prompt_version, progress=opts.progress)
     finally:
@@ -545,28 +697,36 @@ def _price(opts: BuildOptions, teacher_id: str) -> tuple[float, float] | None:
 
 
 def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[float, float] | None,
-            opts: BuildOptions, teacher_id: str, out: Path | None, commit: str | None, cache_path: Path | None) -> None:
+            teacher_id: str, out: Path | None, commit: str | None, cache_path: Path | None,
+            items: list[Item]) -> None:
     p = print
     p(f"teacher {teacher_id}: {stats.cached_ok} answers from the cache, {stats.called} new calls "
       f"({stats.new_ok} ok, {stats.new_failed} failed), {stats.cached_failed} cached failures not retried")
     if cache_path is not None:  # remote teachers only: the template teacher uses no tokens
         u = stats.usage_new
-
-        def cost(x: Usage) -> str:
-            return f"; estimated cost USD {x.cost_usd(*price):.4f}" if price else ""
-
+        cost_new, cost_all = _cost(stats.new_results, price), prov["usage"]["cost_usd"]
+        batch = (f" ({stats.batch_new} batch answers at {BATCH_PRICE_FACTOR:.0%} of the synchronous price)"
+                 if stats.batch_new else "")
         p(f"tokens this run: prompt {u.prompt_tokens:,}, output {u.output_tokens:,}, thinking "
-          f"{u.thoughts_tokens:,}{cost(u)}")
+          f"{u.thoughts_tokens:,}" + (f"; estimated cost USD {cost_new:.4f}{batch}" if cost_new is not None else ""))
         p(f"tokens of the dataset's answers (cached included): prompt {usage.prompt_tokens:,}, output "
-          f"{usage.output_tokens:,}, thinking {usage.thoughts_tokens:,}{cost(usage)}")
+          f"{usage.output_tokens:,}, thinking {usage.thoughts_tokens:,}"
+          + (f"; estimated cost USD {cost_all:.4f}" if cost_all is not None else ""))
         if price:
             p(f"  prices: USD {price[0]}/1M input, {price[1]}/1M output incl. thinking (ai.google.dev/gemini-api/"
-              "docs/pricing, 2025-07; override with --price-input/--price-output)")
+              f"docs/pricing, 2025-07; Batch API {BATCH_PRICE_FACTOR:.0%} of these; override with --price-input/"
+              "--price-output)")
     p("rows: " + ", ".join(f"{s} {n}" for s, n in prov["counts"].items())
       + "; status: " + ", ".join(f"{k} {v}" for k, v in sorted(prov["status"].items())))
     if prov["failures"]:
         p("failed requests (left out; re-run to retry): "
           + ", ".join(f"{k} {v}" for k, v in sorted(prov["failures"].items())))
+        examples = {}
+        for it in items:
+            if it.status == "failed" and it.result is not None and it.result.reason not in examples:
+                examples[it.result.reason] = it.result.error
+        for reason, error in examples.items():
+            p(f"  e.g. {error}" if reason else "")
     if prov["rejections"]:
         p("rejected rationales (left out): " + ", ".join(f"{k} {v}" for k, v in sorted(prov["rejections"].items())))
     if out is not None:
@@ -618,11 +778,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--min-words", type=int, default=checks.MIN_WORDS, help=f"reject shorter rationales. Default: {checks.MIN_WORDS}")
     a("--price-input", type=float, help="USD per 1M input tokens for the cost estimate")
     a("--price-output", type=float, help="USD per 1M output tokens (thinking included) for the cost estimate")
+    a("--batch", action="store_true",
+      help="gemini: ask through the Batch API (answers within 24 h at half the price). The job ids are recorded "
+           "beside the cache; stopping is safe and a re-run resumes the same jobs, never submitting paid work again")
+    a("--batch-poll", type=float, default=30.0, help="seconds between polls of open batch jobs. Default: 30")
+    a("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e6,
+      help=f"largest parquet shard, MB of Arrow data. Default: {DEFAULT_MAX_SHARD_BYTES / 1e6:g} (as push_to_hub)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run ``ctiqa build-dataset``; returns 0 (CTIQAError propagates to the dispatcher)."""
+    """Run ``ctiqa build-dataset``; returns 0, or 1 when a split ended without rows (:class:`EmptySplitError`,
+    printed as ``error: ...``); any other CTIQAError propagates to the dispatcher (exit 2)."""
     budget = args.thinking_budget
     opts = BuildOptions(
         ldctiqa=args.ldctiqa, teacher=args.teacher, out=args.out, push_to_hub=args.push_to_hub, public=args.public,
@@ -631,6 +798,11 @@ def cli_main(args: argparse.Namespace) -> int:
         max_output_tokens=args.max_output_tokens, thinking_budget=None if budget is not None and budget < 0 else budget,
         temperature=args.temperature, timeout_s=args.timeout, max_attempts=args.max_attempts, limit=args.limit,
         retry_failed=args.retry_failed, test_rationales=args.test_rationales, min_words=args.min_words,
-        price_input=args.price_input, price_output=args.price_output, progress=args.progress)
-    build_dataset(opts)
+        price_input=args.price_input, price_output=args.price_output, progress=args.progress, batch=args.batch,
+        batch_poll_s=args.batch_poll, max_shard_bytes=int(args.max_shard_mb * 1e6))
+    try:
+        build_dataset(opts)
+    except EmptySplitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -1,10 +1,9 @@
 """The dataset card (README.md): our metadata merged with the YAML ``datasets`` writes, plus a provenance body.
 
 The YAML header is built in two steps: our fields (licence, task category, tags, annotation creators, size
-category, pretty name) go into a :class:`huggingface_hub.DatasetCardData`; then ``datasets``' own
-``DatasetInfosDict.to_dataset_card_data`` and ``MetadataConfigs.to_dataset_card_data`` add ``dataset_info`` and
-``configs`` exactly as ``DatasetDict.push_to_hub`` does (datasets/arrow_dataset.py ``_get_updated_dataset_card``),
-so neither overwrites the other, and a later ``push_to_hub`` into the same repo keeps our fields and body.
+category, pretty name) go into a :class:`huggingface_hub.DatasetCardData`; then every field of the card data
+given (on the Hub: the ``dataset_info`` and ``configs`` that ``DatasetDict.push_to_hub`` wrote) is added, so
+neither overwrites the other, and a later ``push_to_hub`` into the same repo keeps our fields and body.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def make_card(prov: dict[str, Any], yaml_sections: DatasetCardData) -> DatasetCa
             ``rejections`` ({reason: n}), ``failures`` ({reason: n}), ``terms`` ({term: rationales mentioning
             it}), ``n_rationales``, ``usage`` ({prompt_tokens, output_tokens, thoughts_tokens, cost_usd or None}),
             ``ctiqa_version``.
-        yaml_sections: card data already holding ``dataset_info`` and ``configs`` (from ``datasets``).
+        yaml_sections: card data to keep (on the Hub: ``dataset_info`` and ``configs`` from ``push_to_hub``).
     Returns:
         the :class:`huggingface_hub.DatasetCard`; ``str(card)`` is the README.md text.
     """

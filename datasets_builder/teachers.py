@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from PIL import Image
@@ -40,9 +41,23 @@ class Teacher(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What a remote teacher is sent beside the image: the user prompt, the system text and the JSON schema of the
+    answer (``{"rationale": str, "score": number}``)."""
+
+    prompt: str
+    system: str | None
+    schema: dict[str, Any] | None
+
+
 class LLMTeacher:
     """A remote model as teacher: :func:`ctiqa.prompts.teacher_prompt`, ``TEACHER_SYSTEM`` and
-    ``TEACHER_RESPONSE_SCHEMA`` sent through a client (:class:`GeminiClient` or :class:`OpenAICompatClient`)."""
+    ``TEACHER_RESPONSE_SCHEMA`` sent through a client (:class:`GeminiClient` or :class:`OpenAICompatClient`).
+
+    The synchronous path (:meth:`explain`) and the Gemini Batch path (:mod:`datasets_builder.batch`) share
+    :meth:`request` (what is asked) and :meth:`accept` (when an answer counts).
+    """
 
     cacheable = True
 
@@ -50,13 +65,22 @@ class LLMTeacher:
         self.client = client
         self.model_id = model_id or client.model
 
-    async def explain(self, image: Image.Image, score: float, metadata: dict[str, Any] | None = None) -> CallResult:
+    def request(self, score: float, metadata: dict[str, Any] | None = None) -> TeacherRequest:
+        """The prompt, system text and schema for an image whose true score is ``score`` (0-4)."""
         from ctiqa.prompts import TEACHER_RESPONSE_SCHEMA, TEACHER_SYSTEM, teacher_prompt
 
-        result = await self.client.generate(image, teacher_prompt(score), TEACHER_SYSTEM, TEACHER_RESPONSE_SCHEMA)
+        return TeacherRequest(teacher_prompt(score), TEACHER_SYSTEM, TEACHER_RESPONSE_SCHEMA)
+
+    @staticmethod
+    def accept(result: CallResult) -> CallResult:
+        """Mark a schema-valid answer with an empty rationale as failed (``empty_answer``); returns ``result``."""
         if result.ok and not (result.rationale or "").strip():
             result.ok, result.error = False, "empty_answer: the JSON rationale is empty"
         return result
+
+    async def explain(self, image: Image.Image, score: float, metadata: dict[str, Any] | None = None) -> CallResult:
+        req = self.request(score, metadata)
+        return self.accept(await self.client.generate(image, req.prompt, req.system, req.schema))
 
     async def aclose(self) -> None:
         await self.client.aclose()

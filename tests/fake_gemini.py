@@ -15,6 +15,18 @@ ai.google.dev/api/generate-content and the google-genai types):
     blocked("SAFETY")     200, no candidates, promptFeedback.blockReason
     malformed_json()      200, STOP, text that is not JSON
     answer(text, finish)  anything else
+    quota_zero()          429 RESOURCE_EXHAUSTED whose quota is "limit: 0" (a free-tier key for a paid model)
+
+Batch API (``client.batches``, inline requests; shapes from google-genai 3.6 ``batches.py`` ``_BatchJob_from_mldev``,
+which reads an Operation ``{"name": "batches/...", "metadata": {"state": "BATCH_STATE_...", "output":
+{"inlinedResponses": {"inlinedResponses": [...]}}}}``):
+
+    POST /v1beta/models/{model}:batchGenerateContent   create a job (recorded in ``batches``), state PENDING
+    GET  /v1beta/batches/{id}                          the job; RUNNING while ``hold_batches`` is set, else it
+                                                       SUCCEEDS: every inline request is answered by the script
+                                                       like a synchronous one (an error status becomes the
+                                                       response's ``error``)
+    GET  /v1beta/batches                               the list of jobs (``operations``)
 
 Every request is recorded (:class:`Recorded`: path, model, prompt, system text, decoded PNG bytes, arrival time,
 reply name). ``latency_s`` delays every answer (the server is threaded, so concurrent requests overlap).
@@ -37,6 +49,9 @@ from typing import Any
 from loopback import start_server, stop_server
 
 _PATH = re.compile(r"^/(?:v1|v1beta|v1alpha)/models/([^:/]+):generateContent$")
+_BATCH_CREATE = re.compile(r"^/(?:v1|v1beta|v1alpha)/models/([^:/]+):batchGenerateContent$")
+_BATCH_GET = re.compile(r"^/(?:v1|v1beta|v1alpha)/(batches/[^/:]+)$")
+_BATCH_LIST = re.compile(r"^/(?:v1|v1beta|v1alpha)/batches$")
 _SCORE = re.compile(r"rated (\d+(?:\.\d+)?)")
 
 OK_RATIONALE = (
@@ -141,6 +156,19 @@ def malformed_json() -> Reply:
     return _named("malformed_json", answer('{"rationale": "Noise is moderate", score: 2.2,}'))
 
 
+def quota_zero(model: str = "gemini-2.5-pro") -> Reply:
+    """429 whose quota is zero: what a free-tier key gets for a model the free tier does not include."""
+
+    def reply(req: Recorded) -> tuple[int, dict, dict]:
+        msg = ("You exceeded your current quota, please check your plan and billing details. Quota exceeded for "
+               "metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 0, model: "
+               f"{model}")
+        return 429, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": msg, "details": [
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}]}}, {}
+
+    return _named("quota_zero", reply)
+
+
 def status(code: int, message: str = "error") -> Reply:
     """Any HTTP error status (e.g. 403 PERMISSION_DENIED, 400 INVALID_ARGUMENT)."""
 
@@ -151,6 +179,40 @@ def status(code: int, message: str = "error") -> Reply:
 
 
 @dataclass
+class FakeBatch:
+    """One Batch API job: its inline requests (``{"request": ..., "metadata": ...}``), state and polls."""
+
+    name: str
+    model: str
+    display_name: str
+    requests: list[dict[str, Any]]
+    state: str = "BATCH_STATE_PENDING"
+    polls: int = 0
+    responses: list[dict[str, Any]] = field(default_factory=list)
+
+    def operation(self) -> dict[str, Any]:
+        md: dict[str, Any] = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+                              "model": f"models/{self.model}", "displayName": self.display_name, "state": self.state,
+                              "createTime": "2026-01-01T00:00:00Z", "name": self.name}
+        if self.state == "BATCH_STATE_SUCCEEDED":
+            md["output"] = {"inlinedResponses": {"inlinedResponses": self.responses}}
+        return {"name": self.name, "metadata": md, "done": self.state == "BATCH_STATE_SUCCEEDED"}
+
+
+def _parse(body: dict[str, Any]) -> tuple[str, str | None, bytes | None]:
+    texts, png = [], None
+    for content in body.get("contents", []):
+        for part in content.get("parts", []):
+            if "text" in part:
+                texts.append(part["text"])
+            inline = part.get("inlineData") or part.get("inline_data")
+            if inline:
+                png = base64.urlsafe_b64decode(inline["data"] + "=" * (-len(inline["data"]) % 4))
+    sys_parts = (body.get("systemInstruction") or {}).get("parts") or []
+    return "\n".join(texts), "\n".join(p.get("text", "") for p in sys_parts) or None, png
+
+
+@dataclass
 class FakeGemini:
     """Threaded fake Gemini server. Use as a context manager or call :meth:`start` / :meth:`stop`.
 
@@ -158,12 +220,16 @@ class FakeGemini:
         script: replies for the first requests, in arrival order.
         default: reply after the script is used up.
         latency_s: seconds every answer is delayed.
+        hold_batches: Batch API jobs stay RUNNING while True.
     """
 
     script: Iterable[Reply] = ()
     default: Reply = field(default_factory=ok)
     latency_s: float = 0.0
     requests: list[Recorded] = field(default_factory=list)
+    hold_batches: bool = False
+    batches: dict[str, FakeBatch] = field(default_factory=dict)
+    batch_calls: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._script = list(self.script)
@@ -186,32 +252,60 @@ class FakeGemini:
             return self._script.pop(0) if self._script else self.default
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
-        m = _PATH.match(handler.path.split("?")[0])
+        path = handler.path.split("?")[0]
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length)
+        if any(rx.match(path) for rx in (_BATCH_CREATE, _BATCH_GET, _BATCH_LIST)):
+            return self._batch(handler, path, raw)
+        m = _PATH.match(path)
         if handler.command != "POST" or not m:
             return self._send(handler, 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": handler.path}})
         body = json.loads(raw or b"{}")
-        texts, png = [], None
-        for content in body.get("contents", []):
-            for part in content.get("parts", []):
-                if "text" in part:
-                    texts.append(part["text"])
-                inline = part.get("inlineData") or part.get("inline_data")
-                if inline:
-                    png = base64.urlsafe_b64decode(inline["data"] + "=" * (-len(inline["data"]) % 4))
-        sys_parts = (body.get("systemInstruction") or {}).get("parts") or []
-        req = Recorded(path=handler.path, model=m.group(1), body=body, prompt="\n".join(texts),
-                       system="\n".join(p.get("text", "") for p in sys_parts) or None, image_png=png,
-                       api_key_sent=bool(handler.headers.get("x-goog-api-key")), t=time.monotonic())
+        code, payload, headers = self._answer(handler.path, m.group(1), body,
+                                              bool(handler.headers.get("x-goog-api-key")))
+        self._send(handler, code, payload, headers)
+
+    def _answer(self, path: str, model: str, body: dict[str, Any], key_sent: bool) -> tuple[int, dict, dict]:
+        prompt, system, png = _parse(body)
+        req = Recorded(path=path, model=model, body=body, prompt=prompt, system=system, image_png=png,
+                       api_key_sent=key_sent, t=time.monotonic())
         reply = self._next()
         req.reply = getattr(reply, "__name__", "reply")
         with self._lock:
             self.requests.append(req)
         if self.latency_s:
             time.sleep(self.latency_s)
-        code, payload, headers = reply(req)
-        self._send(handler, code, payload, headers)
+        return reply(req)
+
+    def _batch(self, handler: BaseHTTPRequestHandler, path: str, raw: bytes) -> None:
+        with self._lock:
+            self.batch_calls.append((handler.command, path))
+        if (m := _BATCH_CREATE.match(path)) and handler.command == "POST":
+            batch = json.loads(raw or b"{}").get("batch") or {}
+            reqs = ((batch.get("inputConfig") or {}).get("requests") or {}).get("requests") or []
+            with self._lock:
+                job = FakeBatch(f"batches/fake{len(self.batches) + 1}", m.group(1), batch.get("displayName", ""), reqs)
+                self.batches[job.name] = job
+            return self._send(handler, 200, job.operation())
+        if (m := _BATCH_GET.match(path)) and handler.command == "GET":
+            job = self.batches.get(m.group(1))
+            if job is None:
+                return self._send(handler, 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": path}})
+            job.polls += 1
+            if job.state != "BATCH_STATE_SUCCEEDED":
+                if self.hold_batches:
+                    job.state = "BATCH_STATE_RUNNING"
+                else:
+                    job.responses = []
+                    for r in job.requests:
+                        code, payload, _ = self._answer(path, job.model, r["request"], True)
+                        out = {"response": payload} if code == 200 else {"error": payload.get("error")}
+                        job.responses.append(out | ({"metadata": r["metadata"]} if "metadata" in r else {}))
+                    job.state = "BATCH_STATE_SUCCEEDED"
+            return self._send(handler, 200, job.operation())
+        if _BATCH_LIST.match(path) and handler.command == "GET":
+            return self._send(handler, 200, {"operations": [j.operation() for j in reversed(self.batches.values())]})
+        return self._send(handler, 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": path}})
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, code: int, payload: dict, headers: dict | None = None) -> None:

@@ -418,9 +418,6 @@ def test_template_build_folder_round_trip_and_card(tmp_path):
     assert meta["task_categories"] == ["image-text-to-text"] and meta["license"] == "other"
     assert {"medical", "ct", "image-quality-assessment", "synthetic-rationales"} <= set(meta["tags"])
     assert meta["annotations_creators"] == ["machine-generated"]
-    assert meta["configs"][0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
-    assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == {
-        "train": 7, "validation": 1, "test": 4}
     for needle in ("ctiqa-template-v1", prompts.PROMPT_VERSION, "`base-slice`, seed 0", "10.1016/j.media.2024.103343",
                    "7833096", "Not for clinical use", "| noise | 8 | 100 % |", "check it yourself"):
         assert needle in card.text, needle
@@ -448,8 +445,11 @@ def test_cli_template_refuses_real_data_and_score_only_needs_no_teacher(tmp_path
 
 # ------------------------------------------------------------------------------------ fake Hub
 def test_push_to_fake_hub_same_files_and_rows(tmp_path, fake_hub, capsys):
+    """--out and --push-to-hub publish the same data: same shard names, rows, card and audit (the Hub's card
+    also carries push_to_hub's dataset_info and configs)."""
     from datasets import load_dataset
     from fake_hub import TOKEN
+    from huggingface_hub import DatasetCard
 
     data = make_ldctiqa(tmp_path / "sim", n=8)
     out = tmp_path / "out"
@@ -458,26 +458,30 @@ def test_push_to_fake_hub_same_files_and_rows(tmp_path, fake_hub, capsys):
     repo = fake_hub.repo("tester/ct-rationales", "dataset")
     assert repo.private  # private unless --public
     hub_files = fake_hub.files("tester/ct-rationales", "dataset")
-    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {k: v for k, v in hub_files.items() if k != ".gitattributes"} == local  # byte-identical
-    back = load_dataset("tester/ct-rationales")
+    local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert set(hub_files) - {".gitattributes"} == local - {".ctiqa-dataset.json"}
+    assert hub_files["audit.csv"] == (out / "audit.csv").read_bytes()
+    back, mine = load_dataset("tester/ct-rationales"), load_dataset(str(out))
     for split in res.dataset:
-        assert back[split].with_format("arrow")[:].to_pylist() == \
-            res.dataset[split].with_format("arrow")[:].to_pylist()
+        want = res.dataset[split].with_format("arrow")[:].to_pylist()
+        assert back[split].with_format("arrow")[:].to_pylist() == want  # images: the embedded PNG bytes
+        assert mine[split].with_format("arrow")[:].to_pylist() == want
+    card = DatasetCard(hub_files["README.md"].decode())
+    assert card.text == DatasetCard.load(out / "README.md").text and "Not for clinical use" in card.text
+    assert card.data.configs[0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
+    assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == {
+        s: len(res.dataset[s]) for s in res.dataset}
     assert TOKEN not in capsys.readouterr().out
     # a later datasets push into the same repo merges its YAML into our card instead of replacing it
     res.dataset["train"].push_to_hub("tester/ct-rationales", split="train")
-    from huggingface_hub import DatasetCard
-
     card = DatasetCard(fake_hub.files("tester/ct-rationales", "dataset")["README.md"].decode())
     assert "synthetic-rationales" in card.data.tags and "Not for clinical use" in card.text
     assert not fake_hub.unknown
 
 
 def test_our_folder_matches_datasets_push_to_hub(tmp_path, fake_hub):
-    """The local folder is what DatasetDict.push_to_hub itself writes: same file names, tables and YAML."""
+    """The local folder holds what DatasetDict.push_to_hub itself writes: same file names and tables."""
     import pyarrow.parquet as pq
-    from huggingface_hub import DatasetCard
 
     data = make_ldctiqa(tmp_path / "sim", n=8)
     out = tmp_path / "out"
@@ -489,11 +493,27 @@ def test_our_folder_matches_datasets_push_to_hub(tmp_path, fake_hub):
     for name in ours_files:
         assert pq.read_table(out / name).equals(pq.read_table(theirs / name))
         assert pq.read_schema(out / name).metadata == pq.read_schema(theirs / name).metadata
-    ours_meta = DatasetCard.load(out / "README.md").data.to_dict()
-    theirs_meta = DatasetCard.load(theirs / "README.md").data.to_dict()
-    assert ours_meta["configs"] == theirs_meta["configs"]
-    for key in ("features", "splits", "dataset_size"):
-        assert ours_meta["dataset_info"][key] == theirs_meta["dataset_info"][key], key
+
+
+def test_shards_follow_max_shard_size_and_rebuild_is_not_read_from_a_stale_cache(tmp_path):
+    from datasets import load_dataset
+
+    data = make_ldctiqa(tmp_path / "sim", n=12)
+    out = tmp_path / "out"
+    opts = BuildOptions(ldctiqa=data, teacher="template", out=out, split="base-slice", progress=False,
+                        max_shard_bytes=2_000)
+    res = build_dataset(opts)
+    names = sorted(p.name for p in (out / "data").iterdir())
+    n_train = sum(n.startswith("train-") for n in names)
+    assert n_train > 1 and f"train-00000-of-{n_train:05d}.parquet" in names
+    assert load_dataset(str(out))["train"]["id"] == res.dataset["train"]["id"]
+    # rebuild the same folder with other rows (one shard, fewer images): old shards go, the new rows are read
+    opts.max_shard_bytes, opts.limit = 500_000_000, 2
+    res2 = build_dataset(opts)
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+    back = load_dataset(str(out))
+    assert back["train"]["id"] == res2.dataset["train"]["id"] and back["train"].num_rows == 2
 
 
 def test_gemini_timeout_is_retried_then_recorded():
