@@ -27,6 +27,7 @@ from fake_gemini import (
     malformed_json,
     max_tokens,
     ok,
+    quota_zero,
     rate_limited,
     server_error,
     status,
@@ -557,3 +558,198 @@ def test_no_ctiqa_module_imports_datasets_builder():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "datasets_builder" for n in names), path
+
+
+# ------------------------------------------------------------------------------------ issue 9 item 10: nothing lost
+def _no_render(monkeypatch):
+    import datasets_builder.build as b
+
+    def boom(*a, **k):
+        raise AssertionError("rendering started before the options were checked")
+
+    monkeypatch.setattr(b, "render_items", boom)
+
+
+def test_out_folder_holding_other_files_is_refused_and_kept(tmp_path, capsys, monkeypatch):
+    from ctiqa.cli import main
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "README.md").write_text("my notes")
+    (out / "data" / "train-00000-of-00001.parquet").write_bytes(b"my table")
+    _no_render(monkeypatch)
+    assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files ctiqa did not write" in err and "README.md" in err and err.count("\n") == 1
+    assert (out / "README.md").read_text() == "my notes"
+    assert (out / "data" / "train-00000-of-00001.parquet").read_bytes() == b"my table"
+    assert sorted(p.name for p in out.rglob("*")) == ["README.md", "data", "train-00000-of-00001.parquet"]
+
+
+def test_rebuild_into_our_own_folder_keeps_files_we_did_not_write(tmp_path):
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    out = tmp_path / "out"
+    opts = BuildOptions(ldctiqa=data, teacher="template", out=out, split="stratified", progress=False)
+    build_dataset(opts)
+    (out / "notes.txt").write_text("kept")
+    build_dataset(opts)  # the marker says which files are ours
+    assert (out / "notes.txt").read_text() == "kept" and (out / "README.md").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--limit", "0"), ("--concurrency", "0"), ("--limit", "-3")])
+def test_non_positive_counts_refused_before_any_work(tmp_path, capsys, monkeypatch, flag, value):
+    from ctiqa.cli import main
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    _no_render(monkeypatch)
+    assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(tmp_path / "o"),
+                 "--no-progress", flag, value]) == 2
+    assert f"{flag} must be positive" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_missing_api_key_is_found_before_rendering(tmp_path, capsys, monkeypatch):
+    from ctiqa.cli import main
+
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    data = make_ldctiqa(tmp_path / "ld", n=8, simulated=False)
+    _no_render(monkeypatch)
+    assert main(["build-dataset", "--ldctiqa", str(data), "--teacher", "gemini", "--split", "stratified",
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "GEMINI_API_KEY" in capsys.readouterr().err
+
+
+def test_every_call_failing_ends_with_a_summary_and_exit_1(tmp_path, capsys, monkeypatch):
+    from ctiqa.cli import main
+
+    data = make_ldctiqa(tmp_path / "ld", n=10, simulated=False)
+    out = tmp_path / "o"
+    monkeypatch.setenv("GEMINI_API_KEY", "fake-key")
+    with FakeGemini(default=empty_stop()) as srv:
+        rc = main(["build-dataset", "--ldctiqa", str(data), "--teacher", "gemini", "--base-url", srv.url,
+                   "--split", "stratified", "--out", str(out), "--cache", str(tmp_path / "c.jsonl"),
+                   "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "failed requests (left out; re-run to retry): empty_answer 9" in cap.out
+    assert "error: no rows for split(s) train, validation" in cap.err and "Traceback" not in cap.err
+    assert not (out / "README.md").exists() and not (out / "data").exists()
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 9  # the failures are recorded for the audit
+
+
+def test_refused_connection_fails_after_two_tries(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = GeminiClient("gemini-2.5-pro", api_key="k", base_url=f"http://127.0.0.1:{port}", retry=FAST)
+
+    async def run():
+        try:
+            return await client.generate(Image.new("RGB", (8, 8)), "x")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(ClientConfigError, match=r"cannot reach the server .*2 tries.*--base-url"):
+        asyncio.run(run())
+
+
+def test_hard_quota_429_is_fatal_with_its_message(fake_gemini):
+    fake_gemini.set_script([quota_zero()])
+    client = GeminiClient("gemini-2.5-pro", base_url=fake_gemini.url, retry=FAST)
+
+    async def run():
+        try:
+            return await client.generate(Image.new("RGB", (8, 8)), "x")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(ClientConfigError, match=r"limit: 0, model: gemini-2.5-pro"):
+        asyncio.run(run())
+    assert len(fake_gemini.requests) == 1  # not retried
+
+
+# ------------------------------------------------------------------------------------ issue 11 item 5: Batch Mode
+def test_batch_submit_kill_resume_merges_into_the_cache(tmp_path, capsys):
+    from datasets_builder.batch import job_log_path
+
+    data = make_ldctiqa(tmp_path / "ld", n=10, simulated=False)
+    out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
+    jobs = job_log_path(cache)
+    env = {**os.environ, "GEMINI_API_KEY": "fake-key"}
+    with FakeGemini(hold_batches=True) as srv:
+        cmd = [sys.executable, "-m", "ctiqa.cli", "build-dataset", "--ldctiqa", str(data), "--teacher", "gemini",
+               "--base-url", srv.url, "--split", "stratified", "--out", str(out), "--cache", str(cache),
+               "--batch", "--batch-poll", "0.1", "--no-progress"]
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if jobs.exists() and b'"submitted"' in jobs.read_bytes() and any(j.polls for j in srv.batches.values()):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"builder ended early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(srv.batches) == 1 and not cache.exists() and not (out / "README.md").exists()
+        (job,) = srv.batches.values()
+        assert len(job.requests) == 9 and srv.requests == []  # nothing answered yet, nothing asked synchronously
+
+        srv.hold_batches = False  # the job finishes at Google while nobody waits
+        res = build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=out, split="stratified", cache=cache,
+                                         batch=True, batch_poll_s=0.05, progress=False),
+                            teacher=gemini_teacher(srv.url))
+        creates = [c for c in srv.batch_calls if c[0] == "POST"]
+    assert len(creates) == 1 and len(srv.batches) == 1  # resumed, never submitted again
+    assert not any(":generateContent" in r.path for r in srv.requests)
+    records = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert len(records) == 9 and all(r["ok"] and r["batch"] for r in records)
+    assert res.stats.new_ok == 9 and res.dataset["train"].num_rows + res.dataset["validation"].num_rows == 9
+    # the cost at the batch price: half of the synchronous price of the same tokens
+    sync = sum(CallResult(ok=True, usage=Usage(r["usage"]["prompt_tokens"], r["usage"]["output_tokens"],
+                                               r["usage"]["thoughts_tokens"])).cost_usd((1.25, 10.0))
+               for r in records)
+    assert res.provenance["usage"]["cost_usd"] == pytest.approx(sync / 2)
+    printed = capsys.readouterr().out
+    assert f"estimated cost USD {sync / 2:.4f} (9 batch answers at 50% of the synchronous price)" in printed
+    # a third run: everything is in the cache, no job, no call
+    with FakeGemini() as srv2:
+        res3 = build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=out, split="stratified", cache=cache,
+                                          batch=True, batch_poll_s=0.05, progress=False),
+                             teacher=gemini_teacher(srv2.url))
+        assert srv2.batch_calls == [] and srv2.requests == []
+    assert res3.stats.cached_ok == 9
+
+
+def test_batch_job_whose_name_was_not_recorded_is_found_by_its_display_name(tmp_path):
+    """A kill between the job's creation and the log's "submitted" line: the re-run finds the job by the display
+    name logged before creating it, and does not pay for the work twice."""
+    from datasets_builder.batch import job_log_path
+
+    data = make_ldctiqa(tmp_path / "ld", n=10, simulated=False)
+    cache = tmp_path / "cache.jsonl"
+    opts = BuildOptions(ldctiqa=data, teacher="gemini", out=tmp_path / "out", split="stratified", cache=cache,
+                        batch=True, batch_poll_s=0.05, progress=False)
+    with FakeGemini() as srv:
+        build_dataset(opts, teacher=gemini_teacher(srv.url))
+        log = job_log_path(cache)
+        lines = log.read_text().splitlines()
+        assert [json.loads(x)["event"] for x in lines] == ["submitting", "submitted", "done"]
+        # rewind to just after the creation: the answers are not merged, the name not recorded
+        log.write_text(lines[0] + "\n")
+        cache.unlink()
+        res = build_dataset(opts, teacher=gemini_teacher(srv.url))
+        assert [c[0] for c in srv.batch_calls].count("POST") == 1
+    assert res.stats.new_ok == 9 and all(json.loads(x)["batch"] for x in cache.read_text().splitlines())
+
+
+def test_batch_needs_gemini(tmp_path, capsys):
+    from ctiqa.cli import main
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    assert main(["build-dataset", "--ldctiqa", str(data), "--batch", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "--batch needs --teacher gemini" in capsys.readouterr().err
