@@ -67,13 +67,14 @@ class Sample:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
-                 images: bool = True) -> tuple[list[Sample], str | None]:
+def load_samples(dataset: str, split: str = "test", *, limit: int | None = None, images: bool = True,
+                 sizes: dict[str, int] | None = None) -> tuple[list[Sample], str | None]:
     """Read one split of a ctiqa dataset (Hub id, Hub-layout folder, or a ``save_to_disk`` folder).
 
     Args:
         dataset: what ``datasets.load_dataset`` accepts (a local folder written by ``ctiqa build-dataset``).
         split: split name. limit: keep the first ``limit`` rows. images: decode the first image of each row.
+        sizes: when given, ``sizes["n_split"]`` is set to the number of rows in the split (before ``limit``).
     Returns:
         (samples, target_format of the dataset or None).
     Raises:
@@ -96,6 +97,8 @@ def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
     if missing:
         raise CTIQAError(f"dataset {dataset} split {split}: missing column(s) {', '.join(missing)} "
                          f"(has {', '.join(ds.column_names)})")
+    if sizes is not None:
+        sizes["n_split"] = len(ds)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if not images and "images" in ds.column_names:
@@ -497,8 +500,11 @@ def print_table(results: dict[str, Any]) -> None:
 
 def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, dataset: str | None,
            split: str | None, settings: dict[str, Any], model_info: dict[str, Any] | None, n_bootstrap: int,
-           seed: int, quiet: bool = False) -> dict[str, Any]:
+           seed: int, quiet: bool = False, n_split: int | None = None) -> dict[str, Any]:
     """Metrics, explanation check, plots, ``predictions.jsonl`` (final, sample order) and ``results.json``.
+
+    ``n_split``: rows in the dataset split (``counts.n_split``; default ``len(records)``), so that ``ctiqa report``
+    can show coverage (scored / in split) of a ``--limit`` run.
 
     Returns:
         the results dict written to ``results.json``.
@@ -532,7 +538,8 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         "parse_rules": dict(Counter(r.get("parse_rule") for r in records if r.get("parse_rule"))),
         "explanation_check": expl,
         "rationale_consistency": consistency,
-        "counts": {"n": len(records), **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
+        "counts": {"n": len(records), "n_split": len(records) if n_split is None else n_split,
+                   **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
         "failures": count_failures(records),
         "files": {"predictions": PREDICTIONS_FILE, "plots": plots},
         "provenance": provenance(settings, model_info),
@@ -641,18 +648,20 @@ def cli_main(args: argparse.Namespace) -> int:
         check_html_path(args.html)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}  # n_split, filled by load_samples
 
     if mode == "predictions":
         read_predictions_file(args.predictions)  # every row checked before the dataset is read
-        samples = load_samples(args.dataset, args.split, limit=args.limit, images=False)[0] if args.dataset else None
+        samples = load_samples(args.dataset, args.split, limit=args.limit, images=False,
+                               sizes=sizes)[0] if args.dataset else None
         records = predictions_from_file(args.predictions, samples, subset=args.limit is not None)
         records = records[:args.limit] if args.limit else records
         settings = {"source": str(args.predictions), "dataset": args.dataset, "split": args.split if args.dataset
                     else None, "limit": args.limit}
         return _done(records, out, args, name=args.name or args.predictions.stem, kind="predictions",
-                     settings=settings, model_info=None)
+                     settings=settings, model_info=None, n_split=sizes.get("n_split"))
 
-    samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit)
+    samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit, sizes=sizes)
     fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
     if mode == "api":
         model = args.model or APIS[args.api]
@@ -664,7 +673,7 @@ def cli_main(args: argparse.Namespace) -> int:
                                          base_url=args.base_url, concurrency=args.concurrency,
                                          thinking_budget=args.thinking_budget)
         return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind=args.api,
-                     settings=settings, model_info=info)
+                     settings=settings, model_info=info, n_split=sizes.get("n_split"))
 
     settings = {"source": "model", "model": args.model, "adapter": args.adapter, "format": fmt,
                 "prompt_version": PROMPT_VERSION, "precision": args.precision,
@@ -676,7 +685,8 @@ def cli_main(args: argparse.Namespace) -> int:
                                        batch_size=args.batch_size, precision=args.precision, device=args.device,
                                        key=_run_key(settings))
     name = args.name or Path(str(args.adapter or args.model)).name
-    return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info)
+    return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info,
+                 n_split=sizes.get("n_split"))
 
 
 def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace, **kw: Any) -> int:

@@ -3,7 +3,10 @@
 Each folder holds ``results.json`` and ``predictions.jsonl``. Every score kind a folder has (``parsed``: read from
 the generated text; ``probability``: expected score from digit-token probabilities) becomes one row with SRCC,
 PLCC, KRCC, MAE and the LDCTIQA overall (|PLCC| + |SRCC| + |KRCC|), each with its 95 % bootstrap interval, the
-number of samples and of parse failures. Below the table, every row is compared with the first row by a paired
+coverage (samples with a usable score / samples in the split) and the parse failures. When the rows did not score
+the same ids (a ``--limit`` run, parse failures, a failed API call), a second table gives every row's metrics on
+the ids all rows scored, and the best row is named only from those: a row that scored half the ids is never
+called "highest SRCC" on its own easier half. Below, every row is compared with the first row by a paired
 bootstrap test on the ids both share (:func:`ctiqa.metrics.ctiqa_iqa.ctiqa_iqa.paired_bootstrap`): the SRCC
 difference with its interval and a two-sided p-value. With n = 100 an SRCC of 0.80 has an interval about
 [0.71, 0.86] wide (design.md §3): differences smaller than that are rarely significant.
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import paired_bootstrap
+from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
 
 _COLUMNS = {"parsed": "parsed_score", "probability": "prob_score"}
 _METRICS = (("srcc", "SRCC ↑"), ("plcc", "PLCC ↑"), ("krcc", "KRCC ↑"), ("mae", "MAE ↓"), ("overall", "Overall ↑"))
@@ -72,14 +76,37 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
         kinds.sort(key=lambda k: k != primary)
         for kind in kinds:
             col = _COLUMNS[kind]
+            m = results["metrics"][kind]
             rows.append({
-                "name": name, "kind": kind, "dir": str(d), "metrics": results["metrics"][kind],
+                "name": name, "kind": kind, "dir": str(d), "metrics": m,
+                "n_split": (results.get("counts") or {}).get("n_split") or m.get("n"),
                 "dataset": results.get("dataset"), "split": results.get("split"),
                 "pairs": {str(r["id"]): (float(r["score"]), r.get(col)) for r in preds},
                 "explanation_check": results.get("explanation_check") if kind == kinds[0] else None,
                 "rationale_consistency": results.get("rationale_consistency") if kind == kinds[0] else None,
             })
     return rows
+
+
+def _valid(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def common_ids(rows: list[dict[str, Any]]) -> list[str]:
+    """Ids that every row scored (a finite prediction) with the same true score, in the first row's order."""
+    if not rows:
+        return []
+    first = rows[0]["pairs"]
+    return [i for i, (t, p) in first.items() if _valid(p) and all(
+        i in r["pairs"] and _valid(r["pairs"][i][1]) and abs(r["pairs"][i][0] - t) < 1e-6 for r in rows[1:])]
+
+
+def coverage(row: dict[str, Any]) -> str:
+    """``"scored / in split (percent)"`` of one row."""
+    n_valid, n_split = row["metrics"].get("n_valid"), row.get("n_split")
+    if n_valid is None or not n_split:
+        return "n/a"
+    return f"{n_valid} / {n_split} ({n_valid / n_split:.0%})"
 
 
 def compare(ref: dict[str, Any], row: dict[str, Any], n_bootstrap: int, seed: int) -> dict[str, Any]:
@@ -94,21 +121,39 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
     """The report as markdown: the metrics table, which row agrees best, the paired comparisons with the first
     row, explanation checks. (The reference scores are radiologists' on LDCTIQA, synthetic on simulated data.)"""
     lines = [f"# {title}", ""]
-    head = ["Model", "Score", "n", "Parse failures", *(h for _, h in _METRICS)]
+    head = ["Model", "Score", "Scored / in split", "Parse failures", *(h for _, h in _METRICS)]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows:
         m = r["metrics"]
-        lines.append("| " + " | ".join([r["name"], r["kind"], str(m.get("n")), str(m.get("n_missing")),
+        lines.append("| " + " | ".join([r["name"], r["kind"], coverage(r), str(m.get("n_missing")),
                                         *(_cell(m, k) for k, _ in _METRICS)]) + " |")
     conf = rows[0]["metrics"].get("confidence", 0.95) if rows else 0.95
     lines += ["", f"Values with {conf:.0%} percentile-bootstrap intervals ({rows[0]['metrics'].get('n_bootstrap')} "
               "resamples, seeded). Overall = |PLCC| + |SRCC| + |KRCC| (LDCTIQA 2023 challenge). Parse failures "
               "are counted and left out of the metrics. parsed = score read from the generated text; "
               "probability = expected score from the digit-token probabilities." if rows else ""]
-    ranked = [r for r in rows if isinstance(r["metrics"].get("srcc"), (int, float))]
-    if ranked:
-        best = max(ranked, key=lambda r: r["metrics"]["srcc"])
-        lines += ["", f"Highest SRCC: **{best['name']}** ({best['kind']}), {best['metrics']['srcc']:.3f}."]
+    common = common_ids(rows)
+    same = all(r["metrics"].get("n_valid") == len(common) for r in rows)  # every row scored the same ids
+    basis = {id(r): r["metrics"] for r in rows}
+    if rows and not same:
+        lines += ["", f"## On the {len(common)} ids every row scored", "",
+                  "The rows above did not score the same ids (coverage differs), so their values are not comparable; "
+                  "here every row is measured on the ids all rows scored.", "",
+                  "| Model | Score | n | " + " | ".join(h for _, h in _METRICS) + " |",
+                  "|---|---|---:|" + "---:|" * len(_METRICS)]
+        for r in rows:
+            m = iqa_metrics([r["pairs"][i][1] for i in common], [r["pairs"][i][0] for i in common],
+                            n_bootstrap=n_bootstrap, seed=seed)
+            basis[id(r)] = m
+            lines.append("| " + " | ".join([r["name"], r["kind"], str(len(common)),
+                                            *(_cell(m, k) for k, _ in _METRICS)]) + " |")
+    ranked = [r for r in rows if _valid(basis[id(r)].get("srcc"))]
+    if len(rows) > 1 and ranked and len(common) >= 2:
+        best = max(ranked, key=lambda r: basis[id(r)]["srcc"])
+        where = "" if same else f" on the {len(common)} ids every row scored"
+        lines += ["", f"Highest SRCC{where}: **{best['name']}** ({best['kind']}), {basis[id(best)]['srcc']:.3f}."]
+    elif len(rows) > 1:
+        lines += ["", f"No row is named best: the rows share {len(common)} scored id(s)."]
     if len(rows) > 1:
         ref = rows[0]
         lines += ["", f"## Paired comparison with {ref['name']} ({ref['kind']})", "",

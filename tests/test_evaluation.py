@@ -299,16 +299,42 @@ def test_report_from_two_dirs(dataset, tmp_path, capsys):
     assert ctiqa_main(["report", *dirs, "--names", "Model A", "Model B", "--out", str(md),
                        "--bootstrap", "100"]) == 0
     text = md.read_text()
-    assert "| Model | Score | n | Parse failures | SRCC ↑ | PLCC ↑ | KRCC ↑ | MAE ↓ | Overall ↑ |" in text
-    assert "| Model A | parsed | 6 | 0 |" in text and "| Model B | parsed | 6 | 0 |" in text
+    assert ("| Model | Score | Scored / in split | Parse failures | SRCC ↑ | PLCC ↑ | KRCC ↑ | MAE ↓ | Overall ↑ |"
+            in text)
+    assert "| Model A | parsed | 6 / 6 (100%) | 0 |" in text and "| Model B | parsed | 6 / 6 (100%) | 0 |" in text
+    assert "every row scored" not in text  # same ids: one table
     assert "## Paired comparison with Model A (parsed)" in text and "| Model B | parsed | 6 |" in text
     assert "## Explanation check" not in text  # predictions without text
     import re
 
-    srcc = {m[1]: float(m[2]) for m in re.finditer(r"\| (Model [AB]) \| parsed \| 6 \| 0 \| ([-0-9.]+) ", text)}
+    srcc = {m[1]: float(m[2]) for m in re.finditer(r"\| (Model [AB]) \| parsed \| 6 / 6 \(100%\) \| 0 \| ([-0-9.]+) ",
+                                                   text)}
     best = max(srcc, key=srcc.get)
     assert f"Highest SRCC: **{best}** (parsed), {srcc[best]:.3f}." in text
     assert ctiqa_main(["report", *dirs, "--names", "only-one", "--out", str(md)]) == 2
+
+
+def test_report_compares_rows_on_common_ids(dataset, tmp_path):
+    """B scored only half the ids (its easy half: SRCC 0.5 there, A's over all six is 0.03). The report shows the
+    coverage and ranks on the three ids both scored, where A is perfect; B is never named best for half the work."""
+    preds = {"A": [3.7, 2.7, 1.9, 3.0, 1.0, 2.0], "B": [3.5, 1.9, 2.0, None, None, None]}
+    dirs = []
+    for name, pred in preds.items():
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps({"id": f"{i:04d}", "score": s, "prediction": p}) + "\n"
+                             for i, ((_, _, s), p) in enumerate(zip(LADDER, pred, strict=True))))
+        out = tmp_path / name
+        assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out", str(out),
+                           "--bootstrap", "0"]) == 0
+        dirs.append(str(out))
+    md = tmp_path / "report.md"
+    assert ctiqa_main(["report", *dirs, "--out", str(md), "--bootstrap", "0"]) == 0
+    text = md.read_text()
+    assert "| A | parsed | 6 / 6 (100%) | 0 | 0.029 |" in text and "| B | parsed | 3 / 6 (50%) | 3 | 0.500 |" in text
+    assert "## On the 3 ids every row scored" in text
+    assert "| A | parsed | 3 | 1.000 |" in text and "| B | parsed | 3 | 0.500 |" in text
+    assert "Highest SRCC on the 3 ids every row scored: **A** (parsed), 1.000." in text
+    assert "**B**" not in text
 
 
 # ------------------------------------------------------------------------------------------ Gemini zero-shot
