@@ -112,7 +112,7 @@ class JobLog:
         return [j for j in self.jobs.values() if not j.done]
 
 
-def _chunks(items: list[Any], max_bytes: int) -> list[list[Any]]:
+def pack_jobs(items: list[Any], max_bytes: int = MAX_JOB_BYTES) -> list[list[Any]]:
     """Consecutive groups of items whose base64 PNG bytes (4/3 of ``item.png``) plus 4 kB each stay below
     ``max_bytes`` (a single larger item is its own group)."""
     out: list[list[Any]] = []
@@ -157,7 +157,7 @@ async def run_batches(todo: list[Any], teacher: Any, log: JobLog, *, record: Cal
     new = [it for it in todo if it.key not in in_jobs]
     if len(todo) > len(new):
         say(f"batch: {len(todo) - len(new)} request(s) already in open jobs (recorded in {log.path})")
-    for group in _chunks(new, max_job_bytes):
+    for group in pack_jobs(new, max_job_bytes):
         dn = f"ctiqa-{uuid.uuid4().hex[:16]}"
         log.append("submitting", dn, model=client.model, requests=[fields(it) for it in group])
         reqs = []

@@ -196,7 +196,8 @@ class FakeBatch:
                               "createTime": "2026-01-01T00:00:00Z", "name": self.name}
         if self.state == "BATCH_STATE_SUCCEEDED":
             md["output"] = {"inlinedResponses": {"inlinedResponses": self.responses}}
-        return {"name": self.name, "metadata": md, "done": self.state == "BATCH_STATE_SUCCEEDED"}
+        return {"name": self.name, "metadata": md,
+                "done": self.state not in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING")}
 
 
 def _parse(body: dict[str, Any]) -> tuple[str, str | None, bytes | None]:
@@ -221,6 +222,7 @@ class FakeGemini:
         default: reply after the script is used up.
         latency_s: seconds every answer is delayed.
         hold_batches: Batch API jobs stay RUNNING while True.
+        batch_end_state: the state a released job ends in (``BATCH_STATE_SUCCEEDED``, ``..._FAILED``, ...).
     """
 
     script: Iterable[Reply] = ()
@@ -228,6 +230,7 @@ class FakeGemini:
     latency_s: float = 0.0
     requests: list[Recorded] = field(default_factory=list)
     hold_batches: bool = False
+    batch_end_state: str = "BATCH_STATE_SUCCEEDED"
     batches: dict[str, FakeBatch] = field(default_factory=dict)
     batch_calls: list[tuple[str, str]] = field(default_factory=list)
 
@@ -292,9 +295,11 @@ class FakeGemini:
             if job is None:
                 return self._send(handler, 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": path}})
             job.polls += 1
-            if job.state != "BATCH_STATE_SUCCEEDED":
+            if job.state in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"):
                 if self.hold_batches:
                     job.state = "BATCH_STATE_RUNNING"
+                elif self.batch_end_state != "BATCH_STATE_SUCCEEDED":
+                    job.state = self.batch_end_state
                 else:
                     job.responses = []
                     for r in job.requests:

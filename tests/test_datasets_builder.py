@@ -753,3 +753,61 @@ def test_batch_needs_gemini(tmp_path, capsys):
     assert main(["build-dataset", "--ldctiqa", str(data), "--batch", "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 2
     assert "--batch needs --teacher gemini" in capsys.readouterr().err
+
+
+def test_batch_errors_are_recorded_and_asked_again(tmp_path):
+    """A request that fails inside a succeeded job, and a whole job that fails: each request gets a batch_error
+    in the cache (for the audit), and the next run submits only those again."""
+    data = make_ldctiqa(tmp_path / "ld", n=10, simulated=False)
+    cache = tmp_path / "cache.jsonl"
+    opts = BuildOptions(ldctiqa=data, teacher="gemini", out=tmp_path / "out", split="stratified", cache=cache,
+                        batch=True, batch_poll_s=0.05, progress=False)
+    with FakeGemini(script=[status(400, "Request contains an invalid argument.")]) as srv:
+        res = build_dataset(opts, teacher=gemini_teacher(srv.url))
+    failed = [it for it in res.items if it.status == "failed"]
+    assert len(failed) == 1 and failed[0].result.error.startswith("batch_error: 400")
+    with FakeGemini(batch_end_state="BATCH_STATE_FAILED") as srv:
+        with pytest.raises(CTIQAError, match="no rows for split"):
+            build_dataset(BuildOptions(**{**opts.__dict__, "limit": 1}), teacher=gemini_teacher(srv.url))
+        (job,) = srv.batches.values()
+    assert len(job.requests) == 1  # only the failed image was asked again
+    with FakeGemini() as srv:
+        res = build_dataset(opts, teacher=gemini_teacher(srv.url))
+        (job,) = srv.batches.values()
+    assert len(job.requests) == 1 and res.stats.cached_ok == 8 and res.stats.new_ok == 1
+
+
+def test_pack_jobs_keeps_inline_requests_under_the_limit():
+    from types import SimpleNamespace
+
+    from datasets_builder.batch import pack_jobs
+
+    items = [SimpleNamespace(png=b"x" * n) for n in (300_000, 300_000, 900_000, 10, 2_000_000)]
+    groups = pack_jobs(items, max_bytes=1_500_000)
+    assert [len(g) for g in groups] == [2, 2, 1]
+    assert [it for g in groups for it in g] == items
+    for g in groups:
+        assert len(g) == 1 or sum(len(it.png) * 4 // 3 + 4096 for it in g) <= 1_500_000
+
+
+def test_openai_client_returns_token_logprobs():
+    lp = {"content": [{"token": "Score", "logprob": -0.01, "bytes": None,
+                       "top_logprobs": [{"token": "Score", "logprob": -0.01, "bytes": None},
+                                        {"token": "Quality", "logprob": -4.6, "bytes": None}]}]}
+    code, body, headers = _completion("Score: 3.0")
+    body["choices"][0]["logprobs"] = lp
+    srv = _FakeOpenAI([(code, body, headers)])
+    client = OpenAICompatClient("local-vlm", base_url=srv.url, retry=FAST, top_logprobs=2)
+
+    async def run():
+        try:
+            return await client.generate(Image.new("RGB", (8, 8)), "Rate this image.")
+        finally:
+            await client.aclose()
+
+    res = asyncio.run(run())
+    srv.server.shutdown()
+    sent = srv.requests[0][1]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 2
+    assert res.ok and res.logprobs == [{"token": "Score", "logprob": -0.01, "top": [
+        {"token": "Score", "logprob": -0.01}, {"token": "Quality", "logprob": -4.6}]}]
