@@ -725,8 +725,8 @@ def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[fl
         for it in items:
             if it.status == "failed" and it.result is not None and it.result.reason not in examples:
                 examples[it.result.reason] = it.result.error
-        for reason, error in examples.items():
-            p(f"  e.g. {error}" if reason else "")
+        for error in examples.values():
+            p(f"  e.g. {error}")
     if prov["rejections"]:
         p("rejected rationales (left out): " + ", ".join(f"{k} {v}" for k, v in sorted(prov["rejections"].items())))
     if out is not None:
