@@ -11,7 +11,6 @@ builds one from CLI names. The clients, retries, results, costs and the config e
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -90,7 +89,7 @@ class TemplateTeacher:
     """Offline teacher for SIMULATED data: writes a short rationale (about 30-60 words) from the known degradation.
 
     Noise wording follows the expected quantum-noise standard deviation of the level (``noise_sigma_hu`` from
-    degradations.json, else ``9 HU / sqrt(dose_fraction * n_views / 1024)``, ctiqa.simulation's calibration),
+    degradations.json, else :func:`ctiqa.simulation.expected_noise_hu`, the simulator's calibration),
     streak wording the number of projection views, edge and low-contrast wording and the verdict the score.
     Synonyms and sentence order are drawn from a RNG seeded by (``seed``, score, dose, views), so the text is
     reproducible but varied. Wording is anatomy-neutral (simulated base slices are head, chest, spine and
@@ -107,7 +106,6 @@ class TemplateTeacher:
 
     cacheable = False
     model_id = "ctiqa-template-v1"
-    FULL_DOSE_NOISE_HU = 9.0  # ctiqa.simulation.FULL_DOSE_NOISE_HU
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -164,7 +162,11 @@ class TemplateTeacher:
                 "--teacher gemini or --teacher openai")
         dose, views = float(md["dose_fraction"]), int(md["n_views"])
         sigma = md.get("noise_sigma_hu")
-        sigma = float(sigma) if sigma is not None else self.FULL_DOSE_NOISE_HU / math.sqrt(dose * views / 1024)
+        if sigma is None:
+            from ctiqa.simulation import expected_noise_hu
+
+            sigma = expected_noise_hu(dose, views)
+        sigma = float(sigma)
         rng = random.Random(f"{self.seed}|{score:.3f}|{dose:.4f}|{views}")
         noise = rng.choice(next(p for hi, p in self._NOISE if sigma < hi))
         streak = rng.choice(next(p for lo, p in self._STREAK if views >= lo))
