@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("ctiqa.evaluation", "score a model (or Gemini, or a predictions file) against true scores"),
     "report": ("ctiqa.report", "Table-1-style comparison of several evaluation result folders"),
     "predict": ("ctiqa.predict", "score your own CT: DICOM series, DICOM/TIFF/PNG files"),
+    "app": ("ctiqa.app", "a Gradio app: upload CT, see scores, rationales, findings (needs the app extra)"),
     "html": ("ctiqa.html_report", "render an evaluation folder as one self-contained HTML report"),
     "export": ("ctiqa.export", "merge a LoRA adapter into its base: a full model folder for vLLM / transformers serve"),
 }

@@ -128,6 +128,9 @@ def series_plot(rows: list[dict], out: str | Path | None = None, title: str = ""
     for i in worst or []:
         ax.axvline(i, color="C3", lw=0.8, ls=":")
     ax.set_ylim(SCORE_MIN - 0.1, SCORE_MAX + 0.1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("slice (index along the slice normal)")
     ax.set_ylabel("score (0 bad - 4 excellent)")
     ax.grid(alpha=0.3)
