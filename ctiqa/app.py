@@ -34,12 +34,14 @@ The scoring endpoint is also an API (``api_name="score"``), usable with ``gradio
 # gr.Progress) as objects, and gradio is imported lazily inside build_app.
 import argparse
 import atexit
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,28 +60,53 @@ DELETE_CACHE = (600, 3600)
 
 @dataclass
 class Scorer:
-    """A loaded model and the settings it was trained with (as for ``ctiqa predict``)."""
+    """What scores the slices: an in-process model (:meth:`load`) or an OpenAI-compatible server (:meth:`server`),
+    with the settings it was trained with (as for ``ctiqa predict``).
 
-    lm: Any
-    fmt: str = DEFAULT_TARGET_FORMAT
+    Attributes:
+        backend: ``score_only -> ctiqa.predict.Backend`` (images -> one prediction dict per image).
+        name: the model as shown on the page.
+    """
+
+    backend: Callable[[bool], Any]
+    name: str
     encoding: str = "soft-tissue"
     unit_is_hu: bool = False
-    max_new_tokens: int = 512
     batch_size: int = 4
 
     @classmethod
     def load(cls, model: str | None = None, adapter: str | None = None, *, precision: str = "auto",
+             fmt: str = DEFAULT_TARGET_FORMAT, max_new_tokens: int = 512, batch_size: int = 4,
              **settings: Any) -> "Scorer":
-        """Load ``model``/``adapter`` with :func:`ctiqa.inference.load_model` (default: :func:`demo_model`)."""
+        """Load ``model``/``adapter`` with :func:`ctiqa.inference.load_model` (default: :func:`demo_model`) and
+        score with :func:`ctiqa.predict.model_backend`."""
         from ctiqa.inference import load_model
+        from ctiqa.predict import model_backend
 
         if model is None and adapter is None:
             model = str(demo_model())
-        return cls(load_model(model, adapter, precision=precision), **settings)
+        lm = load_model(model, adapter, precision=precision)
+        backends = {so: model_backend(lm, fmt=fmt, score_only=so, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size) for so in (False, True)}
+        name = " + ".join(str(x) for x in (lm.model_id, lm.adapter) if x)
+        return cls(backends.__getitem__, name, batch_size=batch_size, **settings)
 
-    def describe(self) -> str:
-        """``model [+ adapter]`` for the page header."""
-        return " + ".join(str(x) for x in (self.lm.model_id, self.lm.adapter) if x)
+    @classmethod
+    def server(cls, url: str, model: str, *, fmt: str = DEFAULT_TARGET_FORMAT, max_new_tokens: int = 512,
+               concurrency: int = 8, **settings: Any) -> "Scorer":
+        """Score through an OpenAI-compatible inference server (:class:`ctiqa.serving.ServerScorer`) serving
+        ``model``.
+
+        Raises:
+            CTIQAError: this version of ctiqa has no server backend.
+        """
+        try:
+            from ctiqa.serving import ServerScorer
+        except ImportError as e:
+            raise CTIQAError("--server needs ctiqa.serving, which this version of ctiqa does not have") from e
+        backends = {so: ServerScorer(url, model, fmt=fmt, score_only=so, max_new_tokens=max_new_tokens,
+                                     concurrency=concurrency) for so in (False, True)}
+        return cls(backends.__getitem__, f"{model} at {url}", batch_size=max(4, 4 * concurrency), **settings)
 
 
 def demo_model() -> Path:
@@ -119,10 +146,12 @@ def gather_uploads(paths: list[str | Path], workdir: Path, show_names: bool = Fa
     folder); each TIFF/PNG/JPEG file is its own series (a multi-page TIFF gives one slice per page).
 
     Args:
-        paths: the uploaded files. workdir: an empty private folder (DICOM files are linked and zips extracted
-            into it; the pixels are read into memory, so it can be removed afterwards). show_names: name series after the uploaded file (zip, image) instead of ``upload N``.
+        paths: the uploaded files. workdir: an empty private folder, kept while the series are read (loose DICOM
+            files are linked into ``workdir/dicom`` as ``upload_N.ext``, zips extracted into ``workdir/zipN``).
+        show_names: name series and links after the uploaded files instead of ``upload N``.
     Returns:
-        (series list, ``{path string: label}`` to replace upload paths in messages).
+        (series list, labels: upload path, working path or link name -> ``upload N`` (the file name with
+        ``show_names``), to name uploads in messages without their file names).
     """
     from ctiqa.predict import gather_series
 
@@ -152,7 +181,7 @@ def gather_uploads(paths: list[str | Path], workdir: Path, show_names: bool = Fa
             if (dicom_dir / name).exists():  # two uploads of the same name
                 name = f"{n}_{name}"
             (dicom_dir / name).symlink_to(p.resolve())
-            labels[str(dicom_dir / name)] = label
+            labels[str(dicom_dir / name)] = labels[name] = label
     if dicom_dir.exists():
         inputs.insert(0, str(dicom_dir))
         ids.insert(0, "DICOM")
@@ -186,40 +215,48 @@ def download_links(rows: list[dict[str, Any]]) -> str:
 
 def score_uploads(scorer: Scorer, paths: list[str | Path], *, show_names: bool = False,
                   score_only: bool = False) -> tuple[str, list[dict[str, Any]]]:
-    """Score uploaded files; the app's one scoring function. Zips are extracted into a temporary folder that is
-    removed before returning; nothing else is written.
+    """Score uploaded files; the app's one scoring function (:func:`ctiqa.predict.score_series` with the
+    scorer's backend, nothing written to disk but the zips extracted into a temporary folder removed before
+    returning).
 
     Returns:
         (HTML fragment: download links + the report body of :func:`ctiqa.html_report.predict_body`, slice rows
-        as ``ctiqa predict`` writes them plus ``findings``/``claims`` where available).
+        as ``ctiqa predict`` writes them plus ``findings``/``claims`` where available; skipped inputs are listed
+        on the page, not in the rows).
     Raises:
         CTIQAError: nothing uploaded, or nothing readable (the message says why each upload was skipped).
     """
-    import contextlib
-    import io
-
     from ctiqa.html_report import embeddable, predict_body, prepare_series
-    from ctiqa.predict import predict
+    from ctiqa.predict import RowSink, score_series, summarise
 
     if not paths:
         raise CTIQAError("upload DICOM files, a zipped DICOM series folder, TIFF or PNG files first")
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+
+    def on_row(row: dict[str, Any]) -> None:
+        name = row.pop("file", None)  # the working name: a label for loose files, the member name in a zip
+        if row.get("skipped"):
+            where = labels.get(name or "") or (row["series"] + ("" if row.get("slice") is None
+                                                                else f" slice {row['slice']}"))
+            skipped.append(f"{where}: {_private(row['skipped'], labels)}")
+            return
+        if show_names and name is not None:
+            row["file"] = Path(name).name if Path(name).is_absolute() else name
+        rows.append(row)
+
     with tempfile.TemporaryDirectory(prefix="ctiqa-work-") as work:
         series, labels = gather_uploads(paths, Path(work), show_names)
-        if not any(s.slices for s in series):
-            raise CTIQAError("nothing could be read: " + "; ".join(
-                f"{_private(path, labels)}: {_private(msg, labels)}" for s in series for path, msg in s.errors))
-        with contextlib.redirect_stderr(io.StringIO()):  # predict() names skipped files on stderr: not in logs
-            rows, summaries = predict(series, scorer.lm, fmt=scorer.fmt, encoding=scorer.encoding,
-                                      score_only=score_only, batch_size=scorer.batch_size,
-                                      max_new_tokens=scorer.max_new_tokens, unit_is_hu=scorer.unit_is_hu,
-                                      file_names=show_names)
-        skipped = sorted({f"{_private(path, labels)}: {_private(msg, labels)}" for s in series
-                          for path, msg in s.errors})
-    for r in rows:
-        if "file" in r:
-            r["file"] = Path(_private(r["file"], labels)).name
-    images = prepare_series(rows, series, scorer.encoding, scorer.unit_is_hu)
-    body = predict_body(rows, summaries, images, model=scorer.describe(), skipped=skipped)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # skipped files: on the page only
+            score_series(series, scorer.backend(score_only), RowSink(None, {}, show_names),
+                         encoding=scorer.encoding, batch_size=scorer.batch_size, unit_is_hu=scorer.unit_is_hu,
+                         file_names=True, on_row=on_row)
+        if not rows:
+            raise CTIQAError("nothing could be read: " + "; ".join(skipped))
+        images = prepare_series(rows, series, scorer.encoding, scorer.unit_is_hu)  # reads the pixels again
+    summaries = [summarise(s.id, [r for r in rows if r["series"] == s.id]) for s in series
+                 if any(r["series"] == s.id for r in rows)]
+    body = predict_body(rows, summaries, images, model=scorer.name, skipped=skipped)
     return embeddable(download_links(rows) + body), rows
 
 
@@ -268,7 +305,7 @@ def build_app(scorer: Scorer, *, title: str = "ctiqa: CT image quality") -> Any:
 
     with gr.Blocks(title=title, delete_cache=DELETE_CACHE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nScores on the LDCTIQA 0-4 scale (0 bad, 1 poor, 2 fair, 3 good, 4 excellent) with "
-                    f"a written rationale, by `{scorer.describe()}`. Upload DICOM files (one series or several), a "
+                    f"a written rationale, by `{scorer.name}`. Upload DICOM files (one series or several), a "
                     "zipped series folder, TIFF or PNG. Nothing leaves this machine; no DICOM metadata is shown; "
                     "uploads are deleted when you close this tab.")
         with gr.Row():
@@ -318,6 +355,6 @@ def cli_main(args: argparse.Namespace) -> int:
                          encoding=args.encoding, unit_is_hu=args.unit_is_hu, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size)
     demo = build_app(scorer)
-    print(f"ctiqa app: model {scorer.describe()}; uploads kept in a private folder removed at exit", flush=True)
+    print(f"ctiqa app: model {scorer.name}; uploads kept in a private folder removed at exit", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, quiet=False)
     return 0
