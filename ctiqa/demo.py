@@ -25,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+#: The checkout the demo runs in: the current folder (``make demo`` runs from the checkout root). The demo needs the
+#: checkout's ``recipes/``, so it refuses to start elsewhere (e.g. from a non-editable install).
+REPO = Path.cwd()
 #: demo sizes: ~600 crops of 128 px (issue 6 prototype figures), seed fixed.
 N_IMAGES = 600
 CROP_PX = 128
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-images", type=int, default=N_IMAGES)
     ap.add_argument("--config", default="recipes/tiny/sft/config_cpu.yaml")
     args = ap.parse_args(argv)
+    if not (REPO / "recipes" / "sft.py").is_file():
+        ap.error(f"run the demo from a ctiqa checkout (`make demo`): {REPO} has no recipes/sft.py")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})

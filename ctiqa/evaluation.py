@@ -443,6 +443,8 @@ def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> d
 
     repo = Path(__file__).resolve().parent.parent
     try:
+        if not (repo / "pyproject.toml").is_file():  # an installed copy: the surrounding folder's git is not ours
+            raise OSError
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
         dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],

@@ -29,7 +29,8 @@ keys of :class:`ctiqa.inference.ImagePrediction` (``text``, ``parsed_score``, ``
 row (add them to :data:`ROW_COLUMNS` for CSV). :func:`model_backend` wraps an in-process model; a server backend
 plugs into :func:`score_series` the same way.
 
-Without ``--model``/``--adapter`` the model trained by ``make demo`` (``runs/demo/model``) is used, offline.
+Without ``--model``/``--adapter`` the model trained by ``make demo`` (``runs/demo/model`` under the current folder:
+call it from the checkout where ``make demo`` ran) is used, offline.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ from ctiqa import CTIQAError
 from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
-#: The model ``make demo`` trains (used when no model is given).
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "runs" / "demo" / "model"
+#: The model ``make demo`` trains (used when no model is given), relative to the current folder: the package may
+#: be installed anywhere (a non-editable ``pip install .``), the demo's outputs live in the checkout it ran in.
+DEMO_MODEL = Path("runs") / "demo" / "model"
 #: How many lowest-scoring slices a series summary lists.
 N_WORST = 3
 #: Up to this many slice rows are also printed as a table at the end (more: see --out).
@@ -497,8 +499,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ctiqa predict``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="DICOM file, folder (tree) of DICOM files, TIFF or PNG/JPEG file")
-    parser.add_argument("--model", help="base model Hub id or folder (default: the model `make demo` trained, "
-                        "or the adapter's base model)")
+    parser.add_argument("--model", help="base model Hub id or folder (default: runs/demo/model under the current "
+                        "folder, the model `make demo` trained; or the adapter's base model)")
     parser.add_argument("--adapter", help="PEFT adapter Hub id or folder (as pushed by recipes/sft.py)")
     parser.add_argument("--out", type=Path, help="write slice rows to FILE.jsonl or FILE.csv as they are scored (a "
                         "re-run resumes); the per-series summary goes to FILE.series.jsonl / .csv beside it")
@@ -541,8 +543,8 @@ def cli_main(args: argparse.Namespace) -> int:
     model, adapter = args.model, args.adapter
     if model is None and adapter is None:
         if not DEMO_MODEL.exists():
-            raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL}: run `make demo` first or pass "
-                             "--model/--adapter")
+            raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL.absolute()}: run `make demo` in a "
+                             "ctiqa checkout and call ctiqa predict from there, or pass --model/--adapter")
         model = str(DEMO_MODEL)
     if args.html is not None:
         from ctiqa.html_report import check_html_path, write_predict_report
