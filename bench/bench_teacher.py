@@ -1,7 +1,7 @@
 """Teacher throughput: concurrency 16 vs 1 against a local fake Gemini server with 1 s latency per answer.
 
 Runs the real pipeline: :func:`datasets_builder.build.annotate` -> :class:`LLMTeacher` -> :class:`GeminiClient`
--> google-genai SDK -> HTTP -> tests/fake_gemini.py in a separate process (threaded, every answer delayed
+-> google-genai SDK -> HTTP -> :mod:`ctiqa.testing.fake_gemini` in a separate process (threaded, every answer delayed
 ``--latency`` seconds),
 with the on-disk answer cache (append + fsync per answer) in a fresh temporary file for each run.
 
@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-from ctiqa.clients import GeminiClient  # noqa: E402
-from ctiqa.prompts import PROMPT_VERSION  # noqa: E402
-from datasets_builder.build import Item, annotate  # noqa: E402
-from datasets_builder.cache import AnswerCache, image_sha256  # noqa: E402
-from datasets_builder.teachers import LLMTeacher  # noqa: E402
+from ctiqa.clients import GeminiClient
+from ctiqa.prompts import PROMPT_VERSION
+from datasets_builder.build import Item, annotate
+from datasets_builder.cache import AnswerCache, image_sha256
+from datasets_builder.teachers import LLMTeacher
 
 
 def make_items(n: int, size: int = 512) -> list[Item]:
@@ -78,7 +77,7 @@ def main() -> int:
     a = ap.parse_args()
     items = make_items(a.items, a.size)
     # the server runs in its own process so that its JSON/base64 work does not share our GIL
-    server = subprocess.Popen([sys.executable, str(TESTS / "fake_gemini.py"), "--latency", str(a.latency)],
+    server = subprocess.Popen([sys.executable, "-m", "ctiqa.testing.fake_gemini", "--latency", str(a.latency)],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()

@@ -6,7 +6,7 @@ Builds the tiny model (``ctiqa tiny-model``), then runs ``accelerate launch --cp
 recipes (``config_cpu.yaml``: the demo's full fine-tuning; ``config_qlora_cpu.yaml``: QLoRA) for ``--steps`` optimiser
 steps (no evaluation, no checkpoints, no example check) and prints examples/s, tokens/s (real tokens of the
 batches, from TRL's ``num_tokens``), seconds per step, the whole command's wall time and its peak resident memory. Dataset: ``--dataset`` (e.g. the demo's, from ``ctiqa build-dataset``), else a small
-synthetic one in the same schema (tests/sft_data.py).
+synthetic one in the same schema (:mod:`ctiqa.testing.sft_data`).
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = count_parameters(AutoModelForImageTextToText.from_pretrained(model))
         dataset = args.dataset
         if dataset is None:
-            sys.path.insert(0, str(REPO / "tests"))
-            from sft_data import write_dataset
+            from ctiqa.testing.sft_data import write_dataset
 
             dataset = write_dataset(tmp / "dataset", {"train": 128, "validation": 8, "test": 8})
         print(f"tiny model: {counts['total'] / 1e6:.3f} M parameters (vision {counts['vision'] / 1e6:.3f} M, "

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from loopback import start_server, stop_server
+from ctiqa.testing.loopback import start_server, stop_server
 
 USER = "tester"
 TOKEN = "hf_fake_token_for_tests"

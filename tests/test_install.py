@@ -58,7 +58,7 @@ def test_non_editable_install_predicts_and_evaluates(tmp_path):
     rows = [json.loads(line) for line in (work / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 <= rows[0]["prob_score"] <= 4
 
-    from sft_data import write_dataset
+    from ctiqa.testing.sft_data import write_dataset
 
     data = write_dataset(work / "dataset")
     from datasets import load_dataset
