@@ -476,7 +476,7 @@ def _ct_without_rescale(stored: np.ndarray, padding: np.ndarray | None, source: 
         hu = stored + UINT16_HU_INTERCEPT
         _warn(notes, f"{source}: CT without Rescale Slope/Intercept (required by DICOM); stored values "
                      f"{float(body.min()):g}..{float(body.max()):g} read with the usual CT intercept "
-                     f"{UINT16_HU_INTERCEPT:g} (darkest 0.5 % then at {p_lo + UINT16_HU_INTERCEPT:.0f} HU, air); "
+                     f"{UINT16_HU_INTERCEPT:g} (darkest 0.5 % then at {p_lo + UINT16_HU_INTERCEPT:.0f} HU); "
                      "the DICOM default intercept 0 would put air at 0 HU")
         return hu
     raise CTIQAError(

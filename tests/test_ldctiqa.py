@@ -98,6 +98,17 @@ def test_degradations_metadata(tmp_path):
         load_ldctiqa(root)
 
 
+def test_validate_counts_images_adjusted_on_reading(tmp_path, capsys):
+    root = make_set(tmp_path / "s")
+    x = np.linspace(-0.1, 1.1, 32 * 32, dtype=np.float32).reshape(32, 32)  # a denoiser's overshoot
+    tifffile.imwrite(root / "image" / "0003.tif", x)
+    rep = validate(load_ldctiqa(root))
+    assert list(rep.notes) == ["0003"] and "clipped" in rep.notes["0003"][0] and rep.kind == "unit"
+    assert main(["validate", str(root)]) == 0
+    cap = capsys.readouterr()
+    assert "adjusted on reading: 1 image(s)" in cap.out and "warning" not in cap.err  # one summary, not N lines
+
+
 def test_duplicate_label_key_is_an_error_naming_it(tmp_path):
     root = make_set(tmp_path / "s")
     body = ", ".join(f'"{i}.tif": {s}' for i, s in scores_for().items())
