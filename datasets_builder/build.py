@@ -534,7 +534,8 @@ def check_options(opts: BuildOptions) -> None:
 
     Raises:
         CTIQAError: no output target; a count or time that is not positive; unknown format; ``--batch`` without
-            ``--teacher gemini``; ``--out`` holding files ctiqa did not write.
+            ``--teacher gemini``; ``--cache`` a folder; ``--out`` holding files ctiqa did not write;
+            ``--push-to-hub`` without a token.
     """
     from ctiqa import prompts
 
@@ -549,8 +550,15 @@ def check_options(opts: BuildOptions) -> None:
         raise CTIQAError(f"unknown --format {opts.format!r}; choose one of {', '.join(prompts.TARGET_FORMATS)}")
     if opts.batch and opts.teacher != "gemini":
         raise CTIQAError(f"--batch needs --teacher gemini (the Gemini Batch API), not --teacher {opts.teacher}")
+    if opts.cache is not None and opts.cache.is_dir():
+        raise CTIQAError(f"--cache {opts.cache} is a folder; give a file (e.g. {opts.cache / 'answers.jsonl'})")
     if opts.out is not None:
         owned_files(opts.out)
+    if opts.push_to_hub is not None:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise CTIQAError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
 
 
 def _cost(results: list[CallResult], price: tuple[float, float] | None) -> float | None:
@@ -788,8 +796,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run ``ctiqa build-dataset``; returns 0, or 1 when a split ended without rows (:class:`EmptySplitError`,
-    printed as ``error: ...``); any other CTIQAError propagates to the dispatcher (exit 2)."""
+    """Run ``ctiqa build-dataset``; returns 0, 1 when a split ended without rows (:class:`EmptySplitError`,
+    printed as ``error: ...``), 130 on Ctrl-C (what arrived is kept); any other CTIQAError propagates to the
+    dispatcher (exit 2)."""
     budget = args.thinking_budget
     opts = BuildOptions(
         ldctiqa=args.ldctiqa, teacher=args.teacher, out=args.out, push_to_hub=args.push_to_hub, public=args.public,
@@ -805,4 +814,8 @@ def cli_main(args: argparse.Namespace) -> int:
     except EmptySplitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: answers that arrived are in the cache and open batch jobs in the job log; re-run the "
+              "same command to resume", file=sys.stderr)
+        return 130
     return 0

@@ -598,15 +598,22 @@ def test_rebuild_into_our_own_folder_keeps_files_we_did_not_write(tmp_path):
     assert (out / "notes.txt").read_text() == "kept" and (out / "README.md").exists()
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--limit", "0"), ("--concurrency", "0"), ("--limit", "-3")])
-def test_non_positive_counts_refused_before_any_work(tmp_path, capsys, monkeypatch, flag, value):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--limit", "0"], "--limit must be positive"), (["--concurrency", "0"], "--concurrency must be positive"),
+    (["--limit", "-3"], "--limit must be positive"), (["--max-shard-mb", "0"], "--max-shard-mb must be positive"),
+    (["--cache", "."], "is a folder"), (["--push-to-hub", "me/ds"], "needs a Hugging Face token")])
+def test_bad_options_refused_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     from ctiqa.cli import main
 
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no stored token either
     data = make_ldctiqa(tmp_path / "sim", n=8)
     _no_render(monkeypatch)
     assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(tmp_path / "o"),
-                 "--no-progress", flag, value]) == 2
-    assert f"{flag} must be positive" in capsys.readouterr().err and not (tmp_path / "o").exists()
+                 "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_missing_api_key_is_found_before_rendering(tmp_path, capsys, monkeypatch):
