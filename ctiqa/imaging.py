@@ -20,8 +20,9 @@ How the kind is detected (explicit rules; nothing is clipped silently)
   top-level Rescale Slope/Intercept or Modality LUT Sequence via :func:`pydicom.pixels.apply_modality_lut`) in
   float64, so uint16 storage with intercept -1024 never overflows; Pixel Padding Value pixels become air
   (:data:`AIR_HU`); axis-aligned axial slices stored flipped are flipped to the standard display orientation.
-  Window Center/Width in the file are ignored (ctiqa applies its own, recorded windows). Modality CT -> ``"hu"``; an 8-bit image of
-  another modality without rescale -> ``"display"`` (MONOCHROME1 inverted); anything else is refused.
+  Window Center/Width in the file are ignored (ctiqa applies its own, recorded windows). Modality CT -> ``"hu"``; an 8-bit secondary capture
+  (Modality OT or missing) without rescale -> ``"display"`` (MONOCHROME1 inverted); anything else is refused
+  (MR, US, NM, ..., and 1-bit segmentations/overlays, whatever their modality).
   Colour DICOM (RGB/YBR/palette: secondary captures, screenshots) is refused: it holds no CT values.
   A CT without Rescale Slope/Intercept (Type 1 in the CT Image module, DICOM PS3.3 C.8.2.1, so the file is
   non-conformant) is decided from its stored values (padding excluded; ``p_lo``/``p_hi`` = 0.5th/99.5th
@@ -544,7 +545,10 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
         lo, hi = float(values.min()), float(values.max())
         if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
             raise CTIQAError(f"{source}: values {lo:g}..{hi:g} after the modality LUT are not plausible HU")
-    elif not has_lut and arr.dtype == np.uint8:
+    elif int(ds.get("BitsAllocated", 8) or 8) == 1:
+        raise CTIQAError(f"{source}: 1-bit (binary) image, Modality {modality or 'missing'}: a segmentation or "
+                         "overlay, not CT values")
+    elif not has_lut and arr.dtype == np.uint8 and modality in ("OT", ""):
         kind = "display"
         if photometric == "MONOCHROME1":  # 0 = white: invert to the grey levels of a MONOCHROME2 display
             values = 255.0 - values

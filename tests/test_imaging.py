@@ -484,6 +484,10 @@ def test_excess_frames_colour_and_tiny_dicom_are_one_line_errors(tmp_path):
     for name in ("SC_rgb.dcm", "SC_rgb_2frame.dcm", "OBXXXX1A.dcm"):  # RGB secondary captures, palette colour
         with pytest.raises(CTIQAError, match=rf"{name}.*: colour DICOM"):
             read_ct_frames(_testdata(name))
+    with pytest.raises(CTIQAError, match=r"liver\.dcm.*: 1-bit \(binary\) image, Modality SEG"):
+        read_ct_frames(_testdata("liver.dcm"))  # a segmentation: its mask is not an image to grade
+    with pytest.raises(CTIQAError, match=r"JPGLosslessP14SV1_1s_1f_8b\.dcm: not a CT image \(Modality US\)"):
+        read_ct(_testdata("JPGLosslessP14SV1_1s_1f_8b.dcm"))  # 8-bit grey ultrasound
     with pytest.raises(CTIQAError, match=rf"dot\.dcm: image is 1x1 pixels; ctiqa needs at least {MIN_IMAGE_SIZE}"):
         read_ct(_one_pixel(tmp_path))
     tifffile.imwrite(tmp_path / "dot.tif", np.full((1, 1), 0.5, np.float32))
@@ -560,3 +564,15 @@ def test_cli_render_prints_a_warning_line(tmp_path, capsys):
     cap = capsys.readouterr()
     assert cap.err.startswith("warning: ") and "o.tif" in cap.err and cap.err.count("\n") == 1
     assert "unit 16x16" in cap.out and "1 warning(s)" in cap.out
+
+
+@pytest.mark.parametrize("photometric, expected", [("MONOCHROME2", [0, 100, 255]), ("MONOCHROME1", [255, 155, 0])])
+def test_grey_secondary_capture_is_a_display_image(tmp_path, photometric, expected):
+    path = write_ct_dicom(tmp_path / "sc.dcm", [[0, 100, 255]], intercept=None, modality="OT")
+    ds = pydicom.dcmread(path)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PhotometricInterpretation = photometric  # MONOCHROME1: 0 is white
+    ds.PixelData = tile(np.array([[0, 100, 255]], np.uint8)).tobytes()
+    ds.save_as(path)
+    img = read_ct(path)
+    assert img.kind == "display" and img.pixels[0, :3].tolist() == expected
