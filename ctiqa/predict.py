@@ -42,12 +42,13 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctiqa import CTIQAError
+from ctiqa import CTIQAError, CTIQAWarning
 from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
@@ -405,7 +406,9 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
                     bar.update(1)
                     continue
                 try:
-                    items = _read(ref, cache)
+                    with warnings.catch_warnings():  # shown below from img.notes, named like skipped inputs
+                        warnings.simplefilter("ignore", CTIQAWarning)
+                        items = _read(ref, cache)
                 except CTIQAError as e:
                     skip(s.id, None if ref.frame == "all" else ref.index, ref.name, str(ref.path), str(e))
                     bar.update(1)
@@ -418,6 +421,10 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
                         counts["resumed"] += 1
                         bar.update(1)
                         continue
+                    for note in img.notes:  # what reading assumed or clipped (imaging.CTImage.notes)
+                        where = str(ref.path) if file_names else f"{s.id} slice {index}"
+                        tqdm.write(f"warning {where}: {note if file_names else _reason(note, ref.path)}",
+                                   file=sys.stderr)
                     try:
                         image = render(img, encoding, unit_is_hu=unit_is_hu)
                     except CTIQAError as e:

@@ -576,3 +576,17 @@ def test_grey_secondary_capture_is_a_display_image(tmp_path, photometric, expect
     ds.save_as(path)
     img = read_ct(path)
     assert img.kind == "display" and img.pixels[0, :3].tolist() == expected
+
+
+def test_predict_shows_reading_notes_without_the_file_name(tmp_path, capsys):
+    """A CT without Rescale Intercept scored by `ctiqa predict`: the assumption is said, named like skipped inputs
+    (series and slice; the file name, often a SOP Instance UID, only with --file-names)."""
+    from ctiqa.predict import RowSink, gather_series, score_series
+
+    path = _without_rescale(_testdata("CT_small.dcm"), tmp_path / "1.2.826.0.1.3680043.8.498.1.dcm")
+    for file_names in (False, True):
+        score_series(gather_series([str(path)], ids=["patientA"]), lambda images: [{"prob_score": 2.0}] * len(images),
+                     RowSink(None, {}, file_names), encoding="soft-tissue", batch_size=1, file_names=file_names)
+        err = capsys.readouterr().err
+        assert "warning patientA slice 0: CT without Rescale Slope/Intercept" in err or file_names
+        assert ("1.2.826.0.1.3680043" in err) == file_names
