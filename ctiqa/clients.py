@@ -643,14 +643,26 @@ class OpenAICompatClient:
                                           or "not-needed", timeout=timeout_s, max_retries=0)
 
     async def generate(self, image: Image.Image, prompt: str, system: str | None = None,
-                       schema: dict[str, Any] | None = None) -> CallResult:
+                       schema: dict[str, Any] | None = None, *, prefix: str | None = None,
+                       max_tokens: int | None = None) -> CallResult:
+        """One image + prompt -> :class:`CallResult`.
+
+        Args:
+            prefix: the start of the answer, continued by the model (vLLM's ``continue_final_message``: the
+                rendered prompt ends with ``prefix`` instead of a closed assistant turn; other servers may refuse
+                it). max_tokens: answer budget of this call (default ``max_output_tokens``).
+        """
         import base64
 
         url = "data:image/png;base64," + base64.b64encode(await asyncio.to_thread(png_bytes, image)).decode("ascii")
         messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                      {"type": "text", "text": prompt}]})
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_output_tokens}
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages,
+                                  "max_tokens": max_tokens or self.max_output_tokens}
+        if prefix is not None:
+            messages.append({"role": "assistant", "content": prefix})
+            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         if self.temperature is not None:
             kwargs["temperature"] = self.temperature
         if schema is not None:

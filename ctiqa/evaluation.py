@@ -621,6 +621,8 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
     parser.add_argument("--html", nargs="?", const="", metavar="FILE.html",
                         help="also write a self-contained HTML report (default OUT/report.html): per-sample table "
                         "sortable by error, images, plots")
+    parser.add_argument("--server", metavar="URL", help="score through an OpenAI-compatible inference server (vLLM, "
+                        "transformers serve) at URL; --model is the served model name (ctiqa.serving)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
@@ -665,6 +667,11 @@ def cli_main(args: argparse.Namespace) -> int:
 
     samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit, sizes=sizes)
     fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
+    if args.server:  # an OpenAI-compatible inference server
+        from ctiqa.serving import evaluate_cli
+
+        kw = evaluate_cli(args, samples, fmt, out)
+        return _done(kw.pop("records"), out, args, n_split=sizes.get("n_split"), **kw)
     if mode == "api":
         model = args.model or APIS[args.api]
         decoding = {"temperature": 0.0, **({"thinking_budget": args.thinking_budget} if args.api == "gemini" else {})}

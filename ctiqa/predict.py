@@ -530,13 +530,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "4bit"))
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--server", metavar="URL", help="score through an OpenAI-compatible inference server (vLLM, "
+                        "transformers serve) at URL instead of loading the model; --model is the served model name")
+    parser.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight (default 8)")
 
 
 def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
     """What makes two runs' rows comparable (recorded in FILE.run.json; a resume needs the same)."""
     return {"model": model, "adapter": args.adapter, "format": args.format, "encoding": args.encoding,
             "unit_is_hu": args.unit_is_hu, "score_only": args.score_only, "precision": args.precision,
-            "max_new_tokens": None if args.score_only else args.max_new_tokens, "file_names": args.file_names}
+            "max_new_tokens": None if args.score_only else args.max_new_tokens, "file_names": args.file_names,
+            **({"server": args.server} if args.server else {})}
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -548,6 +552,9 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError(f"--batch-size and --max-new-tokens must be at least 1 (got {args.batch_size}, "
                          f"{args.max_new_tokens})")
     model, adapter = args.model, args.adapter
+    if args.server and (adapter or not model):
+        raise CTIQAError("--server needs --model (the served model name) and no --adapter (merge it first: ctiqa "
+                         "export)")
     if model is None and adapter is None:
         if not DEMO_MODEL.exists():
             raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL.absolute()}: run `make demo` in a "
@@ -562,6 +569,11 @@ def cli_main(args: argparse.Namespace) -> int:
 
     def backend(images: list[Any]) -> list[dict[str, Any]]:
         """The model is loaded for the first batch: nothing readable or all done already -> never loaded."""
+        if "model" not in loaded and args.server:  # an OpenAI-compatible inference server (ctiqa.serving)
+            from ctiqa.serving import ServerScorer
+
+            loaded["model"] = ServerScorer(args.server, model, fmt=args.format, score_only=args.score_only,
+                                           max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
         if "model" not in loaded:
             lm = load_model(model, adapter, precision=args.precision)
             loaded["model"] = model_backend(lm, fmt=args.format, score_only=args.score_only,
@@ -581,7 +593,8 @@ def cli_main(args: argparse.Namespace) -> int:
             elif len(shown) <= TABLE_MAX or args.html is not None:
                 shown.append(row)
 
-        counts = score_series(series, backend, sink, encoding=args.encoding, batch_size=args.batch_size,
+        batch = max(args.batch_size, 4 * args.concurrency) if args.server else args.batch_size
+        counts = score_series(series, backend, sink, encoding=args.encoding, batch_size=batch,
                               unit_is_hu=args.unit_is_hu, file_names=args.file_names, on_row=on_row)
     finally:
         sink.close()
