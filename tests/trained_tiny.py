@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sft_data import rows
+
+from ctiqa.testing.sft_data import rows
 
 
 def train_tiny(out: Path, *, steps: int = 60, n_examples: int = 8, seed: int = 0, lr: float = 3e-3) -> Path:
