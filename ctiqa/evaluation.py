@@ -420,13 +420,13 @@ def compute_metrics(records: list[dict[str, Any]], *, n_bootstrap: int = 1000, s
 def explanation_check(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Rates of :mod:`ctiqa.explanations` over records with simulation metadata and a text; None when none has.
     Adds the per-row verdict to each such record under ``explanation``."""
-    from ctiqa.explanations import check_rationale, explanation_rates
+    from ctiqa.explanations import explanation_rates, truth_rubric
 
     checks = []
     for r in records:
         if r.get("text") and r.get("dose_fraction") is not None and r.get("n_views") is not None:
-            r["explanation"] = check_rationale(r["text"], float(r["dose_fraction"]), int(r["n_views"]),
-                                               r.get("noise_sigma_hu"))
+            r["explanation"] = truth_rubric(r["text"], float(r["dose_fraction"]), int(r["n_views"]),
+                                            r.get("noise_sigma_hu"))
             checks.append(r["explanation"])
     return explanation_rates(checks) if checks else None
 

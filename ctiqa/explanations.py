@@ -1,68 +1,301 @@
-"""Explanation check for simulated data: does a rationale name the degradation that was applied, and how bad it is?
+"""Rationales read as claims, and checked against the truth (simulated data) or the measured findings (any data).
 
-On simulated data the truth is known per image (``dose_fraction``, ``n_views`` from ``degradations.json``), so a
-rationale can be checked against it with a small, transparent keyword rubric (no model involved):
+**Claims** (:func:`extract_claims`): what a rationale asserts about noise, sparse-view streaks and artifacts the
+data never has (ring, motion, metal, beam hardening), read with transparent rules and the one vocabulary of
+:mod:`ctiqa.vocabulary` (terms, negations, severity words, bands). The dataset audit
+(:mod:`datasets_builder.checks`), the truth rubric and the faithfulness check all read claims this way.
+
+**Truth rubric** (:func:`truth_rubric`, simulated data): the truth is known per image (``dose_fraction``,
+``n_views``, ``noise_sigma_hu`` from ``degradations.json``):
 
 * **Applied degradations** (the simulator's ladder runs from (dose 1.0, 1024 views) to (0.1, 64); design.md §4).
   Quantum noise grows with the total dose, ``sigma = 9 HU / sqrt(dose_fraction * n_views / 1024)``
   (:func:`ctiqa.simulation.expected_noise_hu`; ``noise_sigma_hu`` when the row has it): noise counts as applied
-  from :data:`NOISE_APPLIED_HU` (17 HU, about twice the full-dose noise); streaks when ``n_views < 512``.
-* **Expected severity** of each applied degradation: noise ``mild`` below 32 HU, ``moderate`` below 60 HU, else
-  ``severe``; streaks ``mild`` for views >= 256, ``moderate`` for >= 128, else ``severe``. These are the
-  log-evenly spaced bands of the offline template teacher (:class:`datasets_builder.teachers.TemplateTeacher`),
-  so rubric and offline teacher agree by construction; for a real teacher they are a judgement call, stated here.
-* **Named**: a term of the degradation's vocabulary (:data:`NOISE_TERMS`, :data:`STREAK_TERMS`) appears in a clause
-  (text split at ``. ; , \\n`` and "but") that holds no negation (:data:`NEGATIONS`: "no streaks", "streaks are
-  absent" do not count).
-* **Stated severity**: the most severe class (:data:`SEVERITY_TERMS`) among the words of the clauses that name the
-  degradation; ``unstated`` when none.
+  from :data:`ctiqa.vocabulary.NOISE_APPLIED_HU` (17 HU, about twice the full-dose noise); streaks when
+  ``n_views < 512``.
+* **Expected severity** of each applied degradation: the bands of :mod:`ctiqa.vocabulary` (noise ``mild`` below
+  32 HU, ``moderate`` below 60 HU, else ``severe``; streaks ``mild`` for views >= 256, ``moderate`` for >= 128,
+  else ``severe``), shared with the template teacher and the measured findings.
+* **Named**: the rationale's claim about the degradation is present (``present``/``mild``/``moderate``/``severe``),
+  not absent or unmentioned; **stated severity**: the claim's class, ``unstated`` when named without one.
 * **False streaks**: streaks named although none were applied (artifacts the data never had).
-
-A second check needs no truth and applies to any data (real LDCTIQA included): :func:`quality_consistency` asks
-whether the overall quality a rationale states ("overall quality is fair") agrees with the score the model gave
-(:func:`stated_quality`; LDCTIQA scale anchors 0 bad ... 4 excellent).
 
 Rates (over the rows where each applies): ``noise_named_rate``, ``streaks_named_rate``, ``degradation_named_rate``
 (all applied degradations named), ``severity_match_rate`` (per applied degradation: stated == expected),
 ``false_streak_rate``.
+
+A second check needs no truth and applies to any data (real LDCTIQA included): :func:`quality_consistency` asks
+whether the overall quality a rationale states ("overall quality is fair") agrees with the score the model gave
+(:func:`stated_quality`; LDCTIQA scale anchors 0 bad ... 4 excellent).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ctiqa import vocabulary as V
 from ctiqa.scale import QUALITY_LABELS
+from ctiqa.vocabulary import CLAIM_RANK, NOISE_APPLIED_HU, STREAK_VIEWS_BELOW, noise_severity, streak_severity
 
-NOISE_APPLIED_HU = 17.0
-STREAK_VIEWS_BELOW = 512
-NOISE_BANDS_HU = ((32.0, "mild"), (60.0, "moderate"), (float("inf"), "severe"))  # sigma < bound -> class
-STREAK_BANDS = ((256, "mild"), (128, "moderate"), (0, "severe"))  # n_views >= bound -> class
-
-NOISE_TERMS = ("noise", "noisy", "grain", "grainy", "graininess", "mottle", "mottled", "mottling", "speckle",
-               "quantum")
-STREAK_TERMS = ("streak", "streaks", "streaking", "streaky", "line artifact", "line artifacts", "linear artifact",
-                "linear artifacts", "aliasing", "undersampling", "sparse-view", "view aliasing")
-NEGATIONS = ("no", "not", "without", "absent", "free of", "none", "lack", "lacks", "lacking", "nor")
-SEVERITY_TERMS = {
-    "severe": ("severe", "severely", "heavy", "heavily", "dense", "strong", "strongly", "pronounced", "marked",
-               "markedly", "prominent", "substantial", "extensive", "considerable", "coarse", "intense", "gross"),
-    "moderate": ("moderate", "moderately", "medium", "intermediate", "appreciable"),
-    "mild": ("mild", "mildly", "slight", "slightly", "minimal", "minor", "faint", "subtle", "little",
-             "fine", "light"),
-}
-_ORDER = ("mild", "moderate", "severe")
-_CLAUSE = re.compile(r"[.;,\n]+|\bbut\b|\bwhile\b|\bwhereas\b", re.IGNORECASE)
+# ------------------------------------------------------------------------------------------- reading claims
+_TOKEN = re.compile(r"n't|[a-z0-9]+(?:[-'][a-z0-9]+)*|[.;!?\n,():/]")
+_HARD = {".", ";", "!", "?", "\n", "but", "however", "although", "though", "whereas", "while", "yet", "except",
+         "apart", "aside", "otherwise", "besides"}
+_SOFT = {",", "and", "with", "(", ")", "/", "which", "that", "as"}
+_LIST = {",", "or", "and", "nor", "/", "any", "other", "obvious", "significant", "visible", "appreciable",
+         "evident", "discernible", "definite", "major", "relevant", "apparent"}
+_SKIP_AFTER = {"is", "are", "was", "were", "be", "been", "being", "appear", "appears", "appeared", "seem", "seems",
+               "remain", "remains", "to", "entirely", "completely", "essentially", "largely", "clearly", "definitely",
+               "totally", "also", "again", ":", "(", ")", "really", "readily", "quite", "basically", "virtually",
+               "present", "visible", "seen", "there", "here", "in", "this", "image", "slice", "overall"}
+_INTENSIFIERS = {"very", "particularly", "especially", "overly", "too", "that", "highly", "excessively"}
+_OTHER = {name: re.compile(rf"(?:{rx})") for name, rx in V.OTHER_ARTIFACTS.items()}
+_SEVERITY_OF = {w: cls for cls, words in V.SEVERITY_TERMS.items() for w in words}
+_MAX_FILLER = 5       # non-list tokens allowed between a negation cue and its term ("no evidence of significant")
+_MAX_ATTACH = 8       # token distance (+4 per soft boundary crossed) within which a severity word attaches
 
 
-def _has(clause: str, terms: Iterable[str]) -> bool:
-    return any(re.search(rf"\b{re.escape(t)}\b", clause) for t in terms)
+@dataclass(frozen=True)
+class Claims:
+    """What a rationale asserts about the image (:func:`extract_claims`).
+
+    Attributes:
+        noise: None (not mentioned) | "absent" | "present" (named, no severity) | "mild" | "moderate" | "severe".
+            "absent" also covers routine-level wording ("minimal noise", "low noise"; :data:`V.NOISE_LOW_TERMS`).
+        streaks: same values; "minimal streaking" is "mild".
+        other_artifacts: sorted names from {"beam_hardening", "metal", "motion", "ring"} asserted as present
+            (hedged included); artifacts neither LDCTIQA nor the simulator make: unverifiable, not wrong.
+    """
+
+    noise: str | None = None
+    streaks: str | None = None
+    other_artifacts: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["other_artifacts"] = list(self.other_artifacts)
+        return d
 
 
-def check_rationale(text: str, dose_fraction: float, n_views: int,
-                    noise_sigma_hu: float | None = None) -> dict[str, Any]:
-    """Apply the rubric to one rationale.
+def _tokens(text: str) -> list[str]:
+    t = (text or "").lower().replace("\u2019", "'").replace("\u2018", "'").replace("artefact", "artifact")
+    t = re.sub(r"\b(signal|contrast)[- ]to[- ]noise\b", r"\1-to-noise", t)
+    t = re.sub(r"\b(can)not\b", "can n't", t)
+    t = re.sub(r"([a-z])n't\b", r"\1 n't", t)
+    toks = _TOKEN.findall(t)
+    out: list[str] = []
+    for tok in toks:  # join two-word artifact names ("beam hardening" -> "beam-hardening")
+        if out and (out[-1], tok) in V.ARTIFACT_COMPOUNDS:
+            out[-1] = f"{out[-1]}-{tok}"
+        else:
+            out.append(tok)
+    # "Streaks? None." -> "Streaks: None."
+    return [":" if tok == "?" and i and _topic(out[i - 1]) else tok for i, tok in enumerate(out)]
+
+
+def _topic(tok: str, prev: str | None = None) -> str | None:
+    """Topic of one token: noise, streaks, an other-artifact name, "artifacts" (generic) or None."""
+    if tok in V.NOISE_TERMS:
+        return "noise"
+    if tok in V.STREAK_TERMS or (prev, tok) in V.STREAK_PHRASES:
+        return "streaks"
+    for name, rx in _OTHER.items():
+        if rx.fullmatch(tok):
+            return name
+    if tok in V.ARTIFACT_NOUNS:
+        return "artifacts"
+    if tok.endswith("-free"):
+        return _topic(tok[:-5]) or ("artifacts" if tok[:-5] in ("artifact", "artifacts") else None)
+    return None
+
+
+def _segments(toks: list[str]) -> list[list[str]]:
+    segs: list[list[str]] = [[]]
+    for tok in toks:
+        if tok in _HARD:
+            segs.append([tok] if tok == "but" else [])
+        else:
+            segs[-1].append(tok)
+    return [s for s in segs if s]
+
+
+def _negated_before(seg: list[str], j: int, topics: list[str | None]) -> bool:
+    filler, crossed = 0, False
+    for k in range(j - 1, -1, -1):
+        tok = seg[k]
+        if tok in V.NEGATIONS:
+            return True
+        if tok in _HARD:
+            return False
+        is_list = tok in _LIST or (topics[k] is not None and topics[k] != "artifacts")
+        if topics[k] == "artifacts" and crossed:
+            return False  # "no ring artifacts, and noise is ...": the negated list ended at its head noun
+        if tok in _SOFT:
+            if filler:
+                return False
+            crossed = True
+            continue
+        if is_list or topics[k] == "artifacts":
+            continue
+        if crossed or tok in _SEVERITY_OF or filler >= _MAX_FILLER:
+            return False
+        filler += 1
+    return False
+
+
+def _after(seg: list[str], j: int, topics: list[str | None]) -> str | None:
+    """Polarity stated after the term: "absent" ("streaks are absent", "noise: none"), "mild" ("not prominent")."""
+    k = j + 1
+    while k < len(seg):
+        tok = seg[k]
+        if tok in V.ABSENT_AFTER:
+            return "absent"
+        if tok in ("not", "n't"):
+            rest = [t for t in seg[k + 1:k + 4] if t not in _SKIP_AFTER and t not in ("be", "really")]
+            rest = [t for t in rest if t not in _INTENSIFIERS]
+            if rest and rest[0] in V.NOT_SALIENT:
+                return "mild"
+            if rest and rest[0] in V.NOT_SEEN or (seg[k + 1:k + 2] and seg[k + 1] in V.NOT_SEEN):
+                return "absent"
+            return None
+        if tok in _SKIP_AFTER or tok in _LIST or (topics[k] is not None):
+            k += 1
+            continue
+        return None
+    return None
+
+
+def _non_assertive(seg: list[str], j: int) -> bool:
+    for k in range(j - 1, max(-1, j - 7), -1):
+        if seg[k] in V.NON_ASSERTIVE:
+            return True
+        if seg[k] in V.NEGATIONS:
+            return False
+    return False
+
+
+def extract_claims(text: str | None) -> Claims:
+    """Read what a rationale claims about noise, streaks and other artifacts (transparent rules, no model).
+
+    Rules (vocabulary in :mod:`ctiqa.vocabulary`; tested on teacher reports, chatty zero-shot answers and the
+    fine-tuned model's short output in tests/test_claims.py):
+
+    * The text is split into sentences at ``. ; ! ? newline`` and contrast words ("but", "however", "while",
+      "although", "except"...); commas, "and", "with" are soft boundaries inside a sentence.
+    * A term is **negated** by a cue before it in its sentence ("no", "not", "without", "free of", "absence of",
+      "neither/nor", "n't": "I don't see any streaks"), with at most 5 other words between ("no evidence of
+      significant streaks"); a cue reaches over a list of artifact names ("no ring, motion or metal artifacts"),
+      not over another clause ("no streaks, moderate noise"). After the term, "absent", "none", "not seen/present/
+      visible..." negate it ("Streaks? None.", "streak artifacts are not seen"); "not prominent/significant/
+      pronounced..." make it ``mild`` ("streaks are not prominent"). A negated generic "artifacts" ("no
+      artifacts", "artifact-free") means streaks ``absent`` unless streaks are named elsewhere.
+    * A severity word (:data:`V.SEVERITY_TERMS`) attaches to the nearest term of its sentence (at most 8 tokens,
+      soft boundaries cost 4); a contrast clause without a term of its own ("noise is present but faint") passes
+      its words to the previous sentence's last term. For noise, routine-level words ("minimal", "low",
+      "negligible") mean ``absent``; for streaks ``mild``.
+    * Several mentions of one topic: the most severe asserted one wins; an asserted mention without a severity
+      gives ``present``; only negated mentions give ``absent``.
+    * **Hedges** ("possible mild streaking", "may be subtle streaks") count as assertions at the stated
+      severity: a hedged streak claim where none is measured still misleads the reader.
+    * Mentions after "assess", "whether", "look for", "such as"... (:data:`V.NON_ASSERTIVE`) are not claims.
+
+    Args:
+        text: any text (rationale, chat answer; None or "" -> nothing claimed).
+    Returns:
+        :class:`Claims`.
+    """
+    present: dict[str, list[int]] = {}   # topic -> ranks of asserted mentions (-1: no severity)
+    negated: set[str] = set()
+    last: tuple[str, list[int]] | None = None   # (topic, its rank list) of the previous segment's last mention
+    for seg in _segments(_tokens(text or "")):
+        topics = [_topic(t, seg[i - 1] if i else None) for i, t in enumerate(seg)]
+        mentions = [i for i, tp in enumerate(topics) if tp is not None]
+        if not mentions:
+            if seg[0] == "but" and last is not None:  # "Noise is present but not prominent / but faint"
+                _carry_over(seg, last)
+            continue
+        sev = _attach_severities(seg, topics, mentions)
+        for j in mentions:
+            tp = topics[j]
+            assert tp is not None
+            if tp == "artifacts" and j and topics[j - 1] not in (None, "artifacts"):
+                continue  # the head noun of "ring or motion artifacts", not a generic "artifacts"
+            free = seg[j].endswith("-free")
+            after = _after(seg, j, topics)
+            if free or after == "absent" or _negated_before(seg, j, topics):
+                negated.add(tp)
+                continue
+            if tp == "artifacts":
+                continue
+            ranks = [_rank(tp, w) for w in sev.get(j, [])]
+            if after == "mild":
+                ranks = [CLAIM_RANK["mild"]]
+            if not ranks and _non_assertive(seg, j):
+                continue
+            present.setdefault(tp, []).append(max(ranks) if ranks else -1)
+            last = (tp, present[tp])
+    names = {v: k for k, v in CLAIM_RANK.items()}
+
+    def claim(tp: str) -> str | None:
+        if tp in present:
+            best = max(present[tp])
+            return names[best] if best >= 0 else "present"
+        if tp in negated or (tp == "streaks" and "artifacts" in negated):
+            return "absent"
+        return None
+
+    return Claims(noise=claim("noise"), streaks=claim("streaks"),
+                  other_artifacts=tuple(sorted(n for n in V.OTHER_ARTIFACTS if n in present)))
+
+
+def _rank(topic: str, word: str) -> int:
+    if word in V.NOISE_LOW_TERMS:
+        return CLAIM_RANK["absent"] if topic == "noise" else CLAIM_RANK["mild"]
+    return CLAIM_RANK[_SEVERITY_OF[word]]
+
+
+def _is_severity(seg: list[str], i: int) -> bool:
+    tok = seg[i]
+    if tok not in _SEVERITY_OF and tok not in V.NOISE_LOW_TERMS:
+        return False
+    before = [t for t in seg[max(0, i - 2):i] if t not in _INTENSIFIERS]
+    return not (before and before[-1] in ("not", "n't", "no"))
+
+
+def _attach_severities(seg: list[str], topics: list[str | None], mentions: list[int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for i in range(len(seg)):
+        if not _is_severity(seg, i):
+            continue
+        best, best_d = None, _MAX_ATTACH + 1
+        for j in mentions:
+            lo, hi = sorted((i, j))
+            d = hi - lo + 4 * sum(1 for t in seg[lo + 1:hi] if t in _SOFT)
+            if d < best_d or (d == best_d and j > i):
+                best, best_d = j, d
+        if best is not None:
+            out.setdefault(best, []).append(seg[i])
+    return out
+
+
+def _carry_over(seg: list[str], last: tuple[str, list[int]]) -> None:
+    topic, ranks = last
+    for i, tok in enumerate(seg):
+        if tok in ("not", "n't"):
+            rest = [t for t in seg[i + 1:i + 4] if t not in _INTENSIFIERS and t not in _SKIP_AFTER]
+            if rest and rest[0] in V.NOT_SALIENT:
+                ranks[-1] = CLAIM_RANK["mild"]
+                return
+        elif _is_severity(seg, i):
+            ranks[-1] = max(ranks[-1], _rank(topic, tok))
+
+
+# ------------------------------------------------------------------------------------ truth rubric (simulated)
+def truth_rubric(text: str, dose_fraction: float, n_views: int,
+                 noise_sigma_hu: float | None = None) -> dict[str, Any]:
+    """Check one rationale against the simulator's truth (the rubric of the module docstring).
 
     Args:
         text: the rationale (any text; a score line is harmless). dose_fraction: tube-current fraction (0-1].
@@ -77,19 +310,18 @@ def check_rationale(text: str, dose_fraction: float, n_views: int,
         from ctiqa.simulation import expected_noise_hu
 
         noise_sigma_hu = expected_noise_hu(dose_fraction, n_views)
-    clauses = [c.strip().lower() for c in _CLAUSE.split(text or "") if c.strip()]
+    claims = extract_claims(text)
     out: dict[str, Any] = {"noise_sigma_hu": round(float(noise_sigma_hu), 2),
                            "noise_applied": noise_sigma_hu >= NOISE_APPLIED_HU,
                            "streaks_applied": n_views < STREAK_VIEWS_BELOW}
-    expected = {"noise": next(name for bound, name in NOISE_BANDS_HU if noise_sigma_hu < bound),
-                "streaks": next(name for bound, name in STREAK_BANDS if n_views >= bound)}
-    for kind, terms in (("noise", NOISE_TERMS), ("streaks", STREAK_TERMS)):
-        naming = [c for c in clauses if _has(c, terms) and not _has(c, NEGATIONS)]
-        out[f"{kind}_named"] = bool(naming)
-        stated = [s for s in _ORDER if any(_has(c, SEVERITY_TERMS[s]) for c in naming)]
+    expected = {"noise": noise_severity(noise_sigma_hu), "streaks": streak_severity(n_views)}
+    for kind in ("noise", "streaks"):
+        claim = getattr(claims, kind)
+        out[f"{kind}_named"] = claim not in (None, "absent")
         applied = out[f"{kind}_applied"]
         out[f"{kind}_expected"] = expected[kind] if applied else None
-        out[f"{kind}_stated"] = (stated[-1] if stated else "unstated") if applied else None
+        stated = claim if claim in ("mild", "moderate", "severe") else "unstated"
+        out[f"{kind}_stated"] = stated if applied else None
     return out
 
 
@@ -98,7 +330,7 @@ def _rate(flags: list[bool]) -> float | None:
 
 
 def explanation_rates(checks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate :func:`check_rationale` results into rates (None where no row applies; never NaN)."""
+    """Aggregate :func:`truth_rubric` results into rates (None where no row applies; never NaN)."""
     noise = [c for c in checks if c["noise_applied"]]
     streak = [c for c in checks if c["streaks_applied"]]
     degraded = [c for c in checks if c["noise_applied"] or c["streaks_applied"]]

@@ -33,6 +33,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ctiqa.vocabulary import AUDIT_TERMS, NEGATION_BEFORE
+
 MIN_WORDS = 15
 LOW_SCORE_MAX = 1.5
 HIGH_SCORE_MIN = 3.5
@@ -81,21 +83,10 @@ _TOO_BAD = re.compile(
     r"|(?:markedly|heavily|severely|grossly) degraded)\b",
     flags=re.IGNORECASE,
 )
-_NEGATION = re.compile(r"\b(?:no|not|without|free of|absence of|absent|lack of|rather than|nor|never)\b(?:\W+\w+){0,3}\W*$",
-                       flags=re.IGNORECASE)
+_NEGATION = NEGATION_BEFORE
 
-#: term -> regex, counted per rationale in the audit.
-ARTIFACT_TERMS: dict[str, re.Pattern[str]] = {
-    "noise": re.compile(r"\b(?:nois(?:e|y|ier)|grain(?:y|iness)?|mottl(?:e|ed|ing))\b", re.IGNORECASE),
-    "streak": re.compile(r"\bstreak(?:s|ing|y)?\b", re.IGNORECASE),
-    "metal": re.compile(r"\b(?:metal(?:lic)?|prosthe\w*|implant\w*|surgical clips?)\b", re.IGNORECASE),
-    "ring": re.compile(r"\bring(?:s|[- ]like)?\b", re.IGNORECASE),
-    "motion": re.compile(r"\b(?:motion|movement|respiratory artifacts?|breathing)\b", re.IGNORECASE),
-    "beam_hardening": re.compile(r"\b(?:beam[- ]hardening|cupping|photon starvation)\b", re.IGNORECASE),
-    "blur": re.compile(r"\b(?:blur(?:s|red|ring|ry)?|unsharp|smear\w*)\b", re.IGNORECASE),
-}
-#: Terms for artifacts LDCTIQA / the simulator do not contain (mentions are likely hallucinations).
-ABSENT_ARTIFACTS = ("metal", "ring", "motion", "beam_hardening")
+#: term -> regex, counted per rationale in the audit (the one vocabulary: ctiqa.vocabulary.AUDIT_TERMS).
+ARTIFACT_TERMS: dict[str, re.Pattern[str]] = AUDIT_TERMS
 
 
 def clean_rationale(text: str) -> str:

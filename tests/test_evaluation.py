@@ -16,7 +16,7 @@ from PIL import Image
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
-from ctiqa.explanations import check_rationale
+from ctiqa.explanations import truth_rubric
 from ctiqa.inference import load_model, predict_images, probability_scores, score_token_ids
 from ctiqa.prompts import PROMPT_VERSION, completion_messages, format_target, prompt_messages
 
@@ -272,13 +272,13 @@ def test_predictions_file_mode_and_explanation_check(dataset, tmp_path):
 
 
 def test_explanation_rubric():
-    assert check_rationale("Heavy coarse noise dominates; dense streaks radiate across the slice.", 0.1, 64) \
+    assert truth_rubric("Heavy coarse noise dominates; dense streaks radiate across the slice.", 0.1, 64) \
         == {"noise_sigma_hu": 113.84, "noise_applied": True, "streaks_applied": True, "noise_named": True,
             "streaks_named": True, "noise_expected": "severe", "noise_stated": "severe", "streaks_expected": "severe",
             "streaks_stated": "severe"}
-    c = check_rationale("Mild noise is present, but no streak artifacts are seen.", 0.5, 256)
+    c = truth_rubric("Mild noise is present, but no streak artifacts are seen.", 0.5, 256)
     assert c["noise_named"] and not c["streaks_named"] and c["streaks_stated"] == "unstated"
-    c = check_rationale("The image shows streaks.", 1.0, 1024)
+    c = truth_rubric("The image shows streaks.", 1.0, 1024)
     assert not c["noise_applied"] and not c["streaks_applied"] and c["streaks_named"]  # a false streak
 
 
