@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "app": ("ctiqa.app", "a Gradio app: upload CT, see scores, rationales, findings (needs the app extra)"),
     "html": ("ctiqa.html_report", "render an evaluation folder as one self-contained HTML report"),
     "export": ("ctiqa.export", "merge a LoRA adapter into its base: a full model folder for vLLM / transformers serve"),
+    "findings": ("ctiqa.findings", "measure noise (HU) and sparse-view streaks of CT images, no model"),
 }
 
 

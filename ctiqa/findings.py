@@ -1,0 +1,292 @@
+"""Measured findings: transparent measurements of what a rationale talks about (noise, streaks), no learned model.
+
+``ctiqa findings INPUT... [--out FILE.jsonl]`` writes one JSON row per image (:meth:`Findings.to_row`):
+
+``id``
+    the file stem (``0007`` for ``image/0007.tif``; ``stem#N`` for frame N of a multi-frame file).
+``noise_hu``
+    quantum-noise standard deviation in HU (None when fewer than :data:`MIN_NOISE_WINDOWS` soft-tissue windows).
+``noise_severity``
+    ``none`` / ``mild`` / ``moderate`` / ``severe``: the bands of :mod:`ctiqa.vocabulary` (below 17 / 32 / 60 HU),
+    shared with the simulated-truth rubric and the template teacher.
+``streak_index``
+    strength of sparse-view streaks (dimensionless, >= 0; see below).
+``streaks``
+    the present/absent call: ``streak_index >= STREAK_THRESHOLD``.
+``soft_tissue_fraction``
+    fraction of the image where noise was measured (a small one makes ``noise_hu`` less certain).
+
+Pixels (the one pixel path, :mod:`ctiqa.imaging`): HU images are measured in HU; LDCTIQA's [0, 1] data and 8-bit
+display images are the soft-tissue window W350/L40 (:data:`ctiqa.imaging.SOFT_TISSUE`), mapped back with
+:func:`ctiqa.imaging.unit_to_hu` (``HU = -135 + 350·x``). Saturated pixels (0 or 1: outside the window) carry no
+HU; they stay out of the soft-tissue mask and out of the streak measure.
+
+Noise (HU)
+----------
+1. Soft-tissue mask: pixels whose 7x7 local mean lies in -50..130 HU (fat, lung, air and bone edges out; within
+   it a clipped noisy pixel keeps its rank, so the estimate stays valid to about 80 HU under the window).
+2. The finest diagonal wavelet band (Haar HH: ``(a - b - c + d) / 2`` over 2x2 blocks; for white noise of std σ
+   it has std σ) of the blocks inside the mask; its RMS over 4x4 coefficients (8x8 pixels) gives a local noise
+   estimate per window.
+3. ``noise_hu = NOISE_CALIBRATION x`` the 20th percentile of the local estimates: a low percentile keeps
+   windows with edges and texture out; the constant combines the percentile of a chi distribution with 16
+   degrees of freedom (about 0.82 for white noise) with the share of the ramp-filtered CT noise power in the
+   finest band, calibrated on the simulator's training base slices (:data:`NOISE_CALIBRATION`). Other
+   reconstruction kernels put another share of the noise there: on real scans the level is an estimate; the
+   ranking holds.
+
+Validation (``bench/bench_findings.py`` on a fresh ``ctiqa simulate``): see that script and the README.
+
+Streaks
+-------
+Sparse-view streaks are straight lines along the acquisition angles: integrated along its own direction a streak
+adds up coherently, isotropic noise does not. The measure takes the high-pass residual (image minus a Gaussian
+blur of 2 px; saturated pixels and their neighbours set to 0; a disc), its Radon transform at
+:data:`STREAK_ANGLES` angles over 180°, the variance of each projection ``V(θ)``, and looks for a periodic
+pattern in ``V(θ)``: the peak of its periodogram over angular frequencies 24 .. 512 cycles per 180°, relative
+to the median of the periodogram around the peak. ``n`` views put a peak at ``n`` cycles per 180°; anatomy
+varies slowly with the angle. Large images are measured on their central :data:`STREAK_MAX_SIZE` square.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctiqa import CTIQAError
+from ctiqa.imaging import CTImage, read_ct_frames, unit_to_hu
+from ctiqa.vocabulary import noise_severity
+
+# ------------------------------------------------------------------------------------------------- constants
+#: Soft-tissue mask: local mean (HU) over TISSUE_WINDOW x TISSUE_WINDOW pixels inside this range.
+TISSUE_HU = (-50.0, 130.0)
+TISSUE_WINDOW = 7
+#: Local noise windows: NOISE_WINDOW x NOISE_WINDOW Haar coefficients (2 px each).
+NOISE_WINDOW = 4
+NOISE_PERCENTILE = 20.0
+#: noise_hu = NOISE_CALIBRATION x percentile: fitted on the simulator's training base slices (chest, head,
+#: skull-base, spine; ctiqa simulate --seed 0 --size 128, 480 images): median true/measured ratio for
+#: sigma >= 17 HU. bench/bench_findings.py re-derives it.
+NOISE_CALIBRATION = 1.48
+#: Fewer soft-tissue windows than this: no noise measurement (None).
+MIN_NOISE_WINDOWS = 16
+#: Streak measure: angles over 180 deg, high-pass Gaussian sigma (px), searched angular frequencies.
+STREAK_ANGLES = 1024
+STREAK_HIGHPASS_PX = 2.0
+STREAK_FREQS = (24, 512)
+STREAK_PEAK_HALF_WIDTH = 16
+STREAK_MAX_SIZE = 256
+#: streaks = streak_index >= STREAK_THRESHOLD (chosen on the simulator's training base slices; bench prints it).
+STREAK_THRESHOLD = 30.0
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Measured findings of one image (see the module docstring for each field)."""
+
+    id: str
+    noise_hu: float | None
+    noise_severity: str | None
+    streak_index: float | None
+    streaks: bool | None
+    soft_tissue_fraction: float
+
+    def to_row(self) -> dict[str, Any]:
+        """JSON-ready dict (floats rounded: HU to 0.01, index to 0.001)."""
+        row = asdict(self)
+        if self.noise_hu is not None:
+            row["noise_hu"] = round(self.noise_hu, 2)
+        if self.streak_index is not None:
+            row["streak_index"] = round(self.streak_index, 3)
+        row["soft_tissue_fraction"] = round(self.soft_tissue_fraction, 3)
+        return row
+
+
+def image_id(source: str) -> str:
+    """The row id of an image read from ``source``: the file stem (``image/0007.tif`` -> ``0007``), ``#N`` kept."""
+    path, _, frame = source.partition("#")
+    stem = Path(path).stem
+    return f"{stem}#{frame}" if frame else stem
+
+
+def hu_and_valid(img: CTImage) -> tuple[np.ndarray, np.ndarray]:
+    """HU pixels and the mask of pixels that carry HU.
+
+    Returns:
+        (hu, valid): float64 (H, W) in HU; bool (H, W), False where a windowed image is saturated (0 or 1 for
+        ``unit``, 0 or 255 for ``display``). HU images: all valid.
+    """
+    px = img.pixels.astype(np.float64)
+    if img.kind == "hu":
+        return px, np.ones(px.shape, bool)
+    x = px if img.kind == "unit" else px / 255.0
+    valid = (x > 1e-6) & (x < 1.0 - 1e-6)
+    return unit_to_hu(x).astype(np.float64), valid
+
+
+def _haar_hh(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    a = a[:h, :w]
+    return (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2.0
+
+
+def measure_noise(hu: np.ndarray) -> tuple[float | None, float]:
+    """Noise standard deviation in HU (module docstring, "Noise").
+
+    Args:
+        hu: (H, W) HU (a windowed image's saturated pixels at the window's bounds, as :func:`hu_and_valid`
+            gives them).
+    Returns:
+        (noise_hu or None when fewer than :data:`MIN_NOISE_WINDOWS` windows are soft tissue, soft-tissue fraction).
+    """
+    from scipy import ndimage
+
+    mean = ndimage.uniform_filter(hu, TISSUE_WINDOW, mode="reflect")
+    tissue = (mean > TISSUE_HU[0]) & (mean < TISSUE_HU[1])
+    hh = _haar_hh(hu)
+    t = tissue[: hh.shape[0] * 2, : hh.shape[1] * 2]
+    inside = t[0::2, 0::2] & t[0::2, 1::2] & t[1::2, 0::2] & t[1::2, 1::2]
+    num = ndimage.uniform_filter(hh * hh * inside, NOISE_WINDOW, mode="constant")
+    den = ndimage.uniform_filter(inside.astype(np.float64), NOISE_WINDOW, mode="constant")
+    full = den > 1.0 - 1e-9
+    frac = float(tissue.mean())
+    if full.sum() < MIN_NOISE_WINDOWS:
+        return None, frac
+    local = np.sqrt(np.maximum(num[full], 0.0) / den[full])
+    return float(NOISE_CALIBRATION * np.percentile(local, NOISE_PERCENTILE)), frac
+
+
+def streak_profile(hu: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``V(θ)``: variance of the Radon projections of the high-pass residual, at :data:`STREAK_ANGLES` angles.
+
+    Returns float64 (STREAK_ANGLES,), angles ``k·180/STREAK_ANGLES`` degrees.
+    """
+    from scipy import ndimage
+    from skimage.transform import radon
+
+    h, w = hu.shape
+    n = min(h, w, STREAK_MAX_SIZE)
+    y0, x0 = (h - n) // 2, (w - n) // 2
+    hu, valid = hu[y0:y0 + n, x0:x0 + n], valid[y0:y0 + n, x0:x0 + n]
+    r = hu - ndimage.gaussian_filter(hu, STREAK_HIGHPASS_PX)
+    r[ndimage.binary_dilation(~valid, iterations=2)] = 0.0
+    yy, xx = np.mgrid[:n, :n] - (n - 1) / 2.0
+    r[(xx * xx + yy * yy) > ((n - 1) / 2.0 - 1.0) ** 2] = 0.0
+    theta = np.arange(STREAK_ANGLES) * 180.0 / STREAK_ANGLES
+    return radon(r, theta, circle=True).var(axis=0)
+
+
+def streak_index(profile: np.ndarray) -> float:
+    """Peak-to-background ratio of the periodogram of ``V(θ)`` over :data:`STREAK_FREQS` (module docstring)."""
+    v = np.asarray(profile, dtype=np.float64)
+    if not np.isfinite(v).all() or v.mean() <= 0:
+        return 0.0
+    s = np.abs(np.fft.rfft(v / v.mean() - 1.0)) ** 2
+    half = STREAK_PEAK_HALF_WIDTH
+    lo, hi = STREAK_FREQS[0], min(STREAK_FREQS[1], len(s) - half - 1)
+    best = 0.0
+    for f in range(lo, hi):
+        bg = np.median(np.r_[s[f - half:f - 1], s[f + 2:f + half + 1]])
+        if bg > 0:
+            best = max(best, float(s[f] / bg))
+    return best
+
+
+def measure_findings(image: CTImage, id: str | None = None) -> Findings:
+    """Measure noise and streaks of one CT image (module docstring).
+
+    Args:
+        image: a :class:`ctiqa.imaging.CTImage` (HU, LDCTIQA [0, 1] or 8-bit display; read with
+            :func:`ctiqa.imaging.read_ct`).
+        id: row id (default: :func:`image_id` of ``image.source``).
+    Returns:
+        :class:`Findings`.
+    Raises:
+        CTIQAError: the image is smaller than 32x32 pixels (nothing to measure), naming its source.
+    """
+    if min(image.shape) < 32:
+        raise CTIQAError(f"{image.source}: image of {image.shape[1]}x{image.shape[0]} px is too small to measure")
+    hu, valid = hu_and_valid(image)
+    noise, frac = measure_noise(hu)
+    idx = streak_index(streak_profile(hu, valid))
+    return Findings(id=id if id is not None else image_id(image.source), noise_hu=noise,
+                    noise_severity=noise_severity(noise) if noise is not None else None,
+                    streak_index=idx, streaks=idx >= STREAK_THRESHOLD, soft_tissue_fraction=frac)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def iter_images(inputs: list[str]) -> Any:
+    """Yield (id, CTImage or CTIQAError) for each image of the inputs: files (every frame), DICOM folders, and
+    LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the file stems)."""
+    from ctiqa.imaging import read_dicom_folder
+    from ctiqa.ldctiqa import load_ldctiqa
+
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir() and any((p / d).is_dir() for d in ("image", "images")):
+            ds = load_ldctiqa(p, require_labels=False, check_images=False)
+            for i in ds.ids:
+                try:
+                    yield i, ds.read(i)
+                except CTIQAError as e:
+                    yield i, e
+        elif p.is_dir():
+            errors: list[tuple[str, str]] = []
+            for series in read_dicom_folder(p, errors=errors):
+                for name, img in series:
+                    yield image_id(name), img
+            for name, msg in errors:
+                yield image_id(name), CTIQAError(msg)
+        else:
+            try:
+                for img in read_ct_frames(p):
+                    yield image_id(img.source), img
+            except CTIQAError as e:
+                yield image_id(raw), e
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ctiqa findings``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="DICOM/TIFF/PNG file, DICOM series folder, or LDCTIQA-style folder (image/*.tif)")
+    parser.add_argument("--out", type=Path, help="write one JSON row per image to FILE.jsonl")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``ctiqa findings``: print (and write) one row per image. Exit 0 when at least one image was measured."""
+    if args.out is not None and args.out.suffix != ".jsonl":
+        raise CTIQAError(f"{args.out}: output must end in .jsonl")
+    rows, n_bad = [], 0
+    for rid, img in iter_images(args.inputs):
+        if isinstance(img, CTIQAError):
+            print(f"skipped: {img}", file=sys.stderr)
+            n_bad += 1
+            continue
+        try:
+            row = measure_findings(img, rid).to_row()
+        except CTIQAError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            n_bad += 1
+            continue
+        rows.append(row)
+        noise = f"{row['noise_hu']:7.1f} HU {row['noise_severity']:<8}" if row["noise_hu"] is not None else \
+            f"{'n/a':>10} {'':<8}"
+        print(f"{rid:<24} noise {noise} streaks {'yes' if row['streaks'] else 'no ':<3} "
+              f"(index {row['streak_index']:.1f})")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, args.out)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    if n_bad:
+        print(f"{n_bad} input(s) skipped", file=sys.stderr)
+    return 0 if rows else 1
+

@@ -1,0 +1,57 @@
+"""ctiqa.findings: noise in HU from HU, LDCTIQA [0, 1] and display pixels; streak index; CLI rows."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from ctiqa import CTIQAError
+from ctiqa.cli import main as ctiqa_main
+from ctiqa.findings import measure_findings
+from ctiqa.imaging import CTImage, hu_to_unit
+
+
+def _phantom(sigma: float, seed: int = 0, n: int = 128) -> np.ndarray:
+    """A water disc (40 HU) in air with a bone rod, plus white Gaussian noise of ``sigma`` HU."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n] - (n - 1) / 2
+    hu = np.where(xx**2 + yy**2 < (0.45 * n) ** 2, 40.0, -1000.0)
+    hu[(xx - 10) ** 2 + (yy + 5) ** 2 < 36] = 700.0
+    return hu + rng.normal(0, sigma, hu.shape)
+
+
+def test_noise_ranks_and_survives_the_window():
+    levels = [10, 20, 40, 80]
+    hu = [measure_findings(CTImage(_phantom(s), "hu", "x.dcm")).noise_hu for s in levels]
+    assert hu == sorted(hu) and hu[0] > 0
+    ratios = np.array(hu) / np.array(levels)
+    assert ratios.max() / ratios.min() < 1.15  # linear in sigma: no level-dependent bias
+    for s in (20, 40, 80):
+        h = _phantom(s, seed=1)
+        full = measure_findings(CTImage(h, "hu", "a.dcm")).noise_hu
+        unit = measure_findings(CTImage(hu_to_unit(h), "unit", "a.tif")).noise_hu  # LDCTIQA: clipped to W350/L40
+        disp = measure_findings(CTImage(np.round(255 * hu_to_unit(h)), "display", "a.png")).noise_hu
+        assert unit == pytest.approx(full, rel=0.06) and disp == pytest.approx(full, rel=0.08)
+
+
+def test_no_soft_tissue_no_noise_and_tiny_image_refused():
+    f = measure_findings(CTImage(np.full((64, 64), -1000.0), "hu", "air.dcm"))
+    assert f.noise_hu is None and f.noise_severity is None and f.soft_tissue_fraction == 0
+    with pytest.raises(CTIQAError, match="tiny.dcm"):
+        measure_findings(CTImage(np.zeros((16, 16)), "hu", "tiny.dcm"))
+
+
+def test_cli_rows(tmp_path, capsys):
+    img = tmp_path / "set" / "image"
+    img.mkdir(parents=True)
+    for i, s in enumerate((15, 60)):
+        tifffile.imwrite(img / f"{i:04d}.tif", hu_to_unit(_phantom(s, seed=i)))
+    out = tmp_path / "f.jsonl"
+    assert ctiqa_main(["findings", str(tmp_path / "set"), "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["0000", "0001"]
+    assert set(rows[0]) >= {"id", "noise_hu", "noise_severity", "streak_index", "streaks"}
+    assert rows[0]["noise_hu"] < rows[1]["noise_hu"]
+    assert ctiqa_main(["findings", str(tmp_path / "missing.tif")]) == 1
+    assert "missing.tif" in capsys.readouterr().err
