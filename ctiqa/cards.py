@@ -60,6 +60,7 @@ def model_card(
     eval_results: dict[str, Any] | None = None,
     train_metrics: dict[str, Any] | None = None,
     repo_id: str | None = None,
+    encoding: str | None = None,
 ):
     """Build the model card of a ctiqa SFT run.
 
@@ -72,12 +73,15 @@ def model_card(
         eval_results: parsed ``results.json`` of ``ctiqa evaluate`` (optional): becomes the evaluation table.
         train_metrics: ``train_results.json`` content (runtime, final loss), optional.
         repo_id: the Hub id the card will be pushed to (for the quick start); default ``training_args.hub_model_id``.
+        encoding: render encoding of the training images (:data:`ctiqa.imaging.ENCODINGS`); the quick start renders
+            with it (default: soft-tissue, the encoding of models trained before it was recorded).
     Returns:
         ``huggingface_hub.ModelCard`` (``.save(path)`` writes README.md).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     repo_id = repo_id or getattr(training_args, "hub_model_id", None) or "PATH/TO/THIS/FOLDER"
+    encoding = encoding or "soft-tissue"
     medgemma = "medgemma" in (base_model or "").lower()
     data = ModelCardData(
         base_model=base_model if _is_hub_id(base_model) else None,
@@ -112,6 +116,7 @@ def model_card(
         "weight decay": training_args.weight_decay,
         "gradient checkpointing": training_args.activation_checkpointing,
         "max length": training_args.max_length,
+        "image encoding": f"`{encoding}` (ctiqa.imaging.render)",
         "loss": "completion only (target text + end of turn)",
         "model selection": (f"best {training_args.metric_for_best_model} on the validation split"
                             if training_args.load_best_model_at_end else "last step"),
@@ -168,20 +173,20 @@ from ctiqa.imaging import render
 from ctiqa.prompts import prompt_messages
 
 {load}
-image = render("slice.dcm")                      # the exact RGB image the model was trained on
+image = render("slice.dcm", "{encoding}")   # the RGB encoding the model was trained on
 text = processor.apply_chat_template(prompt_messages(), add_generation_prompt=True, tokenize=False)
 inputs = processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False).to(model.device)
 out = model.generate(**inputs, max_new_tokens=400, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-or from the command line: `{cli}`.
+or from the command line: `{cli}` (it renders with `{encoding}`, recorded in `ctiqa_training.json`).
 
 ## Intended use
 
 Research on automated, explainable CT image quality assessment: comparing reconstruction or dose settings,
 screening image sets for quality problems, studying how well a VLM's ratings agree with radiologists'. Inputs are
-single axial slices rendered in a soft-tissue window by `ctiqa.imaging.render`. Out of scope: clinical decisions,
+single axial slices rendered with encoding `{encoding}` by `ctiqa.imaging.render`. Out of scope: clinical decisions,
 other modalities, other body regions or windows than those trained on, artefacts absent from the training data.
 
 ## Training

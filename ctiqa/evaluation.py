@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
+from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
@@ -226,7 +227,8 @@ def _progress(total: int, desc: str):
 
 def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter: str | None, fmt: str,
                        score_only: bool, max_new_tokens: int, batch_size: int, precision: str,
-                       device: str | None, key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                       device: str | None, key: str, dataset: str | None = None,
+                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run a local/Hub model on every sample (resuming from ``out/predictions.jsonl``).
 
     Returns:
@@ -241,6 +243,8 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
     if todo:
         t0 = time.perf_counter()
         lm = load_model(model, adapter, precision=precision, device=device)
+        if dataset:  # the dataset's images are rendered already: warn when not in the model's training encoding
+            choose_encoding(dataset_encoding(dataset), lm.settings, source="but the dataset's images are")
         info.update(lm.describe())
         info["load_seconds"] = round(time.perf_counter() - t0, 2)
         writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
@@ -610,8 +614,9 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward/generate batch (default 4)")
     parser.add_argument("--score-only", action="store_true", help="probability score only: no generation")
     parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "4bit"],
-                        help="weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or 4bit NF4")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="weights: auto (as the model was trained, from its ctiqa_training.json; else bf16 on "
+                        "GPU, fp32 on CPU), fp32, bf16, or 4bit NF4")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--base-url", help="API root (a proxy, test server or OpenAI-compatible server); default "
                         "Google's / OpenAI's")
@@ -692,7 +697,7 @@ def cli_main(args: argparse.Namespace) -> int:
     records, info = predict_with_model(samples, out, model=args.model, adapter=args.adapter, fmt=fmt,
                                        score_only=args.score_only, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.batch_size, precision=args.precision, device=args.device,
-                                       key=_run_key(settings))
+                                       key=_run_key(settings), dataset=args.dataset)
     name = args.name or Path(str(args.adapter or args.model)).name
     return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info,
                  n_split=sizes.get("n_split"))

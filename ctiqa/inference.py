@@ -34,13 +34,19 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.imaging import check_model_image
+from ctiqa.model_settings import (
+    PRECISIONS,
+    TrainedSettings,
+    bnb_4bit_settings,
+    inference_precision,
+    read_settings,
+)
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS, prompt_messages
 from ctiqa.scale import SCORE_MAX
 from ctiqa.scoring import parse_score_detailed
 
 #: Formats whose answer starts with ``Score: `` and so have a probability score.
 PROBABILITY_FORMATS = ("score-first", "score-only")
-PRECISIONS = ("auto", "fp32", "bf16", "4bit")
 SCORE_PREFIX = "Score: "
 
 
@@ -52,7 +58,9 @@ class LoadedModel:
         model: a ``transformers`` image-text-to-text model (optionally a ``peft.PeftModel``), in eval mode.
         processor: its processor (tokenizer + image processor + chat template).
         model_id: base model id or folder; adapter: adapter id or folder, or None.
-        precision: "fp32", "bf16" or "4bit" (NF4, double quantisation, bf16 compute); device: "cpu" / "cuda:0".
+        precision: "fp32", "bf16" or "4bit" (bitsandbytes 4-bit base); device: "cpu" / "cuda:0".
+        compute_dtype: torch dtype name of the matmuls ("float32", "bfloat16"; for 4bit the bitsandbytes compute
+            dtype). settings: what training recorded (:mod:`ctiqa.model_settings`), None when nothing was.
     """
 
     model: Any
@@ -61,12 +69,16 @@ class LoadedModel:
     adapter: str | None
     precision: str
     device: str
+    compute_dtype: str = "float32"
+    settings: TrainedSettings | None = None
     _tokens: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        """Provenance for ``results.json``: model and adapter ids, precision, device, model class."""
+        """Provenance for ``results.json``: model and adapter ids, precision and compute dtype, device, model class,
+        and the training settings read beside the model (None when none were recorded)."""
         return {"model": self.model_id, "adapter": self.adapter, "precision": self.precision,
-                "device": self.device, "model_class": type(self.model).__name__}
+                "compute_dtype": self.compute_dtype, "device": self.device, "model_class": type(self.model).__name__,
+                "trained_settings": self.settings.to_dict() if self.settings else None}
 
 
 @dataclass
@@ -138,14 +150,21 @@ def _check_source(name: str, what: str, marker: str) -> None:
         raise CTIQAError(f"{what} {name}: folder has no {marker}; is this the right folder?")
 
 
-def _trained_on_4bit_base(adapter: str | None) -> bool:
-    """True when ``recipes/sft.py`` recorded (``ctiqa_training.json``) that the adapter learned on a 4-bit base."""
-    import json
+def trained_settings_of(source: str | None) -> TrainedSettings | None:
+    """The training settings beside a model or adapter: read from a local folder, else fetched from the Hub repo
+    when it has them (None when it does not, or offline)."""
+    if source is None:
+        return None
+    if Path(source).expanduser().is_dir():
+        return read_settings(Path(source).expanduser())
+    from ctiqa.model_settings import SETTINGS_FILE
 
-    if adapter is None or not (Path(adapter) / "ctiqa_training.json").is_file():
-        return False
-    info = json.loads((Path(adapter) / "ctiqa_training.json").read_text())
-    return bool(info.get("adapter") and info.get("load_in_4bit"))
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_settings(Path(hf_hub_download(source, SETTINGS_FILE)).parent)
+    except Exception:  # noqa: BLE001 - not on the Hub, offline, no access: nothing recorded
+        return None
 
 
 def load_model(model: str | None = None, adapter: str | None = None, *, precision: str = "auto",
@@ -158,9 +177,11 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
             is accepted too: it is used as ``adapter`` and its ``base_model_name_or_path`` as the model.
             None: the adapter's base model.
         adapter: PEFT adapter id or folder (as saved by ``recipes/sft.py``), or None.
-        precision: "auto" (4bit when the adapter folder's ``ctiqa_training.json`` says it was trained on a
-            4-bit base, else bf16 on CUDA, fp32 on CPU), "fp32", "bf16", or "4bit" (bitsandbytes NF4, double
-            quantisation, bf16 compute and storage: the paper's QLoRA setting).
+        precision: one of :data:`ctiqa.model_settings.PRECISIONS`: "auto" loads as training did, from the
+            ``ctiqa_training.json`` beside the adapter or model (an adapter trained on a 4-bit base gets that base:
+            quant type, double quantisation, compute and storage dtypes as recorded; a model trained in fp32 runs in
+            fp32), else bf16 on CUDA and fp32 on CPU; "fp32", "bf16", or "4bit" force it
+            (:func:`ctiqa.model_settings.inference_precision`).
         device: "cpu", "cuda", "cuda:1"...; default CUDA when available, else CPU.
     Returns:
         :class:`LoadedModel` in eval mode. The processor comes from the adapter folder when it holds one
@@ -173,6 +194,7 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
 
     if precision not in PRECISIONS:
         raise CTIQAError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    requested = precision
     if model and adapter is None and _is_adapter_dir(model):
         model, adapter = None, model
     if adapter is not None:
@@ -190,14 +212,15 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
             raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
     _check_source(model, "model", "config.json")
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    if precision == "auto":
-        precision = "4bit" if _trained_on_4bit_base(adapter) else "bf16" if device.startswith("cuda") else "fp32"
+    settings = trained_settings_of(adapter if adapter is not None else model)
+    precision, compute = inference_precision(requested, settings, device)
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if precision == "fp32" else torch.bfloat16}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, compute)}
     if precision == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+        bnb = bnb_4bit_settings(settings, compute)
+        bnb["bnb_4bit_compute_dtype"] = getattr(torch, bnb["bnb_4bit_compute_dtype"])
+        bnb["bnb_4bit_quant_storage"] = getattr(torch, bnb["bnb_4bit_quant_storage"])
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
         kwargs["device_map"] = {"": device}
     try:
         net = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
@@ -220,7 +243,7 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
         raise CTIQAError(f"cannot load the processor of {adapter if has_own_processor else model}: {e}") from e
     processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
     net.eval()
-    return LoadedModel(net, processor, str(model), adapter and str(adapter), precision, device)
+    return LoadedModel(net, processor, str(model), adapter and str(adapter), precision, device, compute, settings)
 
 
 # ---------------------------------------------------------------------------------------------------- prompts

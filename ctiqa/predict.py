@@ -50,6 +50,7 @@ from typing import Any
 
 from ctiqa import CTIQAError, CTIQAWarning
 from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
+from ctiqa.model_settings import PRECISIONS, choose_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
 #: The model ``make demo`` trains (used when no model is given), relative to the current folder: the package may
@@ -521,13 +522,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add each slice's file (relative to its input folder) to the outputs and name skipped "
                         "files on stderr; off by default because exported DICOM files are often named by their "
                         "SOP Instance UID")
-    parser.add_argument("--format", default=DEFAULT_TARGET_FORMAT, choices=TARGET_FORMATS,
-                        help="the target format the model was trained with")
-    parser.add_argument("--encoding", default="soft-tissue", choices=ENCODINGS,
-                        help="RGB encoding the model was trained with")
+    parser.add_argument("--format", choices=TARGET_FORMATS,
+                        help="the target format the model was trained with (default: the one recorded beside the "
+                        f"model in ctiqa_training.json, else {DEFAULT_TARGET_FORMAT})")
+    parser.add_argument("--encoding", choices=ENCODINGS,
+                        help="RGB encoding to render with (default: the one the model was trained on, recorded in "
+                        "ctiqa_training.json, else soft-tissue; forcing another is warned about)")
     parser.add_argument("--unit-is-hu", action="store_true",
                         help="treat [0,1] LDCTIQA-style images as W350/L40-windowed HU (for medgemma-3window)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "4bit"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: as the model was trained (ctiqa_training.json), else bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--server", metavar="URL", help="score through an OpenAI-compatible inference server (vLLM, "
@@ -546,7 +550,7 @@ def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``ctiqa predict``. Exit 0 when at least one slice is scored (now or by the run resumed), 1 when nothing
     could be scored."""
-    from ctiqa.inference import load_model
+    from ctiqa.inference import load_model, trained_settings_of
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise CTIQAError(f"--batch-size and --max-new-tokens must be at least 1 (got {args.batch_size}, "
@@ -560,6 +564,9 @@ def cli_main(args: argparse.Namespace) -> int:
             raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL.absolute()}: run `make demo` in a "
                              "ctiqa checkout and call ctiqa predict from there, or pass --model/--adapter")
         model = str(DEMO_MODEL)
+    trained = trained_settings_of(adapter or model)  # render and answer as the model was trained, unless forced
+    args.encoding = choose_encoding(args.encoding, trained)
+    args.format = args.format or (trained and trained.target_format) or DEFAULT_TARGET_FORMAT
     if args.html is not None:
         from ctiqa.html_report import check_html_path, write_predict_report
 

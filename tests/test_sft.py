@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from ctiqa import prompts
+from ctiqa import prompts, training
 from ctiqa.tiny import build_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,17 +123,17 @@ def test_label_mask_covers_exactly_the_target(processor, dataset):
 
 
 def test_check_examples_fit_passes_then_names_offenders(processor, dataset):
-    stats = sft.check_examples_fit(dataset["train"], processor, max_length=None, split="train")
+    stats = training.check_examples_fit(dataset["train"], processor, max_length=None, split="train")
     assert stats["n"] == 24 and stats["max_tokens"] > stats["max_target_tokens"] > 10
     with pytest.raises(ValueError, match=r"split 'train'.*0000: \d+ tokens > max_length 100"):
-        sft.check_examples_fit(dataset["train"], processor, max_length=100, split="train")
+        training.check_examples_fit(dataset["train"], processor, max_length=100, split="train")
 
 
 def test_check_examples_fit_catches_a_second_bos(processor, dataset):
     bad = dataset["train"].select(range(2)).map(
         lambda r: {"completion": prompts.completion_messages("<bos>" + r["completion"][0]["content"][0]["text"])})
     with pytest.raises(ValueError, match="0000: 2 BOS tokens"):
-        sft.check_examples_fit(bad, processor, max_length=None, split="train")
+        training.check_examples_fit(bad, processor, max_length=None, split="train")
 
 
 def test_last_complete_checkpoint_skips_a_cut_one(tmp_path):
@@ -142,8 +142,8 @@ def test_last_complete_checkpoint_skips_a_cut_one(tmp_path):
         d.mkdir()
         if complete:
             (d / "trainer_state.json").write_text("{}")
-    assert sft.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
-    assert sft.last_complete_checkpoint(str(tmp_path / "missing")) is None
+    assert training.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert training.last_complete_checkpoint(str(tmp_path / "missing")) is None
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -183,9 +183,10 @@ def test_help_documents_every_field(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--dataset_name", "--check_examples", "--eval_results", "--lora_r", "--load_in_4bit",
-                 "--max_length", "--learning_rate", "--hub_model_id", "--completion_only_loss"):
+                 "--max_length", "--learning_rate", "--hub_model_id", "--completion_only_loss",
+                 "--overwrite_output_dir", "--dataset_revision"):
         assert flag in out
-    assert "Hub dataset id or local folder written by `ctiqa build-dataset`" in " ".join(out.split())
+    assert "Split evaluated during training, used for model selection" in " ".join(out.split())
 
 
 # -------------------------------------------------------------------------------------------------- QLoRA
@@ -197,7 +198,7 @@ def test_qlora_changes_lora_weights_and_not_the_4bit_base(tiny, dataset, process
         "--config", str(TINY_QLORA), "--model_name_or_path", str(tiny), "--output_dir", str(tmp_path / "out"),
         "--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "4"])
-    model, peft_config = sft.load_model(model_args, args)
+    model, peft_config = training.load_model(model_args, args)
     n4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(n4) >= 20  # every linear layer of both towers except lm_head is 4-bit
     frozen = {n: p.detach().contiguous().view(torch.uint8).clone() for n, p in model.named_parameters()}
@@ -292,7 +293,7 @@ def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the training process it started
         proc.wait()
     assert not (out / "DONE").exists()
-    first = sft.last_complete_checkpoint(str(out))
+    first = training.last_complete_checkpoint(str(out))
     step = int(first.rsplit("-", 1)[1])
     assert 4 <= step < 16
 

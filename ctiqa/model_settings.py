@@ -1,0 +1,226 @@
+"""What a trained model needs to be used as it was trained: one home for precision choices and the settings file.
+
+``recipes/sft.py`` (and any recipe built on :mod:`ctiqa.training`) writes :data:`SETTINGS_FILE` beside the adapter
+or model; ``ctiqa evaluate`` / ``ctiqa predict`` (through :func:`ctiqa.inference.load_model`) read it, so that
+
+- an adapter trained on a 4-bit base is evaluated on the same 4-bit base, with the same compute and storage
+  dtypes (a QLoRA adapter trained with fp32 compute is run with fp32 compute, not bf16);
+- a model is fed pixels in the render encoding it was trained on (``medgemma-3window``, ``soft-tissue``,
+  :data:`ctiqa.imaging.ENCODINGS`) without being told, and a different encoding the user forces is warned about;
+- the answer format and prompt version it learned are known.
+
+This module is light (standard library only) so the inference side never imports TRL or torch to read it.
+
+File format (JSON, ``settings_version`` 2)::
+
+    {"settings_version": 2, "base_model": "google/medgemma-4b-it", "adapter": true,
+     "load_in_4bit": true, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": true,
+     "compute_dtype": "bfloat16", "storage_dtype": "bfloat16", "dtype": "bfloat16", "bf16": true,
+     "encoding": "soft-tissue", "target_format": "score-first", "prompt_version": "ctiqa-prompt-v1",
+     "ctiqa_version": "0.1.0"}
+
+Version 1 (before this module) held ``base_model``, ``adapter``, ``load_in_4bit``, ``bnb_4bit_quant_type``,
+``dtype`` and ``bf16`` only; it is still read (missing fields are None: unknown).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ctiqa import CTIQAError
+
+logger = logging.getLogger(__name__)
+
+#: File written beside the adapter / model by the training recipes.
+SETTINGS_FILE = "ctiqa_training.json"
+SETTINGS_VERSION = 2
+
+#: Inference precisions (``--precision`` of ``ctiqa evaluate`` / ``ctiqa predict``): "auto" = what training used
+#: (this module's settings file), else bf16 on a GPU and fp32 on the CPU; "4bit" = bitsandbytes NF4.
+PRECISIONS = ("auto", "fp32", "bf16", "4bit")
+#: torch dtype name of each non-quantised precision.
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+#: Dtypes Gemma 3 trains in: bf16 or fp32. fp16 overflows Gemma 3's activations (NaN loss, empty generations;
+#: google/gemma-3 model cards recommend bf16), so it is refused.
+TRAINING_DTYPES = ("bfloat16", "float32")
+#: The paper's 4-bit setting (design notes §3), used when ``--precision 4bit`` is forced without a settings file.
+DEFAULT_4BIT = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "compute_dtype": "bfloat16",
+                "storage_dtype": "bfloat16"}
+
+
+@dataclass
+class TrainedSettings:
+    """How a model or adapter was trained (the content of :data:`SETTINGS_FILE`). None = not recorded.
+
+    Attributes:
+        base_model: model id or folder the run started from.
+        adapter: True for a (Q)LoRA adapter, False for a full model.
+        load_in_4bit: the base was loaded in 4 bit (bitsandbytes) while the adapter learned.
+        bnb_4bit_quant_type: "nf4" or "fp4"; bnb_4bit_use_double_quant: nested quantisation.
+        compute_dtype: torch dtype name of the matmuls ("bfloat16", "float32"); for a 4-bit base the
+            bitsandbytes compute dtype, else the dtype the weights were loaded in.
+        storage_dtype: torch dtype name the 4-bit weights are packed in (``bnb_4bit_quant_storage``).
+        dtype: dtype name the (non-quantised) weights were loaded in; bf16: mixed precision flag of the trainer.
+        encoding: render encoding of the training images (:data:`ctiqa.imaging.ENCODINGS`).
+        target_format: answer format learned (:data:`ctiqa.prompts.TARGET_FORMATS`).
+        prompt_version: :data:`ctiqa.prompts.PROMPT_VERSION` of the training prompts.
+        ctiqa_version: version of ctiqa that trained it.
+        settings_version: 2 for this layout, 1 for files written before it.
+    """
+
+    base_model: str | None = None
+    adapter: bool | None = None
+    load_in_4bit: bool | None = None
+    bnb_4bit_quant_type: str | None = None
+    bnb_4bit_use_double_quant: bool | None = None
+    compute_dtype: str | None = None
+    storage_dtype: str | None = None
+    dtype: str | None = None
+    bf16: bool | None = None
+    encoding: str | None = None
+    target_format: str | None = None
+    prompt_version: str | None = None
+    ctiqa_version: str | None = None
+    settings_version: int = SETTINGS_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_settings(folder: str | Path, settings: TrainedSettings) -> Path:
+    """Write ``settings`` to ``folder/ctiqa_training.json`` (indented JSON). Returns the file's path."""
+    path = Path(folder) / SETTINGS_FILE
+    path.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_settings(folder: str | Path | None) -> TrainedSettings | None:
+    """The settings recorded beside a model or adapter, or None when ``folder`` is None, not a local folder
+    (a Hub id: use a downloaded snapshot) or holds no :data:`SETTINGS_FILE`.
+
+    Reads version 2 and the version-1 form (``dtype`` then gives the compute dtype of a 4-bit base, as TRL's
+    ``get_quantization_config`` used it). Unknown keys are ignored.
+
+    Raises:
+        CTIQAError: the file exists but is not a JSON object.
+    """
+    if folder is None:
+        return None
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CTIQAError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CTIQAError(f"{path}: expected a JSON object")
+    known = {f.name for f in fields(TrainedSettings)}
+    s = TrainedSettings(**{k: v for k, v in raw.items() if k in known})
+    if "settings_version" not in raw:  # version 1
+        s.settings_version = 1
+        s.dtype = s.compute_dtype = _dtype_name(raw.get("dtype"))  # quant storage, double quant: not recorded
+    return s
+
+
+def _dtype_name(value: Any) -> str | None:
+    """"torch.float32" / "float32" / "fp32" / "bf16" -> "float32" / "bfloat16"; None/"auto" -> None."""
+    if value in (None, "None", "auto"):
+        return None
+    name = str(value).replace("torch.", "")
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}.get(
+        name, name)
+
+
+def inference_precision(requested: str, settings: TrainedSettings | None, device: str) -> tuple[str, str]:
+    """The precision to load a model with, and the compute dtype name.
+
+    Args:
+        requested: one of :data:`PRECISIONS`. device: "cpu", "cuda", "cuda:1", ...
+        settings: what training used (:func:`read_settings`), or None.
+    Returns:
+        (precision, compute dtype): "auto" becomes "4bit" for an adapter trained on a 4-bit base (compute dtype
+        as trained), else the dtype the weights were trained in ("fp32" / "bf16"), else "bf16" on CUDA and
+        "fp32" on the CPU. A forced precision keeps its own dtype; forced "4bit" computes in the recorded compute
+        dtype when there is one, else bf16 (:data:`DEFAULT_4BIT`).
+    Raises:
+        CTIQAError: unknown precision.
+    """
+    if requested not in PRECISIONS:
+        raise CTIQAError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    trained_4bit = bool(settings and settings.adapter and settings.load_in_4bit)
+    recorded = settings.compute_dtype if settings and settings.compute_dtype in TRAINING_DTYPES else None
+    if requested == "auto":
+        if trained_4bit:
+            return "4bit", recorded or DEFAULT_4BIT["compute_dtype"]
+        if recorded:
+            return {v: k for k, v in PRECISION_DTYPES.items()}[recorded], recorded
+        requested = "bf16" if device.startswith("cuda") else "fp32"
+    if requested == "4bit":
+        return "4bit", (recorded if trained_4bit and recorded else DEFAULT_4BIT["compute_dtype"])
+    if settings is not None and trained_4bit:
+        logger.warning("the adapter was trained on a 4-bit base; loading the base in %s instead (forced)", requested)
+    return requested, PRECISION_DTYPES[requested]
+
+
+def bnb_4bit_settings(settings: TrainedSettings | None, compute_dtype: str) -> dict[str, Any]:
+    """Keyword arguments for ``transformers.BitsAndBytesConfig`` (dtypes as names) reproducing the 4-bit base an
+    adapter learned on: recorded quant type, double quantisation and storage dtype, else :data:`DEFAULT_4BIT`."""
+    s = settings if settings is not None and settings.load_in_4bit else None
+    storage = (s.storage_dtype if s and s.storage_dtype else None) or DEFAULT_4BIT["storage_dtype"]
+    double = s.bnb_4bit_use_double_quant if s and s.bnb_4bit_use_double_quant is not None else \
+        DEFAULT_4BIT["bnb_4bit_use_double_quant"]
+    return {"load_in_4bit": True,
+            "bnb_4bit_quant_type": (s.bnb_4bit_quant_type if s and s.bnb_4bit_quant_type else
+                                    DEFAULT_4BIT["bnb_4bit_quant_type"]),
+            "bnb_4bit_use_double_quant": bool(double),
+            "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": storage}
+
+
+def choose_encoding(requested: str | None, settings: TrainedSettings | None, *, default: str = "soft-tissue",
+                    source: str = "but --encoding forces") -> str:
+    """The render encoding to feed a model: the one it was trained on unless the user forces another.
+
+    Args:
+        requested: the user's ``--encoding`` (None: not given). settings: the model's recorded settings or None.
+        default: used when neither says (models trained before encodings were recorded: ``soft-tissue``).
+        source: how the warning names where ``requested`` comes from.
+    Returns:
+        an encoding name. Logs a warning when ``requested`` differs from the recorded one (the user forced it).
+    """
+    trained = settings.encoding if settings is not None else None
+    if requested is None:
+        return trained or default
+    if trained and requested != trained:
+        logger.warning("the model was trained on %s images, %s %s; expect wrong scores", trained, source,
+                       requested)
+    return requested
+
+
+def dataset_encoding(dataset_name: str, revision: str | None = None) -> str | None:
+    """The render encoding (:data:`ctiqa.imaging.ENCODINGS`) a ``ctiqa build-dataset`` dataset was made with, read
+    from its card: the ``ctiqa.encoding`` metadata field when present, else the card's line "rendered with encoding
+    `NAME`". None when the card is missing or says neither.
+    """
+    from huggingface_hub import DatasetCard
+
+    try:
+        path = Path(dataset_name) / "README.md"
+        card = DatasetCard.load(path if path.is_file() else dataset_name, repo_type="dataset",
+                                **({"revision": revision} if revision and not path.is_file() else {}))
+    except Exception as e:  # noqa: BLE001 - no card, offline, private: the encoding is unknown, not an error
+        logger.warning("dataset %s: cannot read its card (%s); render encoding unknown", dataset_name, e)
+        return None
+    meta = card.data.to_dict().get("ctiqa") or {}
+    enc = meta.get("encoding") if isinstance(meta, dict) else None
+    if isinstance(enc, dict):
+        enc = enc.get("name")
+    if not enc:
+        m = re.search(r"rendered with encoding `([\w.-]+)`", card.text)
+        enc = m.group(1) if m else None
+    return enc

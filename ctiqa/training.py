@@ -1,0 +1,694 @@
+"""What every ctiqa training recipe shares (``recipes/sft.py``, ``recipes/grpo.py``): parsing a YAML recipe, loading
+model and processor, the run guard and resume, the checks that stop a run that would learn nothing or the wrong
+thing, and writing the settings, card and push.
+
+A recipe reads top to bottom as::
+
+    script_args, training_args, model_args = parse_recipe((ScriptArguments, SFTConfig, ModelConfig), argv)
+    setup_logging(training_args)
+    check_launch(model_args, training_args)                  # fp16 / ZeRO-3 refused
+    checkpoint = prepare_output_dir(training_args.output_dir, run_config(...), overwrite=...)
+    dataset = load_recipe_dataset(script_args)
+    processor = load_processor(model_args, training_args)
+    model, peft_config = load_model(model_args, training_args, checkpoint=checkpoint)
+    trainer = SFTTrainer(..., callbacks=training_callbacks(checkpoint))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_outputs(trainer, ...)                                # model, settings, card, DONE
+    push_output(...)                                          # once, at the end
+    finish(trainer)
+
+Resume (issue 9): the Trainer saves a full model through ``save_pretrained``, which writes Gemma 3 weights under the
+Hub's original key names (``language_model.model.*``, ``vision_tower.*``), but reloads a checkpoint with a plain
+non-strict ``load_state_dict`` that does not convert them back (huggingface/transformers#43701): every key misses
+and training continues from the initial weights with only a warning. :func:`load_model` therefore loads a full
+model to resume from the checkpoint itself, through ``from_pretrained`` (which converts the key names), and fails
+when any weight is missing, unexpected or of another shape. Adapters are saved by PEFT in the model's own key
+layout and reloaded by the Trainer; :class:`VerifyResumedWeights` checks every adapter tensor against the checkpoint
+file before the first step.
+
+Errors a user can fix (bad recipe, missing dataset, another run in ``output_dir``, fp16, a NaN loss) are raised as
+:class:`ctiqa.CTIQAError`; :func:`main_guard` prints them as one ``error: ...`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trl
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+import ctiqa
+from ctiqa import CTIQAError
+from ctiqa.model_settings import TRAINING_DTYPES, TrainedSettings, write_settings
+
+logger = logging.getLogger("ctiqa.training")
+
+#: The run's own record of what defines it, written in ``output_dir`` when a run starts (see :func:`run_config`).
+RUN_CONFIG_FILE = "ctiqa_run.json"
+#: Written last, when model, settings and card are saved.
+DONE_FILE = "DONE"
+#: The demo's dataset folder and how to make it (named in the error when it is missing).
+DEMO_DATASET = "runs/demo/dataset"
+DEMO_DATASET_HINT = ("`make demo` makes it (or: ctiqa simulate --out runs/demo/ldctiqa-sim && ctiqa build-dataset "
+                     "--ldctiqa runs/demo/ldctiqa-sim --teacher template --split base-slice --out runs/demo/dataset)")
+
+
+@dataclass
+class ScriptArguments(trl.ScriptArguments):
+    """TRL's script arguments (dataset name, config, splits...) plus what every ctiqa recipe adds."""
+
+    dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag, commit)."})
+    dataset_test_split: str = field(
+        default="validation",
+        metadata={"help": "Split evaluated during training, used for model selection (never the test split)."})
+    eval_results: str | None = field(
+        default=None,
+        metadata={"help": "results.json of `ctiqa evaluate` to put in the model card (default: "
+                          "<output_dir>/results.json when present)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds another run: its checkpoints and DONE marker are "
+                          "deleted. Without it such a run is refused, naming what differs; the same run resumes."})
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+class _RecipeParser(trl.TrlParser):
+    """TrlParser whose errors are raised (one line) instead of printing the usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:  # argparse's documented override point
+        raise CTIQAError(message)
+
+
+def _simple_type(annotation: Any) -> type | None:
+    """int / float / bool / str for annotations like ``int``, ``float | None``, ``Optional[str]``; else None."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation.split(" |")[0].strip())
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(
+        annotation) is typing.Union else ()
+    if args:
+        real = [a for a in args if a is not type(None)]
+        annotation = real[0] if len(real) == 1 else None
+    return annotation if annotation in (int, float, bool, str) else None
+
+
+def _check_yaml_types(config_path: str, parsed: tuple) -> None:
+    """Every key of the YAML recipe has the type of its field (argparse converts strings only, so ``lora_r: 16.5``
+    or ``use_peft: [true]`` would pass through unchecked)."""
+    import yaml
+
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    hints = {}
+    for obj in parsed:  # the declared annotations: HfArgumentParser rewrites dataclasses.Field.type while parsing
+        names = {f.name for f in dataclasses.fields(obj)}
+        hints.update({k: v for k, v in typing.get_type_hints(type(obj)).items() if k in names})
+    for key, value in config.items():
+        if key not in hints or value is None:
+            continue
+        want = _simple_type(hints[key])
+        ok = want is None or isinstance(value, want) and not (want in (int, float) and isinstance(value, bool)) \
+            or (want is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise CTIQAError(f"{config_path}: {key}: {value!r} must be of type {want.__name__}")
+
+
+def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_config: str | Path | None = None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) with TRL's parser: a YAML recipe (``--config``) gives the defaults,
+    the command line overrides them; ``--help`` lists every field.
+
+    Args:
+        dataclass_types: e.g. ``(ScriptArguments, SFTConfig, ModelConfig)``.
+        default_config: recipe used when ``--config`` is not given (None: none).
+    Returns:
+        one instance per dataclass type, as ``TrlParser.parse_args_and_config``.
+    Raises:
+        CTIQAError: one line naming the recipe and what is wrong: missing or unreadable file, not a YAML mapping,
+            unknown key, a value of the wrong type, an invalid setting.
+    """
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and default_config is not None:
+        argv = ["--config", str(default_config), *argv]
+    config = argv[argv.index("--config") + 1] if "--config" in argv and argv.index("--config") + 1 < len(argv) \
+        else None
+    where = config or "command line"
+    if config is not None and not Path(config).is_file():
+        raise CTIQAError(f"{config}: no such recipe file")
+    try:
+        parsed = _RecipeParser(dataclass_types).parse_args_and_config(argv)
+    except CTIQAError as e:
+        raise CTIQAError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise CTIQAError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (ValueError, TypeError) as e:  # unknown keys (TRL), invalid values (__post_init__ of the configs)
+        msg = " ".join(str(e).split())
+        m = re.search(r"Unknown arguments from config file: \[(.*?)\]", msg)
+        if m:
+            keys = re.findall(r"'--([^']+)'", m.group(1))
+            msg = f"unknown key{'s' if len(keys) > 1 else ''} {', '.join(keys)} (see --help for the fields)"
+        raise CTIQAError(f"{where}: {msg}") from None
+    if config is not None:
+        _check_yaml_types(config, parsed)
+    return parsed
+
+
+def main_guard(main: Any, *args: Any) -> int:
+    """Run ``main(*args)``; a :class:`ctiqa.CTIQAError` is printed as one ``error: ...`` line on stderr (the last
+    line of the output) and gives exit status 2. Anything else propagates with its traceback (a bug).
+
+    Under ``accelerate launch`` the launcher adds its own traceback after a failed process; ``accelerate launch
+    --quiet`` leaves the one line last.
+    """
+    try:
+        main(*args)
+    except CTIQAError as e:
+        logging.shutdown()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ launch checks
+def setup_logging(training_args: Any) -> None:
+    """Log to stdout at the Trainer's per-process level (``log_level`` / ``log_level_replica``): ctiqa, datasets
+    and transformers alike."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    logging.getLogger("ctiqa").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def check_launch(model_args: Any, training_args: Any) -> None:
+    """Refuse launches known to train nothing useful.
+
+    - fp16 anywhere (``--fp16``, ``dtype: float16``, 4-bit compute or storage in fp16): Gemma 3's activations
+      overflow fp16 (NaN loss, empty generations); bf16 or fp32 only (:data:`ctiqa.model_settings.TRAINING_DTYPES`).
+    - DeepSpeed ZeRO-3: partitioning a bitsandbytes 4-bit base is not supported by the quantised layers (it needs
+      ``zero3_init_flag`` off and reentrant checkpointing, and still fails on Gemma 3's tied embeddings); use DDP,
+      ZeRO-2 or FSDP (recipes/accelerate_configs/).
+
+    Raises:
+        CTIQAError: naming the setting and the reason.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    dtypes = {"dtype": model_args.dtype, "bnb_4bit_quant_storage": model_args.bnb_4bit_quant_storage
+              if model_args.load_in_4bit else None}
+    if training_args.fp16 or getattr(training_args, "fp16_full_eval", False):
+        raise CTIQAError("fp16 is not supported with Gemma 3 (its activations overflow fp16: NaN loss, empty "
+                         "generations); use bf16: true on a GPU with bf16, else fp32 (bf16: false)")
+    for key, value in dtypes.items():
+        if value not in (None, "auto") and str(value).replace("torch.", "") not in TRAINING_DTYPES:
+            raise CTIQAError(f"{key}: {value} is not supported with Gemma 3; use one of {', '.join(TRAINING_DTYPES)}")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage == "3" or is_deepspeed_zero3_enabled():
+        raise CTIQAError("DeepSpeed ZeRO-3 is not supported: it cannot partition a bitsandbytes 4-bit base and is "
+                         "untested with Gemma 3 here; use DDP, ZeRO-2 or FSDP (recipes/accelerate_configs/)")
+
+
+# ------------------------------------------------------------------------------------------- run guard, resume
+def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
+    """What defines a run, for :func:`prepare_output_dir`: the data, the model and every hyperparameter that changes
+    what is learned. Length and bookkeeping (epochs, max steps, saving, logging, evaluation, push) are left out, so
+    a resume may extend training.
+
+    Returns:
+        a JSON-serialisable dict (``str`` of anything else).
+    """
+    keys = {
+        "script": ("dataset_name", "dataset_config", "dataset_revision", "dataset_train_split"),
+        "model": ("model_name_or_path", "model_revision", "dtype", "use_peft", "lora_r", "lora_alpha",
+                  "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora", "use_dora",
+                  "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                  "bnb_4bit_quant_storage"),
+        "training": ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "seed", "bf16",
+                     "max_length", "completion_only_loss", "assistant_only_loss", "packing", "loss_type", "beta",
+                     "num_generations", "temperature", "max_completion_length"),
+    }
+    out: dict[str, Any] = {}
+    for obj, names in ((script_args, keys["script"]), (model_args, keys["model"]), (training_args, keys["training"])):
+        for name in names:
+            if hasattr(obj, name):
+                v = getattr(obj, name)
+                v = getattr(v, "value", v)  # enums
+                out[name] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
+    out["world_size"] = training_args.world_size
+    return out
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` holding ``trainer_state.json`` (written last by the
+    Trainer, so a checkpoint cut short by a kill is skipped), or None."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = []
+    for d in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if d.is_dir() and d.name.split("-")[-1].isdigit():
+            if (d / "trainer_state.json").is_file():
+                steps.append((int(d.name.split("-")[-1]), d))
+            else:
+                logger.warning("skipping incomplete checkpoint %s (no trainer_state.json)", d)
+    return str(max(steps)[1]) if steps else None
+
+
+def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwrite: bool = False,
+                       resume_from_checkpoint: str | None = None) -> str | None:
+    """Guard ``output_dir`` against mixing two runs, record this run, and find the checkpoint to resume from.
+
+    - ``output_dir`` holds a run whose :data:`RUN_CONFIG_FILE` differs from ``config``: refused, naming each
+      differing setting (old -> new), unless ``overwrite``; then its checkpoints and ``DONE`` are deleted (logged)
+      and training starts over.
+    - It holds checkpoints but no run config (written by an older ctiqa): refused unless ``overwrite`` (it cannot
+      be told apart from another run).
+    - Same run: resumes from :func:`last_complete_checkpoint`.
+
+    Every process reads the folder first, the main process then writes (all wait for each other), so multi-process
+    launches agree on the checkpoint.
+
+    Args:
+        config: :func:`run_config` of this run. resume_from_checkpoint: an explicit ``--resume_from_checkpoint``
+            (returned as is, the guard still applies).
+    Returns:
+        the checkpoint folder to resume from, or None to start from the model.
+    Raises:
+        CTIQAError: another run in ``output_dir``.
+    """
+    from accelerate import PartialState
+
+    root = Path(output_dir)
+    state = PartialState()
+    recorded_file = root / RUN_CONFIG_FILE
+    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
+    checkpoints = sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if root.is_dir() else []
+    if recorded is not None and recorded != config:
+        diffs = [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(recorded) | set(config))
+                 if recorded.get(k) != config.get(k)]
+        if not overwrite:
+            raise CTIQAError(f"{root} holds another run ({'; '.join(diffs)}); choose another output_dir, or pass "
+                             "--overwrite_output_dir true to start over there")
+    elif recorded is None and checkpoints and not overwrite:
+        raise CTIQAError(f"{root} holds checkpoints without {RUN_CONFIG_FILE} (an older or foreign run): cannot "
+                         "tell whether it is this run; choose another output_dir, or pass --overwrite_output_dir "
+                         "true to start over there")
+    checkpoint = resume_from_checkpoint
+    if checkpoint is None and not overwrite:
+        checkpoint = last_complete_checkpoint(root)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if overwrite and (checkpoints or (root / DONE_FILE).exists()):
+            for d in checkpoints:
+                shutil.rmtree(d)
+            (root / DONE_FILE).unlink(missing_ok=True)
+            logger.warning("--overwrite_output_dir: deleted %d checkpoint(s) and the DONE marker of the previous "
+                           "run in %s; starting over", len(checkpoints), root)
+        recorded_file.write_text(json.dumps(config, indent=2) + "\n")
+    state.wait_for_everyone()
+    if checkpoint is not None:
+        logger.info("checkpoint detected, resuming training at %s", checkpoint)
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def _looks_local(name: str) -> bool:
+    """A dataset/model name meant as a folder: it exists, is absolute, starts with ``.`` or ``~``, or has more than
+    one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
+    return Path(name).expanduser().exists() or Path(name).is_absolute() or name.startswith((".", "~")) \
+        or name.count("/") > 1
+
+
+def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", "completion", "images")):
+    """The dataset of a recipe (Hub id or folder written by ``ctiqa build-dataset``), with its train and test
+    splits and the columns the recipe needs checked.
+
+    Returns:
+        ``datasets.DatasetDict``.
+    Raises:
+        CTIQAError: no dataset given; a local folder that does not exist (for the demo's ``runs/demo/dataset``,
+            how to make it); a missing split or column.
+    """
+    from datasets import load_dataset
+
+    name = script_args.dataset_name
+    if not name:
+        raise CTIQAError("no dataset: pass --dataset_name (Hub id or folder written by `ctiqa build-dataset`)")
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        hint = DEMO_DATASET_HINT if Path(name).as_posix().rstrip("/").endswith(DEMO_DATASET) else \
+            f"make it with `ctiqa build-dataset ... --out {name}`"
+        raise CTIQAError(f"dataset {name}: no such folder; {hint}")
+    dataset = load_dataset(name, name=script_args.dataset_config, revision=script_args.dataset_revision)
+    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
+        if split not in dataset:
+            raise CTIQAError(f"dataset {name}: no split {split!r} (has {', '.join(dataset)})")
+    missing = set(columns) - set(dataset[script_args.dataset_train_split].column_names)
+    if missing:
+        raise CTIQAError(f"dataset {name}: missing columns {', '.join(sorted(missing))} (expected the output of "
+                         "`ctiqa build-dataset`)")
+    return dataset
+
+
+def check_examples_fit(dataset: Any, processor: Any, max_length: int | None, split: str,
+                       batch_size: int = 16) -> dict[str, int]:
+    """Collate every example exactly as SFT training will (TRL's vision collator, completion-only loss, no
+    truncation) and check that it trains on what it should.
+
+    Checks per example: the sequence fits ``max_length`` whole (no image block cut, no target truncated), it holds
+    exactly one BOS, the supervised tokens hold no image token and spell the completion text (so the score is
+    inside the loss), and ``Score: `` appears there.
+
+    Returns:
+        ``{"n": examples, "max_tokens": longest sequence, "max_target_tokens": longest supervised part}``.
+    Raises:
+        CTIQAError: naming the split and the offending example ids with what is wrong.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, max_length=None, completion_only_loss=True)
+    tok = processor.tokenizer
+    image_id = tok.image_token_id
+    problems: list[str] = []
+    longest = longest_target = 0
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        ids = [r.get("id", str(start + k)) for k, r in enumerate(rows)]
+        targets = [r["completion"][-1]["content"][-1]["text"] for r in rows]
+        batch = collator([{k: r[k] for k in ("prompt", "completion", "images")} for r in rows])
+        for k, ex_id in enumerate(ids):
+            real = batch["attention_mask"][k] == 1
+            n = int(real.sum())
+            supervised = batch["input_ids"][k][batch["labels"][k] != -100]
+            text = tok.decode(supervised, skip_special_tokens=False)
+            longest, longest_target = max(longest, n), max(longest_target, len(supervised))
+            n_bos = int((batch["input_ids"][k][real] == tok.bos_token_id).sum())
+            if max_length is not None and n > max_length:
+                problems.append(f"{ex_id}: {n} tokens > max_length {max_length}")
+            if n_bos != 1:
+                problems.append(f"{ex_id}: {n_bos} BOS tokens (want exactly 1)")
+            if image_id is not None and bool((supervised == image_id).any()):
+                problems.append(f"{ex_id}: image tokens inside the supervised tokens")
+            if not text.startswith(targets[k].strip()) or "Score: " not in text:
+                problems.append(f"{ex_id}: supervised tokens {text[:60]!r} do not spell the target")
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
+        raise CTIQAError(f"split {split!r}: examples that would not train correctly: {shown}")
+    return {"n": len(dataset), "max_tokens": longest, "max_target_tokens": longest_target}
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def load_processor(model_args: Any, training_args: Any) -> Any:
+    """``AutoProcessor`` of ``model_name_or_path`` at ``model_revision``."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                         trust_remote_code=training_args.trust_remote_code)
+
+
+def _is_full_checkpoint(checkpoint: str | None) -> bool:
+    return bool(checkpoint) and (Path(checkpoint) / "config.json").is_file() and any(
+        Path(checkpoint).glob("model*.safetensors"))
+
+
+def load_model(model_args: Any, training_args: Any, *, checkpoint: str | None = None) -> tuple[Any, Any]:
+    """The model to train and its LoRA config (None for full fine-tuning).
+
+    Quantisation from TRL's ``get_quantization_config`` (4-bit NF4 when ``load_in_4bit``: compute dtype = ``dtype``,
+    storage ``bnb_4bit_quant_storage``); a k-bit model gets one full copy per process on its own GPU
+    (``device_map={"": local process index}``, what TRL 0.x's ``get_kbit_device_map`` returned; TRL 1.x dropped the
+    helper; ``"auto"`` would split one copy over all GPUs and break DDP), none under FSDP (it loads on the CPU and
+    shards) or on the CPU. The LoRA config is TRL's ``get_peft_config`` of the recipe as written (the recipes name
+    their ``lora_target_modules``; when a recipe leaves it unset, PEFT's per-model default applies and is logged).
+
+    Args:
+        checkpoint: the checkpoint to resume from. For full fine-tuning its weights are loaded here, through
+            ``from_pretrained``, which converts the Hub key names the Trainer saved them under (see the module
+            docstring); adapters are restored by the Trainer.
+    Raises:
+        CTIQAError: no model given; a resume checkpoint whose weights do not all load (missing, unexpected or
+            mismatched keys).
+    """
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForImageTextToText
+
+    if not model_args.model_name_or_path:
+        raise CTIQAError("no model: pass --model_name_or_path (Hub id or local folder)")
+    quantization_config = trl.get_quantization_config(model_args)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    device_map = None
+    if quantization_config is not None and torch.cuda.is_available() and not fsdp:
+        device_map = {"": PartialState().local_process_index}
+    source = model_args.model_name_or_path
+    resume_full = not model_args.use_peft and _is_full_checkpoint(checkpoint)
+    kwargs = dict(trust_remote_code=training_args.trust_remote_code,
+                  attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+                  quantization_config=quantization_config, device_map=device_map)
+    if resume_full:
+        model, info = AutoModelForImageTextToText.from_pretrained(checkpoint, output_loading_info=True, **kwargs)
+        bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
+        if bad or info.get("error_msgs"):
+            detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} (first: {sorted(map(str, v))[0]})"
+                               for k, v in bad.items())
+            raise CTIQAError(f"cannot resume from {checkpoint}: not every weight loads ({detail or info['error_msgs']})")
+        logger.info("resume: all weights of %s loaded through from_pretrained (%d tensors); the Trainer's own "
+                    "reload that follows matches none of the Hub key names (transformers#43701) and changes nothing",
+                    checkpoint, len(model.state_dict()))
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(source, revision=model_args.model_revision, **kwargs)
+    model.config.use_cache = not training_args.activation_checkpointing
+    if not model_args.use_peft:
+        return model, None
+    if model_args.lora_target_modules is None:
+        logger.warning("lora_target_modules not set: PEFT's default modules for %s apply", model.config.model_type)
+    return model, trl.get_peft_config(model_args)
+
+
+def reload_best_model(trainer: Any) -> None:
+    """After training with ``load_best_model_at_end``, make a fully fine-tuned model hold the best checkpoint's
+    weights. The Trainer's own best-model reload is the same non-strict ``load_state_dict`` as its resume and
+    matches no Gemma 3 key (transformers#43701); here the checkpoint is loaded through ``from_pretrained`` and
+    copied in strictly. Adapters are reloaded correctly by the Trainer (PEFT's own key layout): nothing to do.
+
+    Raises:
+        CTIQAError: the best checkpoint's weights do not all load.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    best = trainer.state.best_model_checkpoint
+    args = trainer.args
+    if not (best and args.load_best_model_at_end) or not _is_full_checkpoint(best) or hasattr(trainer.model,
+                                                                                            "peft_config"):
+        return
+    best_model = AutoModelForImageTextToText.from_pretrained(best, dtype=trainer.model.dtype)
+    result = trainer.model.load_state_dict(best_model.state_dict(), strict=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise CTIQAError(f"cannot reload the best checkpoint {best}: {result}")
+    logger.warning("reloaded the best checkpoint %s (%s %s) through from_pretrained; the Trainer's 'missing keys' / "
+                   "'unexpected keys' warning just above is its own reload, which matches no key (transformers#43701)",
+                   best, args.metric_for_best_model, trainer.state.best_metric)
+
+
+# -------------------------------------------------------------------------------------------------- callbacks
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop training at the first step whose loss is NaN or infinite, naming the step.
+
+    Two checks: after every optimizer step, the trainable parameters are finite (a NaN/inf loss gives NaN
+    gradients and NaN weights in that same step, so this names the first bad step even between logging steps;
+    one ``isfinite`` pass over the trainable weights, cheap next to the optimizer); and every logged ``loss`` /
+    ``grad_norm`` is finite (set ``logging_nan_inf_filter: false``, as the recipes do, or the Trainer averages
+    NaN losses away before logging).
+
+    Raises:
+        CTIQAError: "loss is not finite at step N ..." (from ``trainer.train``). Checkpoints saved before are kept.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if model is None:
+            return
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]) if params else None
+        if finite is not None and not bool(finite.all()):  # one device sync per step
+            name = params[int((~finite).nonzero()[0])][0]
+            raise CTIQAError(f"loss is not finite at step {state.global_step}: weights became NaN/inf "
+                             f"(first: {name}); lower the learning rate or use fp32/bf16, and resume from the "
+                             "last checkpoint")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise CTIQAError(f"loss is not finite at step {state.global_step}: {key} {value}; lower the "
+                                 "learning rate or use fp32/bf16, and resume from the last checkpoint")
+
+
+class VerifyResumedWeights(TrainerCallback):
+    """Before the first step of a resumed run, check that the trainable weights equal the checkpoint's.
+
+    For an adapter: every tensor of ``adapter_model.safetensors`` equals the model's (``peft``'s
+    ``get_peft_model_state_dict``, the state the Trainer saved), and no adapter tensor is missing. A full model was
+    loaded strictly by :func:`load_model`; its check is that loading.
+
+    Raises:
+        CTIQAError: a missing or different tensor (the resume would continue from other weights).
+    """
+
+    def __init__(self, checkpoint: str):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch
+        from safetensors.torch import load_file
+
+        path = Path(self.checkpoint) / "adapter_model.safetensors"
+        if model is None or not path.is_file():
+            return
+        from peft import get_peft_model_state_dict
+
+        saved = load_file(str(path))
+        current = get_peft_model_state_dict(model)
+        missing = sorted(set(saved) ^ set(current))
+        different = [k for k in saved if k in current and not torch.equal(saved[k].to(current[k].device),
+                                                                           current[k].detach())]
+        if missing or different:
+            raise CTIQAError(f"resume from {self.checkpoint}: adapter weights not restored ({len(missing)} missing, "
+                             f"{len(different)} different; first: {(missing or different)[0]})")
+        logger.info("resume: %d adapter tensors equal %s", len(saved), path)
+
+
+def training_callbacks(checkpoint: str | None) -> list[TrainerCallback]:
+    """The callbacks every ctiqa run uses: :class:`StopOnNonFiniteLoss`, and :class:`VerifyResumedWeights` when
+    resuming."""
+    return [StopOnNonFiniteLoss()] + ([VerifyResumedWeights(checkpoint)] if checkpoint else [])
+
+
+# ------------------------------------------------------------------------------------------- settings, card, push
+def trained_settings(model_args: Any, training_args: Any, *, adapter: bool, encoding: str | None,
+                     target_format: str | None, prompt_version: str | None) -> TrainedSettings:
+    """What :mod:`ctiqa.model_settings` records beside the output: quantisation, compute and storage dtypes, render
+    encoding, answer format, prompt version."""
+    dtype = str(model_args.dtype).replace("torch.", "") if model_args.dtype not in (None, "auto") else None
+    q4 = bool(model_args.load_in_4bit)
+    return TrainedSettings(
+        base_model=model_args.model_name_or_path, adapter=adapter, load_in_4bit=q4,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type if q4 else None,
+        bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant) if q4 else None,
+        compute_dtype=dtype, storage_dtype=str(model_args.bnb_4bit_quant_storage) if q4 else None, dtype=dtype,
+        bf16=bool(training_args.bf16), encoding=encoding, target_format=target_format,
+        prompt_version=prompt_version, ctiqa_version=ctiqa.__version__)
+
+
+def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str | None, model_args: Any,
+                 eval_results: str | None, metrics: dict[str, Any]) -> None:
+    """Save what a finished run leaves in ``output_dir``: the model or adapter + processor (all processes take part:
+    FSDP gathers), then on the main process the settings file, the model card (``README.md``) and ``DONE``."""
+    from ctiqa.cards import model_card
+    from ctiqa.model_settings import SETTINGS_FILE
+
+    out = trainer.args.output_dir
+    if trainer.is_fsdp_enabled:  # gather the sharded adapter into one file (PEFT + FSDP docs)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(out)
+    if not trainer.accelerator.is_main_process:
+        return
+    write_settings(out, settings)
+    results = Path(eval_results or os.path.join(out, "results.json"))
+    card = model_card(base_model=model_args.model_name_or_path, dataset=dataset_name, training_args=trainer.args,
+                      model_args=model_args, adapter=bool(settings.adapter), encoding=settings.encoding,
+                      eval_results=json.loads(results.read_text()) if results.is_file() else None,
+                      train_metrics=metrics)
+    card.save(os.path.join(out, "README.md"))
+    Path(out, DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("model, %s and card saved to %s", SETTINGS_FILE, out)
+
+
+def warn_large_adapter_modules(output_dir: str | Path) -> int:
+    """Warn when an adapter saves whole ``lm_head`` / ``embed_tokens`` matrices (``lora_modules_to_save``, trainable
+    tokens): with Gemma 3's 262k vocabulary that is ~2.7 GB per matrix in bf16 for MedGemma-4B.
+
+    Returns:
+        bytes of those tensors in ``adapter_model.safetensors`` (0 when none or no adapter).
+    """
+    from safetensors import safe_open
+
+    path = Path(output_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return 0
+    big = 0
+    names = []
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if "lm_head" in key or "embed_tokens" in key:
+                sl = f.get_slice(key)
+                n = math.prod(sl.get_shape())
+                big += n * {"F32": 4, "BF16": 2, "F16": 2}.get(sl.get_dtype(), 4)
+                names.append(key)
+    if big:
+        logger.warning("the adapter saves full %s matrices: %.1f MB of its %.1f MB (lora_modules_to_save); the "
+                       "push uploads them", ", ".join(sorted({n.split('.')[-2] for n in names})), big / 1e6,
+                       path.stat().st_size / 1e6)
+    return big
+
+
+def push_output(training_args: Any, *, adapter: bool, commit_message: str) -> str:
+    """Upload ``output_dir`` (top-level files: model or adapter, processor, settings, card; no checkpoints, logs or
+    ``DONE``; for an adapter never base weights) once, at the end, to ``hub_model_id`` (default: the folder's name
+    under the token's user), private unless ``hub_private_repo`` is false. The token comes from ``HF_TOKEN`` /
+    ``hf auth login``, never from the recipe.
+
+    Returns:
+        the repo URL.
+    """
+    from huggingface_hub import HfApi
+
+    out = training_args.output_dir
+    if adapter:
+        warn_large_adapter_modules(out)
+    repo_id = training_args.hub_model_id or Path(out).name
+    api = HfApi()
+    private = training_args.hub_private_repo is not False
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+    ignore = ["checkpoint-*", "checkpoint-*/**", "runs/**", DONE_FILE, "training_args.bin", RUN_CONFIG_FILE]
+    if adapter:
+        ignore += ["model*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json"]
+    api.upload_folder(repo_id=repo_url.repo_id, folder_path=out, ignore_patterns=ignore,
+                      commit_message=commit_message)
+    logger.info("pushed to %s (private=%s)", repo_url, private)
+    return str(repo_url)
+
+
+def finish(trainer: Any) -> None:
+    """End the run. A multi-process run leaves with ``os._exit(0)`` once everything is saved and pushed: gloo's
+    process-group destructor joins its worker threads while holding the GIL, and a worker still releasing its last
+    all-gather's Python tensors waits for the GIL, a deadlock at interpreter exit
+    (https://github.com/pytorch/pytorch/issues/56297; about 1 in 5 two-process CPU runs here, after "saved")."""
+    multi_process = trainer.accelerator.num_processes > 1
+    if hasattr(trainer, "end"):
+        trainer.end()
+    if multi_process:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
