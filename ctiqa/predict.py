@@ -564,7 +564,7 @@ def cli_main(args: argparse.Namespace) -> int:
             raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL.absolute()}: run `make demo` in a "
                              "ctiqa checkout and call ctiqa predict from there, or pass --model/--adapter")
         model = str(DEMO_MODEL)
-    trained = trained_settings_of(adapter or model)  # render and answer as the model was trained, unless forced
+    trained = None if args.server else trained_settings_of(adapter or model)  # render and answer as trained
     args.encoding = choose_encoding(args.encoding, trained)
     args.format = args.format or (trained and trained.target_format) or DEFAULT_TARGET_FORMAT
     if args.html is not None:
