@@ -16,7 +16,8 @@ deletes any file older than an hour (``delete_cache``). Zips are extracted to a 
 reading. Gradio analytics are switched off.
 
 Offline by default: without ``--model``/``--adapter`` the model ``make demo`` trains (``runs/demo/model`` in the
-current folder) is used.
+current folder) is used. ``--server URL --model NAME`` scores through an OpenAI-compatible inference server instead
+(:class:`ctiqa.serving.ServerScorer`, the backend of ``ctiqa predict --server``).
 
 Programmatic use (e.g. a Space's ``app.py``)::
 
@@ -328,6 +329,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ctiqa app``."""
     parser.add_argument("--model", help="base model Hub id or folder (default: runs/demo/model, offline)")
     parser.add_argument("--adapter", help="PEFT adapter Hub id or folder")
+    parser.add_argument("--server", metavar="URL", help="score through an OpenAI-compatible inference server (vLLM, "
+                        "transformers serve) at URL; --model is then the served model name")
+    parser.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight (default 8)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to "
@@ -345,15 +349,22 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``ctiqa app`` until interrupted. Returns 0."""
+    if args.server and (args.adapter or not args.model):
+        raise CTIQAError("--server needs --model (the served model name) and no --adapter (merge it first: ctiqa "
+                         "export)")
     # Gradio reads these at import: a private upload folder removed at exit, and no analytics calls.
     tmp = tempfile.mkdtemp(prefix="ctiqa-app-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too ends through atexit
     os.environ["GRADIO_TEMP_DIR"] = tmp
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    scorer = Scorer.load(args.model, args.adapter, precision=args.precision, fmt=args.format,
-                         encoding=args.encoding, unit_is_hu=args.unit_is_hu, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size)
+    settings = {"fmt": args.format, "encoding": args.encoding, "unit_is_hu": args.unit_is_hu,
+                "max_new_tokens": args.max_new_tokens}
+    if args.server:
+        scorer = Scorer.server(args.server, args.model, concurrency=args.concurrency, **settings)
+    else:
+        scorer = Scorer.load(args.model, args.adapter, precision=args.precision, batch_size=args.batch_size,
+                             **settings)
     demo = build_app(scorer)
     print(f"ctiqa app: model {scorer.name}; uploads kept in a private folder removed at exit", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, quiet=False)

@@ -58,7 +58,8 @@ _CSS = """
 .ctiqa.js table.sortable th:after{content:" \\2195";color:#aaa}.ctiqa td.num{text-align:right;white-space:nowrap}
 .ctiqa td.text{max-width:38em}.ctiqa img.slice{width:160px;height:auto;image-rendering:pixelated;cursor:zoom-in;
 background:#000}.ctiqa img.slice.big{width:auto;max-width:512px;cursor:zoom-out}
-.ctiqa img.plot{max-width:100%;height:auto}.ctiqa .score{font-size:1.15em;font-weight:600}.ctiqa .spread{color:#666}
+.ctiqa img.plot{max-width:100%;height:auto}.ctiqa .plots{display:flex;flex-wrap:wrap;gap:8px}
+.ctiqa .plots img.plot{max-width:min(49%,620px)}.ctiqa .score{font-size:1.15em;font-weight:600}.ctiqa .spread{color:#666}
 .ctiqa .flag{display:inline-block;border-radius:3px;padding:0 5px;margin:1px 0;font-size:.85em}
 .ctiqa .flag.bad{background:#fde2e1;color:#8a1c17}.ctiqa .flag.warn{background:#fff3cd;color:#6b4e00}
 .ctiqa .flag.ok{background:#e3f4e5;color:#1d5e27}.ctiqa .flag.info{background:#e8eef9;color:#243f73}
@@ -464,8 +465,10 @@ def evaluation_report(results: Mapping[str, Any], records: list[Mapping[str, Any
     body = [f'<p class="meta">{esc(where)}{"/" + esc(results["split"]) if results.get("split") else ""}, '
             f"{len(records)} samples; error = |{esc(primary)} score − truth|.</p>", _metrics_html(results),
             _checks_html(results)]
-    for name, png in (plots or {}).items():
-        body.append(f'<img class="plot" alt="{esc(name.replace("_", "-"))} plot" src="{png_data_uri(png)}">')
+    if plots:
+        body.append('<div class="plots">' + "".join(
+            f'<img class="plot" alt="{esc(name.replace("_", "-"))} plot" src="{png_data_uri(png)}">'
+            for name, png in plots.items()) + "</div>")
 
     def err(r: Mapping[str, Any]) -> float | None:
         p = r.get(col)

@@ -136,7 +136,7 @@ def series_plot(rows: list[dict], out: str | Path | None = None, title: str = ""
     ax.grid(alpha=0.3)
     if len(idx):
         ax.set_xlim(idx.min() - 0.5, idx.max() + 0.5)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     if out is None:
         if title:
             fig.suptitle(title, fontsize=11)
