@@ -111,18 +111,18 @@ class Scorer:
 
 
 def demo_model() -> Path:
-    """The model ``make demo`` trained: ``runs/demo/model`` under the current folder, else beside the package.
+    """The model ``make demo`` trained: :data:`ctiqa.predict.DEMO_MODEL` (``runs/demo/model`` under the current
+    folder).
 
     Raises:
-        CTIQAError: neither exists.
+        CTIQAError: it does not exist.
     """
     from ctiqa.predict import DEMO_MODEL
 
-    for p in (Path.cwd() / "runs" / "demo" / "model", DEMO_MODEL):
-        if p.is_dir():
-            return p
-    raise CTIQAError(f"no --model given and no demo model at runs/demo/model (nor {DEMO_MODEL}): run `make demo` "
-                     "first or pass --model/--adapter")
+    if not DEMO_MODEL.is_dir():
+        raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL.absolute()}: run `make demo` in a "
+                         "checkout first, start the app there, or pass --model/--adapter")
+    return DEMO_MODEL
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
