@@ -41,8 +41,6 @@ from ctiqa import CTIQAError
 #: Largest side (px) of an embedded slice image; larger renders are downscaled for the page only (the model's
 #: input is what :func:`ctiqa.imaging.render` gives, before the processor's own resize).
 MAX_IMAGE_SIDE = 512
-#: Severity classes, mildest first (as :func:`ctiqa.explanations.extract_claims` and ``ctiqa.findings`` name them).
-SEVERITIES = ("mild", "moderate", "severe")
 
 _PAGE_CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:1.5em;color:#1d1d1f;
@@ -156,32 +154,42 @@ def rationale_text(row: Mapping[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------- findings
 def measure(image: Any) -> dict[str, Any] | None:
-    """Measured findings of one slice as a row (``noise_hu``, ``noise_severity``, ``streak_index``, ``streaks``),
-    from :func:`ctiqa.findings.measure_findings`; None when that module is not installed in this version."""
+    """Measured findings of one slice (:func:`ctiqa.findings.measure_findings`) as a row without its ``id`` (a file
+    stem, which may be a UID): ``noise_hu``, ``noise_severity``, ``streak_index``, ``streaks``,
+    ``soft_tissue_fraction``.
+
+    Args:
+        image: a :class:`ctiqa.imaging.CTImage`, or a rendered RGB PIL image (its green channel is the soft-tissue
+            window W350/L40 in both encodings of :data:`ctiqa.imaging.ENCODINGS`, read as an 8-bit display image).
+    Returns:
+        the row, or None when the image is too small to measure.
+    """
+    from ctiqa.findings import measure_findings
+    from ctiqa.imaging import CTImage
+
+    if not isinstance(image, CTImage):
+        import numpy as np
+
+        image = CTImage(np.asarray(image.convert("RGB"))[..., 1], kind="display", source="image")
     try:
-        from ctiqa.findings import measure_findings
-    except ImportError:
+        row = measure_findings(image, id="").to_row()
+    except CTIQAError:
         return None
-    return measure_findings(image).to_row()
+    row.pop("id", None)
+    return row
 
 
 def claims_of(text: str | None) -> dict[str, Any] | None:
-    """What a rationale asserts (``noise``, ``streaks``, ``other_artifacts``) from
-    :func:`ctiqa.explanations.extract_claims`; None without text or when that function is not available."""
-    if not text:
-        return None
-    try:
-        from ctiqa.explanations import extract_claims
-    except ImportError:
-        return None
-    c = extract_claims(text)
-    return {"noise": c.noise, "streaks": c.streaks, "other_artifacts": list(c.other_artifacts)}
+    """What a rationale asserts (``noise``, ``streaks``, ``other_artifacts``;
+    :func:`ctiqa.explanations.extract_claims`); None without text."""
+    from ctiqa.explanations import extract_claims
+
+    return extract_claims(text).to_dict() if text else None
 
 
 def annotate(row: dict[str, Any], image: Any = None) -> dict[str, Any]:
-    """Add ``findings`` (measured on ``image``, a :class:`ctiqa.imaging.CTImage`, when given) and ``claims`` (of the
-    row's rationale) to a row that lacks them, in place, where :mod:`ctiqa.findings` /
-    :func:`ctiqa.explanations.extract_claims` are available. Returns the row."""
+    """Add ``findings`` (:func:`measure`, when ``image`` is given) and ``claims`` (:func:`claims_of` the row's
+    rationale) to a row that lacks them, in place. Returns the row."""
     if "findings" not in row and image is not None:
         f = measure(image)
         if f is not None:
@@ -197,11 +205,15 @@ def faithfulness_flags(row: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Flags ``(kind, text)`` with kind ``bad`` / ``warn`` / ``ok`` / ``info`` for one row.
 
     Reads what the row carries: ``findings`` (measured, see :func:`measure`) with ``claims`` (see
-    :func:`claims_of`): streaks claimed but none measured, measured streaks denied or not mentioned, a stated noise
-    severity two or more bands from the measured one (one band off is shown as a warning), other artifacts as
-    unverified; and ``explanation`` (the truth-based rubric on simulated data that ``ctiqa evaluate`` adds):
-    degradation not named, false streaks, severity stated vs expected.
+    :func:`claims_of`): streaks claimed but none measured, measured streaks denied or not mentioned; the stated
+    noise class against the measured one on the shared scale of :mod:`ctiqa.vocabulary` (absent/none < mild <
+    moderate < severe: the same class is ok, one class off a warning, two or more bad; noise named without a
+    class where none is measured, or moderate/severe noise not mentioned, a warning); other artifacts as
+    unverified (nothing measures them). And ``explanation`` (the truth-based rubric on simulated data that
+    ``ctiqa evaluate`` adds): applied degradation not named, severity stated vs expected, false streaks.
     """
+    from ctiqa.vocabulary import CLAIM_RANK, SEVERITIES
+
     out: list[tuple[str, str]] = []
     f, c = row.get("findings"), row.get("claims")
     if f and c:
@@ -216,11 +228,14 @@ def faithfulness_flags(row: Mapping[str, Any]) -> list[tuple[str, str]]:
             elif f["streaks"] == claimed_streaks:
                 out.append(("ok", f"streaks {'present' if f['streaks'] else 'absent'}: agrees"))
         said, measured = c.get("noise"), f.get("noise_severity")
-        if said in SEVERITIES and measured in SEVERITIES:
-            gap = abs(SEVERITIES.index(said) - SEVERITIES.index(measured))
-            out.append((("ok", "warn", "bad")[min(gap, 2)], f"noise {said}, measured {measured}"))
-        elif said is None and measured in SEVERITIES[1:]:
-            out.append(("warn", f"measured {measured} noise not mentioned"))
+        if measured in SEVERITIES:
+            if said in CLAIM_RANK:
+                gap = abs(CLAIM_RANK[said] - SEVERITIES.index(measured))
+                out.append((("ok", "warn", "bad")[min(gap, 2)], f"noise {said}, measured {measured}"))
+            elif said == "present" and measured == "none":
+                out.append(("warn", "noise named, measured none"))
+            elif said is None and SEVERITIES.index(measured) >= 2:
+                out.append(("warn", f"measured {measured} noise not mentioned"))
         for a in c.get("other_artifacts") or []:
             out.append(("info", f"{a.replace('_', ' ')}: unverified"))
     e = row.get("explanation")
@@ -523,7 +538,7 @@ def write_evaluation_report(run_dir: str | Path, path: str | Path | None = None,
             print(f"note: images not embedded: {e}")
     plots = {k: (d / f).read_bytes() for k, f in PLOT_FILES.items() if (d / f).is_file()}
     for r in records:
-        annotate(r)
+        annotate(r, (images or {}).get(str(r["id"])))
     out = check_html_path(path) if path is not None else d / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(evaluation_report(results, records, images, plots), encoding="utf-8")

@@ -111,6 +111,13 @@ def test_score_endpoint_through_gradio_client(app, expected, tmp_path):
     assert row["prob_std"] == pytest.approx(expected["prob_std"], abs=1e-5)
     assert row["rationale"] == expected["rationale"] and row["parsed_score"] == expected["parsed_score"]
     assert f"{expected['prob_score']:.2f}" in page and html.escape(expected["rationale"]) in page
+    # measured findings of the slice (ctiqa.findings), without the file stem it would use as id
+    from ctiqa.findings import measure_findings
+    from ctiqa.imaging import read_ct
+
+    want = measure_findings(read_ct(CT_SMALL)).to_row()
+    assert "id" not in row["findings"] and row["findings"]["noise_hu"] == want["noise_hu"]
+    assert row["findings"]["streaks"] == want["streaks"] and f"noise {want['noise_hu']:.1f} HU" in page
     # nothing identifying: no file name, no upload path, no DICOM metadata
     ds = pydicom.dcmread(CT_SMALL)
     for secret in ("CT_small", str(ds.PatientName), str(ds.PatientID), str(ds.SeriesInstanceUID)):

@@ -88,7 +88,9 @@ def test_predict_html_embeds_the_model_input(tiny, tmp_path):
     for r in rows:
         assert f"{r['prob_score']:.2f}" in page
         assert re.sub(r"\s+", " ", __import__("html").escape(r["rationale"])) in re.sub(r"\s+", " ", page)
-    assert "slice_0.dcm" not in page and str(folder) not in page  # no file names unless asked
+    assert "slice_0" not in page and str(folder) not in page  # no file names (nor stems) unless asked
+    # measured findings (ctiqa.findings) and the rationale's claims checked against them, per slice
+    assert page.count(" HU (") == 3 and ("streaks no" in page or "streaks yes" in page)
     assert "scan-7" in page
 
 
@@ -165,6 +167,12 @@ def test_evaluate_html(evaluated):
     shown = _decoded(page)
     for row in ds:
         assert any(np.array_equal(np.asarray(row["images"][0].convert("RGB")), s) for s in shown)
+    from ctiqa.findings import measure_findings
+    from ctiqa.imaging import CTImage
+
+    grey = np.asarray(ds[0]["images"][0].convert("RGB"))[..., 1]
+    want = measure_findings(CTImage(grey, kind="display", source="x")).noise_hu
+    assert f"noise {want:.1f} HU" in page  # findings of the image as shown
 
 
 def test_html_command_renders_afterwards(evaluated, tmp_path, capsys):
