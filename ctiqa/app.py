@@ -95,19 +95,21 @@ class Scorer:
     @classmethod
     def server(cls, url: str, model: str, *, fmt: str = DEFAULT_TARGET_FORMAT, max_new_tokens: int = 512,
                concurrency: int = 8, **settings: Any) -> "Scorer":
-        """Score through an OpenAI-compatible inference server (:class:`ctiqa.serving.ServerScorer`) serving
-        ``model``.
-
-        Raises:
-            CTIQAError: this version of ctiqa has no server backend.
+        """Score through an OpenAI-compatible inference server serving ``model`` at ``url``, with
+        :class:`ctiqa.serving.ServerScorer` (the backend of ``ctiqa predict --server``; its on-disk answer cache is
+        off here: the app keeps nothing). A backend is made when first used.
         """
-        try:
-            from ctiqa.serving import ServerScorer
-        except ImportError as e:
-            raise CTIQAError("--server needs ctiqa.serving, which this version of ctiqa does not have") from e
-        backends = {so: ServerScorer(url, model, fmt=fmt, score_only=so, max_new_tokens=max_new_tokens,
-                                     concurrency=concurrency) for so in (False, True)}
-        return cls(backends.__getitem__, f"{model} at {url}", batch_size=max(4, 4 * concurrency), **settings)
+        from ctiqa.serving import ServerScorer
+
+        made: dict[bool, Any] = {}
+
+        def backend(score_only: bool) -> Any:
+            if score_only not in made:
+                made[score_only] = ServerScorer(url, model, fmt=fmt, score_only=score_only,
+                                                max_new_tokens=max_new_tokens, concurrency=concurrency, cache=False)
+            return made[score_only]
+
+        return cls(backend, f"{model} at {url}", batch_size=max(4, 4 * concurrency), **settings)
 
 
 def demo_model() -> Path:

@@ -25,6 +25,7 @@ import pytest
 from browser import browser_page
 from PIL import Image
 from pydicom.data import get_testdata_file
+from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.app import Scorer, gather_uploads, score_uploads
@@ -33,7 +34,7 @@ from ctiqa.cli import main as ctiqa_main
 pytest.importorskip("gradio", reason="the app extra is not installed (pip install -e '.[app]')")
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
-MAX_NEW_TOKENS = "12"
+MAX_NEW_TOKENS = "40"
 
 
 def _free_port() -> int:
@@ -44,9 +45,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ctiqa.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    """A tiny Gemma 3 taught the answer format (tests/trained_tiny.py): real scores and rationales."""
+    return train_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,7 @@ def test_score_endpoint_through_gradio_client(app, expected, tmp_path):
     assert row["prob_score"] == pytest.approx(expected["prob_score"], abs=1e-5)
     assert row["prob_std"] == pytest.approx(expected["prob_std"], abs=1e-5)
     assert row["rationale"] == expected["rationale"] and row["parsed_score"] == expected["parsed_score"]
+    assert expected["rationale"].startswith("Score: ") and expected["parsed_score"] is not None  # a real answer
     assert f"{expected['prob_score']:.2f}" in page and html.escape(expected["rationale"]) in page
     # measured findings of the slice (ctiqa.findings), without the file stem it would use as id
     from ctiqa.findings import measure_findings
@@ -214,3 +215,26 @@ def test_nothing_readable_and_zip_slip(scorer, tmp_path):
     with pytest.raises(CTIQAError, match="outside the archive"):
         gather_uploads([str(evil)], work)
     assert not (tmp_path / "outside.dcm").exists()
+
+
+def test_server_mode_scores_like_in_process(tiny, tmp_path):
+    """`ctiqa app --server URL --model NAME`: the same rows through an OpenAI-compatible server (the vLLM-like fake
+    of tests/test_serving.py answering from the same tiny model) as in-process: greedy text and parsed score."""
+    from test_serving import FakeVLLM
+
+    from ctiqa.inference import load_model
+
+    fake = FakeVLLM(load_model(str(tiny), precision="fp32"))
+    try:
+        remote = Scorer.server(fake.url, "tiny", max_new_tokens=40, concurrency=2)
+        png = tmp_path / "slice.png"
+        Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64), dtype=np.uint8)).save(png)
+        _, got = score_uploads(remote, [CT_SMALL, str(png)])
+        _, want = score_uploads(Scorer.load(str(tiny), max_new_tokens=40), [CT_SMALL, str(png)])
+        assert [(r["series"], r["rationale"], r["parsed_score"]) for r in got] == \
+            [(r["series"], r["rationale"], r["parsed_score"]) for r in want]
+        assert all(r["rationale"] for r in got)
+        assert fake.requests and all(b["model"] == "tiny" for b in fake.requests)
+        assert "at http://127.0.0.1" in remote.name
+    finally:
+        fake.close()

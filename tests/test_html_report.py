@@ -18,6 +18,7 @@ from browser import browser_page
 from PIL import Image
 from pydicom.data import get_testdata_file
 from sft_data import write_dataset
+from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
@@ -29,9 +30,8 @@ DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ctiqa.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    """A tiny Gemma 3 taught the answer format (tests/trained_tiny.py): real scores and rationales."""
+    return train_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +73,7 @@ def test_predict_html_embeds_the_model_input(tiny, tmp_path):
     html_path = tmp_path / "out" / "report.html"
     rows_path = tmp_path / "out" / "rows.jsonl"
     rc = ctiqa_main(["predict", str(folder), "--id", "scan-7", "--model", str(tiny), "--html", str(html_path),
-                     "--out", str(rows_path), "--max-new-tokens", "8"])
+                     "--out", str(rows_path), "--max-new-tokens", "40"])
     assert rc == 0
     page = html_path.read_text(encoding="utf-8")
     _self_contained(page)
@@ -85,6 +85,7 @@ def test_predict_html_embeds_the_model_input(tiny, tmp_path):
         assert sum(np.array_equal(want, got) for got in shown) == 2  # table + worst slices
     # the score along the series is a plot (wider than a slice), and every row's score and text are on the page
     assert any(im.shape[1] > 512 for im in shown)
+    assert all(r["rationale"].startswith("Score: ") for r in rows)  # real answers, not empty strings
     for r in rows:
         assert f"{r['prob_score']:.2f}" in page
         assert re.sub(r"\s+", " ", __import__("html").escape(r["rationale"])) in re.sub(r"\s+", " ", page)
@@ -144,7 +145,7 @@ def evaluated(tiny, tmp_path_factory):
     data = write_dataset(root / "data", {"train": 2, "test": 6})
     out = root / "run"
     assert ctiqa_main(["evaluate", "--model", str(tiny), "--dataset", str(data), "--out", str(out),
-                       "--max-new-tokens", "6", "--bootstrap", "20", "--html"]) == 0
+                       "--max-new-tokens", "40", "--bootstrap", "20", "--html"]) == 0
     return data, out
 
 
