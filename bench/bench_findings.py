@@ -40,6 +40,22 @@ def residual(index: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return index - a @ coef
 
 
+def sigma_matched_auc(positive: np.ndarray, x: np.ndarray, sigma: np.ndarray, n_bins: int = 8) -> tuple[float, int]:
+    """AUC over pairs (positive, negative) in the same log-sigma bin (bins span the range both groups share)."""
+    pos, ls = np.asarray(positive, bool), np.log(sigma)
+    lo, hi = max(ls[pos].min(), ls[~pos].min()), min(ls[pos].max(), ls[~pos].max())
+    num = den = 0.0
+    if hi <= lo:
+        return float("nan"), 0
+    edges = np.linspace(lo, hi, n_bins + 1)
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        m = (ls >= a) & (ls <= b)
+        p, q = x[m & pos], x[m & ~pos]
+        num += (p[:, None] > q[None, :]).sum() + 0.5 * (p[:, None] == q[None, :]).sum()
+        den += len(p) * len(q)
+    return (num / den if den else float("nan")), int(den)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("sim", type=Path, help="a `ctiqa simulate` output folder")
@@ -93,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"streaks: n_views < 256: {pos.sum()}, >= 512: {(~pos).sum()} (256-511 left out)")
     print(f"streaks: AUC raw {auc(pos, li[m]):.3f}, on the residual after log(true sigma) "
           f"{auc(pos, residual(li, sig)[m]):.3f} (bar 0.80)")
+    matched, pairs = sigma_matched_auc(pos, li[m], sig[m])
+    print(f"streaks: sigma-matched AUC {matched:.3f} ({pairs} pairs in shared log-sigma bins)")
+    oracle = -np.log(views.astype(float))
+    print(f"  oracle index -log(n_views): residual AUC {auc(pos, residual(oracle, sig)[m]):.3f} (the most any index "
+          f"can score on this criterion here; Spearman(n_views, sigma) = {stats.spearmanr(views, sig)[0]:.2f})")
     print(f"  noise estimate as a 'streak index': raw {auc(pos, np.log(est)[m]):.3f}, residual "
           f"{auc(pos, residual(np.log(est), sig)[m]):.3f}")
     for lo, up in ((64, 128), (128, 256), (256, 512), (512, 1025)):

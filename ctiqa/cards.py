@@ -138,6 +138,21 @@ def model_card(
                    "the probabilities of the digit tokens after `Score: `.")
     else:
         eval_md = "No evaluation was attached to this run; use `ctiqa evaluate` on the held-out test split."
+    fa = (eval_results or {}).get("faithfulness")
+    if rows and fa and fa.get("n_measured"):
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+        truth = fa.get("agreement_with_truth_rubric") or {}
+        eval_md += (f"\n\n**Faithfulness of the rationales** to measured findings of each image (`ctiqa.findings`, "
+                    f"no truth needed; {fa['n_measured']} rationales): noise addressed in {pct(fa['noise_addressed_rate'])}, "
+                    f"its severity class agrees with the measured one in {pct(fa['noise_agreement_rate'])} (within one "
+                    f"band {pct(fa['noise_within_one_band_rate'])}); streaks addressed in "
+                    f"{pct(fa['streaks_addressed_rate'])}, agreeing with the measured call in "
+                    f"{pct(fa['streak_agreement_rate'])} (the streak call is not validated, so streak claims are "
+                    f"unverified); artifacts the data cannot have (ring, motion, metal, beam hardening) claimed in "
+                    f"{pct(fa['unverified_rate'])}."
+                    + (f" The measured check gives the truth rubric's verdict on noise in "
+                       f"{pct(truth.get('noise_agree_rate'))} and on streaks in {pct(truth.get('streaks_agree_rate'))}."
+                       if truth else ""))
     if adapter:
         load = (f"model = AutoModelForImageTextToText.from_pretrained(\"{base_model}\", dtype=torch.bfloat16)\n"
                 f"model = PeftModel.from_pretrained(model, \"{repo_id}\")\n"

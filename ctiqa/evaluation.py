@@ -498,6 +498,13 @@ def print_table(results: dict[str, Any]) -> None:
         console.print(f"explanation check ({ex['n_checked']} rationales): degradation named "
                       f"{fmt(ex['degradation_named_rate'])}, severity matches {fmt(ex['severity_match_rate'])}, "
                       f"false streaks {fmt(ex['false_streak_rate'])}")
+    fa = results.get("faithfulness")
+    if fa and fa["n_measured"]:
+        console.print(f"faithfulness to measured findings ({fa['n_measured']} rationales): noise addressed "
+                      f"{fmt(fa['noise_addressed_rate'])}, agrees {fmt(fa['noise_agreement_rate'])}; streaks "
+                      f"addressed {fmt(fa['streaks_addressed_rate'])}, agree {fmt(fa['streak_agreement_rate'])}"
+                      f"{'' if fa['streak_call_validated'] else ' (streak call unvalidated)'}; unverified "
+                      f"artifacts {fmt(fa['unverified_rate'])}")
     rc = results.get("rationale_consistency")
     if rc and rc["n_rationales"]:
         console.print(f"rationale-score consistency ({rc['n_rationales']} rationales): overall quality stated "
@@ -520,6 +527,11 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(records, n_bootstrap=n_bootstrap, seed=seed)
     expl = explanation_check(records)
+    from ctiqa.explanations import faithfulness, measured_vs_truth
+
+    faith = faithfulness(records)  # None: no rationale (e.g. the noise-sigma baseline)
+    if faith is not None:
+        faith["agreement_with_truth_rubric"] = measured_vs_truth(records)
     consistency = None
     if any(r.get("text") for r in records):
         from ctiqa.explanations import quality_consistency
@@ -544,6 +556,7 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         "parse_rules": dict(Counter(r.get("parse_rule") for r in records if r.get("parse_rule"))),
         "explanation_check": expl,
         "rationale_consistency": consistency,
+        "faithfulness": faith,
         "counts": {"n": len(records), "n_split": len(records) if n_split is None else n_split,
                    **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
         "failures": count_failures(records),
@@ -660,15 +673,15 @@ def cli_main(args: argparse.Namespace) -> int:
     sizes: dict[str, int] = {}  # n_split, filled by load_samples
 
     if mode == "predictions":
-        read_predictions_file(args.predictions)  # every row checked before the dataset is read
-        samples = load_samples(args.dataset, args.split, limit=args.limit, images=False,
-                               sizes=sizes)[0] if args.dataset else None
+        has_text = any(r.get("text") for r in read_predictions_file(args.predictions))  # every row checked first
+        samples = load_samples(args.dataset, args.split, limit=args.limit, images=has_text,
+                               sizes=sizes)[0] if args.dataset else None  # images: measured findings
         records = predictions_from_file(args.predictions, samples, subset=args.limit is not None)
         records = records[:args.limit] if args.limit else records
         settings = {"source": str(args.predictions), "dataset": args.dataset, "split": args.split if args.dataset
                     else None, "limit": args.limit}
         return _done(records, out, args, name=args.name or args.predictions.stem, kind="predictions",
-                     settings=settings, model_info=None, n_split=sizes.get("n_split"))
+                     settings=settings, model_info=None, n_split=sizes.get("n_split"), samples=samples)
 
     samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit, sizes=sizes)
     fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
@@ -676,7 +689,7 @@ def cli_main(args: argparse.Namespace) -> int:
         from ctiqa.serving import evaluate_cli
 
         kw = evaluate_cli(args, samples, fmt, out)
-        return _done(kw.pop("records"), out, args, n_split=sizes.get("n_split"), **kw)
+        return _done(kw.pop("records"), out, args, n_split=sizes.get("n_split"), samples=samples, **kw)
     if mode == "api":
         model = args.model or APIS[args.api]
         decoding = {"temperature": 0.0, **({"thinking_budget": args.thinking_budget} if args.api == "gemini" else {})}
@@ -687,7 +700,7 @@ def cli_main(args: argparse.Namespace) -> int:
                                          base_url=args.base_url, concurrency=args.concurrency,
                                          thinking_budget=args.thinking_budget)
         return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind=args.api,
-                     settings=settings, model_info=info, n_split=sizes.get("n_split"))
+                     settings=settings, model_info=info, n_split=sizes.get("n_split"), samples=samples)
 
     settings = {"source": "model", "model": args.model, "adapter": args.adapter, "format": fmt,
                 "prompt_version": PROMPT_VERSION, "precision": args.precision,
@@ -700,10 +713,15 @@ def cli_main(args: argparse.Namespace) -> int:
                                        key=_run_key(settings), dataset=args.dataset)
     name = args.name or Path(str(args.adapter or args.model)).name
     return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info,
-                 n_split=sizes.get("n_split"))
+                 n_split=sizes.get("n_split"), samples=samples)
 
 
-def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace, **kw: Any) -> int:
+def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace,
+          samples: list[Sample] | None = None, **kw: Any) -> int:
+    if samples:  # measured findings of each rationale's image (ctiqa.findings), for the faithfulness check
+        from ctiqa.findings import attach_findings
+
+        attach_findings(records, {s.id: s.image for s in samples if s.image is not None})
     results = finish(records, out, dataset=args.dataset, split=args.split if args.dataset else None,
                      n_bootstrap=args.bootstrap, seed=args.seed, **kw)
     if getattr(args, "html", None) is not None:

@@ -32,6 +32,8 @@ whether the overall quality a rationale states ("overall quality is fair") agree
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -290,6 +292,144 @@ def _carry_over(seg: list[str], last: tuple[str, list[int]]) -> None:
                 return
         elif _is_severity(seg, i):
             ranks[-1] = max(ranks[-1], _rank(topic, tok))
+
+
+# ------------------------------------------------------------------------------- claims vs measured findings
+#: Is the measured streak call validated against the simulator? (ctiqa.findings: no; bench/bench_findings.py).
+#: While False, streak claims checked against it are reported beside the other figures but marked unvalidated.
+STREAK_CALL_VALIDATED = False
+
+
+def _bands_off(claim: str | None, measured: str | None) -> int | None:
+    """Distance in severity bands between a noise claim and a measured class; None when either has no class."""
+    if claim not in CLAIM_RANK or measured is None:
+        return None
+    return abs(CLAIM_RANK[claim] - V.SEVERITIES.index(measured))
+
+
+def findings_check(text: str | None, findings: dict[str, Any] | None) -> dict[str, Any]:
+    """Compare what a rationale claims (:func:`extract_claims`) with the measured findings of its image.
+
+    Args:
+        text: the rationale. findings: a :meth:`ctiqa.findings.Findings.to_row` dict (``noise_severity``,
+            ``streaks``), or None when the image was not measured.
+    Returns:
+        ``claims`` (:meth:`Claims.to_dict`), ``noise_bands_off`` (0 = the claimed class is the measured one,
+        "absent" = "none"; None when noise is not claimed with a class or not measured), ``noise_agrees``
+        (``noise_bands_off == 0``; a claim "present" agrees with any measured class but "none"),
+        ``noise_contradicts`` (two or more bands off, or "present" where "none" is measured is NOT counted),
+        ``streaks_agree`` (claimed present/absent == measured call; None when not claimed or not measured),
+        ``streaks_contradict`` (streaks claimed where none are measured), ``unverified`` (other artifacts
+        claimed: neither LDCTIQA nor the simulator makes them; unverifiable, not wrong).
+    """
+    c = extract_claims(text)
+    f = findings or {}
+    measured_noise, measured_streaks = f.get("noise_severity"), f.get("streaks")
+    off = _bands_off(c.noise, measured_noise)
+    if c.noise == "present" and measured_noise is not None:
+        noise_agrees: bool | None = measured_noise != "none"
+    else:
+        noise_agrees = None if off is None else off == 0
+    streaks_agree = None
+    if c.streaks is not None and measured_streaks is not None:
+        streaks_agree = (c.streaks != "absent") == bool(measured_streaks)
+    return {"claims": c.to_dict(), "noise_measured": measured_noise, "streaks_measured": measured_streaks,
+            "noise_bands_off": off, "noise_agrees": noise_agrees,
+            "noise_contradicts": off is not None and off >= 2,
+            "streaks_agree": streaks_agree,
+            "streaks_contradict": c.streaks not in (None, "absent") and measured_streaks is False,
+            "unverified": list(c.other_artifacts)}
+
+
+def faithfulness_flags(check: dict[str, Any]) -> list[str]:
+    """Short, human-readable flags of one :func:`findings_check` verdict (empty: nothing to flag).
+
+    ``noise claimed <claim>, measured <class>`` (two or more bands off), ``streaks claimed, none measured``
+    (marked unvalidated while :data:`STREAK_CALL_VALIDATED` is False), ``unverified: <artifact>`` per artifact.
+    """
+    flags = []
+    if check.get("noise_contradicts"):
+        flags.append(f"noise claimed {check['claims']['noise']}, measured {check['noise_measured']}")
+    if check.get("streaks_contradict"):
+        flags.append("streaks claimed, none measured" + ("" if STREAK_CALL_VALIDATED else " (unvalidated call)"))
+    flags += [f"unverified: {a.replace('_', ' ')}" for a in check.get("unverified", [])]
+    return flags
+
+
+def faithfulness(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """Faithfulness of rationales to the measured findings of their images, on any data (no truth needed).
+
+    Args:
+        records: dicts with ``text`` (the rationale, or None) and ``findings`` (a
+            :meth:`ctiqa.findings.Findings.to_row` dict, or None). Each record with both gets the per-row verdict
+            of :func:`findings_check` under ``faithfulness``.
+    Returns:
+        None when no record has a text; else ``n_rationales``, ``n_measured`` (with findings too),
+        coverage: ``noise_addressed_rate``, ``streaks_addressed_rate`` (a claim, absent included, among the
+        rationales); ``noise_agreement_rate`` (over rationales claiming noise with a class or "present"),
+        ``noise_within_one_band_rate``, ``noise_contradiction_rate`` (two bands off: the audit's rejection rule);
+        ``streak_agreement_rate`` (claimed present/absent == measured call, over rationales addressing streaks),
+        ``streak_contradiction_rate`` (streaks claimed where none are measured, over all measured rationales),
+        ``streak_call_validated`` (:data:`STREAK_CALL_VALIDATED`); ``unverified_rate`` (rationales claiming an
+        artifact the data cannot have: ring, motion, metal, beam hardening) and ``unverified_counts`` per name.
+        Rates are None (never NaN) when nothing applies.
+    """
+    texts = [r for r in records if r.get("text")]
+    if not texts:
+        return None
+    checks = []
+    for r in texts:
+        if r.get("findings") is not None:
+            r["faithfulness"] = findings_check(r["text"], r["findings"])
+            checks.append(r["faithfulness"])
+    noise = [c for c in checks if c["noise_agrees"] is not None]
+    off = [c["noise_bands_off"] for c in checks if c["noise_bands_off"] is not None]
+    streak = [c for c in checks if c["streaks_agree"] is not None]
+    counts = Counter(a for c in checks for a in c["unverified"])
+    return {
+        "n_rationales": len(texts), "n_measured": len(checks),
+        "noise_addressed_rate": _rate([c["claims"]["noise"] is not None for c in checks]),
+        "streaks_addressed_rate": _rate([c["claims"]["streaks"] is not None for c in checks]),
+        "noise_agreement_rate": _rate([c["noise_agrees"] for c in noise]),
+        "noise_within_one_band_rate": _rate([o <= 1 for o in off]),
+        "noise_contradiction_rate": _rate([o >= 2 for o in off]),
+        "streak_agreement_rate": _rate([c["streaks_agree"] for c in streak]),
+        "streak_contradiction_rate": _rate([c["streaks_contradict"] for c in checks]),
+        "streak_call_validated": STREAK_CALL_VALIDATED,
+        "unverified_rate": _rate([bool(c["unverified"]) for c in checks]),
+        "unverified_counts": dict(sorted(counts.items())),
+        "n_noise_claims": len(noise), "n_streak_claims": len(streak),
+        "rule": "claims (ctiqa.explanations.extract_claims) vs measured findings (ctiqa.findings); noise bands "
+                "of ctiqa.vocabulary",
+    }
+
+
+def measured_vs_truth(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """How often the measured-findings check and the truth rubric give the same verdict (simulated data).
+
+    Per record with both ``faithfulness`` and ``explanation`` (truth rubric) verdicts, two verdicts are compared:
+    noise (the claimed class equals the measured class vs equals the true class, "absent" = "none") and streaks
+    (claimed present/absent equals the measured call vs equals the truth, streaks below 512 views).
+    Returns ``n``, ``noise_agree_rate``, ``streaks_agree_rate``, ``both_agree_rate`` (None when no record has both).
+    """
+    pairs = [(r["faithfulness"], r["explanation"]) for r in records
+             if r.get("faithfulness") and r.get("explanation")]
+    if not pairs:
+        return None
+    noise, streak, both = [], [], []
+    for f, t in pairs:
+        claim = f["claims"]["noise"]
+        true_cls = noise_severity(t["noise_sigma_hu"])
+        n_ok = (claim == "absent" and true_cls == "none") or claim == true_cls
+        n_meas = (claim == "absent" and f["noise_measured"] == "none") or claim == f["noise_measured"]
+        sc = f["claims"]["streaks"]
+        s_true = None if sc is None else (sc != "absent") == t["streaks_applied"]
+        s_meas = f["streaks_agree"]
+        noise.append(n_ok == n_meas)
+        streak.append(s_true == s_meas)
+        both.append(n_ok == n_meas and s_true == s_meas)
+    return {"n": len(pairs), "noise_agree_rate": _rate(noise), "streaks_agree_rate": _rate(streak),
+            "both_agree_rate": _rate(both)}
 
 
 # ------------------------------------------------------------------------------------ truth rubric (simulated)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError, CTIQAWarning
+from ctiqa.findings import rationale_fields
 from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
 from ctiqa.model_settings import PRECISIONS, choose_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
@@ -61,9 +62,10 @@ N_WORST = 3
 #: Up to this many slice rows are also printed as a table at the end (more: see --out).
 TABLE_MAX = 200
 #: Columns of a slice row, in order (``file`` only with ``--file-names``). ``skipped`` holds the reason a slice or
-#: input was not scored; ``error`` a failed backend call.
+#: input was not scored; ``error`` a failed backend call; the measured findings of the slice and the flags of its
+#: rationale (ctiqa.findings.rationale_fields) come with a rationale.
 ROW_COLUMNS = ["series", "slice", "file", "parsed_score", "parse_rule", "prob_score", "prob_std", "rationale",
-               "skipped", "error"]
+               "noise_hu", "noise_severity", "streak_index", "streaks", "faithfulness_flags", "skipped", "error"]
 SUFFIXES = (".jsonl", ".json", ".csv")
 
 #: A scoring backend: RGB PIL images -> one dict per image (see the module docstring).
@@ -385,12 +387,12 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
         preds = backend([img for *_, img in pending])
         if len(preds) != len(pending):
             raise CTIQAError(f"scoring backend returned {len(preds)} results for {len(pending)} images")
-        for (sid, index, name, _), p in zip(pending, preds, strict=True):
+        for (sid, index, name, img), p in zip(pending, preds, strict=True):
             extra = {k: v for k, v in p.items() if k not in _PREDICTION_KEYS}
             put({"series": sid, "slice": index, **({"file": name} if file_names else {}),
                  "parsed_score": p.get("parsed_score"), "parse_rule": p.get("parse_rule"),
                  "prob_score": p.get("prob_score"), "prob_std": p.get("prob_std"), "rationale": p.get("text"),
-                 **extra})
+                 **rationale_fields(img, p.get("text")), **extra})  # measured findings + rationale flags
             counts["scored"] += 1
         bar.update(len(pending))
         pending.clear()

@@ -84,6 +84,7 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
                 "pairs": {str(r["id"]): (float(r["score"]), r.get(col)) for r in preds},
                 "explanation_check": results.get("explanation_check") if kind == kinds[0] else None,
                 "rationale_consistency": results.get("rationale_consistency") if kind == kinds[0] else None,
+                "first_kind": kind == kinds[0], "faithfulness": results.get("faithfulness") if kind == kinds[0] else None,
             })
     return rows
 
@@ -185,10 +186,40 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
             c = r["rationale_consistency"]
             lines.append(f"| {r['name']} | {c['n_rationales']} | {_num(c['stated_rate'], 2)} | "
                          f"{_num(c['consistent_rate'], 2)} |")
+    lines += faithfulness_lines(rows)
     sources = sorted({f"{r['dataset']} / {r['split']}" for r in rows if r.get("dataset")})
     if sources:
         lines += ["", "Data: " + "; ".join(sources)]
     return "\n".join(lines) + "\n"
+
+
+def faithfulness_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The "Faithfulness to measured findings" section (ctiqa.explanations.faithfulness): one line per model,
+    "no rationale" for a model that writes none (e.g. the noise-sigma baseline); empty when no model has one."""
+    firsts = [r for r in rows if r.get("first_kind", True)]
+    if not any(r.get("faithfulness") for r in firsts):
+        return []
+    out = ["", "## Faithfulness to measured findings (any data: rationale claims vs ctiqa.findings of the image)", "",
+           "| Model | rationales | noise addressed | noise class agrees (within one band) | streaks addressed | "
+           "streak claim agrees with measured call* | unverified artifacts | same verdict as truth rubric |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in firsts:
+        f = r.get("faithfulness")
+        if not f:
+            out.append(f"| {r['name']} | no rationale | | | | | | |")
+            continue
+        t = f.get("agreement_with_truth_rubric") or {}
+        truth = (f"noise {_num(t.get('noise_agree_rate'), 2)}, streaks {_num(t.get('streaks_agree_rate'), 2)}"
+                 if t else "n/a (no simulator truth)")
+        out.append(f"| {r['name']} | {f['n_measured']} | {_num(f['noise_addressed_rate'], 2)} | "
+                   f"{_num(f['noise_agreement_rate'], 2)} ({_num(f['noise_within_one_band_rate'], 2)}) | "
+                   f"{_num(f['streaks_addressed_rate'], 2)} | {_num(f['streak_agreement_rate'], 2)} | "
+                   f"{_num(f['unverified_rate'], 2)} | {truth} |")
+    out += ["", "*The measured streak call is not validated (bench/bench_findings.py): streak claims are "
+            "\"unverified\" on real data; on simulated data the truth rubric above stands in. Unverified artifacts: "
+            "ring, motion, metal or beam hardening claimed; LDCTIQA and the simulator add none (unverifiable, not "
+            "wrong)."]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -88,3 +88,31 @@ def test_truth_rubric_reads_claims():
     assert not r["streaks_applied"] and not r["streaks_named"]
     r = truth_rubric("Streaks are not prominent.", 1.0, 256)
     assert r["streaks_named"] and r["streaks_stated"] == "mild" == r["streaks_expected"]
+
+
+def test_findings_check_and_faithfulness():
+    from ctiqa.explanations import faithfulness, findings_check
+
+    mild_clean = {"noise_severity": "mild", "streaks": False}
+    c = findings_check("Heavy coarse noise dominates; no streaks are seen.", mild_clean)
+    assert (c["noise_bands_off"], c["noise_agrees"], c["noise_contradicts"]) == (2, False, True)
+    assert c["streaks_agree"] is True and not c["streaks_contradict"] and c["unverified"] == []
+    c = findings_check("Mild noise; faint streaks and a ring artifact near the isocenter.", mild_clean)
+    assert c["noise_agrees"] and c["streaks_contradict"] and c["streaks_agree"] is False and c["unverified"] == ["ring"]
+    c = findings_check("The image is noisy.", {"noise_severity": "none", "streaks": True})
+    assert c["noise_agrees"] is False and c["noise_bands_off"] is None and c["streaks_agree"] is None
+    assert findings_check("Image noise is minimal.", {"noise_severity": "none", "streaks": False})["noise_agrees"]
+
+    records = [{"text": "Mild noise; no streaks.", "findings": mild_clean},
+               {"text": "Moderate noise and dense streaks; beam hardening.", "findings": mild_clean},
+               {"text": "Organ edges are sharp.", "findings": mild_clean},
+               {"text": "Mild noise.", "findings": None},
+               {"text": None, "findings": mild_clean}]
+    f = faithfulness(records)
+    assert (f["n_rationales"], f["n_measured"]) == (4, 3)
+    assert f["noise_addressed_rate"] == pytest.approx(2 / 3) and f["streaks_addressed_rate"] == pytest.approx(2 / 3)
+    assert f["noise_agreement_rate"] == 0.5 and f["noise_within_one_band_rate"] == 1.0
+    assert f["streak_agreement_rate"] == 0.5 and f["streak_contradiction_rate"] == pytest.approx(1 / 3)
+    assert f["unverified_rate"] == pytest.approx(1 / 3) and f["unverified_counts"] == {"beam_hardening": 1}
+    assert records[1]["faithfulness"]["streaks_contradict"] and "faithfulness" not in records[3]
+    assert faithfulness([{"text": None, "findings": mild_clean}]) is None  # no rationale (noise-sigma baseline)

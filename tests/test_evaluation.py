@@ -264,6 +264,10 @@ def test_predictions_file_mode_and_explanation_check(dataset, tmp_path):
     assert ex["n_checked"] == 3 and ex["degradation_named_rate"] == 1.0 and ex["severity_match_rate"] == 1.0
     rc = res["rationale_consistency"]  # three rationales with a parsed score, none states an overall quality
     assert (rc["n_rationales"], rc["n_stated"], rc["stated_rate"], rc["consistent_rate"]) == (3, 0, 0.0, None)
+    fa = res["faithfulness"]  # the dataset's images are measured (ctiqa.findings) for the three rationales
+    assert (fa["n_rationales"], fa["n_measured"], fa["noise_addressed_rate"]) == (3, 3, 1.0)
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [("findings" in r, "faithfulness" in r) for r in rows] == [(r.get("text") is not None,) * 2 for r in rows]
 
     # without a dataset the rows' own scores are the truth
     out2 = tmp_path / "no-dataset"

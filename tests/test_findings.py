@@ -55,3 +55,29 @@ def test_cli_rows(tmp_path, capsys):
     assert rows[0]["noise_hu"] < rows[1]["noise_hu"]
     assert ctiqa_main(["findings", str(tmp_path / "missing.tif")]) == 1
     assert "missing.tif" in capsys.readouterr().err
+
+
+def test_rationale_fields_for_predict_rows():
+    from ctiqa.findings import rationale_fields
+    from ctiqa.imaging import render
+
+    rgb = render(CTImage(_phantom(12, seed=3), "hu", "a.dcm"))  # low noise (about 15-20 HU measured), no streaks
+    assert rationale_fields(rgb, None) == {}  # score-only rows are not measured
+    f = rationale_fields(rgb, "Severe noise; prominent ring artifacts and motion.")
+    assert f["noise_severity"] in ("none", "mild") and f["noise_hu"] > 0
+    assert f["faithfulness_flags"].startswith(f"noise claimed severe, measured {f['noise_severity']}")
+    assert f["faithfulness_flags"].endswith("unverified: motion; unverified: ring")
+    assert rationale_fields(rgb, "Mild noise, no streaks.")["faithfulness_flags"] == ""  # at most one band off
+
+
+def test_report_faithfulness_section_says_no_rationale():
+    from ctiqa.report import faithfulness_lines
+
+    fa = {"n_measured": 10, "noise_addressed_rate": 1.0, "noise_agreement_rate": 0.7,
+          "noise_within_one_band_rate": 0.9, "streaks_addressed_rate": 0.8, "streak_agreement_rate": 0.5,
+          "unverified_rate": 0.1, "agreement_with_truth_rubric": {"noise_agree_rate": 0.8, "streaks_agree_rate": 0.6}}
+    lines = faithfulness_lines([{"name": "VLM", "faithfulness": fa}, {"name": "noise-sigma", "faithfulness": None}])
+    table = "\n".join(lines)
+    assert "| VLM | 10 | 1.00 | 0.70 (0.90) | 0.80 | 0.50 | 0.10 | noise 0.80, streaks 0.60 |" in table
+    assert "| noise-sigma | no rationale |" in table
+    assert faithfulness_lines([{"name": "noise-sigma", "faithfulness": None}]) == []
