@@ -49,7 +49,6 @@ from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS,
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "ctiqa_iqa"
-SCORE_KINDS = ("parsed", "probability")
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.jsonl"
 PLOT_FILES = {"scatter": "scatter.png", "bland_altman": "bland_altman.png"}
 _PACKAGES = ("ctiqa", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "evaluate",
@@ -343,11 +342,6 @@ def predict_with_api(samples: list[Sample], out: Path, *, api: str, model: str, 
     rows = [done.get(s.id) or results[s.id] for s in samples]
     info["failed_calls"] = sum(1 for r in rows if r.get("error"))
     return rows, info
-
-
-def predict_with_gemini(samples: list[Sample], out: Path, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """:func:`predict_with_api` with ``api="gemini"`` (kept for callers of the old name)."""
-    return predict_with_api(samples, out, api="gemini", **kw)
 
 
 def predictions_from_file(path: str | Path, samples: list[Sample] | None,

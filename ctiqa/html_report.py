@@ -369,7 +369,7 @@ def predict_report(rows: list[Mapping[str, Any]], summaries: list[Mapping[str, A
     Args:
         rows: slice rows (``series``, ``slice``, ``prob_score``, ``prob_std``, ``parsed_score``, ``parse_rule``,
             ``rationale``, optional ``file``, ``findings``, ``claims``).
-        summaries: per-series summaries (:func:`ctiqa.predict.summarise`), in the order to show.
+        summaries: per-series summaries (:func:`ctiqa.predict.summaries_from_rows`), in the order to show.
         images: ``(series, slice)`` -> rendered RGB PIL image (missing ones are shown as "no image").
         model: the model's description for the header. title: page title. skipped: lines naming what could not
             be read.

@@ -43,7 +43,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,23 +302,14 @@ class SeriesSummary:
                 "min": worst[0]["score"] if worst else None, "worst_slices": worst}
 
 
-def summarise(series_id: str, rows: list[dict[str, Any]], n_worst: int = N_WORST, n_skipped: int = 0
-              ) -> dict[str, Any]:
-    """Per-series summary of slice rows: n, mean, min and the worst slices (:class:`SeriesSummary`).
+def summaries_from_rows(rows: Iterable[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """One summary per series id in ``order`` that has rows, from streamed rows (any order; :class:`SeriesSummary`).
 
-    The score of a slice is its ``prob_score`` when present, else its ``parsed_score``; slices with neither are
-    counted in ``n_unscored``; rows with ``skipped`` (and ``n_skipped`` more) in ``n_skipped``. ``mean``/``min``
-    are None when no slice has a score. A worst slice carries its ``file`` when the rows do (``--file-names``).
+    A summary: ``series``, ``n_slices`` (rows that are not skipped), ``n_unscored`` (neither score), ``n_skipped``
+    (skipped rows), ``mean`` and ``min`` (None when no slice has a score) and ``worst_slices`` (the
+    :data:`N_WORST` lowest: ``slice``, ``score``, and ``file`` when the rows have it). The score of a slice is its
+    ``prob_score`` when present, else its ``parsed_score``.
     """
-    acc = SeriesSummary(series_id, n_worst)
-    for r in rows:
-        acc.add(r)
-    acc.n_skipped += n_skipped
-    return acc.result()
-
-
-def summaries_from_rows(rows: Iterator[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
-    """One summary per series id in ``order`` that has rows, from streamed rows (any order)."""
     acc: dict[str, SeriesSummary] = {}
     for r in rows:
         sid = str(r["series"])

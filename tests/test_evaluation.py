@@ -346,9 +346,9 @@ def test_gemini_zero_shot(fake_gemini, dataset, tmp_path, capsys):
     """Same student instruction (no true score), same parser; failures counted; a re-run asks only what is open."""
     from fake_gemini import answer, blocked, server_error
 
-    from ctiqa.evaluation import load_samples, predict_with_gemini
-    from ctiqa.prompts import instruction
     from ctiqa.clients import RetryPolicy
+    from ctiqa.evaluation import load_samples, predict_with_api
+    from ctiqa.prompts import instruction
 
     fake_gemini.set_script([
         answer("Of course. The image shows moderate noise.\n\n**Overall quality score: 2.5/4**"),
@@ -361,8 +361,8 @@ def test_gemini_zero_shot(fake_gemini, dataset, tmp_path, capsys):
     samples, fmt = load_samples(str(dataset), "test")
     out = tmp_path / "gemini"
     fast = RetryPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.01, jitter=0.0)
-    rows, info = predict_with_gemini(samples, out, model="gemini-2.5-flash", fmt=fmt, key="k1",
-                                     base_url=fake_gemini.url, concurrency=1, retry=fast)
+    rows, info = predict_with_api(samples, out, api="gemini", model="gemini-2.5-flash", fmt=fmt, key="k1",
+                                  base_url=fake_gemini.url, concurrency=1, retry=fast)
     assert len(fake_gemini.requests) == N
     for req in fake_gemini.requests:
         assert req.prompt == instruction("score-first") and req.image_png and req.system is None
@@ -374,8 +374,8 @@ def test_gemini_zero_shot(fake_gemini, dataset, tmp_path, capsys):
     assert rows[3]["error"].startswith("http_503")
 
     # a re-run with the same settings asks again only the transient failure (503), not the blocked prompt
-    rows2, info2 = predict_with_gemini(samples, out, model="gemini-2.5-flash", fmt=fmt, key="k1",
-                                       base_url=fake_gemini.url, concurrency=1, retry=fast)
+    rows2, info2 = predict_with_api(samples, out, api="gemini", model="gemini-2.5-flash", fmt=fmt, key="k1",
+                                    base_url=fake_gemini.url, concurrency=1, retry=fast)
     assert len(fake_gemini.requests) == N + 1 and info2["resumed_rows"] == N - 1
     assert rows2[3]["parsed_score"] == 2.0 and not rows2[3]["error"]
 

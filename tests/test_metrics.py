@@ -101,3 +101,23 @@ def test_paired_bootstrap():
     with_missing = paired_bootstrap([1.0, None, 3.0, 2.0], [1.0, 2.0, None, 2.5], [1.0, 2.0, 3.0, 2.4],
                                     n_bootstrap=20)
     assert with_missing["n"] == 2
+
+
+def test_intervals_are_scipy_percentile_bootstrap_with_shared_resamples():
+    """Each interval equals scipy.stats.bootstrap's paired percentile interval of that metric alone with the same
+    seed: one set of resampled indices serves every metric (and both sets of a paired comparison)."""
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0, 4, 100)
+    pred = truth + rng.normal(0, 0.6, 100)
+    r = iqa_metrics(list(pred), list(truth), n_bootstrap=400, seed=5)
+    for k, f in (("srcc", lambda p, t: stats.spearmanr(p, t).statistic),
+                 ("mae", lambda p, t: np.mean(np.abs(p - t)))):
+        ref = stats.bootstrap((pred, truth), f, paired=True, vectorized=False, n_resamples=400,
+                              method="percentile", rng=np.random.default_rng(5)).confidence_interval
+        assert r[f"{k}_ci"] == pytest.approx([ref.low, ref.high], rel=1e-12), k
+    other = truth + rng.normal(0, 1.2, 100)
+    d = paired_bootstrap(list(pred), list(other), list(truth), metric="srcc", n_bootstrap=400, seed=5)
+    ref = stats.bootstrap((pred, other, truth), lambda a, b, t: stats.spearmanr(a, t).statistic
+                          - stats.spearmanr(b, t).statistic, paired=True, vectorized=False, n_resamples=400,
+                          method="percentile", rng=np.random.default_rng(5)).confidence_interval
+    assert d["ci"] == pytest.approx([ref.low, ref.high], rel=1e-12)

@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from ctiqa.cli import main
-from ctiqa.predict import summarise
+from ctiqa.predict import summaries_from_rows
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,18 @@ def test_score_only_csv_and_unreadable_everything(tiny, tmp_path, capsys):
     assert "bad.png" in err and "missing.tif" in err
 
 
-def test_summarise_prefers_probability_and_counts_unscored():
-    rows = [{"slice": 0, "prob_score": 3.0, "parsed_score": 1.0}, {"slice": 1, "prob_score": None,
-            "parsed_score": 2.0}, {"slice": 2, "prob_score": None, "parsed_score": None}]
-    s = summarise("x", rows, n_worst=1)
-    assert s["mean"] == 2.5 and s["min"] == 2.0 and s["n_unscored"] == 1
-    assert s["worst_slices"] == [{"slice": 1, "score": 2.0}] and s["n_skipped"] == 0
+def test_series_summary_prefers_probability_and_counts_unscored_and_skipped():
+    rows = [{"series": "x", "slice": 0, "prob_score": 3.0, "parsed_score": 1.0},
+            {"series": "y", "slice": 0, "prob_score": 1.0},
+            {"series": "x", "slice": 1, "prob_score": None, "parsed_score": 2.0},
+            {"series": "x", "slice": 2, "prob_score": None, "parsed_score": None},
+            {"series": "x", "slice": 3, "prob_score": 2.5},
+            {"series": "x", "slice": None, "skipped": "unreadable"}]
+    x, y = summaries_from_rows(rows, ["x", "y", "z"])
+    assert (x["series"], x["n_slices"], x["n_unscored"], x["n_skipped"]) == ("x", 4, 1, 1)
+    assert x["mean"] == 2.5 and x["min"] == 2.0
+    assert x["worst_slices"] == [{"slice": 1, "score": 2.0}, {"slice": 3, "score": 2.5}, {"slice": 0, "score": 3.0}]
+    assert (y["series"], y["mean"], y["n_skipped"]) == ("y", 1.0, 0)
 
 
 def test_folder_with_two_series_file_names_and_nothing_readable(tiny, tmp_path, capsys):

@@ -18,9 +18,10 @@ Metrics (LDCTIQA 2023 challenge, Lee et al., Medical Image Analysis 99, 103343, 
 - ``n`` pairs given, ``n_valid`` pairs used, ``n_missing`` predictions that are None/NaN (parse failures),
   ``parse_failure_rate`` = n_missing / n. Missing predictions are counted and excluded, never scored as 0.
 - ``<metric>_ci``: percentile bootstrap interval (Efron & Tibshirani 1993) at ``confidence`` (default 0.95) over
-  ``n_bootstrap`` resamples (default 1000) of the valid pairs, seeded (``seed``, default 0). The same resampled
-  indices serve every metric, and :func:`paired_bootstrap` reuses them across two prediction sets; resamples
-  where a correlation is undefined (constant values) are left out of its interval.
+  ``n_bootstrap`` resamples (default 1000) of the valid pairs, seeded (``seed``, default 0), drawn by
+  ``scipy.stats.bootstrap`` (``paired=True``, one vector-valued statistic): the same resampled indices serve every
+  metric, and :func:`paired_bootstrap` draws the same ones for both prediction sets; resamples where a correlation
+  is undefined (constant values) are left out of its interval.
 
 Undefined values (fewer than 2 valid pairs, constant predictions or references) are None and explained in
 ``warnings``: the result never holds NaN or infinity, so ``json.dumps(result, allow_nan=False)`` works.
@@ -59,8 +60,6 @@ Examples:
     (1.0, 1)
 """
 
-CORRELATIONS = ("srcc", "plcc", "krcc")
-ERRORS = ("mae", "rmse")
 METRICS = ("srcc", "plcc", "krcc", "overall", "mae", "rmse")
 
 
@@ -100,8 +99,16 @@ def _point(p, r):
     return out
 
 
-def _resamples(n, n_bootstrap, seed):
-    return np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+def _bootstrap_distribution(samples, statistic, n_bootstrap, seed):
+    """``scipy.stats.bootstrap`` distribution of a vector-valued ``statistic(*arrays) -> (k,)`` over paired
+    resamples of ``samples`` (shape (k, n_bootstrap)). Its own interval is not used: it is NaN as soon as one
+    resample is undefined (a constant resample of a small set), where ours leaves such resamples out
+    (:func:`_interval`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(samples, statistic, paired=True, vectorized=False, n_resamples=n_bootstrap,
+                              method="percentile", rng=np.random.default_rng(seed))
+    return np.atleast_2d(res.bootstrap_distribution)
 
 
 def _interval(values, confidence):
@@ -139,15 +146,11 @@ def iqa_metrics(predictions, references, n_bootstrap=1000, confidence=0.95, seed
     for k in METRICS:
         result[f"{k}_ci"] = None
     if n_bootstrap and p.size >= 2:
-        boot = {k: [] for k in METRICS}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for idx in _resamples(p.size, n_bootstrap, seed):
-                for k, v in _point(p[idx], r[idx]).items():
-                    boot[k].append(v)
-        for k in METRICS:
+        boot = _bootstrap_distribution((p, r), lambda a, b: np.array(list(_point(a, b).values())), n_bootstrap,
+                                       seed)
+        for i, k in enumerate(METRICS):
             if result[k] is not None:
-                result[f"{k}_ci"] = _interval(boot[k], confidence)
+                result[f"{k}_ci"] = _interval(boot[i], confidence)
     result.update({
         "n": int(n), "n_valid": int(p.size), "n_missing": int(n_missing),
         "parse_failure_rate": (n_missing / n) if n else None,
@@ -187,13 +190,9 @@ def paired_bootstrap(predictions_a, predictions_b, references, metric="srcc", n_
            "seed": int(seed)}
     if out["difference"] is None or not n_bootstrap or a.size < 2:
         return out
-    diffs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for idx in _resamples(a.size, n_bootstrap, seed):
-            diffs.append(_point(a[idx], r[idx])[metric] - _point(b[idx], r[idx])[metric])
-    d = np.asarray(diffs)
-    d = d[np.isfinite(d)]
+    diffs = _bootstrap_distribution((a, b, r), lambda x, y, t: np.array([_point(x, t)[metric] - _point(y, t)[metric]]),
+                                    n_bootstrap, seed)[0]  # the same resampled ids for a and b
+    d = diffs[np.isfinite(diffs)]
     out["ci"] = _interval(diffs, confidence)
     if d.size:
         out["p_value"] = float(min(1.0, 2.0 * min(np.mean(d <= 0), np.mean(d >= 0))))
