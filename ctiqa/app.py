@@ -230,7 +230,7 @@ def score_uploads(scorer: Scorer, paths: list[str | Path], *, show_names: bool =
         CTIQAError: nothing uploaded, or nothing readable (the message says why each upload was skipped).
     """
     from ctiqa.html_report import embeddable, predict_body, prepare_series
-    from ctiqa.predict import RowSink, score_series, summarise
+    from ctiqa.predict import RowSink, score_series, summaries_from_rows
 
     if not paths:
         raise CTIQAError("upload DICOM files, a zipped DICOM series folder, TIFF or PNG files first")
@@ -257,8 +257,7 @@ def score_uploads(scorer: Scorer, paths: list[str | Path], *, show_names: bool =
         if not rows:
             raise CTIQAError("nothing could be read: " + "; ".join(skipped))
         images = prepare_series(rows, series, scorer.encoding, scorer.unit_is_hu)  # reads the pixels again
-    summaries = [summarise(s.id, [r for r in rows if r["series"] == s.id]) for s in series
-                 if any(r["series"] == s.id for r in rows)]
+    summaries = summaries_from_rows(rows, [s.id for s in series])
     body = predict_body(rows, summaries, images, model=scorer.name, skipped=skipped)
     return embeddable(download_links(rows) + body), rows
 
