@@ -9,6 +9,7 @@
 ``_private_ctiqa_cache`` (autouse): ``CTIQA_CACHE_DIR`` points at a fresh temporary folder for the session.
 ``fake_gemini``: a started :class:`tests.fake_gemini.FakeGemini` (script empty: every answer is ``ok()``;
     call ``.set_script([...])``), with ``GEMINI_API_KEY`` set to a fake key.
+``trained_tiny_model`` (session): the folder of a tiny Gemma 3 taught the answer format (tests/trained_tiny.py).
 """
 
 from __future__ import annotations
@@ -94,3 +95,12 @@ def fake_gemini(monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", "fake-gemini-key")
     with FakeGemini() as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tmp_path_factory):
+    """One tiny Gemma 3 taught the answer format (tests/trained_tiny.py), shared by the modules that need real
+    scores and rationales; read-only for its users."""
+    from trained_tiny import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("trained_tiny") / "model")

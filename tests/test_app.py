@@ -25,7 +25,6 @@ import pytest
 from browser import browser_page
 from PIL import Image
 from pydicom.data import get_testdata_file
-from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.app import Scorer, gather_uploads, score_uploads
@@ -44,9 +43,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(trained_tiny_model):
     """A tiny Gemma 3 taught the answer format (tests/trained_tiny.py): real scores and rationales."""
-    return train_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return trained_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from browser import browser_page
 from PIL import Image
 from pydicom.data import get_testdata_file
 from sft_data import write_dataset
-from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
@@ -29,9 +28,9 @@ DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(trained_tiny_model):
     """A tiny Gemma 3 taught the answer format (tests/trained_tiny.py): real scores and rationales."""
-    return train_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return trained_tiny_model
 
 
 @pytest.fixture(autouse=True)
