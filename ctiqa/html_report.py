@@ -389,16 +389,30 @@ def check_html_path(path: str | Path) -> Path:
 
 def prepare_series(rows: list[dict[str, Any]], series: list[Any], encoding: str = "soft-tissue",
                    unit_is_hu: bool = False) -> dict[tuple[str, int], Any]:
-    """Rendered images by ``(series, slice)`` for the rows of :func:`ctiqa.predict.predict`, rendered again with
-    :func:`ctiqa.imaging.render` (the model's pixel path, same ``encoding``) from the read
-    :class:`ctiqa.predict.Series`; each row also gets its findings and claims (:func:`annotate`)."""
-    from ctiqa.imaging import render
+    """Rendered images by ``(series, slice)`` for the slice rows of :func:`ctiqa.predict.score_series`, rendered
+    again with :func:`ctiqa.imaging.render` (the model's pixel path, same ``encoding``) from the
+    :class:`ctiqa.predict.Series` that were scored; each row also gets its findings and claims (:func:`annotate`).
+    A slice that can no longer be read gets no image. A multi-frame file is read once for all its frames."""
+    from ctiqa.imaging import read_ct_frames, render
 
     by_id = {s.id: s for s in series}
-    images = {}
+    images: dict[tuple[str, int], Any] = {}
+    frames: dict[str, list[Any]] = {}  # the frames of the last multi-frame series read
+
+    def read(s: Any, index: int) -> Any:
+        if len(s.refs) == 1 and s.refs[0].frame == "all":  # one file, all its frames: read it once
+            if s.id not in frames:
+                frames.clear()
+                frames[s.id] = read_ct_frames(s.refs[0].path)
+            return frames[s.id][index] if 0 <= index < len(frames[s.id]) else None
+        return s.read_slice(index)
+
     for r in rows:
         s = by_id.get(r["series"])
-        ct = s.read_slice(r["slice"]) if s is not None and r.get("slice") is not None else None
+        try:
+            ct = read(s, r["slice"]) if s is not None and r.get("slice") is not None else None
+        except CTIQAError:
+            ct = None
         if ct is None:
             continue
         images[(r["series"], r["slice"])] = render(ct, encoding, unit_is_hu=unit_is_hu)

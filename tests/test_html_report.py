@@ -218,3 +218,24 @@ def test_check_html_path():
 
     with pytest.raises(CTIQAError, match="must end in .html"):
         check_html_path("x.pdf")
+
+
+def test_prepare_series_multipage_tiff(tmp_path):
+    """Each frame of a multi-page TIFF gets its own rendered image (read once), findings and claims."""
+    import tifffile
+
+    from ctiqa.html_report import prepare_series
+    from ctiqa.imaging import read_ct_frames
+    from ctiqa.predict import gather_series
+
+    stack = np.random.default_rng(0).random((4, 48, 48), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    series = gather_series([str(tmp_path / "stack.tif")], ["s"])
+    rows = [{"series": "s", "slice": i, "rationale": "Mild noise; no streaks."} for i in (3, 0)]
+    images = prepare_series(rows, series)
+    frames = read_ct_frames(tmp_path / "stack.tif")
+    for i in (3, 0):
+        assert np.array_equal(np.asarray(images[("s", i)]), np.asarray(render(frames[i])))
+    assert rows[0]["claims"] == {"noise": "mild", "streaks": "absent", "other_artifacts": []}
+    assert rows[0]["findings"]["noise_severity"] in ("none", "mild", "moderate", "severe")
+    assert "id" not in rows[0]["findings"]
