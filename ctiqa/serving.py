@@ -18,7 +18,8 @@ renormalised over the digit tokens and combined by the same function as in-proce
 (:func:`ctiqa.inference._from_distributions`). Digits outside the top 20 count as probability 0 (they hold less
 than the 20th alternative each). With ``score_only`` the answer is cut after :data:`SCORE_ONLY_TOKENS` tokens.
 When the server returns no log-probabilities (``transformers serve`` ignores or refuses the fields), rows carry
-parsed scores only and :meth:`ServerScorer.describe` (``results.json`` provenance) says so.
+parsed scores only (with ``score_only``: parsed from the short answer) and :meth:`ServerScorer.describe`
+(``results.json`` provenance) says so.
 
 On-disk cache: every final answer (not a timeout or a dropped connection) is appended to a JSONL file
 (:func:`default_cache_path`, in the ctiqa cache folder) keyed by the image pixels, the server URL, the served model,
@@ -244,7 +245,7 @@ class ServerScorer:
         pred = ImagePrediction()
         row: dict[str, Any] = {"error": res.error if res.error and not res.text else None,
                                "finish_reason": res.finish_reason}
-        if not self.score_only:
+        if not self.score_only or not self.logprobs:  # score-only without logprobs: parse the short answer
             text = (res.text or "").strip() or None
             parsed = parse_score_detailed(text)
             pred.text, pred.parsed_score, pred.parse_rule = text, parsed.value, parsed.rule

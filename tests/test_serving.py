@@ -182,6 +182,13 @@ def test_refused_logprobs_give_parsed_scores_and_say_so(lm, fake, images):
     d = scorer.describe()
     assert d["logprobs"] is False and "refused" in d["probability_score"]
     assert not any(r.get("logprobs") for r in fake.requests[1:])
+    # score-only without logprobs: the score is parsed from the short answer
+    fake.script = [("refuse_logprobs",)]
+    scorer = ServerScorer(fake.url, "tiny", score_only=True, cache=False)
+    got = scorer(images[:2])
+    scorer.close()
+    ref = predict_images(lm, images[:2], max_new_tokens=40)
+    assert [g["parsed_score"] for g in got] == [r.parsed_score for r in ref]
 
 
 def test_errors_retries_timeouts_and_the_cache(lm, fake, images, tmp_path):
