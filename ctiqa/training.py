@@ -149,8 +149,9 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_
         raise CTIQAError(f"{config}: no such recipe file")
     try:
         parsed = _RecipeParser(dataclass_types).parse_args_and_config(argv)
-    except CTIQAError as e:
-        raise CTIQAError(f"{where}: {e}") from None
+    except CTIQAError as e:  # argparse: "argument --learning_rate/--learning-rate: invalid float value: 'fast'"
+        msg = re.sub(r"argument --(\w+)(/--[\w-]+)?: ", r"\1: ", str(e))
+        raise CTIQAError(f"{where}: {msg}") from None
     except yaml.YAMLError as e:
         raise CTIQAError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     except (ValueError, TypeError) as e:  # unknown keys (TRL), invalid values (__post_init__ of the configs)
@@ -277,9 +278,10 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
                        resume_from_checkpoint: str | None = None) -> str | None:
     """Guard ``output_dir`` against mixing two runs, record this run, and find the checkpoint to resume from.
 
-    - ``output_dir`` holds a run whose :data:`RUN_CONFIG_FILE` differs from ``config``: refused, naming each
-      differing setting (old -> new), unless ``overwrite``; then its checkpoints and ``DONE`` are deleted (logged)
-      and training starts over.
+    - ``output_dir`` holds a run (checkpoints or ``DONE``) whose :data:`RUN_CONFIG_FILE` differs from ``config``:
+      refused, naming each differing setting (old -> new), unless ``overwrite``; then its checkpoints and ``DONE``
+      are deleted (logged) and training starts over. A record without checkpoints (a run that failed before its
+      first one) is simply replaced.
     - It holds checkpoints but no run config (written by an older ctiqa): refused unless ``overwrite`` (it cannot
       be told apart from another run).
     - Same run: resumes from :func:`last_complete_checkpoint`.
@@ -302,7 +304,8 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     recorded_file = root / RUN_CONFIG_FILE
     recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
     checkpoints = sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if root.is_dir() else []
-    if recorded is not None and recorded != config:
+    trained = bool(checkpoints) or (root / DONE_FILE).exists()  # a run that stopped before its first checkpoint
+    if recorded is not None and recorded != config and trained:  # left nothing to mix with: it is overwritten
         diffs = [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(recorded) | set(config))
                  if recorded.get(k) != config.get(k)]
         if not overwrite:
@@ -545,11 +548,15 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 class VerifyResumedWeights(TrainerCallback):
-    """Before the first step of a resumed run, check that the trainable weights equal the checkpoint's.
+    """Before the first step of a resumed run, check that the trainable weights equal the checkpoint's, in the
+    checkpoint's dtype.
 
     For an adapter: every tensor of ``adapter_model.safetensors`` equals the model's (``peft``'s
-    ``get_peft_model_state_dict``, the state the Trainer saved), and no adapter tensor is missing. A full model was
-    loaded strictly by :func:`load_model`; its check is that loading.
+    ``get_peft_model_state_dict``, the state the Trainer saved), and none is missing. The Trainer reloads an adapter
+    with PEFT's ``load_adapter``, which upcasts it to fp32, while TRL trains a QLoRA adapter in bf16 (QLoRA paper
+    §3; ``SFTTrainer`` casts it): the resumed run would continue in another dtype than the run it resumes (and save
+    a twice larger adapter). Weights and their optimizer state are cast back to the checkpoint's dtype here. A full
+    model was loaded strictly by :func:`load_model`; its check is that loading.
 
     Raises:
         CTIQAError: a missing or different tensor (the resume would continue from other weights).
@@ -558,7 +565,7 @@ class VerifyResumedWeights(TrainerCallback):
     def __init__(self, checkpoint: str):
         self.checkpoint = checkpoint
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         import torch
         from safetensors.torch import load_file
 
@@ -570,11 +577,21 @@ class VerifyResumedWeights(TrainerCallback):
         saved = load_file(str(path))
         current = get_peft_model_state_dict(model)
         missing = sorted(set(saved) ^ set(current))
-        different = [k for k in saved if k in current and not torch.equal(saved[k].to(current[k].device),
-                                                                           current[k].detach())]
+        different = [k for k in saved if k in current and not torch.equal(
+            saved[k].to(current[k].device, current[k].dtype), current[k].detach())]
         if missing or different:
             raise CTIQAError(f"resume from {self.checkpoint}: adapter weights not restored ({len(missing)} missing, "
                              f"{len(different)} different; first: {(missing or different)[0]})")
+        want = {saved[k].dtype for k in saved}
+        if len(want) == 1:
+            dtype = want.pop()
+            opt_state = getattr(optimizer, "state", {}) if optimizer is not None else {}
+            for p in model.parameters():
+                if p.requires_grad and p.dtype != dtype and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+                    for key, value in opt_state.get(p, {}).items():
+                        if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                            opt_state[p][key] = value.to(dtype)
         logger.info("resume: %d adapter tensors equal %s", len(saved), path)
 
 

@@ -52,7 +52,10 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data") / "ds", {"train": 24, "validation": 8, "test": 4})
+    folder = write_dataset(tmp_path_factory.mktemp("data") / "ds", {"train": 24, "validation": 8, "test": 4})
+    with open(folder / "README.md", "a") as f:  # as `ctiqa build-dataset --encoding medgemma-3window` records it
+        f.write("\n- Images: rendered with encoding `medgemma-3window` (three windows); 8-bit RGB, PNG.\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +242,17 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
     assert evals[-1] < evals[0] and state["best_metric"] == min(evals)
     assert (out / "DONE").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not list(out.glob("model*.safetensors"))
-    assert json.loads((out / "ctiqa_training.json").read_text())["load_in_4bit"] is True
+    settings = json.loads((out / "ctiqa_training.json").read_text())
+    assert settings["load_in_4bit"] is True and settings["bnb_4bit_quant_type"] == "nf4"
+    assert (settings["compute_dtype"], settings["storage_dtype"]) == ("float32", "bfloat16")
+    assert settings["encoding"] == "medgemma-3window"  # read from the dataset's card
+    assert (settings["target_format"], settings["prompt_version"]) == ("score-first", prompts.PROMPT_VERSION)
     from ctiqa.inference import load_model
 
-    assert load_model(str(out)).precision == "4bit"  # evaluated on the NF4 base it learned on
+    lm = load_model(str(out))  # evaluated on the NF4 base it learned on, with the fp32 compute it learned with
+    assert (lm.precision, lm.compute_dtype) == ("4bit", "float32")
     card = (out / "README.md").read_text()
+    assert 'render("slice.dcm", "medgemma-3window")' in card
     assert "library_name: peft" in card and "pipeline_tag: image-text-to-text" in card
     assert "Not for clinical use" in card and "QLoRA" in card
 
@@ -264,50 +273,103 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
     repo = fake_hub.repo("tester/tiny-ctiqa-qlora")
     assert repo.private
     files = fake_hub.files("tester/tiny-ctiqa-qlora")
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"} <= set(files)
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json",
+            "ctiqa_training.json"} <= set(files)
     assert not [f for f in files if f.startswith(("model", "checkpoint-", "runs/")) or f.endswith(".bin")]
     assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     assert "Not for clinical use" in files["README.md"].decode()
 
 
-def test_resume_after_kill_continues_from_last_checkpoint(tiny, dataset_dir, tmp_path):
-    """Full fine-tuning (the demo recipe, config_cpu.yaml), killed with SIGKILL after its first checkpoint, then
-    re-run: it resumes at that step and finishes; the output is a full model."""
-    out = tmp_path / "out"
-    args = _launch(["--cpu", "--num_processes", "1"]) + [
-        "--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
-        "--output_dir", str(out),
-        "--max_steps", "16", "--save_strategy", "steps", "--save_steps", "4",
-        "--save_total_limit", "3", "--eval_strategy", "no", "--load_best_model_at_end", "false",
-        "--per_device_train_batch_size", "2", "--report_to", "none", "--log_level", "info"]
-    env = {**os.environ, **OFFLINE}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    """The weights training changes, under the names the checkpoint stores them: the adapter's tensors (PEFT's
+    saved state dict) or the full model's state dict."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _saved_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The trained weights saved in a checkpoint or output folder, read independently of the training code:
+    ``adapter_model.safetensors`` as stored, or the full model through ``from_pretrained`` (which maps the Hub key
+    names it is saved under back to the model's)."""
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "adapter_model.safetensors"))
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+
+def _losses(output_dir: Path) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.mark.parametrize("recipe", [TINY_DEMO, TINY_QLORA], ids=["full-fine-tuning", "qlora"])
+def test_resume_after_kill_keeps_the_weights_and_the_loss(recipe, tiny, dataset_dir, tmp_path, monkeypatch):
+    """Killed with SIGKILL after a checkpoint, re-run: training continues from the checkpoint's WEIGHTS (compared
+    tensor by tensor before the first resumed step), the first loss after the resume continues the curve, and the
+    run ends where the same run never killed ends (weights and losses).
+
+    Fails on the code before issue 9: a full fine-tune resumed from its initial weights (the checkpoint's Hub key
+    names matched no key of the model), and its loss jumped from ~5.7 back to ~10.8.
+    """
+    from transformers import TrainerCallback
+
+    args = ["--config", str(recipe), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+            "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "3",
+            "--eval_strategy", "no", "--load_best_model_at_end", "false", "--per_device_train_batch_size", "2",
+            "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    cmd = _launch(["--cpu", "--num_processes", "1"]) + args + ["--output_dir", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **OFFLINE}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not list(out.glob("checkpoint-*/trainer_state.json")):
+        while not list(killed.glob("checkpoint-*/trainer_state.json")):
             assert proc.poll() is None, "training ended before writing a checkpoint"
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the training process it started
         proc.wait()
-    assert not (out / "DONE").exists()
-    first = training.last_complete_checkpoint(str(out))
-    step = int(first.rsplit("-", 1)[1])
-    assert 4 <= step < 16
+    assert not (killed / "DONE").exists()
+    checkpoint = Path(training.last_complete_checkpoint(killed))
+    step = int(checkpoint.name.rsplit("-", 1)[1])
+    assert 4 <= step < 12
+    before_kill = _losses(checkpoint)
 
-    done = _run(args, OFFLINE)
-    log = done.stdout + done.stderr
-    assert f"resuming training at {first}" in log
-    assert f"and global step {step}" in log  # transformers: "Resuming training from checkpoint with epoch E and global step N"
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 16
-    assert (out / "DONE").is_file() and not (out / "adapter_config.json").exists()
-    from transformers import AutoModelForImageTextToText
+    # Resume (the script's main, in this process, so the weights can be seen before the first resumed step)
+    at_start: dict[str, torch.Tensor] = {}
 
-    trained = AutoModelForImageTextToText.from_pretrained(out)
-    assert type(trained).__name__ == "Gemma3ForConditionalGeneration"
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            at_start.update(_trainable_state(model))
+
+    callbacks = training.training_callbacks
+    monkeypatch.setattr(training, "training_callbacks", lambda c: callbacks(c) + [Snapshot()])
+    sft.main(*sft.parse_args(args + ["--output_dir", str(killed)]))
+    saved = _saved_state(checkpoint)
+    assert set(saved) == set(at_start)
+    differ = [k for k in saved if not torch.equal(saved[k], at_start[k])]
+    assert not differ, f"{len(differ)} of {len(saved)} tensors differ from {checkpoint.name}, e.g. {differ[:3]}"
+
+    # The same run, never killed
+    monkeypatch.setattr(training, "training_callbacks", callbacks)
+    sft.main(*sft.parse_args(args + ["--output_dir", str(reference)]))
+    resumed, uninterrupted = _losses(killed), _losses(reference)
+    assert sorted(resumed) == list(range(1, 13))
+    first, last = resumed[step + 1], before_kill[step]
+    assert abs(first - last) < abs(first - before_kill[1]), (before_kill, resumed)  # not back at the start
+    assert first == pytest.approx(uninterrupted[step + 1], rel=1e-3, abs=1e-3), (resumed, uninterrupted)
+    final, expected = _saved_state(killed), _saved_state(reference)
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-3, atol=1e-4, msg=f"{k}: {resumed} {uninterrupted}")
+    assert (killed / "DONE").is_file()
+    assert (killed / "adapter_config.json").exists() == (recipe == TINY_QLORA)
 
 
 def test_full_fine_tuning_keeps_the_best_checkpoint(tiny, dataset_dir, tmp_path):
@@ -354,3 +416,126 @@ def test_ddp_two_processes_on_cpu(tiny, dataset_dir, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert (out / "adapter_model.safetensors").is_file() and (out / "DONE").is_file()
+
+
+# ------------------------------------------------------------------------------------------- run guard, launch
+def _config(tmp_path, *extra):
+    script, train, model = sft.parse_args(["--config", str(TINY_DEMO), "--output_dir", str(tmp_path / "out"),
+                                           *extra])
+    return training.run_config(script, train, model)
+
+
+def test_a_rerun_into_another_runs_folder_is_refused_naming_what_differs(tmp_path):
+    out = tmp_path / "out"
+    assert training.prepare_output_dir(out, _config(tmp_path)) is None  # fresh: records the run
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    # the same run (only its length changed) resumes
+    assert training.prepare_output_dir(out, _config(tmp_path, "--max_steps", "99")) == str(out / "checkpoint-4")
+    other = _config(tmp_path, "--dataset_name", "other/data", "--learning_rate", "2e-3")
+    with pytest.raises(training.CTIQAError, match=r"holds another run \(dataset_name 'runs/demo/dataset' -> "
+                                                  r"'other/data'; learning_rate 0.001 -> 0.002\).*--overwrite_output_dir"):
+        training.prepare_output_dir(out, other)
+    assert (out / "checkpoint-4").is_dir()  # nothing touched
+    # starting over is explicit: the old checkpoints go, the new run is recorded
+    assert training.prepare_output_dir(out, other, overwrite=True) is None
+    assert not (out / "checkpoint-4").exists()
+    assert json.loads((out / training.RUN_CONFIG_FILE).read_text())["dataset_name"] == "other/data"
+
+
+def test_checkpoints_of_an_unrecorded_run_are_not_resumed_silently(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(training.CTIQAError, match="without ctiqa_run.json"):
+        training.prepare_output_dir(out, _config(tmp_path))
+
+
+def test_fp16_and_zero3_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(dtype="bfloat16", load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
+    train = SimpleNamespace(fp16=False)
+    training.check_launch(model, train)  # the paper's setting passes
+    with pytest.raises(training.CTIQAError, match="fp16 is not supported with Gemma 3"):
+        training.check_launch(model, SimpleNamespace(fp16=True))
+    with pytest.raises(training.CTIQAError, match="dtype: float16 is not supported"):
+        training.check_launch(SimpleNamespace(dtype="float16", load_in_4bit=False, bnb_4bit_quant_storage=None), train)
+    with pytest.raises(training.CTIQAError, match="bnb_4bit_quant_storage: float16"):
+        training.check_launch(SimpleNamespace(dtype="bfloat16", load_in_4bit=True, bnb_4bit_quant_storage="float16"),
+                              train)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # what `accelerate launch` sets for a ZeRO-3 config
+    with pytest.raises(training.CTIQAError, match="ZeRO-3 is not supported: it cannot partition a bitsandbytes"):
+        training.check_launch(model, train)
+
+
+def test_training_stops_at_the_first_non_finite_loss_naming_the_step(tiny, dataset, processor, tmp_path):
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    _, args, model_args = sft.parse_args([
+        "--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+        "--dataloader_num_workers", "0"])
+    model, _ = training.load_model(model_args, args)
+
+    class PoisonInputs(TrainerCallback):  # step 3's forward pass meets an infinite weight: NaN/inf loss
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.mul_(float("inf"))
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset["train"], processing_class=processor,
+                         callbacks=[*training.training_callbacks(None), PoisonInputs()])
+    with pytest.raises(training.CTIQAError, match="loss is not finite at step 3"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    stop = training.StopOnNonFiniteLoss()
+    with pytest.raises(training.CTIQAError, match=r"at step 7: loss nan"):
+        stop.on_log(args, type("S", (), {"global_step": 7})(), None, logs={"loss": float("nan")})
+
+
+def test_an_adapter_with_full_lm_head_warns_with_its_size(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.weight": torch.zeros(1000, 64, dtype=torch.bfloat16),
+               "base_model.model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 64)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with caplog.at_level("WARNING", logger="ctiqa.training"):
+        assert training.warn_large_adapter_modules(tmp_path) == 1000 * 64 * 2
+    assert "full lm_head matrices: 0.1 MB" in caplog.text
+    assert training.warn_large_adapter_modules(tmp_path / "nothing") == 0
+
+
+# --------------------------------------------------------------------------------------------- bad recipes
+@pytest.mark.parametrize("bad, message", [
+    ("learning_rat: 1.0e-3", r"unknown key learning_rat \(see --help"),
+    ("lora_r: 16.5", "lora_r: 16.5 must be of type int"),
+    ("learning_rate: fast", "learning_rate: invalid float value: 'fast'"),
+    ("use_peft: [true]", r"use_peft: \[True\] must be of type bool"),
+])
+def test_a_bad_recipe_is_one_readable_error(bad, message, tmp_path):
+    key = bad.split(":")[0]
+    lines = [line for line in TINY_DEMO.read_text().splitlines() if not line.startswith(key + ":")]
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("\n".join(lines + [bad]) + "\n")
+    with pytest.raises(training.CTIQAError, match=rf"^{recipe}: {message}"):
+        sft.parse_args(["--config", str(recipe)])
+
+
+def test_a_bad_recipe_or_missing_dataset_ends_with_one_line(tmp_path):
+    """`python recipes/sft.py` with a recipe typo, then with the tiny recipe before `make demo`: exit 2, the last
+    line of the output says what is wrong (and how to make the demo dataset), no traceback, no usage dump."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(TINY_DEMO.read_text() + "num_train_epoch: 3\n")
+    for args, want in (
+        (["--config", str(recipe)], f"error: {recipe}: unknown key num_train_epoch (see --help for the fields)"),
+        (["--config", str(TINY_DEMO)], "error: dataset runs/demo/dataset: no such folder; `make demo` makes it"),
+    ):
+        proc = subprocess.run([sys.executable, str(SFT), *args], cwd=tmp_path, env={**os.environ, **OFFLINE},
+                              capture_output=True, text=True, timeout=300)
+        out = (proc.stdout + proc.stderr).strip().splitlines()
+        assert proc.returncode == 2, out[-20:]
+        assert out[-1].startswith(want), out[-5:]
+        assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr
