@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from sft_data import rows
-from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
@@ -27,8 +26,8 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained") / "model")
+def trained(trained_tiny_model):
+    return trained_tiny_model
 
 
 def make_adapter(base: Path, out: Path, *, std: float = 0.03, seed: int = 0,

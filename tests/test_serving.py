@@ -24,7 +24,6 @@ import torch
 from loopback import start_server, stop_server
 from PIL import Image
 from sft_data import rows, write_dataset
-from trained_tiny import train_tiny
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
@@ -41,8 +40,8 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained") / "model")
+def trained(trained_tiny_model):
+    return trained_tiny_model
 
 
 @pytest.fixture(scope="module")
