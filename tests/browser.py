@@ -18,7 +18,7 @@ import pytest
 def chromium_path() -> str:
     """The system Chromium executable, or skip the test with the reason."""
     exe = os.environ.get("CTIQA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not exe:
+    if not exe or not os.path.exists(exe):
         pytest.skip("no Chromium on this machine: `apt-get install -y chromium` (Debian) gives the browser these "
                     "tests drive; .ci/run installs it")
     return exe
