@@ -230,8 +230,8 @@ def check_launch(model_args: Any, training_args: Any) -> None:
 # ------------------------------------------------------------------------------------------- run guard, resume
 def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
     """What defines a run, for :func:`prepare_output_dir`: the data, the model and every hyperparameter that changes
-    what is learned. Length and bookkeeping (epochs, max steps, saving, logging, evaluation, push) are left out, so
-    a resume may extend training.
+    what is learned. Length and bookkeeping (epochs, max steps, saving, logging, evaluation, push) and the number of
+    processes are left out, so a resume may extend training or move to other hardware.
 
     Returns:
         a JSON-serialisable dict (``str`` of anything else).
@@ -254,7 +254,6 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
                 v = getattr(obj, name)
                 v = getattr(v, "value", v)  # enums
                 out[name] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
-    out["world_size"] = training_args.world_size
     return out
 
 
