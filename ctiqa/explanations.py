@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ctiqa import vocabulary as V
+from ctiqa.findings import (
+    STREAK_CALL_VALIDATED,  # one home; while False streak agreement is marked unvalidated
+)
 from ctiqa.scale import QUALITY_LABELS
 from ctiqa.vocabulary import CLAIM_RANK, NOISE_APPLIED_HU, STREAK_VIEWS_BELOW, noise_severity, streak_severity
 
@@ -295,9 +298,6 @@ def _carry_over(seg: list[str], last: tuple[str, list[int]]) -> None:
 
 
 # ------------------------------------------------------------------------------- claims vs measured findings
-#: Is the measured streak call validated against the simulator? (ctiqa.findings: no; bench/bench_findings.py).
-#: While False, streak claims checked against it are reported beside the other figures but marked unvalidated.
-STREAK_CALL_VALIDATED = False
 
 
 def _bands_off(claim: str | None, measured: str | None) -> int | None:

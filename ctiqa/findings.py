@@ -95,6 +95,9 @@ STREAK_MAX_SIZE = 256
 #: streaks = streak_index >= STREAK_THRESHOLD: the best balanced accuracy for n_views < 256 vs >= 512 on the
 #: simulator's training base slices (ctiqa simulate --seed 0 --size 128). NOT validated: see the module docstring.
 STREAK_THRESHOLD = 2.27
+#: Is the measured streak call validated against the simulator? No (module docstring): claims checked against it
+#: are "unverified", and the grounded teacher and the audit use the simulator's truth where it exists instead.
+STREAK_CALL_VALIDATED = False
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,32 @@ def measure_rendered(image: Any, id: str) -> Findings:
         same = bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
         a = a[..., 0] if same else a[..., SOFT_TISSUE_CHANNEL]
     return measure_findings(CTImage(a.astype(np.float32), "display", id), id)
+
+
+def grounding(findings: dict[str, Any] | None, metadata: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What the grounded teacher is told and the audit checks against, for one image.
+
+    Args:
+        findings: :meth:`Findings.to_row` of the image (None: not measurable -> no grounding).
+        metadata: the image's degradation record on simulated data (``n_views``), else None.
+    Returns:
+        None, or ``noise_hu``, ``noise_severity`` (measured), ``streaks`` (True/False, or None when nothing
+        trustworthy is known) and ``streaks_source``: "simulator" (``n_views < 512``: the simulator's truth
+        stands in for the unvalidated call), "measured" (only if :data:`STREAK_CALL_VALIDATED`), or "unmeasured".
+    """
+    if findings is None:
+        return None
+    from ctiqa.vocabulary import STREAK_VIEWS_BELOW
+
+    n_views = (metadata or {}).get("n_views")
+    if n_views is not None:
+        streaks, source = int(n_views) < STREAK_VIEWS_BELOW, "simulator"
+    elif STREAK_CALL_VALIDATED:
+        streaks, source = findings.get("streaks"), "measured"
+    else:
+        streaks, source = None, "unmeasured"
+    return {"noise_hu": findings.get("noise_hu"), "noise_severity": findings.get("noise_severity"),
+            "streaks": streaks, "streaks_source": source}
 
 
 def rationale_fields(image: Any, text: str | None) -> dict[str, Any]:

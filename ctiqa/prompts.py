@@ -114,14 +114,20 @@ TEACHER_SYSTEM = (
 )
 
 
-def teacher_prompt(score: float) -> str:
+def teacher_prompt(score: float, findings: dict[str, Any] | None = None, feedback: str | None = None) -> str:
     """The teacher's instruction for one image whose radiologist score is ``score`` (0-4).
 
+    Args:
+        score: the true score (0-4).
+        findings: the grounding of :func:`grounding_text` (``noise_hu``, ``noise_severity``, ``streaks``,
+            ``streaks_source``), measured on the image the teacher sees (ctiqa.findings); the teacher is asked
+            for a report consistent with it. None: the ungrounded prompt of the paper.
+        feedback: why the previous answer was rejected (the audit's evidence); the teacher is asked to avoid it.
     Raises:
         ValueError: score outside [0, 4].
     """
     s = format_score(score)
-    return (
+    text = (
         f"This axial CT slice, shown in a soft-tissue window (W350/L40), was rated {s} on a 0-4 image quality "
         f"scale ({SCALE_TEXT}) by a panel of radiologists. Explain why this image deserves a quality score of "
         f"{s}. Describe the noise level and texture, any streak artifacts, the sharpness of organ and vessel "
@@ -131,6 +137,38 @@ def teacher_prompt(score: float) -> str:
         "reader. Write 80-200 words in the third person, as a report. Return JSON with the keys "
         '"rationale" (string) and "score" (the number you were given).'
     )
+    if findings:
+        text += " " + grounding_text(findings)
+    if feedback:
+        text += (f" A previous report for this image was rejected by our quality check ({feedback}). Write a new "
+                 "report that avoids this.")
+    return text
+
+
+def grounding_text(findings: dict[str, Any]) -> str:
+    """The sentences of the grounded teacher prompt that carry the measured findings (ctiqa.findings).
+
+    ``findings``: ``noise_hu`` (HU or None), ``noise_severity`` (none/mild/moderate/severe or None), ``streaks``
+    (True/False/None), ``streaks_source`` ("simulator" when the simulator's truth stands in, else "measured").
+    Noise bands: :data:`ctiqa.vocabulary.NOISE_BANDS_HU`.
+    """
+    from ctiqa.vocabulary import NOISE_BANDS_HU
+
+    bands = ", ".join(f"{name} below {bound:g} HU" for bound, name in NOISE_BANDS_HU if bound != float("inf"))
+    parts = ["Measurements of this same image (transparent image analysis, not a model):"]
+    if findings.get("noise_hu") is not None and findings.get("noise_severity"):
+        word = {"none": "no more than routine (describe it as minimal or low)"}.get(findings["noise_severity"],
+                                                                                     findings["noise_severity"])
+        parts.append(f"quantum noise of about {findings['noise_hu']:.0f} HU standard deviation in soft tissue, i.e. "
+                     f"{word} noise on our bands ({bands}, severe above);")
+    streaks = findings.get("streaks")
+    if streaks is not None and findings.get("streaks_source") == "simulator":
+        parts.append("sparse-view streak artifacts are " + ("present." if streaks else "absent."))
+    else:
+        parts.append("streak artifacts could not be measured reliably: mention streaks only if clearly visible.")
+    parts.append("Your report must agree with these measurements. Do not describe ring, motion, metal or beam "
+                 "hardening artifacts unless they are unmistakable in this image.")
+    return " ".join(parts)
 
 
 #: JSON schema for the teacher's answer (google-genai ``response_schema`` / OpenAI ``json_schema``).

@@ -82,6 +82,7 @@ class Item:
     check: checks.CheckResult | None = None
     status: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    previous: list[CallResult] = field(default_factory=list)  # answers rejected and asked again (costed)
 
     def image(self) -> Image.Image:
         """The decoded RGB image; it carries its PNG bytes (``SOURCE_PNG_KEY``) so teachers send them as they are."""
@@ -124,6 +125,51 @@ def render_items(data: Any, items: list[Item], encoding: str, workers: int | Non
         list(tqdm(pool.map(one, items), total=len(items), desc="render", disable=not progress, file=sys.stderr))
 
 
+#: Columns of measured findings (ctiqa.findings) added to every row.
+FINDINGS_COLUMNS = ("noise_hu", "noise_severity", "streak_index", "streaks")
+#: Rejection reasons a teacher can fix when told: such rows are asked again with the evidence (``--reask``).
+REASK_REASONS = ("contradicts_findings", "unseen_view", "mentions_given_score", "contradicts_score", "too_short")
+#: Part of the answer-cache key: the teacher prompt carries the measured findings (ctiqa.prompts.grounding_text).
+GROUNDING_VERSION = "grounded-v1"
+
+
+def measure_items(items: list[Item]) -> int:
+    """Measured findings of each rendered image (:func:`ctiqa.findings.measure_rendered`): the row columns
+    :data:`FINDINGS_COLUMNS` in ``item.extra`` (None when the image cannot be measured, e.g. smaller than 32 px)
+    and the teacher's grounding (:func:`ctiqa.findings.grounding`) in ``item.metadata["grounding"]``.
+    Returns how many images were measured."""
+    from ctiqa.findings import grounding, measure_rendered
+
+    n = 0
+    for it in items:
+        try:
+            row = measure_rendered(it.image(), it.id).to_row()
+            n += 1
+        except CTIQAError:
+            row = None
+        it.extra |= {k: (row or {}).get(k) for k in FINDINGS_COLUMNS}
+        it.metadata = {**(it.metadata or {}), "grounding": grounding(row, it.metadata)}
+    return n
+
+
+def findings_features() -> dict[str, Any]:
+    """``datasets`` features of :data:`FINDINGS_COLUMNS`."""
+    from datasets import Value
+
+    return {"noise_hu": Value("float64"), "noise_severity": Value("string"), "streak_index": Value("float64"),
+            "streaks": Value("bool")}
+
+
+def check_item(item: Item, min_words: int) -> checks.CheckResult:
+    """The audit of an item's answer (:func:`checks.check_rationale` with the image's grounding)."""
+    res = item.result
+    assert res is not None
+    teacher_score = (res.parsed or {}).get("score")
+    return checks.check_rationale(res.rationale or "", item.score,
+                                  teacher_score if isinstance(teacher_score, (int, float)) else None,
+                                  min_words=min_words, grounding=(item.metadata or {}).get("grounding"))
+
+
 # --------------------------------------------------------------------------------------------------- teacher runs
 @dataclass
 class RunStats:
@@ -138,6 +184,13 @@ class RunStats:
     usage_new: Usage = field(default_factory=Usage)
     batch_new: int = 0
     new_results: list[CallResult] = field(default_factory=list, repr=False)
+    reasked: int = 0
+
+    def __add__(self, other: RunStats) -> RunStats:
+        return RunStats(self.cached_ok + other.cached_ok, self.cached_failed + other.cached_failed,
+                        self.called + other.called, self.new_ok + other.new_ok, self.new_failed + other.new_failed,
+                        self.usage_new + other.usage_new, self.batch_new + other.batch_new,
+                        self.new_results + other.new_results, self.reasked + other.reasked)
 
 
 def triage(items: list[Item], teacher: Teacher, cache: AnswerCache | None, stats: RunStats, *,
@@ -312,10 +365,7 @@ def assemble(items: list[Item], fmt: str, teacher_id: str, synthetic: bool, rati
         if res is None or not res.ok:
             item.status = "failed"
             continue
-        teacher_score = (res.parsed or {}).get("score")
-        item.check = checks.check_rationale(res.rationale or "", item.score,
-                                            teacher_score if isinstance(teacher_score, (int, float)) else None,
-                                            min_words=min_words)
+        item.check = check_item(item, min_words)
         if not item.check.ok:
             item.status = "rejected"
             continue
@@ -331,8 +381,8 @@ def to_dataset(rows: dict[str, list[dict[str, Any]]], feats: Any) -> Any:
     return DatasetDict({s: Dataset.from_list(r, features=feats) for s, r in rows.items()})
 
 
-AUDIT_COLUMNS = ("id", "split", "score", "status", "reasons", "evidence", "failure", "finish_reason", "attempts",
-                 "words", *checks.ARTIFACT_TERMS)
+AUDIT_COLUMNS = ("id", "split", "score", "status", "reasons", "evidence", "flags", "reasked", "failure",
+                 "finish_reason", "attempts", "words", *checks.ARTIFACT_TERMS)
 
 
 def audit_csv(items: list[Item]) -> str:
@@ -346,6 +396,7 @@ def audit_csv(items: list[Item]) -> str:
         w.writerow({
             "id": it.id, "split": it.split, "score": it.score, "status": it.status,
             "reasons": ";".join(chk.reasons) if chk else "", "evidence": " | ".join(chk.evidence) if chk else "",
+            "flags": ";".join(chk.flags) if chk else "", "reasked": len(it.previous),
             "failure": (res.error or "") if res is not None and not res.ok else "",
             "finish_reason": (res.finish_reason or "") if res else "", "attempts": res.attempts if res else "",
             "words": chk.words if chk else "", **{t: (chk.terms[t] if chk else "") for t in checks.ARTIFACT_TERMS},
@@ -515,6 +566,7 @@ class BuildOptions:
     batch: bool = False
     batch_poll_s: float = 30.0
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    reask: int = 0
 
 
 @dataclass
@@ -546,6 +598,8 @@ def check_options(opts: BuildOptions) -> None:
                         ("--batch-poll", opts.batch_poll_s), ("--max-shard-mb", opts.max_shard_bytes)):
         if value is not None and not value > 0:
             raise CTIQAError(f"{flag} must be positive, got {value}")
+    if opts.reask < 0:
+        raise CTIQAError(f"--reask must be 0 or more, got {opts.reask}")
     if opts.format not in prompts.TARGET_FORMATS:
         raise CTIQAError(f"unknown --format {opts.format!r}; choose one of {', '.join(prompts.TARGET_FORMATS)}")
     if opts.batch and opts.teacher != "gemini":
@@ -602,6 +656,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
                 f"for every image; {len(no_md)} image(s) have none (e.g. {no_md[0]}): real LDCTIQA needs "
                 "--teacher gemini or --teacher openai")
     render_items(data, items, opts.encoding, progress=opts.progress)
+    n_measured = measure_items(items)
 
     stats = RunStats()
     teacher_id = NO_TEACHER
@@ -617,7 +672,8 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
             cache = AnswerCache(cache_path)
             print(f"answer cache: {cache_path}", file=sys.stderr)
         try:
-            stats = asyncio.run(_annotate_and_close(asked, teacher, cache, cache_path, opts, prompts.PROMPT_VERSION))
+            stats = asyncio.run(_annotate_and_close(asked, teacher, cache, cache_path, opts,
+                                                    f"{prompts.PROMPT_VERSION}+{GROUNDING_VERSION}"))
         finally:
             if cache is not None:
                 cache.close()
@@ -627,8 +683,8 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
     terms = {t: sum(1 for it in kept if it.check and it.check.terms[t]) for t in checks.ARTIFACT_TERMS}
     rejections = Counter(r for it in items if it.status == "rejected" and it.check for r in it.check.reasons)
     failures = Counter((it.result.reason if it.result else "not_asked") for it in items if it.status == "failed")
-    answers = [it.result for it in items if it.split in rationale_splits and it.result is not None] \
-        if needs_teacher else []
+    answers = [r for it in items if it.split in rationale_splits and it.result is not None
+               for r in (*it.previous, it.result)] if needs_teacher else []
     usage = sum((r.usage for r in answers), Usage())
     price = _price(opts, teacher_id)
     prov = {
@@ -640,6 +696,11 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
         "rationale_splits": list(rationale_splits) if needs_teacher else [],
         "status": dict(Counter(it.status for it in items)), "rejections": dict(rejections),
         "failures": dict(failures), "terms": terms, "n_rationales": len(kept),
+        "grounding": {"measured": n_measured, "reasked": sum(1 for it in items if it.previous),
+                      "reasked_kept": sum(1 for it in kept if it.previous), "max_reasks": opts.reask,
+                      "flags": dict(Counter(f.split(":")[0] for it in kept if it.check for f in it.check.flags)),
+                      "unverified_artifacts": dict(Counter(f.split(": ")[1] for it in kept if it.check
+                                                           for f in it.check.flags if ": " in f))},
         "usage": {"prompt_tokens": usage.prompt_tokens, "output_tokens": usage.output_tokens,
                   "thoughts_tokens": usage.thoughts_tokens, "cost_usd": _cost(answers, price),
                   "batch_answers": sum(1 for r in answers if r.batch)},
@@ -655,7 +716,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
 
     from .card import make_card
 
-    dsd = to_dataset(rows, features(data.synthetic))
+    dsd = to_dataset(rows, features(data.synthetic, findings_features()))
     audit = audit_csv(items)
 
     def card_fn(card_data: Any) -> Any:
@@ -680,17 +741,42 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
 
 async def _annotate_and_close(items: list[Item], teacher: Teacher, cache: AnswerCache | None,
                               cache_path: Path | None, opts: BuildOptions, prompt_version: str) -> RunStats:
-    try:
+    """Ask the teacher for every item, then ask again (up to ``opts.reask`` rounds) the items whose answer the
+    audit rejects for a reason the teacher can fix (:data:`REASK_REASONS`), with the audit's evidence in the
+    prompt. Each round has its own cache keys (``...+reaskK``), so a re-run takes every round from the cache."""
+
+    async def run(todo: list[Item], pv: str) -> RunStats:
         if opts.batch:
             if cache is None or cache_path is None:
                 raise CTIQAError("--batch needs a remote teacher with an answer cache (--teacher gemini)")
             from .batch import job_log_path
 
-            return await annotate_batch(items, teacher, cache, job_log_path(cache_path),
-                                        retry_failed=opts.retry_failed, prompt_version=prompt_version,
+            return await annotate_batch(todo, teacher, cache, job_log_path(cache_path),
+                                        retry_failed=opts.retry_failed, prompt_version=pv,
                                         poll_s=opts.batch_poll_s, progress=opts.progress)
-        return await annotate(items, teacher, cache, concurrency=opts.concurrency, retry_failed=opts.retry_failed,
-                              prompt_version=prompt_version, progress=opts.progress)
+        return await annotate(todo, teacher, cache, concurrency=opts.concurrency, retry_failed=opts.retry_failed,
+                              prompt_version=pv, progress=opts.progress)
+
+    try:
+        stats = await run(items, prompt_version)
+        for k in range(1, (opts.reask if teacher.cacheable else 0) + 1):  # a template answers the same again
+            redo = []
+            for it in items:
+                if it.result is not None and it.result.ok:
+                    chk = check_item(it, opts.min_words)
+                    fixable = [e for r, e in zip(chk.reasons, chk.evidence, strict=True) if r in REASK_REASONS]
+                    if fixable:
+                        it.metadata = {**(it.metadata or {}), "feedback": "; ".join(fixable)}
+                        it.previous.append(it.result)
+                        redo.append(it)
+            if not redo:
+                break
+            print(f"asking again ({k}/{opts.reask}): {len(redo)} rationale(s) rejected for a fixable reason",
+                  file=sys.stderr)
+            more = await run(redo, f"{prompt_version}+reask{k}")
+            more.reasked = len(redo)
+            stats = stats + more
+        return stats
     finally:
         await teacher.aclose()
 
@@ -784,6 +870,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
       help="do not ask again for images whose cached answer failed (default: ask again)")
     a("--test-rationales", action="store_true", help="also ask the teacher for test images (not needed to evaluate)")
     a("--min-words", type=int, default=checks.MIN_WORDS, help=f"reject shorter rationales. Default: {checks.MIN_WORDS}")
+    a("--reask", type=int, default=2, help="ask a rejected rationale again with the reason (contradicts the measured "
+      "findings, unseen views, ...) up to this many times; cached and costed. Default: 2")
     a("--price-input", type=float, help="USD per 1M input tokens for the cost estimate")
     a("--price-output", type=float, help="USD per 1M output tokens (thinking included) for the cost estimate")
     a("--batch", action="store_true",
@@ -808,7 +896,7 @@ def cli_main(args: argparse.Namespace) -> int:
         temperature=args.temperature, timeout_s=args.timeout, max_attempts=args.max_attempts, limit=args.limit,
         retry_failed=args.retry_failed, test_rationales=args.test_rationales, min_words=args.min_words,
         price_input=args.price_input, price_output=args.price_output, progress=args.progress, batch=args.batch,
-        batch_poll_s=args.batch_poll, max_shard_bytes=int(args.max_shard_mb * 1e6))
+        batch_poll_s=args.batch_poll, max_shard_bytes=int(args.max_shard_mb * 1e6), reask=args.reask)
     try:
         build_dataset(opts)
     except EmptySplitError as e:

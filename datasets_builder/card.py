@@ -12,6 +12,8 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from ctiqa.vocabulary import OTHER_ARTIFACTS
+
 LICENSE_NOTE = (
     "**Licence: check it yourself.** The LDCTIQA 2023 data are described as CC BY-NC-SA 4.0 in some sources and "
     "CC BY 4.0 in others (Zenodo record 7833096 and the challenge pages disagree). This card therefore says "
@@ -59,6 +61,25 @@ def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def grounding_md(g: dict | None) -> str:
+    """The "Grounding" section: measured findings per row, re-asked rationales, flags of the kept ones."""
+    if not g:
+        return ""
+    flags = g.get("flags") or {}
+    unverified = g.get("unverified_artifacts") or {}
+    return (f"### Grounding in measured findings\n\n"
+            f"Every image was measured (ctiqa.findings: noise in HU and its class, a streak index and call; columns "
+            f"`noise_hu`, `noise_severity`, `streak_index`, `streaks`): {g.get('measured', 0)} measured. The teacher "
+            "prompt carries the measured noise (and, on simulated data, the simulator's streak truth: the measured "
+            "streak call is not validated) and asks for a report consistent with it; the audit rejects rationales "
+            "that contradict them (`contradicts_findings`: noise two bands off, streaks where none are). "
+            f"Rejected for a fixable reason and asked again with the reason (at most {g.get('max_reasks', 0)} "
+            f"times): {g.get('reasked', 0)}; of those kept: {g.get('reasked_kept', 0)}. Flags on kept rationales "
+            f"(not rejected): {', '.join(f'{k} {v}' for k, v in sorted(flags.items())) or 'none'}"
+            + (f"; unverifiable artifacts claimed: {', '.join(f'{k} {v}' for k, v in sorted(unverified.items()))}"
+               if unverified else "") + ".")
+
+
 def make_card(prov: dict[str, Any], yaml_sections: DatasetCardData) -> DatasetCard:
     """Build the dataset card.
 
@@ -102,7 +123,8 @@ def make_card(prov: dict[str, Any], yaml_sections: DatasetCardData) -> DatasetCa
     n_rat = prov.get("n_rationales", 0)
     terms = _table([(t, n, f"{100 * n / n_rat:.0f} %" if n_rat else "-") for t, n in prov["terms"].items()],
                    ("artifact term", "rationales mentioning it", "share")) if prov["terms"] else ""
-    absent = {t: n for t, n in prov["terms"].items() if t in ("metal", "ring", "motion", "beam_hardening") and n}
+    absent = {t: n for t, n in prov["terms"].items() if t in OTHER_ARTIFACTS and n}
+    grounding = grounding_md(prov.get("grounding"))
     usage = prov.get("usage") or {}
     cost = usage.get("cost_usd")
     enc = prov["encoding"]
@@ -163,6 +185,8 @@ Per-image details: `audit.csv` next to this card.
 {terms}
 
 {f"Mentions of artifacts this data does not contain (likely hallucinated): {absent}." if absent else ""}
+
+{grounding}
 
 ## Limitations
 

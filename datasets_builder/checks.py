@@ -22,6 +22,15 @@ Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
     negation (no, not, without, free of, absence of, rather than, nor) does not count ("no severe streaks").
 ``teacher_score_mismatch``
     the teacher's JSON ``score`` differs from the true score by more than 0.05 (it ignored the instruction).
+``contradicts_findings``
+    (with ``grounding``, :func:`ctiqa.findings.grounding`) the rationale's claims
+    (:func:`ctiqa.explanations.extract_claims`) contradict the image: noise severity two or more bands from the
+    measured class, or streaks claimed where there are none (simulator truth; the measured streak call is not
+    validated, so on real data streak claims are only flagged).
+
+Flags (kept rows, counted in the card): ``unverified_artifact: NAME`` for ring, motion, metal or beam hardening
+claimed as present (LDCTIQA and the simulator add none: unverifiable, not wrong); ``unverified_streaks`` for
+streaks claimed where nothing trustworthy is known about them.
 
 Artifact terms (:data:`ARTIFACT_TERMS`) are counted per rationale for the audit: noise, streak, metal, ring,
 motion, beam hardening, blur. LDCTIQA and the simulator only have noise and streaks (design.md §3); metal, ring,
@@ -121,6 +130,7 @@ class CheckResult:
     reasons: list[str] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)
     terms: dict[str, int] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -137,7 +147,7 @@ def artifact_counts(text: str) -> dict[str, int]:
 
 
 def check_rationale(text: str, score: float, teacher_score: float | None = None,
-                    min_words: int = MIN_WORDS) -> CheckResult:
+                    min_words: int = MIN_WORDS, grounding: dict | None = None) -> CheckResult:
     """Clean ``text`` and apply the rubric of the module docstring.
 
     Args:
@@ -145,6 +155,7 @@ def check_rationale(text: str, score: float, teacher_score: float | None = None,
         score: the true score (0-4).
         teacher_score: the score the teacher echoed in its JSON (None: not checked).
         min_words: ``too_short`` threshold.
+        grounding: :func:`ctiqa.findings.grounding` of the image (None: no ``contradicts_findings`` check).
     """
     clean = clean_rationale(text or "")
     res = CheckResult(text=clean, terms=artifact_counts(clean))
@@ -165,4 +176,18 @@ def check_rationale(text: str, score: float, teacher_score: float | None = None,
         reject("contradicts_score", found)
     if teacher_score is not None and abs(float(teacher_score) - float(score)) > SCORE_TOLERANCE:
         reject("teacher_score_mismatch", [f"teacher said {teacher_score}, true {score}"])
+    from ctiqa.explanations import findings_check
+
+    g = grounding or {}
+    fc = findings_check(clean, {"noise_severity": g.get("noise_severity"), "streaks": g.get("streaks")})
+    found = []
+    if fc["noise_contradicts"]:
+        found.append(f"noise claimed {fc['claims']['noise']}, measured {fc['noise_measured']}")
+    if fc["streaks_contradict"]:
+        found.append("streaks claimed, none in the image")
+    if found:
+        reject("contradicts_findings", found)
+    if fc["claims"]["streaks"] not in (None, "absent") and g.get("streaks") is None:
+        res.flags.append("unverified_streaks")
+    res.flags += [f"unverified_artifact: {a}" for a in fc["unverified"]]
     return res

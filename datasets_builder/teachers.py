@@ -19,6 +19,7 @@ from PIL import Image
 
 from ctiqa import CTIQAError
 from ctiqa.clients import CallResult, ClientConfigError, GeminiClient, OpenAICompatClient, RetryPolicy
+from ctiqa.vocabulary import SEVERITIES, noise_severity
 
 
 class Teacher(Protocol):
@@ -65,10 +66,14 @@ class LLMTeacher:
         self.model_id = model_id or client.model
 
     def request(self, score: float, metadata: dict[str, Any] | None = None) -> TeacherRequest:
-        """The prompt, system text and schema for an image whose true score is ``score`` (0-4)."""
+        """The prompt, system text and schema for an image whose true score is ``score`` (0-4); ``metadata``
+        may carry ``grounding`` (the measured findings, :func:`ctiqa.findings.grounding`) and ``feedback`` (why
+        the previous answer was rejected), both put into the prompt (:func:`ctiqa.prompts.teacher_prompt`)."""
         from ctiqa.prompts import TEACHER_RESPONSE_SCHEMA, TEACHER_SYSTEM, teacher_prompt
 
-        return TeacherRequest(teacher_prompt(score), TEACHER_SYSTEM, TEACHER_RESPONSE_SCHEMA)
+        md = metadata or {}
+        return TeacherRequest(teacher_prompt(score, md.get("grounding"), md.get("feedback")), TEACHER_SYSTEM,
+                              TEACHER_RESPONSE_SCHEMA)
 
     @staticmethod
     def accept(result: CallResult) -> CallResult:
@@ -88,8 +93,9 @@ class LLMTeacher:
 class TemplateTeacher:
     """Offline teacher for SIMULATED data: writes a short rationale (about 30-60 words) from the known degradation.
 
-    Noise wording follows the expected quantum-noise standard deviation of the level (``noise_sigma_hu`` from
-    degradations.json, else :func:`ctiqa.simulation.expected_noise_hu`, the simulator's calibration),
+    Noise wording follows the MEASURED noise class of the image (``metadata["grounding"]``, ctiqa.findings: the
+    same grounding a real teacher is given) when present, else the expected quantum-noise standard deviation of
+    the level (``noise_sigma_hu`` from degradations.json, else :func:`ctiqa.simulation.expected_noise_hu`);
     streak wording the number of projection views, edge and low-contrast wording and the verdict the score.
     Synonyms and sentence order are drawn from a RNG seeded by (``seed``, score, dose, views), so the text is
     reproducible but varied. Wording is anatomy-neutral (simulated base slices are head, chest, spine and
@@ -110,13 +116,12 @@ class TemplateTeacher:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    # (upper bound of noise sigma in HU, phrases)
+    # phrases per noise class of ctiqa.vocabulary.SEVERITIES (none, mild, moderate, severe; bands NOISE_BANDS_HU)
     _NOISE = [
-        (17.0, ["Image noise is minimal", "Noise is low and fine-grained", "Only faint quantum mottle is present"]),
-        (32.0, ["Mild noise is visible", "A mild, fine noise texture is present", "Noise is mild but noticeable"]),
-        (60.0, ["Moderate grainy noise is present", "Noise is moderate and grainy",
-                "A moderate mottled noise texture is present"]),
-        (float("inf"), ["Heavy coarse noise dominates", "Noise is heavy and coarse", "Strong grainy mottle is present"]),
+        ["Image noise is minimal", "Noise is low and fine-grained", "Only minimal quantum mottle is present"],
+        ["Mild noise is visible", "A mild, fine noise texture is present", "Noise is mild but noticeable"],
+        ["Moderate grainy noise is present", "Noise is moderate and grainy", "A moderate mottled noise texture is present"],
+        ["Heavy coarse noise dominates", "Noise is heavy and coarse", "Strong grainy mottle is present"],
     ]
     # (lower bound of views, phrases)
     _STREAK = [
@@ -168,7 +173,9 @@ class TemplateTeacher:
             sigma = expected_noise_hu(dose, views)
         sigma = float(sigma)
         rng = random.Random(f"{self.seed}|{score:.3f}|{dose:.4f}|{views}")
-        noise = rng.choice(next(p for hi, p in self._NOISE if sigma < hi))
+        # grounded: the measured class of the image, as a real teacher is told; else the simulator's sigma
+        cls = (md.get("grounding") or {}).get("noise_severity") or noise_severity(sigma)
+        noise = rng.choice(self._NOISE[SEVERITIES.index(cls)])
         streak = rng.choice(next(p for lo, p in self._STREAK if views >= lo))
         _, edges, contrast = next(row for row in self._EDGES if score >= row[0] or row[0] == 0.0)
         verdict = rng.choice(next(p for lo, p in self._VERDICT if score >= lo or lo == 0.0))
