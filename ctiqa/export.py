@@ -166,12 +166,18 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
             if cfg is not None:
                 cfg.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         merged.save_pretrained(tmp)
-        source = adapter if _is_local(adapter) and any(
-            (Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")) else base
+        # the processor recipes/sft.py saved (and pushed) beside the adapter, else the base's
+        processor, source = None, base
+        if not _is_local(adapter) or any((Path(adapter) / f).exists()
+                                         for f in ("processor_config.json", "preprocessor_config.json")):
+            try:
+                processor, source = AutoProcessor.from_pretrained(adapter), adapter
+            except (OSError, ValueError):
+                processor = None
         try:
-            AutoProcessor.from_pretrained(source).save_pretrained(tmp)
+            (processor or AutoProcessor.from_pretrained(base)).save_pretrained(tmp)
         except (OSError, ValueError) as e:
-            raise CTIQAError(f"cannot load the processor of {source}: {e}") from e
+            raise CTIQAError(f"cannot load the processor of {base}: {e}") from e
         export = {**settings_out, "base_model": str(base), "base_weights": base_weights, "merge": "peft merge_and_unload",
                   "processor_from": str(source)}
         (tmp / TRAINING_SETTINGS_FILE).write_text(json.dumps({**(training or {}), "export": export}, indent=2) + "\n")
