@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
           f"can score on this criterion here; Spearman(n_views, sigma) = {stats.spearmanr(views, sig)[0]:.2f})")
     print(f"  noise estimate as a 'streak index': raw {auc(pos, np.log(est)[m]):.3f}, residual "
           f"{auc(pos, residual(np.log(est), sig)[m]):.3f}")
+    bal = (call[views < 256].mean() + (~call[views >= 512]).mean()) / 2
+    print(f"streaks: call (index >= {STREAK_THRESHOLD:g}) balanced accuracy n_views < 256 vs >= 512: {bal:.3f}")
     for lo, up in ((64, 128), (128, 256), (256, 512), (512, 1025)):
         mm = (views >= lo) & (views < up)
         if mm.any():
