@@ -1,4 +1,4 @@
-"""The model card written (and pushed) by ``recipes/sft.py``: a ``huggingface_hub.ModelCard``.
+"""The model card written (and pushed) by ``recipes/sft.py`` and ``recipes/grpo.py``: a ``huggingface_hub.ModelCard``.
 
 Metadata follows the Hub's conventions for a MedGemma adapter: ``base_model`` (a Hub id), ``library_name: peft``
 (``transformers`` for a fully trained model), ``pipeline_tag: image-text-to-text``, the base model's licence (MedGemma:
@@ -61,6 +61,8 @@ def model_card(
     train_metrics: dict[str, Any] | None = None,
     repo_id: str | None = None,
     encoding: str | None = None,
+    stage: str = "sft",
+    extra_settings: dict[str, Any] | None = None,
 ):
     """Build the model card of a ctiqa SFT run.
 
@@ -75,6 +77,9 @@ def model_card(
         repo_id: the Hub id the card will be pushed to (for the quick start); default ``training_args.hub_model_id``.
         encoding: render encoding of the training images (:data:`ctiqa.imaging.ENCODINGS`); the quick start renders
             with it (default: soft-tissue, the encoding of models trained before it was recorded).
+        stage: ``sft`` (``recipes/sft.py``) or ``grpo`` (``recipes/grpo.py``, RL after SFT; ``training_args`` is
+            then a ``trl.GRPOConfig``).
+        extra_settings: more rows for the settings table (e.g. the GRPO rewards and their weights).
     Returns:
         ``huggingface_hub.ModelCard`` (``.save(path)`` writes README.md).
     """
@@ -88,7 +93,7 @@ def model_card(
         library_name="peft" if adapter else "transformers",
         pipeline_tag="image-text-to-text",
         datasets=[dataset] if _is_hub_id(dataset) else None,
-        tags=["medical", "ct", "image-quality-assessment", "trl", "sft", "ctiqa"] + (["lora", "qlora"] if adapter else []),
+        tags=["medical", "ct", "image-quality-assessment", "trl", "sft", "ctiqa"] + (["grpo"] if stage == "grpo" else []) + (["lora", "qlora"] if adapter else []),
         **(HAI_DEF_LICENSE if medgemma else {}),
     )
     hp = {
@@ -115,12 +120,13 @@ def model_card(
         "max grad norm": training_args.max_grad_norm,
         "weight decay": training_args.weight_decay,
         "gradient checkpointing": training_args.activation_checkpointing,
-        "max length": training_args.max_length,
+        "max length": getattr(training_args, "max_length", None),
         "image encoding": f"`{encoding}` (ctiqa.imaging.render)",
-        "loss": "completion only (target text + end of turn)",
+        "loss": "completion only (target text + end of turn)" if stage == "sft" else None,
         "model selection": (f"best {training_args.metric_for_best_model} on the validation split"
                             if training_args.load_best_model_at_end else "last step"),
         "seed": training_args.seed,
+        **(extra_settings or {}),
     }
     hp_table = "\n".join(f"| {k} | {v} |" for k, v in hp.items() if v is not None)
     train_line = ""
@@ -167,13 +173,17 @@ def model_card(
     licence_md = ("Use is governed by the base model's licence: the [Health AI Developer Foundations terms of use]"
                   f"({HAI_DEF_LICENSE['license_link']}).") if medgemma else \
         f"Use is governed by the licence of the base model ({base_model})."
+    recipe_md = ("Recipe: `recipes/sft.py` (TRL `SFTTrainer`), supervised on the assistant completion only."
+                 if stage == "sft" else
+                 "Recipe: `recipes/grpo.py` (TRL `GRPOTrainer`): reinforcement learning after SFT, rewards from "
+                 "`ctiqa.rewards` (score accuracy, format, faithfulness of the rationale to the image's findings).")
     content = f"""---
 {data.to_yaml()}
 ---
 
 # CT image quality grader (ctiqa)
 
-A vision-language model fine-tuned with ctiqa (`recipes/sft.py`) to rate the technical image quality of one
+A vision-language model fine-tuned with ctiqa (`recipes/{stage}.py`) to rate the technical image quality of one
 axial CT slice on the LDCTIQA 0-4 scale (0 bad, 1 poor, 2 fair, 3 good, 4 excellent) and explain the rating
 (noise, streaks, edge sharpness, low-contrast detectability). It answers `Score: <x.x>` first, then the reasoning.
 
@@ -206,7 +216,7 @@ other modalities, other body regions or windows than those trained on, artefacts
 
 ## Training
 
-Recipe: `recipes/sft.py` (TRL `SFTTrainer`), supervised on the assistant completion only.
+{recipe_md}
 
 | setting | value |
 |---|---|
