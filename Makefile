@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # On a GPU box install the project with your CUDA torch instead: `pip install -e .[dev]`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo demo-rl test lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m ctiqa.demo
+
+# GRPO after the demo's SFT (needs `make demo` first): runs/demo/rl/ and runs/demo/report-rl.md (SFT vs SFT + GRPO)
+demo-rl: install
+	$(PY) -m ctiqa.demo_rl
 
 test: install
 	$(PY) -m pytest -q

@@ -208,3 +208,17 @@ def test_resume_after_a_kill_restores_the_checkpoint_weights(sft_model, dataset_
     assert resumed.keys() == reference.keys()
     differ = [k for k in reference if not torch.equal(resumed[k], reference[k])]
     assert not differ, f"resumed run ends with other weights than an uninterrupted one: {differ[:5]}"
+
+
+def test_demo_rl_targets_say_which_are_met():
+    from ctiqa.demo_rl import targets
+
+    def res(fs, sev, srcc_p, srcc_t, mae):
+        return {"explanation_check": {"false_streak_rate": fs, "severity_match_rate": sev},
+                "metrics": {"probability": {"srcc": srcc_p, "mae": mae}, "parsed": {"srcc": srcc_t, "mae": mae}}}
+
+    rows = targets(res(0.59, 0.67, 0.926, 0.865, 0.60), res(0.08, 0.80, 0.930, 0.850, 0.40))
+    assert [(t.split(" ")[0], m) for t, _, _, m in rows] == [
+        ("false-streak", True), ("severity", False), ("SRCC", True), ("SRCC", False), ("MAE", True), ("MAE", True)]
+    assert rows[0][1:3] == ("0.590", "0.080")
+    assert targets({}, res(0.0, 1.0, 1.0, 1.0, 0.0))[0][3] is None  # a missing figure is not "met"
