@@ -6,7 +6,9 @@ Fits an L2-regularised logistic regression on the TRAIN split's image features t
 * ``log sigma only``: the truth's noise level (log of the expected quantum noise in HU) alone: in the simulator
   fewer views also mean more noise, so this is what a "streak" call can reach while knowing nothing of streaks;
 * ``features``: the mean-pooled vision-tower output (before the projector) and the projected image tokens;
-* ``features + log sigma``: what the features add beyond the noise level.
+* ``features + log sigma``: what the features add beyond the noise level;
+* ``residual``: the features' logit after removing what log sigma explains (a linear fit on the training split),
+  as the streak measure is judged in the findings issue: 0.5 = no streak information beyond the noise level.
 
 If ``features + log sigma`` is no better than ``log sigma only``, nothing trained on top of this vision tower can
 make streak claims that are true to the image beyond what the noise level implies.
@@ -86,11 +88,15 @@ def main() -> None:
     (f_tr, s_tr, y_tr), (f_va, s_va, y_va) = data["train"], data["validation"]
     print(f"model {args.model}; train {len(y_tr)} ({y_tr.sum()} with streaks), validation {len(y_va)} "
           f"({y_va.sum()} with streaks); streaks = n_views < {STREAK_VIEWS_BELOW}")
-    print(f"validation AUC, log sigma only:           {auc(fit_predict(s_tr, y_tr, s_va), y_va):.3f}")
+    print(f"validation AUC, log sigma only:             {auc(fit_predict(s_tr, y_tr, s_va), y_va):.3f}")
     for name in f_tr:
-        a = auc(fit_predict(f_tr[name], y_tr, f_va[name]), y_va)
+        logit_va = fit_predict(f_tr[name], y_tr, f_va[name])
+        logit_tr = fit_predict(f_tr[name], y_tr, f_tr[name])
         b = auc(fit_predict(np.hstack([f_tr[name], s_tr]), y_tr, np.hstack([f_va[name], s_va])), y_va)
-        print(f"validation AUC, {name:13s} features:   {a:.3f}   + log sigma: {b:.3f}   (dim {f_tr[name].shape[1]})")
+        coef = np.polyfit(s_tr[:, 0], logit_tr, 1)  # what log sigma explains of the logit, fitted on train
+        resid = auc(logit_va - np.polyval(coef, s_va[:, 0]), y_va)
+        print(f"validation AUC, {name:13s} features: {auc(logit_va, y_va):.3f}   + log sigma: {b:.3f}   "
+              f"residual: {resid:.3f}   (dim {f_tr[name].shape[1]})")
 
 
 if __name__ == "__main__":
