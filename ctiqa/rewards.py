@@ -21,9 +21,8 @@ logs each reward per step as ``rewards/<function name>/mean`` (TensorBoard), so 
 * :func:`ranking_reward`: across the whole batch, the fraction of pairs with another image whose order the parsed
   scores get right (VisualQuality-R1's idea; design notes §6). In [0, 1]; 0 when the strict parse fails.
 
-Severity classes are ordered ``none < mild < moderate < severe`` (:data:`SEVERITIES`); the bands that turn HU or
-view counts into classes live with the findings and the rubric (``ctiqa.findings``, ``ctiqa.explanations``), not
-here.
+Severity classes are ordered ``none < mild < moderate < severe`` (``ctiqa.vocabulary.SEVERITIES``); the bands that
+turn HU or view counts into classes live there too (shared with the findings, the rubric and the template teacher).
 """
 
 from __future__ import annotations
@@ -33,11 +32,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctiqa.scoring import parse_score_detailed
+from ctiqa.vocabulary import SEVERITIES
 
 #: Strict parse rules of :mod:`ctiqa.scoring` (the trained formats); any other rule is not the trained format.
 STRICT_RULES = ("strict-first", "strict-last")
-#: Ordered severity classes; ``none`` stands for "no degradation to speak of" (below the first band).
-SEVERITIES = ("none", "mild", "moderate", "severe")
 #: Default temperature of :func:`score_reward` in score units (0-4 scale); Q-Hawkeye uses 0.30.
 SCORE_TAU = 0.3
 #: :func:`format_reward` values.
@@ -249,30 +247,34 @@ REFERENCE_COLUMNS = ("noise_severity", "streaks", "streak_severity")
 
 
 def truth_reference(dose_fraction: float, n_views: int, noise_sigma_hu: float | None = None) -> dict[str, Any]:
-    """Reference findings from the simulator's truth (simulated data only): the classes the truth-based rubric
-    expects (``ctiqa.explanations.check_rationale``: noise from 17 HU in bands, streaks below 512 views in bands).
+    """Reference findings from the simulator's truth (simulated data only), in the bands of ``ctiqa.vocabulary``
+    (those of the truth-based rubric and the template teacher): noise from 17 HU, streaks below 512 views.
 
     Args:
         dose_fraction: tube-current fraction (0, 1]. n_views: projection views kept (of 1024).
-        noise_sigma_hu: the level's quantum noise in HU when known, else the simulator's expected value.
+        noise_sigma_hu: the level's quantum noise in HU when known, else ``ctiqa.simulation.expected_noise_hu``.
     Returns:
         ``{"noise_severity": "none"|"mild"|"moderate"|"severe", "streaks": bool, "streak_severity": str|None}``.
     """
-    from ctiqa.explanations import check_rationale
+    from ctiqa.simulation import expected_noise_hu
+    from ctiqa.vocabulary import noise_severity, streak_severity
 
-    c = check_rationale("", dose_fraction, n_views, noise_sigma_hu)
-    return {"noise_severity": c["noise_expected"] or "none", "streaks": bool(c["streaks_applied"]),
-            "streak_severity": c["streaks_expected"]}
+    sigma = expected_noise_hu(dose_fraction, n_views) if noise_sigma_hu is None else float(noise_sigma_hu)
+    streaks = streak_severity(int(n_views))
+    return {"noise_severity": noise_severity(sigma), "streaks": streaks != "none",
+            "streak_severity": None if streaks == "none" else streaks}
 
 
 def measured_reference(image: Any) -> dict[str, Any]:
-    """Reference findings measured on the image (any data): ``ctiqa.findings.measure_findings``; a measured streak
-    call has no severity.
+    """Reference findings measured on the image (any data; ``ctiqa.findings`` through
+    ``ctiqa.html_report.measure``, which reads a rendered RGB image's soft-tissue channel); a measured streak call
+    has no severity. An image too small to measure gives no reference (noise None, streaks False).
 
     Returns:
-        ``{"noise_severity": str, "streaks": bool, "streak_severity": None}``.
+        ``{"noise_severity": str|None, "streaks": bool, "streak_severity": None}``.
     """
-    from ctiqa.findings import measure_findings
+    from ctiqa.html_report import measure
 
-    row = measure_findings(image).to_row()
-    return {"noise_severity": row["noise_severity"], "streaks": bool(row["streaks"]), "streak_severity": None}
+    row = measure(image) or {}
+    return {"noise_severity": row.get("noise_severity"), "streaks": bool(row.get("streaks")),
+            "streak_severity": None}

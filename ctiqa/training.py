@@ -617,9 +617,10 @@ def trained_settings(model_args: Any, training_args: Any, *, adapter: bool, enco
 
 
 def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str | None, model_args: Any,
-                 eval_results: str | None, metrics: dict[str, Any]) -> None:
+                 eval_results: str | None, metrics: dict[str, Any], **card_kwargs: Any) -> None:
     """Save what a finished run leaves in ``output_dir``: the model or adapter + processor (all processes take part:
-    FSDP gathers), then on the main process the settings file, the model card (``README.md``) and ``DONE``."""
+    FSDP gathers), then on the main process the settings file, the model card (``README.md``) and ``DONE``.
+    ``card_kwargs`` go to :func:`ctiqa.cards.model_card` (``stage``, ``extra_settings``)."""
     from ctiqa.cards import model_card
     from ctiqa.model_settings import SETTINGS_FILE
 
@@ -634,7 +635,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     card = model_card(base_model=model_args.model_name_or_path, dataset=dataset_name, training_args=trainer.args,
                       model_args=model_args, adapter=bool(settings.adapter), encoding=settings.encoding,
                       eval_results=json.loads(results.read_text()) if results.is_file() else None,
-                      train_metrics=metrics)
+                      train_metrics=metrics, **card_kwargs)
     card.save(os.path.join(out, "README.md"))
     Path(out, DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("model, %s and card saved to %s", SETTINGS_FILE, out)

@@ -23,58 +23,42 @@ has ``dose_fraction`` and ``n_views`` columns, else measured). Training uses ``t
 when ``eval_strategy`` is not ``no``; ``test`` is never read here.
 
 Outputs in ``output_dir``: the adapter (when starting from an adapter or with ``use_peft``) or the full model, the
-processor, ``README.md`` (our model card), ``train_results.json``, ``trainer_state.json`` (rewards per step),
-``ctiqa_training.json`` (how the base was loaded, read by ``ctiqa evaluate --precision auto``), TensorBoard logs,
-checkpoints, and ``DONE``. A re-run with the same ``output_dir`` resumes from the last complete checkpoint.
+processor, ``README.md`` (our model card), ``ctiqa_training.json`` (how it was trained, read by ``ctiqa evaluate`` /
+``ctiqa predict``), ``ctiqa_run.json`` (what defines the run), ``train_results.json``, ``trainer_state.json``
+(rewards per step), TensorBoard logs, checkpoints, and ``DONE``. A re-run of the same run resumes from the last
+complete checkpoint with its weights; another run is refused there (``--overwrite_output_dir true`` starts over).
+Shared helpers (parsing, run guard, resume, model loading, NaN guard, settings, card, push): :mod:`ctiqa.training`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-import torch
-import transformers
-from datasets import load_dataset
-from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
+from transformers import set_seed
+from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft import last_complete_checkpoint, load_model  # noqa: E402  (shared with the SFT recipe)
-
-from ctiqa import rewards  # noqa: E402
+from ctiqa import CTIQAError, rewards, training
+from ctiqa.model_settings import dataset_encoding, read_settings
 
 logger = logging.getLogger("ctiqa.grpo")
 
-REPO = Path(__file__).resolve().parent.parent
 #: The recipe used when no --config is given.
-DEFAULT_RECIPE = REPO / "recipes" / "medgemma-4b-it" / "grpo" / "config_qlora.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "medgemma-4b-it" / "grpo" / "config_qlora.yaml"
 FINDINGS_SOURCES = ("auto", "truth", "measured")
+last_complete_checkpoint = training.last_complete_checkpoint
 
 
 @dataclass
-class ScriptArguments:
-    """Data, reward and bookkeeping arguments (training arguments are TRL's GRPOConfig, model ones ModelConfig)."""
+class ScriptArguments(training.ScriptArguments):
+    """TRL's script arguments, ctiqa's (``eval_results``, ``overwrite_output_dir``) and this script's: rewards,
+    reference findings, generation backend."""
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset id or local folder written by `ctiqa build-dataset` (Hub layout)."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag, commit)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(
-        default="validation",
-        metadata={"help": "Split evaluated during training when eval_strategy is set (never the test split)."},
-    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N training rows only (quick runs)."})
     reward_funcs: list[str] = field(
@@ -94,11 +78,6 @@ class ScriptArguments:
                 "transformers generate otherwise), on (use_vllm as set in GRPOConfig), off (transformers generate)."})
     base_model: str | None = field(default=None, metadata={
         "help": "Base model for an adapter given as model_name_or_path (default: the adapter's own base)."})
-    eval_results: str | None = field(
-        default=None,
-        metadata={"help": "results.json of `ctiqa evaluate` to put in the model card (default: "
-                          "<output_dir>/results.json when present)."},
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,7 +88,7 @@ def reward_functions(script_args: ScriptArguments) -> list:
     (``functools.partial``: TRL logs them under the function's own name).
 
     Raises:
-        ValueError: an unknown reward name.
+        CTIQAError: an unknown reward name.
     """
     params = {"score_reward": {"tau": script_args.score_tau},
               "faithfulness_reward": {"silence_cost": script_args.silence_cost,
@@ -117,7 +96,7 @@ def reward_functions(script_args: ScriptArguments) -> list:
     out = []
     for name in script_args.reward_funcs:
         if name not in rewards.REWARDS:
-            raise ValueError(f"unknown reward {name!r}; choose from {', '.join(rewards.REWARDS)}")
+            raise CTIQAError(f"unknown reward {name!r}; choose from {', '.join(rewards.REWARDS)}")
         out.append(functools.partial(rewards.REWARDS[name], **params.get(name, {})))
     return out
 
@@ -133,15 +112,15 @@ def add_reference_findings(dataset, source: str):
     Returns:
         (the dataset with the columns, the source used).
     Raises:
-        ValueError: unknown source, or ``truth`` on data without the simulator's columns.
+        CTIQAError: unknown source, or ``truth`` on data without the simulator's columns.
     """
     if source not in FINDINGS_SOURCES:
-        raise ValueError(f"findings {source!r}: choose one of {', '.join(FINDINGS_SOURCES)}")
+        raise CTIQAError(f"findings {source!r}: choose one of {', '.join(FINDINGS_SOURCES)}")
     has_truth = {"dose_fraction", "n_views"} <= set(dataset.column_names)
     if source == "auto":
         source = "truth" if has_truth else "measured"
     if source == "truth" and not has_truth:
-        raise ValueError("findings truth needs the simulator's dose_fraction and n_views columns (simulated data); "
+        raise CTIQAError("findings truth needs the simulator's dose_fraction and n_views columns (simulated data); "
                          "use --findings measured")
     present = set(rewards.REFERENCE_COLUMNS) & set(dataset.column_names)
     if source == "measured" and {"noise_severity", "streaks"} <= present:
@@ -170,8 +149,10 @@ def choose_generation(script_args: ScriptArguments, training_args: GRPOConfig, m
     """
     import importlib.util
 
+    import torch
+
     if script_args.vllm not in ("auto", "on", "off"):
-        raise ValueError(f"vllm {script_args.vllm!r}: choose auto, on or off")
+        raise CTIQAError(f"vllm {script_args.vllm!r}: choose auto, on or off")
     if script_args.vllm == "off":
         training_args.use_vllm = False
     elif script_args.vllm == "auto":
@@ -198,101 +179,81 @@ def adapter_base(path: str) -> str | None:
         return None
 
 
-def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_args: GRPOConfig):
-    """The policy to train and the LoRA config for the trainer (None when there is no new adapter).
+def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_args: GRPOConfig,
+                checkpoint: str | None):
+    """The policy to train, the LoRA config for the trainer (None when there is no new adapter), and the base the
+    output is used with.
 
-    ``model_name_or_path`` an adapter (the SFT output of a LoRA/QLoRA recipe): its base is loaded as the SFT recipe
-    loads it (4-bit when ``load_in_4bit``), the adapter on top with its weights trainable; no new adapter.
-    ``model_name_or_path`` a full model: loaded as the SFT recipe does; ``use_peft`` adds a new adapter.
+    ``model_name_or_path`` an adapter (the SFT output of a LoRA/QLoRA recipe): its base is loaded as
+    :func:`ctiqa.training.load_model` loads a model (4-bit when ``load_in_4bit``; the SFT run's settings file is
+    checked for the same choice), the adapter on top with its weights trainable; no new adapter. On resume the
+    Trainer restores the adapter from the checkpoint (checked by ``ctiqa.training.VerifyResumedWeights``).
+    ``model_name_or_path`` a full model: :func:`ctiqa.training.load_model` (from the checkpoint's weights when
+    resuming); ``use_peft`` adds a new adapter.
 
     Raises:
-        ValueError: an adapter together with ``use_peft`` (one adapter is trained, not two).
+        CTIQAError: an adapter together with ``use_peft`` (one adapter is trained, not two).
     """
     base = adapter_base(model_args.model_name_or_path)
     if base is None:
-        return load_model(model_args, training_args)
+        model, peft_config = training.load_model(model_args, training_args, checkpoint=checkpoint)
+        return model, peft_config, model_args.model_name_or_path
     if model_args.use_peft:
-        raise ValueError(f"{model_args.model_name_or_path} is a LoRA adapter: GRPO trains it further; set "
-                         "use_peft false (a second adapter on top is not supported)")
+        raise CTIQAError(f"{model_args.model_name_or_path} is a LoRA adapter: GRPO trains it further; set use_peft "
+                         "false (a second adapter on top is not supported)")
     from peft import PeftModel
 
     base = script_args.base_model or base
-    model, _ = load_model(dataclasses.replace(model_args, model_name_or_path=base, model_revision="main"),
-                          training_args)
+    sft = read_settings(model_args.model_name_or_path) if Path(model_args.model_name_or_path).is_dir() else None
+    if sft is not None and sft.load_in_4bit is not None and bool(sft.load_in_4bit) != bool(model_args.load_in_4bit):
+        logger.warning("the SFT adapter was trained on a %s base; this recipe loads it %s",
+                       "4-bit" if sft.load_in_4bit else "full-precision",
+                       "in 4 bit" if model_args.load_in_4bit else "in full precision")
+    model, _ = training.load_model(dataclasses.replace(model_args, model_name_or_path=base, model_revision="main",
+                                                       use_peft=False), training_args)
     model = PeftModel.from_pretrained(model, model_args.model_name_or_path, revision=model_args.model_revision,
                                       is_trainable=True)
-    return model, None
-
-
-def restore_full_model_weights(trainer, checkpoint: str) -> None:
-    """Load a full model's weights from ``checkpoint`` through ``from_pretrained``.
-
-    transformers 5 saves Gemma 3 checkpoints in the legacy key layout, and the Trainer's resume (a non-strict
-    ``load_state_dict``) then matches no key and keeps the initial weights with only a warning; ``from_pretrained``
-    converts the keys. Optimizer, scheduler and RNG states are still restored by the Trainer.
-    """
-    state = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=trainer.model.dtype).state_dict()
-    missing, unexpected = trainer.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]})")
-    logger.warning("restored the weights of %s through from_pretrained; a 'missing keys' warning from the "
-                   "Trainer's own reload below is expected (transformers 5 checkpoint key layout)", checkpoint)
+    return model, None, base
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
 def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
-    """Train with GRPO, save the adapter (or model) with its card, push when asked. See the module docstring."""
-    set_seed(training_args.seed)
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
+    """Train with GRPO, save the adapter (or model) with its settings and card, push when asked. See the module
+    docstring."""
+    training.setup_logging(training_args)
     logger.warning("process rank %s, device %s, world size %s, bf16 %s", training_args.process_index,
                    training_args.device, training_args.world_size, training_args.bf16)
-    logger.info("model arguments %s", model_args)
-    logger.info("script arguments %s", script_args)
-
-    if not script_args.dataset_name:
-        raise ValueError("no dataset: pass --dataset_name (Hub id or folder written by `ctiqa build-dataset`)")
+    logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
+    training.check_launch(model_args, training_args)
+    set_seed(training_args.seed)
     if not model_args.model_name_or_path:
-        raise ValueError("no model: pass --model_name_or_path (the SFT output folder or Hub id)")
+        raise CTIQAError("no model: pass --model_name_or_path (the SFT output folder or Hub id)")
     funcs = reward_functions(script_args)
-    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(funcs):
-        raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
-                         f"{len(funcs)} reward_funcs {script_args.reward_funcs}")
+    weights = training_args.reward_weights or [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise CTIQAError(f"reward_weights has {len(weights)} values for {len(funcs)} reward_funcs "
+                         f"{script_args.reward_funcs}")
     generation = choose_generation(script_args, training_args, model_args)
     logger.info("completions generated with %s", generation)
-    last_checkpoint = training_args.resume_from_checkpoint
-    if last_checkpoint is None:
-        last_checkpoint = last_complete_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.warning("checkpoint detected, resuming training at %s", last_checkpoint)
+    config = training.run_config(script_args, training_args, model_args) | {
+        "reward_funcs": list(script_args.reward_funcs), "reward_weights": list(weights),
+        "score_tau": script_args.score_tau, "silence_cost": script_args.silence_cost,
+        "unverified_cost": script_args.unverified_cost, "findings": script_args.findings,
+        "max_train_samples": script_args.max_train_samples}
+    checkpoint = training.prepare_output_dir(training_args.output_dir, config,
+                                             overwrite=script_args.overwrite_output_dir,
+                                             resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if checkpoint is not None:
+        logger.warning("checkpoint detected, resuming training at %s", checkpoint)
 
-    #######################
-    # Data and its findings
-    #######################
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
-                           revision=script_args.dataset_revision)
-    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
-        if split not in dataset:
-            raise ValueError(f"dataset {script_args.dataset_name}: no split {split!r} (has {list(dataset)})")
+    # Data: the SFT dataset's prompt + images (+ score, + reference findings for the faithfulness reward)
+    dataset = training.load_recipe_dataset(script_args, columns=("prompt", "images", "score"))
     train_dataset = dataset[script_args.dataset_train_split]
     if script_args.max_train_samples:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
     eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
-    missing = {"prompt", "images", "score"} - set(train_dataset.column_names)
-    if missing:
-        raise ValueError(f"dataset {script_args.dataset_name}: missing columns {sorted(missing)} "
-                         "(expected the output of `ctiqa build-dataset`)")
     findings_source = None
     if "faithfulness_reward" in script_args.reward_funcs:
         train_dataset, findings_source = add_reference_findings(train_dataset, script_args.findings)
@@ -300,121 +261,64 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
             eval_dataset, _ = add_reference_findings(eval_dataset, script_args.findings)
         logger.info("faithfulness reference findings: %s", findings_source)
 
-    ##################
-    # Model, processor
-    ##################
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                              trust_remote_code=training_args.trust_remote_code,
-                                              padding_side="left")
-    model, peft_config = load_policy(script_args, model_args, training_args)
-    is_adapter = peft_config is not None or hasattr(model, "peft_config")
-
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processor,
-        peft_config=peft_config,
-    )
+    # Model (from the checkpoint's weights when resuming a full model), processor (prompts padded on the left)
+    processor = training.load_processor(model_args, training_args)
+    processor.tokenizer.padding_side = "left"
+    model, peft_config, base = load_policy(script_args, model_args, training_args, checkpoint)
+    adapter = peft_config is not None or hasattr(model, "peft_config")
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=training_args, train_dataset=train_dataset,
+                          eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config,
+                          callbacks=training.training_callbacks(checkpoint))
     if trainer.accelerator.is_main_process and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
 
-    ###############
-    # Training loop
-    ###############
-    if last_checkpoint and not is_adapter:
-        restore_full_model_weights(trainer, last_checkpoint)
+    # Train
     logger.info("*** Train ***")
     t0 = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-    metrics = train_result.metrics
+    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     metrics["train_samples"] = len(train_dataset)
     metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    ##################################
-    # Save model and create model card
-    ##################################
+    # Save model, processor, settings and card; push once
     logger.info("*** Save model ***")
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(training_args.output_dir)
+    first = train_dataset[0]
+    settings = training.trained_settings(
+        dataclasses.replace(model_args, model_name_or_path=base), training_args, adapter=adapter,
+        encoding=dataset_encoding(script_args.dataset_name, script_args.dataset_revision),
+        target_format=first.get("target_format"), prompt_version=first.get("prompt_version"))
     if trainer.accelerator.is_main_process:
-        from ctiqa.cards import model_card
-
         processor.save_pretrained(training_args.output_dir)
-        base = adapter_base(model_args.model_name_or_path)
-        base = script_args.base_model or base or model_args.model_name_or_path
-        results = script_args.eval_results or os.path.join(training_args.output_dir, "results.json")
-        weights = training_args.reward_weights or [1.0] * len(funcs)
-        card = model_card(
-            base_model=base,
-            dataset=script_args.dataset_name,
-            training_args=training_args,
-            model_args=model_args,
-            adapter=is_adapter,
-            eval_results=json.loads(Path(results).read_text()) if Path(results).is_file() else None,
-            train_metrics=metrics,
-            stage="grpo",
-            extra_settings={
-                "started from (SFT output)": model_args.model_name_or_path,
-                "rewards (weight)": ", ".join(f"{n} ({w:g})" for n, w in zip(script_args.reward_funcs, weights,
-                                                                             strict=True)),
-                "faithfulness reference findings": findings_source,
-                "score reward tau": script_args.score_tau,
-                "generations per prompt / temperature": f"{training_args.num_generations} / "
-                                                        f"{training_args.temperature}",
-                "max completion tokens": training_args.max_completion_length,
-                "loss / beta (KL)": f"{training_args.loss_type} / {training_args.beta}",
-                "generation": generation,
-            },
-        )
-        card.save(os.path.join(training_args.output_dir, "README.md"))
-        Path(training_args.output_dir, "ctiqa_training.json").write_text(json.dumps({
-            "base_model": base, "adapter": is_adapter, "load_in_4bit": bool(model_args.load_in_4bit),
-            "bnb_4bit_quant_type": model_args.bnb_4bit_quant_type, "dtype": str(model_args.dtype),
-            "bf16": bool(training_args.bf16), "stage": "grpo", "started_from": model_args.model_name_or_path},
-            indent=2) + "\n")
-        Path(training_args.output_dir, "DONE").write_text(json.dumps(metrics, indent=2) + "\n")
-        logger.info("model and card saved to %s", training_args.output_dir)
-
+    training.save_outputs(trainer, settings=settings, dataset_name=script_args.dataset_name,
+                          model_args=dataclasses.replace(model_args, model_name_or_path=base),
+                          eval_results=script_args.eval_results, metrics=metrics, stage="grpo", extra_settings={
+                              "started from (SFT output)": model_args.model_name_or_path,
+                              "rewards (weight)": ", ".join(f"{n} ({w:g})" for n, w in
+                                                            zip(script_args.reward_funcs, weights, strict=True)),
+                              "faithfulness reference findings": findings_source,
+                              "score reward tau": script_args.score_tau,
+                              "generations per prompt / temperature": f"{training_args.num_generations} / "
+                                                                      f"{training_args.temperature}",
+                              "max completion tokens": training_args.max_completion_length,
+                              "loss / beta (KL)": f"{training_args.loss_type} / {training_args.beta}",
+                              "generation": generation})
     if push_to_hub and trainer.accelerator.is_main_process:
-        from huggingface_hub import HfApi
-
-        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-        api = HfApi()  # token from HF_TOKEN / `hf auth login`, never from the recipe
-        private = training_args.hub_private_repo is not False
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        ignore = ["checkpoint-*", "checkpoint-*/**", "runs/**", "DONE", "training_args.bin"]
-        if is_adapter:
-            ignore += ["model*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json"]
-        api.upload_folder(repo_id=repo_url.repo_id, folder_path=training_args.output_dir, ignore_patterns=ignore,
-                          commit_message="ctiqa GRPO: adapter, processor and model card")
-        logger.info("pushed to %s (private=%s)", repo_url, private)
-
-    multi_process = trainer.accelerator.num_processes > 1
-    if hasattr(trainer, "end"):
-        trainer.end()
-    if multi_process:  # see recipes/sft.py: gloo's process-group destructor can deadlock at exit
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        training.push_output(training_args, adapter=adapter,
+                             commit_message="ctiqa GRPO: adapter/model, processor, settings and model card")
+    training.finish(trainer)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, GRPOConfig, ModelConfig]:
-    """Parse ``argv`` (default ``sys.argv[1:]``) with TrlParser; without ``--config`` the MedGemma recipe is used."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_RECIPE), *argv]
-    parser = TrlParser((ScriptArguments, GRPOConfig, ModelConfig))
-    return parser.parse_args_and_config(argv)
+    """Parse ``argv`` (default ``sys.argv[1:]``); without ``--config`` the MedGemma recipe is used.
+
+    Raises:
+        ctiqa.CTIQAError: one line naming the recipe and what is wrong with it.
+    """
+    return training.parse_recipe((ScriptArguments, GRPOConfig, ModelConfig), argv, default_config=DEFAULT_RECIPE)
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = parse_args()
-    main(script_args, training_args, model_args)
+    sys.exit(training.main_guard(lambda: main(*parse_args())))
