@@ -19,7 +19,7 @@ from PIL import Image
 
 from ctiqa import CTIQAError
 from ctiqa.clients import CallResult, ClientConfigError, GeminiClient, OpenAICompatClient, RetryPolicy
-from ctiqa.vocabulary import SEVERITIES, noise_severity
+from ctiqa.vocabulary import SEVERITIES, noise_severity, streak_severity
 
 
 class Teacher(Protocol):
@@ -101,10 +101,10 @@ class TemplateTeacher:
     reproducible but varied. Wording is anatomy-neutral (simulated base slices are head, chest, spine and
     abdomen) and never mentions artifacts the simulation does not make (metal, rings, motion, beam hardening).
 
-    Thresholds, log-evenly spaced over the simulator's range (noise 9-114 HU, views 1024-64; design.md §4):
-    noise sigma < 17 / 32 / 60 HU -> minimal / mild / moderate, else heavy; views >= 512 / 256 / 128 -> no /
-    faint / moderate, else dense streaks. Score bands (LDCTIQA scale 0 bad ... 4 excellent): >= 3.5, >= 2.5,
-    >= 1.5, else.
+    Classes: the bands of :mod:`ctiqa.vocabulary` (noise none / mild / moderate / severe below 17 / 32 / 60 HU and
+    above; streaks none / mild / moderate / severe for views >= 512 / 256 / 128 and below), worded minimal / mild /
+    moderate / heavy noise and no / faint / moderate / dense streaks. Score bands (LDCTIQA scale 0 bad ...
+    4 excellent): >= 3.5, >= 2.5, >= 1.5, else.
 
     Raises (from ``explain`` / ``write``):
         CTIQAError: ``metadata`` lacks ``dose_fraction`` or ``n_views``: real data needs a real teacher.
@@ -123,14 +123,14 @@ class TemplateTeacher:
         ["Moderate grainy noise is present", "Noise is moderate and grainy", "A moderate mottled noise texture is present"],
         ["Heavy coarse noise dominates", "Noise is heavy and coarse", "Strong grainy mottle is present"],
     ]
-    # (lower bound of views, phrases)
+    # phrases per streak class of ctiqa.vocabulary.SEVERITIES (bands STREAK_BANDS_VIEWS: views >= 512 none)
     _STREAK = [
-        (512, ["no streak artifacts are seen", "there are no visible streaks", "streak artifacts are absent"]),
-        (256, ["faint streaks cross the field", "faint thin streaks are seen", "subtle streaking is present"]),
-        (128, ["moderate streaks radiate across the slice", "moderate streak artifacts cross the soft tissue",
-               "streaking of moderate intensity is visible"]),
-        (0, ["dense streaks radiate across the whole slice", "pronounced streak artifacts cross the image",
-             "strong streaking overlies the anatomy"]),
+        ["no streak artifacts are seen", "there are no visible streaks", "streak artifacts are absent"],
+        ["faint streaks cross the field", "faint thin streaks are seen", "subtle streaking is present"],
+        ["moderate streaks radiate across the slice", "moderate streak artifacts cross the soft tissue",
+         "streaking of moderate intensity is visible"],
+        ["dense streaks radiate across the whole slice", "pronounced streak artifacts cross the image",
+         "strong streaking overlies the anatomy"],
     ]
     # (lower bound of score, edge phrases, low-contrast phrases)
     _EDGES = [
@@ -176,7 +176,7 @@ class TemplateTeacher:
         # grounded: the measured class of the image, as a real teacher is told; else the simulator's sigma
         cls = (md.get("grounding") or {}).get("noise_severity") or noise_severity(sigma)
         noise = rng.choice(self._NOISE[SEVERITIES.index(cls)])
-        streak = rng.choice(next(p for lo, p in self._STREAK if views >= lo))
+        streak = rng.choice(self._STREAK[SEVERITIES.index(streak_severity(views))])
         _, edges, contrast = next(row for row in self._EDGES if score >= row[0] or row[0] == 0.0)
         verdict = rng.choice(next(p for lo, p in self._VERDICT if score >= lo or lo == 0.0))
         where = rng.choice(self._WHERE)

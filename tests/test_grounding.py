@@ -8,7 +8,7 @@ from datasets import load_dataset
 from test_datasets_builder import gemini_teacher, make_ldctiqa, read_audit
 
 from ctiqa import prompts
-from ctiqa.explanations import extract_claims
+from ctiqa.explanations import extract_claims, truth_rubric
 from ctiqa.testing.fake_gemini import FakeGemini, answer
 from datasets_builder import checks
 from datasets_builder.build import BuildOptions, build_dataset
@@ -109,3 +109,6 @@ def test_template_teacher_words_noise_from_measured_findings(tmp_path):
     for it in kept:
         claimed = extract_claims(it.check.text).noise
         assert {"absent": "none"}.get(claimed, claimed) == it.extra["noise_severity"], it.check.text
+        truth = truth_rubric(it.check.text, it.metadata["dose_fraction"], it.metadata["n_views"])
+        assert truth["streaks_named"] == truth["streaks_applied"] and truth["streaks_stated"] == truth[
+            "streaks_expected"], it.check.text
