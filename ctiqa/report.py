@@ -3,7 +3,7 @@
 Each folder holds ``results.json`` and ``predictions.jsonl``. Every score kind a folder has (``parsed``: read from
 the generated text; ``probability``: expected score from digit-token probabilities) becomes one row with SRCC,
 PLCC, KRCC, MAE and the LDCTIQA overall (|PLCC| + |SRCC| + |KRCC|), each with its 95 % bootstrap interval, the
-coverage (samples with a usable score / samples in the split) and the parse failures. When the rows did not score
+coverage (samples with a usable score / samples in the split) and the failures by cause. When the rows did not score
 the same ids (a ``--limit`` run, parse failures, a failed API call), a second table gives every row's metrics on
 the ids all rows scored, and the best row is named only from those: a row that scored half the ids is never
 called "highest SRCC" on its own easier half. Below, every row is compared with the first row by a paired
@@ -80,6 +80,7 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
             rows.append({
                 "name": name, "kind": kind, "dir": str(d), "metrics": m,
                 "n_split": (results.get("counts") or {}).get("n_split") or m.get("n"),
+                "failures": results.get("failures") if kind == "parsed" else None,
                 "dataset": results.get("dataset"), "split": results.get("split"),
                 "pairs": {str(r["id"]): (float(r["score"]), r.get(col)) for r in preds},
                 "explanation_check": results.get("explanation_check") if kind == kinds[0] else None,
@@ -110,6 +111,15 @@ def coverage(row: dict[str, Any]) -> str:
     return f"{n_valid} / {n_split} ({n_valid / n_split:.0%})"
 
 
+def failures(row: dict[str, Any]) -> str:
+    """Samples without a score, with their causes when known: ``"3 (1 connection, 2 no score)"``."""
+    n = row["metrics"].get("n_missing")
+    causes = {k: v for k, v in (row.get("failures") or {}).items() if v}
+    if not n or not causes:
+        return str(n)
+    return f"{n} (" + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in causes.items()) + ")"
+
+
 def compare(ref: dict[str, Any], row: dict[str, Any], n_bootstrap: int, seed: int) -> dict[str, Any]:
     """Paired bootstrap of SRCC(row) - SRCC(ref) on common ids with the same true score."""
     common = [i for i in ref["pairs"] if i in row["pairs"] and abs(ref["pairs"][i][0] - row["pairs"][i][0]) < 1e-6]
@@ -122,16 +132,17 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
     """The report as markdown: the metrics table, which row agrees best, the paired comparisons with the first
     row, explanation checks. (The reference scores are radiologists' on LDCTIQA, synthetic on simulated data.)"""
     lines = [f"# {title}", ""]
-    head = ["Model", "Score", "Scored / in split", "Parse failures", *(h for _, h in _METRICS)]
+    head = ["Model", "Score", "Scored / in split", "Failures", *(h for _, h in _METRICS)]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows:
         m = r["metrics"]
-        lines.append("| " + " | ".join([r["name"], r["kind"], coverage(r), str(m.get("n_missing")),
+        lines.append("| " + " | ".join([r["name"], r["kind"], coverage(r), failures(r),
                                         *(_cell(m, k) for k, _ in _METRICS)]) + " |")
     conf = rows[0]["metrics"].get("confidence", 0.95) if rows else 0.95
     lines += ["", f"Values with {conf:.0%} percentile-bootstrap intervals ({rows[0]['metrics'].get('n_bootstrap')} "
-              "resamples, seeded). Overall = |PLCC| + |SRCC| + |KRCC| (LDCTIQA 2023 challenge). Parse failures "
-              "are counted and left out of the metrics. parsed = score read from the generated text; "
+              "resamples, seeded). Overall = |PLCC| + |SRCC| + |KRCC| (LDCTIQA 2023 challenge). Failures (no "
+              "usable score: server not reached, API error, answer without a score, missing) are counted by cause "
+              "and left out of the metrics. parsed = score read from the generated text; "
               "probability = expected score from the digit-token probabilities." if rows else ""]
     common = common_ids(rows)
     same = all(r["metrics"].get("n_valid") == len(common) for r in rows)  # every row scored the same ids

@@ -303,7 +303,7 @@ def test_report_from_two_dirs(dataset, tmp_path, capsys):
     assert ctiqa_main(["report", *dirs, "--names", "Model A", "Model B", "--out", str(md),
                        "--bootstrap", "100"]) == 0
     text = md.read_text()
-    assert ("| Model | Score | Scored / in split | Parse failures | SRCC ↑ | PLCC ↑ | KRCC ↑ | MAE ↓ | Overall ↑ |"
+    assert ("| Model | Score | Scored / in split | Failures | SRCC ↑ | PLCC ↑ | KRCC ↑ | MAE ↓ | Overall ↑ |"
             in text)
     assert "| Model A | parsed | 6 / 6 (100%) | 0 |" in text and "| Model B | parsed | 6 / 6 (100%) | 0 |" in text
     assert "every row scored" not in text  # same ids: one table
@@ -334,7 +334,7 @@ def test_report_compares_rows_on_common_ids(dataset, tmp_path):
     md = tmp_path / "report.md"
     assert ctiqa_main(["report", *dirs, "--out", str(md), "--bootstrap", "0"]) == 0
     text = md.read_text()
-    assert "| A | parsed | 6 / 6 (100%) | 0 | 0.029 |" in text and "| B | parsed | 3 / 6 (50%) | 3 | 0.500 |" in text
+    assert "| A | parsed | 6 / 6 (100%) | 0 | 0.029 |" in text and "| B | parsed | 3 / 6 (50%) | 3 (3 missing) | 0.500 |" in text
     assert "## On the 3 ids every row scored" in text
     assert "| A | parsed | 3 | 1.000 |" in text and "| B | parsed | 3 | 0.500 |" in text
     assert "Highest SRCC on the 3 ids every row scored: **A** (parsed), 1.000." in text
@@ -513,3 +513,6 @@ def test_api_openai_zero_shot_counts_api_errors_apart_from_parse_failures(datase
     assert [r["parsed_score"] for r in rows] == [3.4, 2.6, None, 1.0, None, 1.0]
     assert rows[2]["error"].startswith("http_400") and rows[3]["error"] == "finish_reason: length"
     assert "1 API errors, 1 answers without a score" in capsys.readouterr().out
+    md = tmp_path / "report.md"
+    assert ctiqa_main(["report", str(out), "--out", str(md), "--bootstrap", "0"]) == 0
+    assert "| local-vlm (zero-shot) | parsed | 4 / 6 (67%) | 2 (1 api, 1 no score) |" in md.read_text()
