@@ -697,7 +697,8 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
         "status": dict(Counter(it.status for it in items)), "rejections": dict(rejections),
         "failures": dict(failures), "terms": terms, "n_rationales": len(kept),
         "grounding": {"measured": n_measured, "reasked": sum(1 for it in items if it.previous),
-                      "reasked_kept": sum(1 for it in kept if it.previous), "max_reasks": opts.reask,
+                      "reasked_kept": sum(1 for it in kept if it.previous),
+                      "max_reasks": opts.reask if needs_teacher and teacher is not None and teacher.cacheable else 0,
                       "flags": dict(Counter(f.split(":")[0] for it in kept if it.check for f in it.check.flags)),
                       "unverified_artifacts": dict(Counter(f.split(": ")[1] for it in kept if it.check
                                                            for f in it.check.flags if ": " in f))},
