@@ -326,8 +326,10 @@ def attach_findings(records: list[dict[str, Any]], images: dict[str, Any]) -> in
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def iter_images(inputs: list[str]) -> Any:
-    """Yield (id, CTImage or CTIQAError) for each image of the inputs: files (every frame), DICOM folders, and
-    LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the file stems)."""
+    """Yield (id, CTImage or CTIQAError) for each image of the inputs: files (id: the file stem, ``#N`` per frame),
+    LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the file stems) and DICOM series
+    folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for series k of several: exported
+    DICOM file names are often SOP Instance UIDs, so they stay out of the output)."""
     from ctiqa.imaging import read_dicom_folder
     from ctiqa.ldctiqa import load_ldctiqa
 
@@ -340,13 +342,15 @@ def iter_images(inputs: list[str]) -> Any:
                     yield i, ds.read(i)
                 except CTIQAError as e:
                     yield i, e
-        elif p.is_dir():
+        elif p.is_dir():  # a DICOM series: ids by position, never file names (often SOP Instance UIDs)
             errors: list[tuple[str, str]] = []
-            for series in read_dicom_folder(p, errors=errors):
-                for name, img in series:
-                    yield image_id(name), img
-            for name, msg in errors:
-                yield image_id(name), CTIQAError(msg)
+            found = read_dicom_folder(p, errors=errors)
+            for k, series in enumerate(found, start=1):
+                sid = f"{p.name}#{k}" if len(found) > 1 else p.name
+                for i, (_, img) in enumerate(series):
+                    yield f"{sid}/{i}", img
+            for i, (_, msg) in enumerate(errors):
+                yield f"{p.name}/unreadable-{i}", CTIQAError(msg)
         else:
             try:
                 for img in read_ct_frames(p):

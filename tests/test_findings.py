@@ -81,3 +81,18 @@ def test_report_faithfulness_section_says_no_rationale():
     assert "| VLM | 10 | 1.00 | 0.70 (0.90) | 0.80 | 0.50 | 0.10 | noise 0.80, streaks 0.60 |" in table
     assert "| noise-sigma | no rationale |" in table
     assert faithfulness_lines([{"name": "noise-sigma", "faithfulness": None}]) == []
+
+
+def test_cli_dicom_folder_ids_hide_file_names(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    series = tmp_path / "series"
+    series.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), series / "1.2.840.113619.2.1.dcm")  # a UID-like file name
+    out = tmp_path / "f.jsonl"
+    assert ctiqa_main(["findings", str(series), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["id"] == "series/0" and "1.2.840" not in out.read_text()
+    assert 5 < row["noise_hu"] < 20 and row["noise_severity"] == "none"  # a routine-dose slice
