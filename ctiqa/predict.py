@@ -205,6 +205,7 @@ class RowSink:
                 raise CTIQAError(f"--out {path}: holds rows of a run with other settings ("
                                  + ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
                                  + "); choose another --out")
+            _drop_cut_line(path)
             for r in self.read():
                 if r.get("skipped"):
                     self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
@@ -249,6 +250,23 @@ class RowSink:
                         yield json.loads(line)
                     except json.JSONDecodeError:
                         continue
+
+
+def _drop_cut_line(path: Path) -> None:
+    """A kill can leave the last row cut short (no newline): drop that fragment, so that it is neither read as a
+    row nor glued to the next one. Only called on a file this ctiqa predict run owns (its ``.run.json`` matched)."""
+    with open(path, "rb+") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        f.truncate(keep)
 
 
 def _from_csv(key: str, value: str | None) -> Any:

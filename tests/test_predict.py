@@ -192,6 +192,8 @@ def test_rows_stream_and_a_killed_run_resumes(tiny, tmp_path, monkeypatch, capsy
 
     kept = list(csv.DictReader(out.open()))
     assert [r["slice"] for r in kept if not r["skipped"]] == ["0", "1", "2", "3"] and calls == [2, 2]
+    with open(out, "a") as f:  # a kill in the middle of writing a row leaves a fragment
+        f.write(f"{folder},4,,2.3")
     calls = _count_backend(monkeypatch)
     assert main(args) == 0
     assert calls == [1]  # only slice 4 was scored again
