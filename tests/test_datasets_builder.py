@@ -603,9 +603,9 @@ def test_rebuild_into_our_own_folder_keeps_files_we_did_not_write(tmp_path):
     (["--limit", "-3"], "--limit must be positive"), (["--max-shard-mb", "0"], "--max-shard-mb must be positive"),
     (["--cache", "."], "is a folder"), (["--push-to-hub", "me/ds"], "needs a Hugging Face token")])
 def test_bad_options_refused_before_any_work(tmp_path, capsys, monkeypatch, args, message):
-    from ctiqa.cli import main
-
     from huggingface_hub import constants
+
+    from ctiqa.cli import main
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no stored token either
