@@ -34,7 +34,7 @@ CROP_PX = 128
 SEED = 0
 
 
-def _run(cmd: list[str]) -> float:
+def run_command(cmd: list[str]) -> float:
     """Run one command from the repo root; return its peak resident memory in MiB (its process tree's largest).
 
     Raises:
@@ -49,7 +49,7 @@ def _run(cmd: list[str]) -> float:
     return usage.ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _ctiqa(*args: str) -> list[str]:
+def ctiqa_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ctiqa.cli", *args]
 
 
@@ -76,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
             return
         print(f"\n[demo] === {name} ===", flush=True)
         t0 = time.perf_counter()
-        peak = max(_run(c) for c in cmds)
+        peak = max(run_command(c) for c in cmds)
         stages[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak, 1)}
         stages_file.write_text(json.dumps(stages, indent=2))
         print(f"[demo] {name}: {stages[name]['seconds']} s")
 
     stage("simulate", sim / "degradations.json",
-          [_ctiqa("simulate", "--out", str(sim), "--n-images", str(args.n_images), "--size", str(CROP_PX),
+          [ctiqa_command("simulate", "--out", str(sim), "--n-images", str(args.n_images), "--size", str(CROP_PX),
                   "--seed", str(SEED))])
-    stage("tiny-model", tiny / "config.json", [_ctiqa("tiny-model", "--out", str(tiny), "--seed", str(SEED))])
+    stage("tiny-model", tiny / "config.json", [ctiqa_command("tiny-model", "--out", str(tiny), "--seed", str(SEED))])
     stage("build-dataset", data / "README.md",
-          [_ctiqa("build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--split", "base-slice",
+          [ctiqa_command("build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--split", "base-slice",
                   "--seed", str(SEED), "--out", str(data))])
     stage("train", model / "DONE",
           [[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_cpu_threads_per_process", "1",
@@ -94,18 +94,18 @@ def main(argv: list[str] | None = None) -> int:
             "--dataset_name", str(data), "--output_dir", str(model)]])
     trained = model
     stage("evaluate-trained", out / "results.json",
-          [_ctiqa("evaluate", "--model", str(trained), "--dataset", str(data), "--split", "test", "--out", str(out))])
+          [ctiqa_command("evaluate", "--model", str(trained), "--dataset", str(data), "--split", "test", "--out", str(out))])
     stage("evaluate-untrained", out / "baselines" / "untrained" / "results.json",
-          [_ctiqa("evaluate", "--model", str(tiny), "--dataset", str(data), "--split", "test",
+          [ctiqa_command("evaluate", "--model", str(tiny), "--dataset", str(data), "--split", "test",
                   "--out", str(out / "baselines" / "untrained"))])
     noise_dir = out / "baselines" / "noise-sigma"
     stage("evaluate-noise-sigma", noise_dir / "results.json",
           [[sys.executable, "-m", "ctiqa.baselines", str(data), str(noise_dir / "predictions-input.jsonl")],
-           _ctiqa("evaluate", "--predictions", str(noise_dir / "predictions-input.jsonl"), "--dataset", str(data),
+           ctiqa_command("evaluate", "--predictions", str(noise_dir / "predictions-input.jsonl"), "--dataset", str(data),
                   "--split", "test", "--out", str(noise_dir))])
     report = out / "report.md"
     report.unlink(missing_ok=True)
-    _run(_ctiqa("report", str(out), str(out / "baselines" / "untrained"), str(noise_dir),
+    run_command(ctiqa_command("report", str(out), str(out / "baselines" / "untrained"), str(noise_dir),
                 "--names", "tiny VLM (fine-tuned)", "tiny VLM (untrained)", "noise-σ baseline",
                 "--out", str(report)))
     total = sum(v["seconds"] for v in stages.values())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.demo import REPO, _ctiqa, _run
+from ctiqa.demo import REPO, ctiqa_command, run_command
 
 RECIPE = "recipes/tiny/grpo/config_cpu.yaml"
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         print(f"\n[demo-rl] === {name} ===", flush=True)
         t0 = time.perf_counter()
-        peak = _run(cmd)
+        peak = run_command(cmd)
         stages[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak, 1)}
         stages_file.write_text(json.dumps(stages, indent=2))
         print(f"[demo-rl] {name}: {stages[name]['seconds']} s")
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
            "--num_cpu_threads_per_process", "2", "recipes/grpo.py", "--config", args.config,
            "--model_name_or_path", str(sft_model), "--dataset_name", str(data), "--output_dir", str(model)])
     stage("evaluate-grpo", rl / "results.json",
-          _ctiqa("evaluate", "--model", str(model), "--dataset", str(data), "--split", "test", "--out", str(rl)))
+          ctiqa_command("evaluate", "--model", str(model), "--dataset", str(data), "--split", "test", "--out", str(rl)))
     report = demo / "report-rl.md"
-    _run(_ctiqa("report", str(demo), str(rl), "--names", "tiny VLM (SFT)", "tiny VLM (SFT + GRPO)",
+    run_command(ctiqa_command("report", str(demo), str(rl), "--names", "tiny VLM (SFT)", "tiny VLM (SFT + GRPO)",
                 "--out", str(report)))
     rows = targets(json.loads((demo / "results.json").read_text()), json.loads((rl / "results.json").read_text()))
     lines = ["", "## Targets of the RL stage (test split; explanation figures: truth-based keyword rubric)", "",

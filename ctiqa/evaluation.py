@@ -162,7 +162,9 @@ def read_predictions_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------- records
-def _record(sample: Sample, **fields: Any) -> dict[str, Any]:
+def make_record(sample: Sample, **fields: Any) -> dict[str, Any]:
+    """One ``predictions.jsonl`` row: the sample's id and true score, every prediction field (None unless given
+    in ``fields``) and the sample's degradation metadata (dose fraction, views, noise sigma in HU)."""
     rec = {"id": sample.id, "score": sample.score, "parsed_score": None, "parse_rule": None, "prob_score": None,
            "prob_std": None, "prob_mass": None, "prob_decimal_mass": None, "prob_digits": None, "text": None}
     rec.update(fields)
@@ -170,7 +172,7 @@ def _record(sample: Sample, **fields: Any) -> dict[str, Any]:
     return rec
 
 
-def _run_key(settings: dict[str, Any]) -> str:
+def run_key(settings: dict[str, Any]) -> str:
     """Hash of the settings that change a row's content (``limit`` only selects rows, so it is left out)."""
     content = {k: v for k, v in settings.items() if k != "limit"}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -180,7 +182,7 @@ def _run_key(settings: dict[str, Any]) -> str:
 _RETRY_ERRORS = ("timeout", "connection_error", "http_")
 
 
-def _load_done(path: Path, key: str) -> dict[str, dict[str, Any]]:
+def load_done_rows(path: Path, key: str) -> dict[str, dict[str, Any]]:
     """Finished rows of an earlier run with the same settings (rows with a transient call error are not)."""
     done: dict[str, dict[str, Any]] = {}
     if not path.exists():
@@ -195,7 +197,7 @@ def _load_done(path: Path, key: str) -> dict[str, dict[str, Any]]:
     return done
 
 
-class _Appender:
+class PredictionsAppender:
     """Appends rows to ``predictions.jsonl`` as they are produced (flushed), keeping earlier rows of this run."""
 
     def __init__(self, path: Path, key: str, keep: Iterable[dict[str, Any]]):
@@ -218,7 +220,8 @@ class _Appender:
 
 
 # ---------------------------------------------------------------------------------------------------- sources
-def _progress(total: int, desc: str):
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr counting ``total`` images (use as a context manager)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
@@ -236,7 +239,7 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
     from ctiqa.inference import load_model, predict_images
 
     path = out / PREDICTIONS_FILE
-    done = _load_done(path, key)
+    done = load_done_rows(path, key)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"model": model, "adapter": adapter, "resumed_rows": len(samples) - len(todo)}
     if todo:
@@ -246,14 +249,14 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
             choose_encoding(dataset_encoding(dataset), lm.settings, source="but the dataset's images are")
         info.update(lm.describe())
         info["load_seconds"] = round(time.perf_counter() - t0, 2)
-        writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
+        writer = PredictionsAppender(path, key, [done[s.id] for s in samples if s.id in done])
         t0 = time.perf_counter()
-        with _progress(len(todo), "evaluate") as bar:
+        with progress_bar(len(todo), "evaluate") as bar:
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i:i + batch_size]
                 preds = predict_images(lm, [s.image for s in chunk], fmt=fmt, generate=not score_only,
                                        probability=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
-                rows = [_record(s, **p.to_dict()) for s, p in zip(chunk, preds, strict=True)]
+                rows = [make_record(s, **p.to_dict()) for s, p in zip(chunk, preds, strict=True)]
                 for r in rows:
                     done[r["id"]] = {**r, "run_key": key}
                 writer.write(rows)
@@ -309,7 +312,7 @@ def predict_with_api(samples: list[Sample], out: Path, *, api: str, model: str, 
     from ctiqa.scoring import parse_score_detailed
 
     path = out / PREDICTIONS_FILE
-    done = _load_done(path, key)
+    done = load_done_rows(path, key)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"model": model, "adapter": None, "api": api, "base_url": base_url, "temperature": 0.0,
                             "thinking_budget": thinking_budget if api == "gemini" else None,
@@ -317,17 +320,17 @@ def predict_with_api(samples: list[Sample], out: Path, *, api: str, model: str, 
     results: dict[str, dict[str, Any]] = {}
     if todo:
         client = client or api_client(api, model, base_url=base_url, thinking_budget=thinking_budget, retry=retry)
-        writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
+        writer = PredictionsAppender(path, key, [done[s.id] for s in samples if s.id in done])
         prompt = instruction(fmt)
 
         async def run_all() -> None:
             sem = asyncio.Semaphore(concurrency)
-            with _progress(len(todo), f"evaluate {model}") as bar:
+            with progress_bar(len(todo), f"evaluate {model}") as bar:
                 async def one(s: Sample) -> None:
                     async with sem:
                         res = await client.generate(s.image, prompt)
                     parsed = parse_score_detailed(res.text)  # a partial answer (MAX_TOKENS) is parsed too
-                    row = _record(s, text=res.text, parsed_score=parsed.value, parse_rule=parsed.rule,
+                    row = make_record(s, text=res.text, parsed_score=parsed.value, parse_rule=parsed.rule,
                                   finish_reason=res.finish_reason, error=res.error)
                     results[s.id] = {**row, "run_key": key}
                     writer.write([row])
@@ -378,17 +381,17 @@ def predictions_from_file(path: str | Path, samples: list[Sample] | None,
     for s in samples:
         r = by_id.get(s.id)
         if r is None:
-            out.append(_record(s, parse_rule="missing"))
+            out.append(make_record(s, parse_rule="missing"))
             continue
         if isinstance(r.get("score"), (int, float)) and abs(float(r["score"]) - s.score) > 1e-6:
             raise CTIQAError(f"{path}: id {s.id} has score {r['score']} but the dataset says {s.score}")
         if "prediction" in r:
             v = r["prediction"]
-            out.append(_record(s, parsed_score=None if v is None else float(v),
+            out.append(make_record(s, parsed_score=None if v is None else float(v),
                                parse_rule="given" if v is not None else "missing", text=r.get("text")))
         else:
             p = parse_score_detailed(r["text"])
-            out.append(_record(s, parsed_score=p.value, parse_rule=p.rule, text=r["text"]))
+            out.append(make_record(s, parsed_score=p.value, parse_rule=p.rule, text=r["text"]))
         for k in ("prob_score", "prob_std"):
             if isinstance(r.get(k), (int, float)):
                 out[-1][k] = float(r[k])
@@ -690,7 +693,7 @@ def cli_main(args: argparse.Namespace) -> int:
         settings = {"source": args.api, "model": model, "format": fmt, "prompt_version": PROMPT_VERSION,
                     "decoding": decoding, "dataset": args.dataset, "split": args.split, "limit": args.limit,
                     **({"base_url": args.base_url} if args.api != "gemini" else {})}
-        records, info = predict_with_api(samples, out, api=args.api, model=model, fmt=fmt, key=_run_key(settings),
+        records, info = predict_with_api(samples, out, api=args.api, model=model, fmt=fmt, key=run_key(settings),
                                          base_url=args.base_url, concurrency=args.concurrency,
                                          thinking_budget=args.thinking_budget)
         return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind=args.api,
@@ -704,7 +707,7 @@ def cli_main(args: argparse.Namespace) -> int:
     records, info = predict_with_model(samples, out, model=args.model, adapter=args.adapter, fmt=fmt,
                                        score_only=args.score_only, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.batch_size, precision=args.precision, device=args.device,
-                                       key=_run_key(settings), dataset=args.dataset)
+                                       key=run_key(settings), dataset=args.dataset)
     name = args.name or Path(str(args.adapter or args.model)).name
     return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info,
                  n_split=sizes.get("n_split"), samples=samples)

@@ -334,8 +334,18 @@ def generate_texts(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEFAULT
     return out
 
 
-def _from_distributions(p_int: list[float], p_dec: list[list[float]], mass: float,
-                        dec_mass: list[float]) -> ProbabilityScore:
+def score_from_distributions(p_int: list[float], p_dec: list[list[float]], mass: float,
+                             dec_mass: list[float]) -> ProbabilityScore:
+    """Combine digit distributions into a :class:`ProbabilityScore` (used in-process and by :mod:`ctiqa.serving`).
+
+    Args:
+        p_int: probabilities of the integer digits 0..4, renormalised (5 floats summing to 1).
+        p_dec: for each integer d = 0..3, the renormalised probabilities of the decimal digits 0..9 after ``d.``
+            (4 lists of 10 floats). mass: raw probability on ``0``-``4`` at the score position, in [0, 1].
+        dec_mass: raw probability on ``0``-``9`` after each ``d.`` (4 floats in [0, 1]).
+    Returns:
+        expected score clipped to [0, 4] with its standard deviation over the 41 values 0.0, 0.1, ..., 3.9, 4.
+    """
     values, probs = [], []
     for d in range(4):
         for e in range(10):
@@ -400,7 +410,7 @@ def probability_scores(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEF
             qj = q[j]
             dec_mass = qj.sum(-1)
             p_dec = [(qj[d] / dec_mass[d]).tolist() if dec_mass[d] > 0 else [0.1] * 10 for d in range(4)]
-            out.append(_from_distributions(p_int, p_dec, mass, dec_mass.tolist()))
+            out.append(score_from_distributions(p_int, p_dec, mass, dec_mass.tolist()))
     return out
 
 

@@ -15,7 +15,7 @@ at the token after ``Score: `` of the greedy answer (the same position and condi
 pass over ``prompt + "Score: "``), and the decimal distribution over ``0``-``9`` after each ``"d."`` (d = 0..3) from
 four one-token requests that continue an answer prefix ``Score: d.`` (vLLM ``continue_final_message``); both are
 renormalised over the digit tokens and combined by the same function as in-process
-(:func:`ctiqa.inference._from_distributions`). Digits outside the top 20 count as probability 0 (they hold less
+(:func:`ctiqa.inference.score_from_distributions`). Digits outside the top 20 count as probability 0 (they hold less
 than the 20th alternative each). With ``score_only`` the answer is cut after :data:`SCORE_ONLY_TOKENS` tokens.
 When the server returns no log-probabilities (``transformers serve`` ignores or refuses the fields), rows carry
 parsed scores only (with ``score_only``: parsed from the short answer) and :meth:`ServerScorer.describe`
@@ -225,7 +225,7 @@ class ServerScorer:
         return res
 
     async def _score_one(self, image: Any) -> dict[str, Any]:
-        from ctiqa.inference import ImagePrediction, _from_distributions
+        from ctiqa.inference import ImagePrediction, score_from_distributions
         from ctiqa.scoring import parse_score_detailed
 
         sha = await asyncio.to_thread(_image_sha256, image)
@@ -262,7 +262,7 @@ class ServerScorer:
                     q, m, _ = _digit_distribution(r.logprobs[0]["top"]) if r.logprobs else ([0.0] * 10, 0.0, 0)
                     p_dec.append([x / m for x in q] if m > 0 else [0.1] * 10)
                     dec_mass.append(m)
-                ps = _from_distributions([x / mass for x in p_int], p_dec, mass, dec_mass)
+                ps = score_from_distributions([x / mass for x in p_int], p_dec, mass, dec_mass)
                 pred.prob_score, pred.prob_std, pred.prob_mass = ps.score, ps.std, ps.mass
                 pred.prob_decimal_mass, pred.prob_digits = ps.decimal_mass, ps.p_digits
         return {**pred.to_dict(), **row}
@@ -281,19 +281,25 @@ def evaluate_with_server(samples: list[Any], out: Path, scorer: ServerScorer, *,
     Returns:
         (records in sample order, provenance: :meth:`ServerScorer.describe` + timing and resumed rows).
     """
-    from ctiqa.evaluation import PREDICTIONS_FILE, _Appender, _load_done, _progress, _record
+    from ctiqa.evaluation import (
+        PREDICTIONS_FILE,
+        PredictionsAppender,
+        load_done_rows,
+        make_record,
+        progress_bar,
+    )
 
     path = out / PREDICTIONS_FILE
-    done = _load_done(path, key)
+    done = load_done_rows(path, key)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"resumed_rows": len(samples) - len(todo)}
     if todo:
-        writer = _Appender(path, key, [done[s.id] for s in samples if s.id in done])
+        writer = PredictionsAppender(path, key, [done[s.id] for s in samples if s.id in done])
         t0 = time.perf_counter()
-        with _progress(len(todo), f"evaluate {scorer.model} @ {scorer.url}") as bar:
+        with progress_bar(len(todo), f"evaluate {scorer.model} @ {scorer.url}") as bar:
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i:i + batch_size]
-                rows = [_record(s, **p) for s, p in zip(chunk, scorer([s.image for s in chunk]), strict=True)]
+                rows = [make_record(s, **p) for s, p in zip(chunk, scorer([s.image for s in chunk]), strict=True)]
                 for r in rows:
                     done[r["id"]] = {**r, "run_key": key}
                 writer.write(rows)
@@ -311,7 +317,7 @@ def evaluate_cli(args: Any, samples: list[Any], fmt: str, out: Path) -> dict[str
     Raises:
         CTIQAError: ``--adapter`` or ``--teacher`` given with ``--server`` (serve a merged model: ``ctiqa export``).
     """
-    from ctiqa.evaluation import _run_key
+    from ctiqa.evaluation import run_key
 
     if getattr(args, "adapter", None):
         raise CTIQAError("--adapter cannot be sent to a server: merge it first (ctiqa export --adapter DIR --out "
@@ -326,7 +332,7 @@ def evaluate_cli(args: Any, samples: list[Any], fmt: str, out: Path) -> dict[str
                              "generate": not args.score_only, "probability_score": True},
                 "dataset": args.dataset, "split": args.split, "limit": args.limit}
     try:
-        records, info = evaluate_with_server(samples, out, scorer, key=_run_key(settings),
+        records, info = evaluate_with_server(samples, out, scorer, key=run_key(settings),
                                              batch_size=max(args.batch_size, 4 * args.concurrency))
     finally:
         scorer.close()
