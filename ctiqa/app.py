@@ -49,6 +49,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.imaging import ENCODINGS
+from ctiqa.model_settings import PRECISIONS
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
 #: Default port (Gradio's).
@@ -343,7 +344,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RGB encoding the model was trained with")
     parser.add_argument("--unit-is-hu", action="store_true",
                         help="treat [0,1] LDCTIQA-style images as W350/L40-windowed HU (for medgemma-3window)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "4bit"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from ctiqa.evaluation import RESULTS_FILE
+
 #: The checkout the demo runs in: the current folder (``make demo`` runs from the checkout root). The demo needs the
 #: checkout's ``recipes/``, so it refuses to start elsewhere (e.g. from a non-editable install).
 REPO = Path.cwd()
@@ -83,31 +85,31 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("simulate", sim / "degradations.json",
           [ctiqa_command("simulate", "--out", str(sim), "--n-images", str(args.n_images), "--size", str(CROP_PX),
-                  "--seed", str(SEED))])
+                         "--seed", str(SEED))])
     stage("tiny-model", tiny / "config.json", [ctiqa_command("tiny-model", "--out", str(tiny), "--seed", str(SEED))])
     stage("build-dataset", data / "README.md",
           [ctiqa_command("build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--split", "base-slice",
-                  "--seed", str(SEED), "--out", str(data))])
+                         "--seed", str(SEED), "--out", str(data))])
     stage("train", model / "DONE",
           [[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_cpu_threads_per_process", "1",
             "recipes/sft.py", "--config", args.config, "--model_name_or_path", str(tiny),
             "--dataset_name", str(data), "--output_dir", str(model)]])
     trained = model
-    stage("evaluate-trained", out / "results.json",
+    stage("evaluate-trained", out / RESULTS_FILE,
           [ctiqa_command("evaluate", "--model", str(trained), "--dataset", str(data), "--split", "test", "--out", str(out))])
-    stage("evaluate-untrained", out / "baselines" / "untrained" / "results.json",
+    stage("evaluate-untrained", out / "baselines" / "untrained" / RESULTS_FILE,
           [ctiqa_command("evaluate", "--model", str(tiny), "--dataset", str(data), "--split", "test",
-                  "--out", str(out / "baselines" / "untrained"))])
+                         "--out", str(out / "baselines" / "untrained"))])
     noise_dir = out / "baselines" / "noise-sigma"
-    stage("evaluate-noise-sigma", noise_dir / "results.json",
+    stage("evaluate-noise-sigma", noise_dir / RESULTS_FILE,
           [[sys.executable, "-m", "ctiqa.baselines", str(data), str(noise_dir / "predictions-input.jsonl")],
            ctiqa_command("evaluate", "--predictions", str(noise_dir / "predictions-input.jsonl"), "--dataset", str(data),
-                  "--split", "test", "--out", str(noise_dir))])
+                         "--split", "test", "--out", str(noise_dir))])
     report = out / "report.md"
     report.unlink(missing_ok=True)
     run_command(ctiqa_command("report", str(out), str(out / "baselines" / "untrained"), str(noise_dir),
-                "--names", "tiny VLM (fine-tuned)", "tiny VLM (untrained)", "noise-σ baseline",
-                "--out", str(report)))
+                              "--names", "tiny VLM (fine-tuned)", "tiny VLM (untrained)", "noise-σ baseline",
+                              "--out", str(report)))
     total = sum(v["seconds"] for v in stages.values())
     print("[demo] stage times (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in stages.items())
           + f"; total {total:.0f} s")

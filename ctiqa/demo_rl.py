@@ -23,6 +23,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.demo import REPO, ctiqa_command, run_command
+from ctiqa.evaluation import RESULTS_FILE
 
 RECIPE = "recipes/tiny/grpo/config_cpu.yaml"
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     demo: Path = args.demo
     sft_model, data, rl = demo / "model", demo / "dataset", demo / "rl"
-    for need in (sft_model / "DONE", data / "README.md", demo / "results.json"):
+    for need in (sft_model / "DONE", data / "README.md", demo / RESULTS_FILE):
         if not need.exists():
             raise CTIQAError(f"{need} is missing: run `make demo` first (demo-rl starts from its SFT model)")
     rl.mkdir(parents=True, exist_ok=True)
@@ -85,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
           [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
            "--num_cpu_threads_per_process", "2", "recipes/grpo.py", "--config", args.config,
            "--model_name_or_path", str(sft_model), "--dataset_name", str(data), "--output_dir", str(model)])
-    stage("evaluate-grpo", rl / "results.json",
+    stage("evaluate-grpo", rl / RESULTS_FILE,
           ctiqa_command("evaluate", "--model", str(model), "--dataset", str(data), "--split", "test", "--out", str(rl)))
     report = demo / "report-rl.md"
     run_command(ctiqa_command("report", str(demo), str(rl), "--names", "tiny VLM (SFT)", "tiny VLM (SFT + GRPO)",
-                "--out", str(report)))
-    rows = targets(json.loads((demo / "results.json").read_text()), json.loads((rl / "results.json").read_text()))
+                              "--out", str(report)))
+    rows = targets(json.loads((demo / RESULTS_FILE).read_text()), json.loads((rl / RESULTS_FILE).read_text()))
     lines = ["", "## Targets of the RL stage (test split; explanation figures: truth-based keyword rubric)", "",
              "| target | SFT | SFT + GRPO | met |", "|---|---|---|---|"]
     lines += [f"| {t} | {a} | {b} | {'n/a' if m is None else 'yes' if m else 'no'} |" for t, a, b, m in rows]

@@ -11,7 +11,7 @@ vLLM would silently score with a different model. The merged folder holds everyt
 What is written in ``--out``: the merged weights (``model.safetensors``, bf16 by default), ``config.json``,
 ``generation_config.json``, the processor (tokenizer, image processor, chat template; from the adapter folder
 when ``recipes/sft.py`` saved one there, else from the base), the adapter's recorded training settings
-(:data:`TRAINING_SETTINGS_FILE`, copied, with an ``export`` entry added saying what was merged into what), and
+(:data:`ctiqa.model_settings.SETTINGS_FILE`, copied, with an ``export`` entry added saying what was merged into what), and
 ``EXPORTED`` (the export settings, written last: a folder without it is an interrupted export).
 
 How the base is loaded before merging (``--base-weights``): ``original`` (the base checkpoint's weights) or
@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
+from ctiqa.model_settings import SETTINGS_FILE
 
-#: The settings ``recipes/sft.py`` records beside an adapter or model (how the base was loaded).
-TRAINING_SETTINGS_FILE = "ctiqa_training.json"
 #: Written last into an export folder; holds the export settings.
 DONE_FILE = "EXPORTED"
 DTYPES = ("bf16", "fp32")
@@ -47,13 +46,13 @@ def _is_local(name: str) -> bool:
 
 
 def read_training_settings(adapter: str) -> dict[str, Any] | None:
-    """The adapter's :data:`TRAINING_SETTINGS_FILE` (local folder or Hub repo), or None when it has none.
+    """The adapter's :data:`SETTINGS_FILE` (local folder or Hub repo), or None when it has none.
 
     Raises:
         CTIQAError: the file exists but is not a JSON object.
     """
     if _is_local(adapter):
-        path = Path(adapter).expanduser() / TRAINING_SETTINGS_FILE
+        path = Path(adapter).expanduser() / SETTINGS_FILE
         if not path.is_file():
             return None
     else:
@@ -61,7 +60,7 @@ def read_training_settings(adapter: str) -> dict[str, Any] | None:
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
-            path = Path(hf_hub_download(adapter, TRAINING_SETTINGS_FILE))
+            path = Path(hf_hub_download(adapter, SETTINGS_FILE))
         except EntryNotFoundError:
             return None
     try:
@@ -180,7 +179,7 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
             raise CTIQAError(f"cannot load the processor of {base}: {e}") from e
         export = {**settings_out, "base_model": str(base), "base_weights": base_weights, "merge": "peft merge_and_unload",
                   "processor_from": str(source)}
-        (tmp / TRAINING_SETTINGS_FILE).write_text(json.dumps({**(training or {}), "export": export}, indent=2) + "\n")
+        (tmp / SETTINGS_FILE).write_text(json.dumps({**(training or {}), "export": export}, indent=2) + "\n")
         (tmp / DONE_FILE).write_text(json.dumps(export, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)

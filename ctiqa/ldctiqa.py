@@ -45,6 +45,8 @@ LABEL_FILES: tuple[str, ...] = ("train.json", "test.json", "labels.json")
 IMAGE_DIRS: tuple[str, ...] = ("image", "images")
 RELEASE_DIRS: tuple[str, ...] = ("LDCTIQAG2023_train", "LDCTIQAC_test")
 TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
+#: Dataset split names, in order (the Hub's conventional names; every split method returns all three).
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
 #: Split methods of :func:`split_ids` (the ONE home of these names; ``ctiqa build-dataset --split`` imports them).
 #: ``"auto"`` picks one of the other three (:func:`resolve_split_method`).
 SPLIT_METHODS: tuple[str, ...] = ("auto", "paper", "stratified", "base-slice")
@@ -411,7 +413,7 @@ def paper_split() -> dict[str, list[str]]:
     """The BVM 2026 paper's 800/100/100 partition of the 1,000 LDCTIQA training ids (shipped package data)."""
     text = resources.files("ctiqa").joinpath("data/ldctiqa_paper_split.json").read_text(encoding="utf-8")
     data = json.loads(text)
-    return {k: sorted(data[k]) for k in ("train", "validation", "test")}
+    return {k: sorted(data[k]) for k in SPLITS}
 
 
 def _stratum(score: float) -> int:
@@ -501,7 +503,7 @@ def split_ids(ds: LDCTIQASet, method: str, seed: int = 0) -> dict[str, list[str]
         raise CTIQAError(f"{ds.root}: the {method} split needs a score for every image")
     if method == "stratified":
         parts = _stratified_cycle(ds.ids, ds.scores, seed, {0: "test", 1: "validation"}, "train")
-        return {k: parts[k] for k in ("train", "validation", "test")}
+        return {k: parts[k] for k in SPLITS}
     # base-slice
     deg = ds.root / DEGRADATIONS_FILE
     if not ds.test_base_slices:

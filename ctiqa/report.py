@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
+from ctiqa.evaluation import PREDICTIONS_FILE, RESULTS_FILE
 from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
 
 _COLUMNS = {"parsed": "parsed_score", "probability": "prob_score"}
@@ -34,7 +35,7 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
         CTIQAError: a file is missing or not valid JSON (names the file).
     """
     d = Path(path)
-    res_file, pred_file = d / "results.json", d / "predictions.jsonl"
+    res_file, pred_file = d / RESULTS_FILE, d / PREDICTIONS_FILE
     for f in (res_file, pred_file):
         if not f.is_file():
             raise CTIQAError(f"{d}: no {f.name} (is this a `ctiqa evaluate --out` folder?)")

@@ -622,6 +622,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     FSDP gathers), then on the main process the settings file, the model card (``README.md``) and ``DONE``.
     ``card_kwargs`` go to :func:`ctiqa.cards.model_card` (``stage``, ``extra_settings``)."""
     from ctiqa.cards import model_card
+    from ctiqa.evaluation import RESULTS_FILE
     from ctiqa.model_settings import SETTINGS_FILE
 
     out = trainer.args.output_dir
@@ -631,7 +632,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     if not trainer.accelerator.is_main_process:
         return
     write_settings(out, settings)
-    results = Path(eval_results or os.path.join(out, "results.json"))
+    results = Path(eval_results or os.path.join(out, RESULTS_FILE))
     card = model_card(base_model=model_args.model_name_or_path, dataset=dataset_name, training_args=trainer.args,
                       model_args=model_args, adapter=bool(settings.adapter), encoding=settings.encoding,
                       eval_results=json.loads(results.read_text()) if results.is_file() else None,

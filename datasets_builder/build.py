@@ -51,13 +51,12 @@ from ctiqa.clients import (
     png_bytes,
     price_for,
 )
-from ctiqa.ldctiqa import SPLIT_METHODS
+from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
 
 from . import checks
 from .cache import AnswerCache, cache_key, default_cache_path, image_sha256
 from .teachers import TEACHERS, Teacher, TemplateTeacher, make_teacher
 
-SPLITS = ("train", "validation", "test")
 NO_TEACHER = "none"
 #: Largest parquet shard, in bytes of Arrow data: ``datasets.config.MAX_SHARD_SIZE`` ("500MB"), push_to_hub's default.
 DEFAULT_MAX_SHARD_BYTES = 500_000_000

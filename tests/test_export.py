@@ -16,8 +16,9 @@ from sft_data import rows
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
-from ctiqa.export import DONE_FILE, TRAINING_SETTINGS_FILE, export_model
+from ctiqa.export import DONE_FILE, export_model
 from ctiqa.inference import load_model, predict_images
+from ctiqa.model_settings import SETTINGS_FILE
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,7 @@ def make_adapter(base: Path, out: Path, *, std: float = 0.03, seed: int = 0,
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     peft_model.save_pretrained(out)
     AutoProcessor.from_pretrained(base).save_pretrained(out)
-    (out / TRAINING_SETTINGS_FILE).write_text(json.dumps(training or {
+    (out / SETTINGS_FILE).write_text(json.dumps(training or {
         "base_model": str(base), "adapter": True, "load_in_4bit": False, "dtype": "float32"}))
     return out
 
@@ -82,7 +83,7 @@ def test_fp32_export_gives_identical_greedy_text_and_scores(trained, adapter, im
     key = next(k for k in merged if "vision_tower" in k and "q_proj.weight" in k)
     assert not torch.equal(merged[key], orig[key])
     assert not any("lora" in k for k in merged)
-    settings = json.loads((out / TRAINING_SETTINGS_FILE).read_text())
+    settings = json.loads((out / SETTINGS_FILE).read_text())
     assert settings["adapter"] is True and settings["export"]["base_weights"] == "original"
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
 
@@ -138,7 +139,7 @@ def test_bad_inputs_are_named_and_nothing_is_lost(trained, adapter, tmp_path, ca
 def test_push_to_hub_uploads_the_merged_folder(adapter, tmp_path, fake_hub):
     out = export_model(str(adapter), tmp_path / "merged", push_to_hub="me/ctiqa-merged")
     files = set(fake_hub.files("me/ctiqa-merged", "model"))
-    assert {"model.safetensors", "config.json", "tokenizer.json", TRAINING_SETTINGS_FILE, DONE_FILE} <= files
+    assert {"model.safetensors", "config.json", "tokenizer.json", SETTINGS_FILE, DONE_FILE} <= files
     assert fake_hub.repo("me/ctiqa-merged", "model").private
     assert out.is_dir()
 
