@@ -7,7 +7,7 @@
     ``.repo(id, repo_type)``, ``.files(id, repo_type)``, ``.dump(id, folder, repo_type)``, ``.requests``,
     ``.unknown``). Subprocesses inherit the environment variables.
 ``_private_ctiqa_cache`` (autouse): ``CTIQA_CACHE_DIR`` points at a fresh temporary folder for the session.
-``fake_gemini``: a started :class:`tests.fake_gemini.FakeGemini` (script empty: every answer is ``ok()``;
+``fake_gemini``: a started :class:`ctiqa.testing.fake_gemini.FakeGemini` (script empty: every answer is ``ok()``;
     call ``.set_script([...])``), with ``GEMINI_API_KEY`` set to a fake key.
 ``trained_tiny_model`` (session): the folder of a tiny Gemma 3 taught the answer format (tests/trained_tiny.py).
 """
@@ -21,8 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_gemini import FakeGemini  # noqa: E402
 from fake_hub import TOKEN, FakeHub  # noqa: E402
+
+from ctiqa.testing.fake_gemini import FakeGemini  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

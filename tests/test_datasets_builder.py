@@ -19,19 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from fake_gemini import (
-    OK_RATIONALE,
-    FakeGemini,
-    blocked,
-    empty_stop,
-    malformed_json,
-    max_tokens,
-    ok,
-    quota_zero,
-    rate_limited,
-    server_error,
-    status,
-)
 from PIL import Image
 
 from ctiqa import CTIQAError, prompts
@@ -43,6 +30,19 @@ from ctiqa.clients import (
     RetryPolicy,
     Usage,
     server_retry_delay,
+)
+from ctiqa.testing.fake_gemini import (
+    OK_RATIONALE,
+    FakeGemini,
+    blocked,
+    empty_stop,
+    malformed_json,
+    max_tokens,
+    ok,
+    quota_zero,
+    rate_limited,
+    server_error,
+    status,
 )
 from datasets_builder import checks
 from datasets_builder.build import BuildOptions, build_dataset

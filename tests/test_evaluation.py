@@ -344,11 +344,10 @@ def test_report_compares_rows_on_common_ids(dataset, tmp_path):
 # ------------------------------------------------------------------------------------------ Gemini zero-shot
 def test_gemini_zero_shot(fake_gemini, dataset, tmp_path, capsys):
     """Same student instruction (no true score), same parser; failures counted; a re-run asks only what is open."""
-    from fake_gemini import answer, blocked, server_error
-
     from ctiqa.clients import RetryPolicy
     from ctiqa.evaluation import load_samples, predict_with_api
     from ctiqa.prompts import instruction
+    from ctiqa.testing.fake_gemini import answer, blocked, server_error
 
     fake_gemini.set_script([
         answer("Of course. The image shows moderate noise.\n\n**Overall quality score: 2.5/4**"),
@@ -465,7 +464,7 @@ def test_no_usable_score_exits_nonzero_and_out_file_refused(dataset, tmp_path, c
 
 def _fake_openai(answers):
     """An OpenAI-compatible chat server answering the n-th request with answers[n] ((status, body) pairs)."""
-    from loopback import start_server
+    from ctiqa.testing.loopback import start_server
 
     requests = []
 
@@ -491,7 +490,7 @@ def _chat(content, finish="stop"):
 
 
 def test_api_openai_zero_shot_counts_api_errors_apart_from_parse_failures(dataset, tmp_path, capsys):
-    from loopback import stop_server
+    from ctiqa.testing.loopback import stop_server
 
     server, requests = _fake_openai([
         _chat('{"score": 3.4, "reasoning": "sharp edges"}'), _chat("Score: 2,6"),

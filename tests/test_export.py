@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sft_data import rows
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
 from ctiqa.export import DONE_FILE, export_model
 from ctiqa.inference import load_model, predict_images
 from ctiqa.model_settings import SETTINGS_FILE
+from ctiqa.testing.sft_data import rows
 
 
 @pytest.fixture(autouse=True)

@@ -17,12 +17,12 @@ import pytest
 from browser import browser_page
 from PIL import Image
 from pydicom.data import get_testdata_file
-from sft_data import write_dataset
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
 from ctiqa.html_report import evaluation_report, faithfulness_flags, predict_report
 from ctiqa.imaging import read_ct, render
+from ctiqa.testing.sft_data import write_dataset
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

@@ -1,6 +1,6 @@
 """``ctiqa evaluate/predict --server``: scoring through an OpenAI-compatible inference server.
 
-Two servers: a vLLM-like fake on 127.0.0.1 (tests/loopback.py) that answers from the real tiny model with token
+Two servers: a vLLM-like fake on 127.0.0.1 (ctiqa/testing/loopback.py) that answers from the real tiny model with token
 log-probabilities (greedy, raw logits, top 20; ``continue_final_message``), scripted to fail or stall; and a real
 ``transformers serve`` subprocess (marked slow: ~1 min to start on 2 cores) for the end-to-end check.
 """
@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loopback import start_server, stop_server
 from PIL import Image
-from sft_data import rows, write_dataset
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
 from ctiqa.inference import load_model, predict_images
 from ctiqa.serving import LOGPROB_ALTERNATIVES, ServerScorer
+from ctiqa.testing.loopback import start_server, stop_server
+from ctiqa.testing.sft_data import rows, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

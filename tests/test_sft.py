@@ -1,7 +1,7 @@
 """recipes/sft.py: supervision mask, example checks, recipes, QLoRA updates, end-to-end run + Hub push, resume, DDP.
 
 Everything runs for real on the CPU with the tiny Gemma 3 model (ctiqa.tiny) and a small dataset in the schema of
-``ctiqa build-dataset`` (tests/sft_data.py).
+``ctiqa build-dataset`` (ctiqa/testing/sft_data.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ctiqa import prompts, training
 from ctiqa.tiny import build_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sft_data import write_dataset  # noqa: E402
+from ctiqa.testing.sft_data import write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SFT = REPO / "recipes" / "sft.py"
@@ -257,8 +257,9 @@ def test_qlora_recipe_end_to_end_and_push(tiny, dataset_dir, tmp_path, fake_hub)
     assert "Not for clinical use" in card and "QLoRA" in card
 
     from peft import PeftModel
-    from sft_data import ct_like_image
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ctiqa.testing.sft_data import ct_like_image
 
     proc = AutoProcessor.from_pretrained(out)
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny), out).eval()

@@ -1,7 +1,7 @@
 """A tiny Gemma 3 taught the ctiqa answer format in a few seconds, for tests that need real-looking answers.
 
 :func:`train_tiny` builds the random tiny model (:func:`ctiqa.tiny.build_tiny_model`) and fine-tunes all its
-weights with a plain AdamW loop on a few examples of ``tests/sft_data.py`` (loss on the answer tokens only), until
+weights with a plain AdamW loop on a few examples of ``ctiqa/testing/sft_data.py`` (loss on the answer tokens only), until
 greedy answers read ``Score: d.d`` followed by a rationale, so parsed and probability scores are real numbers. Not
 the SFT recipe (tests/test_sft.py covers that): a stand-in for the demo's trained model that CI can make in seconds.
 """
