@@ -69,7 +69,7 @@ import argparse
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -731,42 +731,17 @@ def read_dicom_folder(
     Raises:
         CTIQAError: ``folder`` is not a folder; no readable slice in it; a bad file when ``errors`` is None.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise CTIQAError(f"{root}: not a folder")
-    files = sorted(root.rglob("*") if recursive else root.iterdir())
-    groups: dict[str, list[tuple[str, CTImage, float]]] = {}
-    for f in files:
-        rel = f.relative_to(root)
-        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
-            continue
-        try:
-            if not _is_dicom(f) and f.suffix != "":
-                raise CTIQAError(f"{f}: not a DICOM file")
-            ds = _read_dicom_dataset(f)
-            inst = ds.get("InstanceNumber")
-            try:
-                inst_num = float(inst) if inst not in (None, "") else math.inf
-            except (TypeError, ValueError):
-                inst_num = math.inf
-            frames = list(_iter_dicom_frames(f, ds=ds))  # all frames first: a bad frame skips the whole file
-            group = groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), [])
-            for img in frames:
-                group.append((str(rel) + img.source[len(str(f)):], img, inst_num))
-        except CTIQAError as e:
-            if errors is None:
-                raise
-            errors.append((str(f), str(e)))
-    if not groups:
-        raise CTIQAError(f"{root}: no readable DICOM slices in this folder")
-    out = []
-    for entries in sorted(groups.values(), key=lambda g: min(e[0] for e in g)):
-        if all(img.position is not None for _, img, _ in entries):
-            entries.sort(key=lambda e: (e[1].position, e[2], e[0]))
-        else:
-            entries.sort(key=lambda e: (e[2], e[0]))
-        out.append([(name, img) for name, img, _ in entries])
-    return out
+    def slices(f: Path, rel: Path) -> tuple[str, list[tuple[str, float | None, float, tuple[str, CTImage]]]]:
+        ds = _read_dicom_dataset(f)
+        inst_num = _instance_number(ds)
+        frames = list(_iter_dicom_frames(f, ds=ds))  # all frames first: a bad frame skips the whole file
+        entries = []
+        for img in frames:
+            name = str(rel) + img.source[len(str(f)):]
+            entries.append((name, img.position, inst_num, (name, img)))
+        return _series_uid(ds), entries
+
+    return _scan_dicom_folder(folder, slices, errors=errors, recursive=recursive)
 
 
 def read_dicom_series(
@@ -806,11 +781,56 @@ def index_dicom_folder(
     """
     import pydicom
 
+    def slices(f: Path, rel: Path) -> tuple[str, list[tuple[str, float | None, float, tuple[str, Path, int | None]]]]:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception as e:
+            raise CTIQAError(f"{f}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+        _check_dicom_header(ds, str(f))
+        inst_num = _instance_number(ds)
+        n = _n_frames(ds)
+        out = []
+        for k in range(n):
+            pos_item = _frame_item(ds, k, "PlanePositionSequence")
+            ori_item = _frame_item(ds, k, "PlaneOrientationSequence")
+            ipp = pos_item.get("ImagePositionPatient") if pos_item is not None else ds.get("ImagePositionPatient")
+            iop = ori_item.get("ImageOrientationPatient") if ori_item is not None else ds.get(
+                "ImageOrientationPatient")
+            position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
+            name = str(rel) + (f"#{k}" if n > 1 else "")
+            out.append((name, position, inst_num, (name, f, k if n > 1 else None)))
+        return _series_uid(ds), out
+
+    return _scan_dicom_folder(folder, slices, errors=errors, recursive=recursive)
+
+
+def _instance_number(ds: Any) -> float:
+    """Instance Number (0020,0013) as a float; ``inf`` when absent or not a number (such slices sort last)."""
+    inst = ds.get("InstanceNumber")
+    try:
+        return float(inst) if inst not in (None, "") else math.inf
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def _series_uid(ds: Any) -> str:
+    """Series Instance UID (0020,000E), used only to group files; "" when absent."""
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def _scan_dicom_folder(folder: str | os.PathLike, slices: Callable[[Path, Path], tuple[str, list[Any]]], *,
+                       errors: list[tuple[str, str]] | None, recursive: bool) -> list[list[Any]]:
+    """The file walk, grouping and ordering shared by :func:`read_dicom_folder` and :func:`index_dicom_folder`.
+
+    ``slices(path, relative_path)`` reads one file and returns ``(series UID, [(name, position or None, instance
+    number, item), ...])``; a :class:`CTIQAError` from it skips the whole file when ``errors`` is a list. Returns
+    the items, one list per series, ordered as :func:`read_dicom_folder` documents.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise CTIQAError(f"{root}: not a folder")
     files = sorted(root.rglob("*") if recursive else root.iterdir())
-    groups: dict[str, list[tuple[str, Path, int | None, float | None, float]]] = {}
+    groups: dict[str, list[tuple[str, float | None, float, Any]]] = {}
     for f in files:
         rel = f.relative_to(root)
         if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
@@ -818,26 +838,8 @@ def index_dicom_folder(
         try:
             if not _is_dicom(f) and f.suffix != "":
                 raise CTIQAError(f"{f}: not a DICOM file")
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception as e:
-                raise CTIQAError(f"{f}: unreadable DICOM header ({type(e).__name__}: {e})") from e
-            _check_dicom_header(ds, str(f))
-            inst = ds.get("InstanceNumber")
-            try:
-                inst_num = float(inst) if inst not in (None, "") else math.inf
-            except (TypeError, ValueError):
-                inst_num = math.inf
-            n = _n_frames(ds)
-            group = groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), [])
-            for k in range(n):
-                pos_item = _frame_item(ds, k, "PlanePositionSequence")
-                ori_item = _frame_item(ds, k, "PlaneOrientationSequence")
-                ipp = pos_item.get("ImagePositionPatient") if pos_item is not None else ds.get("ImagePositionPatient")
-                iop = ori_item.get("ImageOrientationPatient") if ori_item is not None else ds.get(
-                    "ImageOrientationPatient")
-                position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
-                group.append((str(rel) + (f"#{k}" if n > 1 else ""), f, k if n > 1 else None, position, inst_num))
+            uid, entries = slices(f, rel)
+            groups.setdefault(uid, []).extend(entries)
         except CTIQAError as e:
             if errors is None:
                 raise
@@ -846,11 +848,11 @@ def index_dicom_folder(
         raise CTIQAError(f"{root}: no readable DICOM slices in this folder")
     out = []
     for entries in sorted(groups.values(), key=lambda g: min(e[0] for e in g)):
-        if all(e[3] is not None for e in entries):
-            entries.sort(key=lambda e: (e[3], e[4], e[0]))
+        if all(e[1] is not None for e in entries):
+            entries.sort(key=lambda e: (e[1], e[2], e[0]))
         else:
-            entries.sort(key=lambda e: (e[4], e[0]))
-        out.append([(name, path, frame) for name, path, frame, _, _ in entries])
+            entries.sort(key=lambda e: (e[2], e[0]))
+        out.append([item for _, _, _, item in entries])
     return out
 
 
