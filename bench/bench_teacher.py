@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image
 
 from ctiqa.clients import GeminiClient
+from ctiqa.imaging import image_sha256
 from ctiqa.prompts import PROMPT_VERSION
 from datasets_builder.build import Item, annotate
-from datasets_builder.cache import AnswerCache, image_sha256
+from datasets_builder.cache import AnswerCache
 from datasets_builder.teachers import LLMTeacher
 
 

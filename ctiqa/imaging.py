@@ -861,6 +861,18 @@ def _scan_dicom_folder(folder: str | os.PathLike, slices: Callable[[Path, Path],
 # --------------------------------------------------------------------------------------------------------------
 
 
+def image_sha256(image: Image.Image) -> str:
+    """SHA-256 (hex) of a PIL image's pixels: mode, size and raw bytes (independent of PNG encoder settings).
+
+    The content key of a rendered image in the teacher answer cache (:mod:`datasets_builder.cache`) and the server
+    answer cache (:mod:`ctiqa.serving`)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
 def encoding_info(encoding: str) -> dict[str, Any]:
     """A JSON-serialisable description of an encoding, for provenance (dataset cards, results.json).
 

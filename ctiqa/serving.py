@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
+from ctiqa.imaging import image_sha256
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, instruction
 
 #: Alternatives per token asked for with ``top_logprobs`` (vLLM's default ``--max-logprobs`` is 20).
@@ -87,12 +88,6 @@ class AnswerLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def _image_sha256(image: Any) -> str:
-    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
 
 
 def _norm(token: str) -> str:
@@ -228,7 +223,7 @@ class ServerScorer:
         from ctiqa.inference import ImagePrediction, score_from_distributions
         from ctiqa.scoring import parse_score_detailed
 
-        sha = await asyncio.to_thread(_image_sha256, image)
+        sha = await asyncio.to_thread(image_sha256, image)
         budget = SCORE_ONLY_TOKENS if self.score_only else self.max_new_tokens
         res = await self._ask(image, sha, max_tokens=budget)
         if self.client.top_logprobs and str(res.error).startswith(("http_400", "http_422")):

@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.clients import GEMINI_INLINE_LIMIT_BYTES, CallResult, GeminiClient
+
+from .cache import complete_lines
 
 #: Bytes of inline requests per job: the request limit (20 MB) less room for the JSON around the images.
 MAX_JOB_BYTES = GEMINI_INLINE_LIMIT_BYTES - 2_000_000
@@ -71,21 +72,11 @@ class JobLog:
     jobs: dict[str, Job] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):
-            warnings.warn(f"{self.path}: ignoring an incomplete last line (the previous run was killed while "
-                          "writing it)", stacklevel=2)
-            with open(self.path, "r+b") as f:
-                f.truncate(complete)
-        for lineno, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    self._apply(json.loads(line))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise CTIQAError(f"{self.path}, line {lineno}: not a batch job record ({e})") from e
+        for lineno, line in complete_lines(self.path, stacklevel=4):
+            try:
+                self._apply(json.loads(line))
+            except (ValueError, KeyError, TypeError) as e:
+                raise CTIQAError(f"{self.path}, line {lineno}: not a batch job record ({e})") from e
 
     def _apply(self, rec: dict[str, Any]) -> None:
         event, dn = rec["event"], rec["display_name"]

@@ -51,10 +51,11 @@ from ctiqa.clients import (
     png_bytes,
     price_for,
 )
+from ctiqa.imaging import image_sha256
 from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
 
 from . import checks
-from .cache import AnswerCache, cache_key, default_cache_path, image_sha256
+from .cache import AnswerCache, cache_key, default_cache_path
 from .teachers import TEACHERS, Teacher, TemplateTeacher, make_teacher
 
 NO_TEACHER = "none"

@@ -20,24 +20,35 @@ no DICOM metadata ever), ``time`` (UTC ISO 8601) and the :class:`~ctiqa.clients.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ctiqa import CTIQAError
 from ctiqa.clients import CallResult
 
 
-def image_sha256(image: Image.Image) -> str:
-    """SHA-256 (hex) of a PIL image's pixels: mode, size and raw bytes (independent of PNG encoder settings)."""
-    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+def complete_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, str]]:
+    """The non-blank complete lines of an append-only UTF-8 JSONL file, as ``(line number from 1, text)``.
+
+    A last line cut short by a kill (no final newline) is dropped from the file (truncated, fsync'ed) with a
+    warning, so the next append starts on a line of its own. A missing file has no lines.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        warnings.warn(f"{path}: dropping an incomplete last line ({len(data) - complete} bytes; the previous run "
+                      "was killed while writing it)", stacklevel=stacklevel)
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+            f.flush()
+            os.fsync(f.fileno())
+    lines = enumerate(data[:complete].decode("utf-8").splitlines(), start=1)
+    return [(n, line) for n, line in lines if line.strip()]
 
 
 def cache_key(sha: str, prompt_version: str, teacher: str, score: float) -> str:
@@ -70,20 +81,7 @@ class AnswerCache:
         self._fh = None
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):
-            warnings.warn(f"{self.path}: dropping an incomplete last line ({len(data) - complete} bytes; the "
-                          "previous run was killed while writing it)", stacklevel=3)
-            with open(self.path, "r+b") as f:
-                f.truncate(complete)
-                f.flush()
-                os.fsync(f.fileno())
-        for lineno, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in complete_lines(self.path, stacklevel=4):
             try:
                 rec = json.loads(line)
                 key = rec["key"]

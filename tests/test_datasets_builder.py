@@ -31,6 +31,7 @@ from ctiqa.clients import (
     Usage,
     server_retry_delay,
 )
+from ctiqa.imaging import image_sha256
 from ctiqa.testing.fake_gemini import (
     OK_RATIONALE,
     FakeGemini,
@@ -46,7 +47,7 @@ from ctiqa.testing.fake_gemini import (
 )
 from datasets_builder import checks
 from datasets_builder.build import BuildOptions, build_dataset
-from datasets_builder.cache import AnswerCache, image_sha256
+from datasets_builder.cache import AnswerCache
 from datasets_builder.teachers import LLMTeacher, TemplateTeacher
 
 REPO = Path(__file__).resolve().parents[1]
