@@ -14,22 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -42,6 +32,7 @@ def main() -> None:
 
     from ctiqa.inference import load_model, predict_images
     from ctiqa.serving import ServerScorer
+    from ctiqa.testing.loopback import transformers_serve
     from ctiqa.tiny import build_tiny_model
 
     tmp = tempfile.mkdtemp(prefix="bench_serving_")
@@ -56,25 +47,8 @@ def main() -> None:
     local = args.images / (time.perf_counter() - t0)
     del lm
 
-    port = _free_port()
-    cli = Path(sys.executable).with_name("transformers")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([str(cli), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                             "--dtype", "float32"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
     rates = {}
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                sys.exit("transformers serve did not start")
-            time.sleep(1)
+    with transformers_serve(model, timeout_s=300) as url:
         for conc in (1, 8):
             scorer = ServerScorer(url, model, max_new_tokens=args.max_new_tokens, concurrency=conc, cache=False,
                                   probability=False)
@@ -83,9 +57,6 @@ def main() -> None:
             scorer(images)
             rates[conc] = args.images / (time.perf_counter() - t0)
             scorer.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     print(f"model {model}, {args.images} slices, {args.max_new_tokens} new tokens, CPU threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"in-process (batch {args.batch_size}):  {local:6.2f} slices/s")

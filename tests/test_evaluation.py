@@ -464,7 +464,7 @@ def test_no_usable_score_exits_nonzero_and_out_file_refused(dataset, tmp_path, c
 
 def _fake_openai(answers):
     """An OpenAI-compatible chat server answering the n-th request with answers[n] ((status, body) pairs)."""
-    from ctiqa.testing.loopback import start_server
+    from ctiqa.testing.loopback import send_json, start_server
 
     requests = []
 
@@ -472,12 +472,7 @@ def _fake_openai(answers):
         body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
         requests.append(body)
         status, payload = answers[min(len(requests), len(answers)) - 1]
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        send_json(h, status, payload)
 
     return start_server(dispatch), requests
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +23,8 @@ from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
 from ctiqa.inference import load_model, predict_images
 from ctiqa.serving import LOGPROB_ALTERNATIVES, ServerScorer
-from ctiqa.testing.loopback import start_server, stop_server
+from ctiqa.testing.loopback import send_json, start_server, stop_server
+from ctiqa.testing.loopback import transformers_serve as serve_model
 from ctiqa.testing.sft_data import rows, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,30 +65,21 @@ class FakeVLLM:
     def close(self):
         stop_server(self.server)
 
-    @staticmethod
-    def _send(h, code, payload):
-        data = json.dumps(payload).encode()
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
     def dispatch(self, h):
         body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
         with self.lock:
             self.requests.append(body)
             step = self.script.pop(0) if self.script else None
         if step and step[0] == "status":
-            return self._send(h, step[1], {"error": {"message": "scripted failure", "code": step[1]}})
+            return send_json(h, step[1], {"error": {"message": "scripted failure", "code": step[1]}})
         if step and step[0] == "sleep":
             time.sleep(step[1])
         if step and step[0] == "refuse_logprobs" and body.get("logprobs"):
-            return self._send(h, 422, {"detail": "Unexpected fields in the request: {'logprobs', 'top_logprobs'}"})
+            return send_json(h, 422, {"detail": "Unexpected fields in the request: {'logprobs', 'top_logprobs'}"})
         if body["model"] != "tiny":
-            return self._send(h, 404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+            return send_json(h, 404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
         with self.lock:  # one forward at a time (torch on 2 cores)
-            self._send(h, 200, self.answer(body))
+            send_json(h, 200, self.answer(body))
 
     def answer(self, body):
         proc, model = self.lm.processor, self.lm.model
@@ -253,45 +241,13 @@ def test_evaluate_and_predict_cli_through_the_fake(lm, trained, fake, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------ a real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def transformers_serve(trained, tmp_path_factory):
     """``transformers serve MODEL`` on 127.0.0.1, fp32 on the CPU, offline; yields (url, served model name)."""
     pytest.importorskip("fastapi")
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cli = Path(sys.executable).with_name("transformers")
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(cli), "serve", str(trained), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu", "--dtype", "float32"], stdin=subprocess.DEVNULL, stdout=fh,
-                                stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        deadline = time.time() + 240
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"transformers serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(1)
+    with serve_model(trained, log=log, env={"OMP_NUM_THREADS": "1"}) as url:
         yield url, str(trained)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.slow
