@@ -29,6 +29,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -126,13 +127,22 @@ def _resolve_root(root: Path) -> Path:
     return root  # maybe the image folder itself
 
 
+def _given_path(root: Path, given: str | os.PathLike, exists: Callable[[Path], bool], what: str) -> Path:
+    """A path the caller named: as given when absolute or ``exists(path)``, else relative to ``root``.
+
+    Raises:
+        CTIQAError: neither exists (``what`` names it: "image folder", "labels file").
+    """
+    p = Path(given)
+    p = p if p.is_absolute() or exists(p) else root / p
+    if not exists(p):
+        raise CTIQAError(f"{p}: {what} not found")
+    return p
+
+
 def _find_image_dir(root: Path, image_dir: str | os.PathLike | None) -> Path:
     if image_dir is not None:
-        d = Path(image_dir)
-        d = d if d.is_absolute() or d.is_dir() else root / d
-        if not d.is_dir():
-            raise CTIQAError(f"{d}: image folder not found")
-        return d
+        return _given_path(root, image_dir, Path.is_dir, "image folder")
     found = [root / n for n in IMAGE_DIRS if (root / n).is_dir()]
     if len(found) > 1:
         raise CTIQAError(f"{root}: has both image/ and images/; pass image_dir= to choose one")
@@ -148,11 +158,7 @@ def _find_image_dir(root: Path, image_dir: str | os.PathLike | None) -> Path:
 
 def _find_labels(root: Path, labels: str | os.PathLike | None) -> Path | None:
     if labels is not None:
-        p = Path(labels)
-        p = p if p.is_absolute() or p.is_file() else root / p
-        if not p.is_file():
-            raise CTIQAError(f"{p}: labels file not found")
-        return p
+        return _given_path(root, labels, Path.is_file, "labels file")
     found = [root / n for n in LABEL_FILES if (root / n).is_file()]
     if len(found) > 1:
         raise CTIQAError(f"{root}: several labels files ({', '.join(f.name for f in found)}); pass labels= to choose")

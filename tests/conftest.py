@@ -9,6 +9,7 @@
 ``_private_ctiqa_cache`` (autouse): ``CTIQA_CACHE_DIR`` points at a fresh temporary folder for the session.
 ``fake_gemini``: a started :class:`ctiqa.testing.fake_gemini.FakeGemini` (script empty: every answer is ``ok()``;
     call ``.set_script([...])``), with ``GEMINI_API_KEY`` set to a fake key.
+``tiny`` (module): a fresh untrained tiny Gemma 3 (seed 0); a module may define its own.
 ``trained_tiny_model`` (session): the folder of a tiny Gemma 3 taught the answer format (tests/trained_tiny.py).
 """
 
@@ -96,6 +97,14 @@ def fake_gemini(monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", "fake-gemini-key")
     with FakeGemini() as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A fresh untrained tiny Gemma 3 (:func:`ctiqa.tiny.build_tiny_model`, seed 0), one per test module."""
+    from ctiqa.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,18 @@ def read_audit(out: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------ fake Gemini, real SDK
+def _generate_once(client, image, prompt):
+    """One ``client.generate(image, prompt)`` in a fresh event loop, closing the client after it."""
+
+    async def run():
+        try:
+            return await client.generate(image, prompt)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
 def test_gemini_scripted_answers_resume_and_retry(tmp_path):
     data = make_ldctiqa(tmp_path / "ld", n=10, simulated=False)
     out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
@@ -523,13 +535,7 @@ def test_gemini_timeout_is_retried_then_recorded():
     with FakeGemini(latency_s=1.5) as srv:
         client = GeminiClient("gemini-2.5-pro", api_key="k", base_url=srv.url, timeout_s=0.3, retry=FAST)
 
-        async def run():
-            try:
-                return await client.generate(img, "x")
-            finally:
-                await client.aclose()
-
-        res = asyncio.run(run())
+        res = _generate_once(client, img, "x")
         assert len(srv.requests) == FAST.max_attempts
     assert not res.ok and res.reason == "timeout" and res.attempts == FAST.max_attempts
 
@@ -655,28 +661,16 @@ def test_refused_connection_fails_after_two_tries(tmp_path):
         port = sock.getsockname()[1]
     client = GeminiClient("gemini-2.5-pro", api_key="k", base_url=f"http://127.0.0.1:{port}", retry=FAST)
 
-    async def run():
-        try:
-            return await client.generate(Image.new("RGB", (8, 8)), "x")
-        finally:
-            await client.aclose()
-
     with pytest.raises(ClientConfigError, match=r"cannot reach the server .*2 tries.*--base-url"):
-        asyncio.run(run())
+        _generate_once(client, Image.new("RGB", (8, 8)), "x")
 
 
 def test_hard_quota_429_is_fatal_with_its_message(fake_gemini):
     fake_gemini.set_script([quota_zero()])
     client = GeminiClient("gemini-2.5-pro", base_url=fake_gemini.url, retry=FAST)
 
-    async def run():
-        try:
-            return await client.generate(Image.new("RGB", (8, 8)), "x")
-        finally:
-            await client.aclose()
-
     with pytest.raises(ClientConfigError, match=r"limit: 0, model: gemini-2.5-pro"):
-        asyncio.run(run())
+        _generate_once(client, Image.new("RGB", (8, 8)), "x")
     assert len(fake_gemini.requests) == 1  # not retried
 
 
@@ -807,13 +801,7 @@ def test_openai_client_returns_token_logprobs():
     srv = _FakeOpenAI([(code, body, headers)])
     client = OpenAICompatClient("local-vlm", base_url=srv.url, retry=FAST, top_logprobs=2)
 
-    async def run():
-        try:
-            return await client.generate(Image.new("RGB", (8, 8)), "Rate this image.")
-        finally:
-            await client.aclose()
-
-    res = asyncio.run(run())
+    res = _generate_once(client, Image.new("RGB", (8, 8)), "Rate this image.")
     srv.server.shutdown()
     sent = srv.requests[0][1]
     assert sent["logprobs"] is True and sent["top_logprobs"] == 2

@@ -73,13 +73,6 @@ def write_dataset(root: Path, n: int = N, fmt: str = "score-first") -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ctiqa.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("ds") / "data")
 

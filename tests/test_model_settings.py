@@ -22,13 +22,6 @@ from ctiqa.model_settings import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ctiqa.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

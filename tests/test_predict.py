@@ -16,13 +16,6 @@ from ctiqa.cli import main
 from ctiqa.predict import summaries_from_rows
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ctiqa.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

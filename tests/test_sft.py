@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from ctiqa import prompts, training
-from ctiqa.tiny import build_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ctiqa.testing.sft_data import write_dataset  # noqa: E402
@@ -43,11 +42,6 @@ def _load_sft():
 
 
 sft = _load_sft()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")
