@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,32 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
 
 
+def append_scored(samples: list[Sample], todo: list[Sample], done: dict[str, dict[str, Any]], path: Path,
+                  key: str, *, desc: str, batch_size: int,
+                  score: Callable[[list[Sample]], list[dict[str, Any]]]) -> float:
+    """Score ``todo`` in batches and append each batch's rows to ``path`` (``predictions.jsonl``) as it is done.
+
+    Args:
+        samples: every sample of the run (the rows of ``done`` among them are kept in the file, in this order).
+        todo: the samples still to score. done: finished rows by id (:func:`load_done_rows`); the new rows are
+            added to it. key: the run key (:func:`run_key`).
+        score: ``score(chunk)`` -> one dict of :func:`make_record` fields per sample of ``chunk``.
+    Returns:
+        seconds per image of the scoring (s).
+    """
+    writer = PredictionsAppender(path, key, [done[s.id] for s in samples if s.id in done])
+    t0 = time.perf_counter()
+    with progress_bar(len(todo), desc) as bar:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            rows = [make_record(s, **p) for s, p in zip(chunk, score(chunk), strict=True)]
+            for r in rows:
+                done[r["id"]] = {**r, "run_key": key}
+            writer.write(rows)
+            bar.update(len(chunk))
+    return round((time.perf_counter() - t0) / len(todo), 4)
+
+
 def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter: str | None, fmt: str,
                        score_only: bool, max_new_tokens: int, batch_size: int, precision: str,
                        device: str | None, key: str, dataset: str | None = None,
@@ -249,19 +275,14 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
             choose_encoding(dataset_encoding(dataset), lm.settings, source="but the dataset's images are")
         info.update(lm.describe())
         info["load_seconds"] = round(time.perf_counter() - t0, 2)
-        writer = PredictionsAppender(path, key, [done[s.id] for s in samples if s.id in done])
-        t0 = time.perf_counter()
-        with progress_bar(len(todo), "evaluate") as bar:
-            for i in range(0, len(todo), batch_size):
-                chunk = todo[i:i + batch_size]
-                preds = predict_images(lm, [s.image for s in chunk], fmt=fmt, generate=not score_only,
-                                       probability=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
-                rows = [make_record(s, **p.to_dict()) for s, p in zip(chunk, preds, strict=True)]
-                for r in rows:
-                    done[r["id"]] = {**r, "run_key": key}
-                writer.write(rows)
-                bar.update(len(chunk))
-        info["seconds_per_image"] = round((time.perf_counter() - t0) / len(todo), 4)
+
+        def score(chunk: list[Sample]) -> list[dict[str, Any]]:
+            preds = predict_images(lm, [s.image for s in chunk], fmt=fmt, generate=not score_only,
+                                   probability=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            return [p.to_dict() for p in preds]
+
+        info["seconds_per_image"] = append_scored(samples, todo, done, path, key, desc="evaluate",
+                                                  batch_size=batch_size, score=score)
     return [done[s.id] for s in samples], info
 
 

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -276,30 +275,16 @@ def evaluate_with_server(samples: list[Any], out: Path, scorer: ServerScorer, *,
     Returns:
         (records in sample order, provenance: :meth:`ServerScorer.describe` + timing and resumed rows).
     """
-    from ctiqa.evaluation import (
-        PREDICTIONS_FILE,
-        PredictionsAppender,
-        load_done_rows,
-        make_record,
-        progress_bar,
-    )
+    from ctiqa.evaluation import PREDICTIONS_FILE, append_scored, load_done_rows
 
     path = out / PREDICTIONS_FILE
     done = load_done_rows(path, key)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"resumed_rows": len(samples) - len(todo)}
     if todo:
-        writer = PredictionsAppender(path, key, [done[s.id] for s in samples if s.id in done])
-        t0 = time.perf_counter()
-        with progress_bar(len(todo), f"evaluate {scorer.model} @ {scorer.url}") as bar:
-            for i in range(0, len(todo), batch_size):
-                chunk = todo[i:i + batch_size]
-                rows = [make_record(s, **p) for s, p in zip(chunk, scorer([s.image for s in chunk]), strict=True)]
-                for r in rows:
-                    done[r["id"]] = {**r, "run_key": key}
-                writer.write(rows)
-                bar.update(len(chunk))
-        info["seconds_per_image"] = round((time.perf_counter() - t0) / len(todo), 4)
+        info["seconds_per_image"] = append_scored(samples, todo, done, path, key, batch_size=batch_size,
+                                                  desc=f"evaluate {scorer.model} @ {scorer.url}",
+                                                  score=lambda chunk: scorer([s.image for s in chunk]))
     info.update(scorer.describe())
     info["failed_calls"] = sum(1 for s in samples if done[s.id].get("error"))
     return [done[s.id] for s in samples], info
