@@ -632,7 +632,9 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
                                      "model id (default " + ", ".join(f"{a}: {m}" for a, m in APIS.items()) + ")")
     src.add_argument("--adapter", help="PEFT adapter folder or Hub id (its base model unless --model is given)")
     src.add_argument("--api", choices=list(APIS), help="zero-shot baseline through an API instead of a local model "
-                     "(openai: any OpenAI-compatible server with --base-url)")
+                     "(openai: any OpenAI-compatible server with --base-url; parsed scores only). A model of yours "
+                     "served by vLLM or transformers serve: use --server (adds the probability score and an answer "
+                     "cache)")
     src.add_argument("--teacher", choices=["gemini"], help="deprecated name of --api gemini")
     src.add_argument("--predictions", type=Path, help="JSONL with id, score and prediction or text")
     parser.add_argument("--dataset", help="dataset Hub id or folder (ctiqa build-dataset output)")
