@@ -27,8 +27,8 @@ from datasets import load_dataset
 from scipy.stats import mannwhitneyu
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ctiqa.demo import DEMO_DATASET, DEMO_MODEL
 from ctiqa.explanations import STREAK_VIEWS_BELOW
-from ctiqa.predict import DEMO_MODEL
 from ctiqa.simulation import expected_noise_hu
 
 
@@ -74,7 +74,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEMO_MODEL))
-    ap.add_argument("--dataset", default="runs/demo/dataset")
+    ap.add_argument("--dataset", default=str(DEMO_DATASET))
     args = ap.parse_args()
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(args.model)

@@ -114,13 +114,13 @@ class Scorer:
 
 
 def demo_model() -> Path:
-    """The model ``make demo`` trained: :data:`ctiqa.predict.DEMO_MODEL` (``runs/demo/model`` under the current
+    """The model ``make demo`` trained: :data:`ctiqa.demo.DEMO_MODEL` (``runs/demo/model`` under the current
     folder).
 
     Raises:
         CTIQAError: it does not exist.
     """
-    from ctiqa.predict import DEMO_MODEL
+    from ctiqa.demo import DEMO_MODEL
 
     if not DEMO_MODEL.is_dir():
         raise CTIQAError(f"no --model given and no demo model at {DEMO_MODEL.absolute()}: run `make demo` in a "

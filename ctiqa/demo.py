@@ -26,10 +26,18 @@ import time
 from pathlib import Path
 
 from ctiqa.evaluation import RESULTS_FILE
+from ctiqa.model_settings import DONE_FILE
 
 #: The checkout the demo runs in: the current folder (``make demo`` runs from the checkout root). The demo needs the
 #: checkout's ``recipes/``, so it refuses to start elsewhere (e.g. from a non-editable install).
 REPO = Path.cwd()
+#: The demo's folders, relative to the checkout (the current folder): the package may be installed anywhere (a
+#: non-editable ``pip install .``), the demo's outputs live in the checkout it ran in.
+DEMO_DIR = Path("runs") / "demo"
+#: The model ``make demo`` trains (``ctiqa predict`` and ``ctiqa app`` use it when no model is given).
+DEMO_MODEL = DEMO_DIR / "model"
+#: The dataset ``make demo`` builds.
+DEMO_DATASET = DEMO_DIR / "dataset"
 #: demo sizes: ~600 crops of 128 px (issue 6 prototype figures), seed fixed.
 N_IMAGES = 600
 CROP_PX = 128
@@ -58,7 +66,7 @@ def ctiqa_command(*args: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the demo. Returns 0 on success; a failing stage raises CalledProcessError."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    ap.add_argument("--out", type=Path, default=REPO / DEMO_DIR)
     ap.add_argument("--n-images", type=int, default=N_IMAGES)
     ap.add_argument("--config", default="recipes/tiny/sft/config_cpu.yaml")
     args = ap.parse_args(argv)
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("build-dataset", data / "README.md",
           [ctiqa_command("build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--split", "base-slice",
                          "--seed", str(SEED), "--out", str(data))])
-    stage("train", model / "DONE",
+    stage("train", model / DONE_FILE,
           [[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_cpu_threads_per_process", "1",
             "recipes/sft.py", "--config", args.config, "--model_name_or_path", str(tiny),
             "--dataset_name", str(data), "--output_dir", str(model)]])

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.demo import REPO, ctiqa_command, run_command
+from ctiqa.demo import DEMO_DIR, REPO, ctiqa_command, run_command
 from ctiqa.evaluation import RESULTS_FILE
+from ctiqa.model_settings import DONE_FILE
 
 RECIPE = "recipes/tiny/grpo/config_cpu.yaml"
 
@@ -57,12 +58,12 @@ def targets(sft: dict[str, Any], rl: dict[str, Any]) -> list[tuple[str, str, str
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the RL stage of the demo. Returns 0; a failing stage raises CalledProcessError."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", type=Path, default=REPO / "runs" / "demo", help="the demo's folder (make demo)")
+    ap.add_argument("--demo", type=Path, default=REPO / DEMO_DIR, help="the demo's folder (make demo)")
     ap.add_argument("--config", default=RECIPE)
     args = ap.parse_args(argv)
     demo: Path = args.demo
     sft_model, data, rl = demo / "model", demo / "dataset", demo / "rl"
-    for need in (sft_model / "DONE", data / "README.md", demo / RESULTS_FILE):
+    for need in (sft_model / DONE_FILE, data / "README.md", demo / RESULTS_FILE):
         if not need.exists():
             raise CTIQAError(f"{need} is missing: run `make demo` first (demo-rl starts from its SFT model)")
     rl.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo-rl] {name}: {stages[name]['seconds']} s")
 
     model = rl / "model"
-    stage("grpo", model / "DONE",
+    stage("grpo", model / DONE_FILE,
           [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
            "--num_cpu_threads_per_process", "2", "recipes/grpo.py", "--config", args.config,
            "--model_name_or_path", str(sft_model), "--dataset_name", str(data), "--output_dir", str(model)])

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: File written beside the adapter / model by the training recipes.
 SETTINGS_FILE = "ctiqa_training.json"
+#: Written last beside the model by the training recipes, when model, settings and card are saved.
+DONE_FILE = "DONE"
 SETTINGS_VERSION = 2
 
 #: Inference precisions (``--precision`` of ``ctiqa evaluate`` / ``ctiqa predict``): "auto" = what training used

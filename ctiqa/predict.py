@@ -49,14 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError, CTIQAWarning
+from ctiqa.demo import DEMO_MODEL
 from ctiqa.findings import rationale_fields
 from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
 from ctiqa.model_settings import PRECISIONS, choose_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
-#: The model ``make demo`` trains (used when no model is given), relative to the current folder: the package may
-#: be installed anywhere (a non-editable ``pip install .``), the demo's outputs live in the checkout it ran in.
-DEMO_MODEL = Path("runs") / "demo" / "model"
 #: How many lowest-scoring slices a series summary lists.
 N_WORST = 3
 #: Up to this many slice rows are also printed as a table at the end (more: see --out).

@@ -52,16 +52,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import ctiqa
 from ctiqa import CTIQAError
-from ctiqa.model_settings import TRAINING_DTYPES, TrainedSettings, write_settings
+from ctiqa.demo import DEMO_DATASET
+from ctiqa.model_settings import DONE_FILE, TRAINING_DTYPES, TrainedSettings, write_settings
 
 logger = logging.getLogger("ctiqa.training")
 
 #: The run's own record of what defines it, written in ``output_dir`` when a run starts (see :func:`run_config`).
 RUN_CONFIG_FILE = "ctiqa_run.json"
-#: Written last, when model, settings and card are saved.
-DONE_FILE = "DONE"
 #: The demo's dataset folder and how to make it (named in the error when it is missing).
-DEMO_DATASET = "runs/demo/dataset"
 DEMO_DATASET_HINT = ("`make demo` makes it (or: ctiqa simulate --out runs/demo/ldctiqa-sim && ctiqa build-dataset "
                      "--ldctiqa runs/demo/ldctiqa-sim --teacher template --split base-slice --out runs/demo/dataset)")
 
@@ -357,7 +355,7 @@ def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", 
     if not name:
         raise CTIQAError("no dataset: pass --dataset_name (Hub id or folder written by `ctiqa build-dataset`)")
     if _looks_local(name) and not Path(name).expanduser().is_dir():
-        hint = DEMO_DATASET_HINT if Path(name).as_posix().rstrip("/").endswith(DEMO_DATASET) else \
+        hint = DEMO_DATASET_HINT if Path(name).as_posix().rstrip("/").endswith(DEMO_DATASET.as_posix()) else \
             f"make it with `ctiqa build-dataset ... --out {name}`"
         raise CTIQAError(f"dataset {name}: no such folder; {hint}")
     dataset = load_dataset(name, name=script_args.dataset_config, revision=script_args.dataset_revision)
