@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.imaging import ENCODINGS
+from ctiqa.imaging import DEFAULT_ENCODING, ENCODINGS
 from ctiqa.model_settings import PRECISIONS
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
@@ -72,7 +72,7 @@ class Scorer:
 
     backend: Callable[[bool], Any]
     name: str
-    encoding: str = "soft-tissue"
+    encoding: str = DEFAULT_ENCODING
     unit_is_hu: bool = False
     batch_size: int = 4
 
@@ -340,7 +340,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         "the network)")
     parser.add_argument("--format", default=DEFAULT_TARGET_FORMAT, choices=TARGET_FORMATS,
                         help="the target format the model was trained with")
-    parser.add_argument("--encoding", default="soft-tissue", choices=ENCODINGS,
+    parser.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,
                         help="RGB encoding the model was trained with")
     parser.add_argument("--unit-is-hu", action="store_true",
                         help="treat [0,1] LDCTIQA-style images as W350/L40-windowed HU (for medgemma-3window)")

@@ -93,6 +93,8 @@ MEDGEMMA_3WINDOW: tuple[tuple[float, float], ...] = ((0.0, 2048.0), (40.0, 350.0
 
 #: Named RGB encodings accepted by :func:`render`.
 ENCODINGS: tuple[str, ...] = ("soft-tissue", "medgemma-3window")
+#: The encoding used when none is named or recorded with the model.
+DEFAULT_ENCODING = ENCODINGS[0]
 
 #: Values a float/signed image must lie in to be taken as HU (HU; -3024 is a common scanner padding value,
 #: +32767 the top of the extended CT scale). Outside -> CTIQAError.
@@ -905,7 +907,7 @@ def encoding_info(encoding: str) -> dict[str, Any]:
 
 def render(
     img_or_path: CTImage | str | os.PathLike,
-    encoding: str = "soft-tissue",
+    encoding: str = DEFAULT_ENCODING,
     *,
     unit_is_hu: bool = False,
     frame: int | None = None,
@@ -1006,7 +1008,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa render``."""
     parser.add_argument("input", help="CT file: DICOM, TIFF (LDCTIQA [0,1] or HU), PNG or JPEG")
     parser.add_argument("--out", required=True, help="output PNG: exactly the RGB image the model sees")
-    parser.add_argument("--encoding", default="soft-tissue", choices=list(ENCODINGS), help="RGB encoding")
+    parser.add_argument("--encoding", default=DEFAULT_ENCODING, choices=list(ENCODINGS), help="RGB encoding")
     parser.add_argument("--frame", type=int, default=None, help="0-based frame of a multi-frame file")
     parser.add_argument(
         "--unit-is-hu", action="store_true",

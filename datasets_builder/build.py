@@ -51,8 +51,9 @@ from ctiqa.clients import (
     png_bytes,
     price_for,
 )
-from ctiqa.imaging import image_sha256
+from ctiqa.imaging import DEFAULT_ENCODING, image_sha256
 from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
+from ctiqa.prompts import DEFAULT_TARGET_FORMAT
 
 from . import checks
 from .cache import AnswerCache, cache_key, default_cache_path
@@ -547,8 +548,8 @@ class BuildOptions:
     base_url: str | None = None
     split: str = "auto"
     seed: int = 0
-    format: str = "score-first"
-    encoding: str = "soft-tissue"
+    format: str = DEFAULT_TARGET_FORMAT
+    encoding: str = DEFAULT_ENCODING
     concurrency: int = 8
     cache: Path | None = None
     max_output_tokens: int | None = None
@@ -854,9 +855,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
            "for the full LDCTIQA training release, base-slice for `ctiqa simulate` output, else stratified. "
            "Default: auto")
     a("--seed", type=int, default=0, help="split seed (stratified, base-slice) and template wording seed")
-    a("--format", choices=TARGET_FORMATS, default="score-first", help="target text format. Default: score-first")
-    a("--encoding", default="soft-tissue", choices=ENCODINGS,
-      help="CT -> RGB encoding (ctiqa.imaging.render). Default: soft-tissue")
+    a("--format", choices=TARGET_FORMATS, default=DEFAULT_TARGET_FORMAT,
+      help=f"target text format. Default: {DEFAULT_TARGET_FORMAT}")
+    a("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,
+      help=f"CT -> RGB encoding (ctiqa.imaging.render). Default: {DEFAULT_ENCODING}")
     a("--concurrency", type=int, default=8, help="teacher requests in flight. Default: 8")
     a("--cache", type=Path, help=f"answer cache JSONL (default {default_cache_path()})")
     a("--max-output-tokens", type=int, help="output-token limit per answer, thinking included (gemini default 8192)")
