@@ -167,6 +167,22 @@ def test_gemini_scripted_answers_resume_and_retry(tmp_path):
     assert res3.dataset["train"].num_rows + res3.dataset["validation"].num_rows == 9
 
 
+def _kill_when(cmd, env, ready, timeout_s=120):
+    """Start ``cmd`` (a builder run) from the checkout and SIGKILL it once ``ready()`` holds (or after
+    ``timeout_s``); fails the test when it ends on its own first. Returns the killed process."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"builder ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc
+
+
 def test_kill_mid_run_then_resume_asks_only_unfinished(tmp_path):
     data = make_ldctiqa(tmp_path / "ld", n=12, simulated=False)
     out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
@@ -175,16 +191,7 @@ def test_kill_mid_run_then_resume_asks_only_unfinished(tmp_path):
         cmd = [sys.executable, "-m", "ctiqa.cli", "build-dataset", "--ldctiqa", str(data), "--teacher", "gemini",
                "--base-url", slow.url, "--split", "stratified", "--out", str(out), "--cache", str(cache),
                "--concurrency", "2", "--no-progress"]
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if cache.exists() and cache.read_bytes().count(b"\n") >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"builder ended early: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc = _kill_when(cmd, env, lambda: cache.exists() and cache.read_bytes().count(b"\n") >= 3)
         first = len(slow.requests)
     assert proc.returncode == -signal.SIGKILL and not (out / "README.md").exists()
     done = {json.loads(line)["image_sha256"] for line in cache.read_text().splitlines() if line.strip()}
@@ -686,16 +693,8 @@ def test_batch_submit_kill_resume_merges_into_the_cache(tmp_path, capsys):
         cmd = [sys.executable, "-m", "ctiqa.cli", "build-dataset", "--ldctiqa", str(data), "--teacher", "gemini",
                "--base-url", srv.url, "--split", "stratified", "--out", str(out), "--cache", str(cache),
                "--batch", "--batch-poll", "0.1", "--no-progress"]
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if jobs.exists() and b'"submitted"' in jobs.read_bytes() and any(j.polls for j in srv.batches.values()):
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"builder ended early: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill_when(cmd, env, lambda: jobs.exists() and b'"submitted"' in jobs.read_bytes()
+                   and any(j.polls for j in srv.batches.values()))
         assert len(srv.batches) == 1 and not cache.exists() and not (out / "README.md").exists()
         (job,) = srv.batches.values()
         assert len(job.requests) == 9 and srv.requests == []  # nothing answered yet, nothing asked synchronously
