@@ -33,16 +33,12 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.model_settings import SETTINGS_FILE
+from ctiqa.paths import is_local_path
 
 #: Written last into an export folder; holds the export settings.
 DONE_FILE = "EXPORTED"
 DTYPES = ("bf16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
-
-
-def _is_local(name: str) -> bool:
-    p = Path(name).expanduser()
-    return p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
 
 
 def read_training_settings(adapter: str) -> dict[str, Any] | None:
@@ -51,7 +47,7 @@ def read_training_settings(adapter: str) -> dict[str, Any] | None:
     Raises:
         CTIQAError: the file exists but is not a JSON object.
     """
-    if _is_local(adapter):
+    if is_local_path(adapter):
         path = Path(adapter).expanduser() / SETTINGS_FILE
         if not path.is_file():
             return None
@@ -76,7 +72,7 @@ def _resolve(adapter: str, base: str | None) -> tuple[str, str]:
     """(adapter, base model) after checking the adapter folder; the base defaults to the adapter's own."""
     from peft import PeftConfig
 
-    if _is_local(adapter):
+    if is_local_path(adapter):
         p = Path(adapter).expanduser()
         if not p.is_dir():
             raise CTIQAError(f"adapter {adapter}: no such folder (and not a Hub id of the form owner/name)")
@@ -167,7 +163,7 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
         merged.save_pretrained(tmp)
         # the processor recipes/sft.py saved (and pushed) beside the adapter, else the base's
         processor, source = None, base
-        if not _is_local(adapter) or any((Path(adapter) / f).exists()
+        if not is_local_path(adapter) or any((Path(adapter) / f).exists()
                                          for f in ("processor_config.json", "preprocessor_config.json")):
             try:
                 processor, source = AutoProcessor.from_pretrained(adapter), adapter

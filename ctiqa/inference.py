@@ -132,16 +132,16 @@ def _is_adapter_dir(path: str) -> bool:
 def _check_source(name: str, what: str, marker: str) -> None:
     """Fail early, naming ``name``, when it is meant as a local folder that is missing or lacks ``marker``.
 
-    A name counts as a local folder when it exists, is absolute, starts with ``.`` or ``~``, or has more than one
-    ``/`` (Hub ids are ``name`` or ``owner/name``); anything else is left to the Hub client.
+    A name counts as a local folder by :func:`ctiqa.paths.is_local_path`; anything else is left to the Hub client.
 
     Raises:
         CTIQAError: the folder does not exist, is a file, or has no ``marker`` file.
     """
-    p = Path(name).expanduser()
-    local = p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
-    if not local:
+    from ctiqa.paths import is_local_path
+
+    if not is_local_path(name):
         return
+    p = Path(name).expanduser()
     if not p.exists():
         raise CTIQAError(f"{what} {name}: no such folder (and not a Hub id of the form owner/name)")
     if not p.is_dir():

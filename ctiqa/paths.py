@@ -29,3 +29,10 @@ def cache_home() -> Path:
 def cache_path(*parts: str) -> Path:
     """``cache_home() / parts...``, e.g. ``cache_path("sinograms")``."""
     return cache_home().joinpath(*parts)
+
+
+def is_local_path(name: str) -> bool:
+    """True when a model or dataset name is meant as a local folder, not a Hub id: it exists (``~`` expanded), is
+    absolute, starts with ``.`` or ``~``, or has more than one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
+    p = Path(name).expanduser()
+    return p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1

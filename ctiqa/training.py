@@ -54,6 +54,7 @@ import ctiqa
 from ctiqa import CTIQAError
 from ctiqa.demo import DEMO_DATASET
 from ctiqa.model_settings import DONE_FILE, TRAINING_DTYPES, TrainedSettings, write_settings
+from ctiqa.paths import is_local_path
 
 logger = logging.getLogger("ctiqa.training")
 
@@ -332,13 +333,6 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def _looks_local(name: str) -> bool:
-    """A dataset/model name meant as a folder: it exists, is absolute, starts with ``.`` or ``~``, or has more than
-    one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
-    return Path(name).expanduser().exists() or Path(name).is_absolute() or name.startswith((".", "~")) \
-        or name.count("/") > 1
-
-
 def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", "completion", "images")):
     """The dataset of a recipe (Hub id or folder written by ``ctiqa build-dataset``), with its train and test
     splits and the columns the recipe needs checked.
@@ -354,7 +348,7 @@ def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", 
     name = script_args.dataset_name
     if not name:
         raise CTIQAError("no dataset: pass --dataset_name (Hub id or folder written by `ctiqa build-dataset`)")
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
+    if is_local_path(name) and not Path(name).expanduser().is_dir():
         hint = DEMO_DATASET_HINT if Path(name).as_posix().rstrip("/").endswith(DEMO_DATASET.as_posix()) else \
             f"make it with `ctiqa build-dataset ... --out {name}`"
         raise CTIQAError(f"dataset {name}: no such folder; {hint}")
