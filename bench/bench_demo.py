@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctiqa.demo import DEMO_DIR, STAGES_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -21,10 +23,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fresh", type=Path, help="run the demo into this (new) folder first")
     args = ap.parse_args()
-    out = args.fresh or REPO / "runs" / "demo"
+    out = args.fresh or REPO / DEMO_DIR
     if args.fresh:
         subprocess.run([sys.executable, "-m", "ctiqa.demo", "--out", str(out)], check=True, cwd=REPO)
-    stages_file = out / "stages.json"
+    stages_file = out / STAGES_FILE
     if not stages_file.exists():
         print(f"no {stages_file}: run `make demo` first or pass --fresh DIR", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ctiqa.evaluation import RESULTS_FILE
+from ctiqa.ldctiqa import DEGRADATIONS_FILE
 from ctiqa.model_settings import DONE_FILE
 
 #: The checkout the demo runs in: the current folder (``make demo`` runs from the checkout root). The demo needs the
@@ -38,6 +39,8 @@ DEMO_DIR = Path("runs") / "demo"
 DEMO_MODEL = DEMO_DIR / "model"
 #: The dataset ``make demo`` builds.
 DEMO_DATASET = DEMO_DIR / "dataset"
+#: Stage times (s) and peak memory (MiB) of a demo run, in its output folder (read by bench/bench_demo.py).
+STAGES_FILE = "stages.json"
 #: demo sizes: ~600 crops of 128 px (issue 6 prototype figures), seed fixed.
 N_IMAGES = 600
 CROP_PX = 128
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 
     sim, tiny, data, model = out / "ldctiqa-sim", out / "tiny-model", out / "dataset", out / "model"
-    stages_file = out / "stages.json"
+    stages_file = out / STAGES_FILE
     stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
 
     def stage(name: str, done: Path, cmds: list[list[str]]) -> None:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         stages_file.write_text(json.dumps(stages, indent=2))
         print(f"[demo] {name}: {stages[name]['seconds']} s")
 
-    stage("simulate", sim / "degradations.json",
+    stage("simulate", sim / DEGRADATIONS_FILE,
           [ctiqa_command("simulate", "--out", str(sim), "--n-images", str(args.n_images), "--size", str(CROP_PX),
                          "--seed", str(SEED))])
     stage("tiny-model", tiny / "config.json", [ctiqa_command("tiny-model", "--out", str(tiny), "--seed", str(SEED))])

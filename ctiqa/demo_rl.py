@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.demo import DEMO_DIR, REPO, ctiqa_command, run_command
+from ctiqa.demo import DEMO_DIR, REPO, STAGES_FILE, ctiqa_command, run_command
 from ctiqa.evaluation import RESULTS_FILE
 from ctiqa.model_settings import DONE_FILE
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CTIQAError(f"{need} is missing: run `make demo` first (demo-rl starts from its SFT model)")
     rl.mkdir(parents=True, exist_ok=True)
     os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    stages_file = rl / "stages.json"
+    stages_file = rl / STAGES_FILE
     stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
 
     def stage(name: str, done: Path, cmd: list[str]) -> None:

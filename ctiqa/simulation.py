@@ -91,6 +91,7 @@ import numpy as np
 
 from ctiqa import CTIQAError, __version__
 from ctiqa.imaging import SOFT_TISSUE, hu_to_unit, read_ct
+from ctiqa.ldctiqa import DEGRADATIONS_FILE
 from ctiqa.scale import SCORE_MAX
 
 # --------------------------------------------------------------------------------------------------------------
@@ -783,7 +784,7 @@ def simulate(
         raise CTIQAError(f"--n-images must be >= 1, got {n_images}")
     if size < 16:
         raise CTIQAError(f"--size must be >= 16 pixels, got {size}")
-    deg_file = out / "degradations.json"
+    deg_file = out / DEGRADATIONS_FILE
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_our_output(out))):
         raise CTIQAError(f"{out}: exists and is not a ctiqa simulation output; choose an empty or new --out")
     usable, skipped = resolve_base_slices(base_slices, size)
@@ -889,7 +890,7 @@ def _is_our_output(out: Path) -> bool:
     if (out / MARKER_FILE).is_file():
         return True
     try:
-        d = json.loads((out / "degradations.json").read_text())
+        d = json.loads((out / DEGRADATIONS_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and d.get("synthetic") is True and "ctiqa.simulation" in str(d.get("generator", ""))
@@ -897,7 +898,7 @@ def _is_our_output(out: Path) -> bool:
 
 def _clear_previous(out: Path) -> None:
     """Remove a previous simulation's files (only the ones it writes)."""
-    for name in ("degradations.json", "degradations.json.tmp", "train.json", "README.txt"):
+    for name in (DEGRADATIONS_FILE, DEGRADATIONS_FILE + ".tmp", "train.json", "README.txt"):
         (out / name).unlink(missing_ok=True)
     img = out / "image"
     if img.is_dir():
