@@ -1,5 +1,5 @@
 """Where ctiqa keeps files between runs: one cache folder for every cache (teacher answers, Batch API jobs,
-simulator sinograms).
+simulator sinograms); and the one guard every command applies to its outputs (:func:`check_output_path`).
 
 ``$CTIQA_CACHE_DIR`` when set, else the platform's user cache folder for ``ctiqa`` from ``platformdirs``
 (Linux: ``$XDG_CACHE_HOME/ctiqa``, default ``~/.cache/ctiqa``; macOS: ``~/Library/Caches/ctiqa``; Windows:
@@ -10,6 +10,7 @@ dataset or a run never deletes paid-for teacher answers or hours of projections.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 #: Environment variable that moves every ctiqa cache.
@@ -36,3 +37,76 @@ def is_local_path(name: str) -> bool:
     absolute, starts with ``.`` or ``~``, or has more than one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
     p = Path(name).expanduser()
     return p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+# ------------------------------------------------------------------------------------------------ output guard
+def _listing(folder: Path, limit: int = 5) -> str:
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(
+    out: str | os.PathLike,
+    *,
+    what: str = "--out",
+    folder: bool = False,
+    ours: str | Callable[[Path], bool] | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    hint: str = "",
+) -> Path:
+    """Refuse, before any work, an output path whose writing would replace something ctiqa did not write.
+
+    The one home of the rule every ctiqa command applies to its outputs (nothing the user has is lost): an output
+    that is one of the command's ``inputs`` (same file or folder, by ``os.path.samefile``, or a folder that holds
+    an input file) is refused; a file output that is a folder, or a folder output that is a file, is refused; an
+    existing non-empty output that is not ``ours`` is refused. Nothing is created or changed here.
+
+    Args:
+        out: the output file (``folder=False``) or folder (``folder=True``).
+        what: how the output is named in the message (the option, e.g. ``--out``, ``--html``).
+        folder: ``out`` is a folder that the command fills.
+        ours: how ctiqa recognises its own earlier output: a marker file name inside the folder (``folder=True``;
+            e.g. ``.ctiqa-tiny-model``), or a predicate on ``out``. ``None``: no existing non-empty output is ours.
+        inputs: paths the command reads (``None`` entries are skipped).
+        hint: appended to the message (what to do instead).
+    Returns:
+        ``Path(out)``.
+    Raises:
+        CTIQAError: one of the cases above; the message names ``out`` and says that nothing was changed.
+    """
+    from ctiqa import CTIQAError
+
+    p = Path(out)
+    tail = f"; nothing was changed{'. ' + hint if hint else ''}"
+    for i in inputs:
+        if i is None:
+            continue
+        i = Path(i)
+        if _same(p, i) or (folder and p.is_dir() and i.is_file() and _same(p, i.parent)) or (
+                folder and p.is_dir() and i.exists() and Path(os.path.realpath(i)).is_relative_to(os.path.realpath(p))):
+            raise CTIQAError(f"{what} {p}: is (or holds) the input {i}; writing there would replace it{tail}")
+    if not p.exists():
+        return p
+    if folder:
+        if not p.is_dir():
+            raise CTIQAError(f"{what} {p}: is a file; give a folder{tail}")
+        if not any(p.iterdir()):
+            return p
+        is_ours = (p / ours).is_file() if isinstance(ours, str) else bool(ours and ours(p))
+        if not is_ours:
+            raise CTIQAError(f"{what} {p}: holds files ctiqa did not write here ({_listing(p)}){tail}")
+        return p
+    if p.is_dir():
+        raise CTIQAError(f"{what} {p}: is a folder; give a file name{tail}")
+    if p.stat().st_size == 0:
+        return p
+    if not (callable(ours) and ours(p)):
+        raise CTIQAError(f"{what} {p}: exists and was not written by this ctiqa command{tail}")
+    return p

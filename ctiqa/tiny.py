@@ -32,6 +32,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ctiqa.paths import check_output_path
+
+#: Written first into every folder :func:`build_tiny_model` fills; a non-empty folder without it is never written.
+MARKER_FILE = ".ctiqa-tiny-model"
+
 #: Gemma 3 chat template: the text of ``chat_template.json`` in ``google/gemma-3-4b-it`` (also used by
 #: ``google/medgemma-4b-it``). System text is folded into the first user turn; ``assistant`` is rendered ``model``;
 #: an image item renders ``<start_of_image>``, which the processor expands into the full image block.
@@ -208,7 +213,8 @@ def build_tiny_model(
     it has to see pixel-scale noise, not only anatomy.
 
     Args:
-        out_dir: folder to write (created; existing model files in it are overwritten).
+        out_dir: folder to write: new, empty, or an earlier tiny model (its :data:`MARKER_FILE`), whose files are
+            replaced. Any other non-empty folder (a trained model, someone's files) is refused before any work.
         seed: torch seed for the random weights.
         image_size: input side in pixels (the processor resizes every image to image_size x image_size).
         patch_size: SigLIP patch side in pixels; ``image_size`` must be a multiple of it.
@@ -224,6 +230,7 @@ def build_tiny_model(
     Raises:
         ValueError: inconsistent sizes (non-square token count, pooling that does not divide the patch grid,
             width not divisible by heads).
+        CTIQAError: ``out_dir`` is a file or a non-empty folder that is not a tiny model written here.
     """
     import torch
     from transformers import (
@@ -248,8 +255,10 @@ def build_tiny_model(
         if width % heads:
             raise ValueError(f"{name} width {width} is not divisible by {heads} heads")
 
-    out = Path(out_dir)
+    out = check_output_path(out_dir, folder=True, ours=MARKER_FILE,
+                            hint="Give a new or empty folder (a trained model is never written over)")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_FILE).write_text("written by ctiqa tiny-model: random weights, not a trained model\n")
     tokenizer = build_tokenizer(vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 

@@ -134,3 +134,24 @@ def test_cli_builds_a_loadable_model(tmp_path, capsys):
     assert main(["tiny-model", "--out", str(tmp_path / "m"), "--seed", "3"]) == 0
     assert "total" in capsys.readouterr().out
     assert AutoProcessor.from_pretrained(tmp_path / "m").image_seq_length == 16
+
+
+def test_never_writes_over_a_trained_model_or_someone_elses_folder(tmp_path, capsys):
+    """QA #84/#85: `ctiqa tiny-model --out` on a trained model folder replaced its weights with random ones while
+    DONE and the card stayed. Now a non-empty folder that is not an earlier tiny model is refused, bytes unchanged;
+    an earlier tiny model folder is rebuilt."""
+    from ctiqa.cli import main
+
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    files = {"model.safetensors": b"trained weights", "DONE": b"", "README.md": b"# my model\n",
+             "config.json": b"{}"}
+    for name, data in files.items():
+        (trained / name).write_bytes(data)
+    assert main(["tiny-model", "--out", str(trained)]) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "nothing was changed" in err
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == files
+    again = tmp_path / "tiny"
+    assert main(["tiny-model", "--out", str(again), "--seed", "1"]) == 0
+    assert main(["tiny-model", "--out", str(again), "--seed", "1"]) == 0  # our own output: rebuilt
