@@ -78,6 +78,7 @@ import numpy as np
 from PIL import Image
 
 from ctiqa import CTIQAError, CTIQAWarning
+from ctiqa.paths import check_output_path
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants (each with its source)
@@ -1018,8 +1019,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``ctiqa render``: read, render, write a PNG; prints what was detected. Returns 0."""
+    out = check_output_path(args.out, ours=True, inputs=[args.input], hint="Give another --out")
     img = read_ct(args.input, frame=args.frame)
-    out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CTIQAError(f"{out}: the output must be a .png file (lossless)")
     rgb = render(img, args.encoding, unit_is_hu=args.unit_is_hu)

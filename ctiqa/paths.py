@@ -57,7 +57,7 @@ def check_output_path(
     *,
     what: str = "--out",
     folder: bool = False,
-    ours: str | Callable[[Path], bool] | None = None,
+    ours: str | Callable[[Path], bool] | bool | None = None,
     inputs: Iterable[str | os.PathLike | None] = (),
     hint: str = "",
 ) -> Path:
@@ -73,7 +73,8 @@ def check_output_path(
         what: how the output is named in the message (the option, e.g. ``--out``, ``--html``).
         folder: ``out`` is a folder that the command fills.
         ours: how ctiqa recognises its own earlier output: a marker file name inside the folder (``folder=True``;
-            e.g. ``.ctiqa-tiny-model``), or a predicate on ``out``. ``None``: no existing non-empty output is ours.
+            e.g. ``.ctiqa-tiny-model``), or a predicate on ``out``. ``None``/``False``: no existing non-empty output
+            is ours; ``True``: any existing output may be replaced (only ``inputs`` are protected).
         inputs: paths the command reads (``None`` entries are skipped).
         hint: appended to the message (what to do instead).
     Returns:
@@ -99,7 +100,7 @@ def check_output_path(
             raise CTIQAError(f"{what} {p}: is a file; give a folder{tail}")
         if not any(p.iterdir()):
             return p
-        is_ours = (p / ours).is_file() if isinstance(ours, str) else bool(ours and ours(p))
+        is_ours = (p / ours).is_file() if isinstance(ours, str) else ours is True or bool(callable(ours) and ours(p))
         if not is_ours:
             raise CTIQAError(f"{what} {p}: holds files ctiqa did not write here ({_listing(p)}){tail}")
         return p
@@ -107,6 +108,6 @@ def check_output_path(
         raise CTIQAError(f"{what} {p}: is a folder; give a file name{tail}")
     if p.stat().st_size == 0:
         return p
-    if not (callable(ours) and ours(p)):
+    if not (ours is True or (callable(ours) and ours(p))):
         raise CTIQAError(f"{what} {p}: exists and was not written by this ctiqa command{tail}")
     return p

@@ -590,3 +590,17 @@ def test_predict_shows_reading_notes_without_the_file_name(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "warning patientA slice 0: CT without Rescale Slope/Intercept" in err or file_names
         assert ("1.2.826.0.1.3680043" in err) == file_names
+
+
+def test_cli_render_never_writes_over_its_input(tmp_path, capsys):
+    """QA #18: `ctiqa render X.png --out X.png` replaced the user's image with its rendering. Refused (also through
+    another spelling of the same path); the file's bytes are unchanged."""
+    from ctiqa.cli import main
+
+    x = tmp_path / "x.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64).astype(np.uint8)).save(x)
+    before = x.read_bytes()
+    for out in (x, tmp_path / "." / "x.png"):
+        assert main(["render", str(x), "--out", str(out)]) == 2
+        assert "input" in capsys.readouterr().err
+        assert x.read_bytes() == before
