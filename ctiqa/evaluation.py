@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
+from ctiqa.paths import check_output_path
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
@@ -661,6 +662,9 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
                         "sortable by error, images, plots")
     parser.add_argument("--server", metavar="URL", help="score through an OpenAI-compatible inference server (vLLM, "
                         "transformers serve) at URL; --model is the served model name (ctiqa.serving)")
+    parser.add_argument("--overwrite", action="store_true", help="--out holds the evaluation of another model, "
+                        "dataset or split: move its results.json and predictions.jsonl aside (.bak) and start over "
+                        "(without it such a run is refused)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
@@ -682,8 +686,9 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError(f"--dataset is required to evaluate {'an API model' if mode == 'api' else 'a model'}")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.concurrency < 1:
         raise CTIQAError("--batch-size, --concurrency and --limit must be positive")
-    if args.out.exists() and not args.out.is_dir():
-        raise CTIQAError(f"--out {args.out}: is a file; give a folder for results.json, predictions.jsonl and plots")
+    check_output_path(args.out, folder=True, ours=True, inputs=[args.predictions], writes=[RESULTS_FILE,
+                      PREDICTIONS_FILE], hint="Give a folder for results.json, predictions.jsonl and plots")
+    check_previous_run(args.out, _identity(args, mode), args.overwrite)
     if args.html:
         from ctiqa.html_report import check_html_path
 
@@ -734,6 +739,52 @@ def cli_main(args: argparse.Namespace) -> int:
     name = args.name or Path(str(args.adapter or args.model)).name
     return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info,
                  n_split=sizes.get("n_split"), samples=samples)
+
+
+#: The settings that name what an evaluation folder holds: a re-run into it with others is refused (#62).
+IDENTITY_KEYS = ("source", "model", "adapter", "dataset", "split")
+
+
+def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """The :data:`IDENTITY_KEYS` of this run, as ``provenance.settings`` in its ``results.json`` will hold them."""
+    source = str(args.predictions) if mode == "predictions" else "server" if args.server else \
+        args.api if mode == "api" else "model"
+    model = None if mode == "predictions" else (args.model or APIS[args.api]) if mode == "api" else args.model
+    return {"source": source, "model": model, "adapter": args.adapter if mode == "model" and not args.server else None,
+            "dataset": args.dataset, "split": args.split if args.dataset else None}
+
+
+def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` that holds the evaluation of another run (its ``results.json`` names
+    another source, model, adapter, dataset or split; or it holds results/predictions ctiqa cannot read as an
+    evaluation). With ``overwrite``, that evaluation's ``results.json`` and ``predictions.jsonl`` are moved aside
+    (``NAME.<UTC time>.bak.EXT``, said on stderr), never deleted. The same run resumes (rows of other decoding
+    settings in ``predictions.jsonl`` are moved aside by :class:`PredictionsAppender`).
+
+    Raises:
+        CTIQAError: another run's evaluation is there and ``overwrite`` is false; the message names what differs.
+    """
+    res, pred = out / RESULTS_FILE, out / PREDICTIONS_FILE
+    if not res.exists() and not (pred.exists() and identity["source"] not in ("model", "api", "server")):
+        return  # nothing, or rows a model/API/server run resumes from or moves aside itself
+    try:
+        before = json.loads(res.read_text())["provenance"]["settings"]
+        diff = [f"{k}: {before.get(k)!r} then, {identity[k]!r} now" for k in IDENTITY_KEYS
+                if before.get(k) != identity[k]]
+    except (OSError, ValueError, KeyError, TypeError):
+        diff = [f"{res.name if res.exists() else pred.name} not from a `ctiqa evaluate` of these settings"]
+    if not diff:
+        return
+    if not overwrite:
+        raise CTIQAError(f"--out {out}: holds the evaluation of another run ({'; '.join(diff)}); nothing was "
+                         "changed. Give another --out, or --overwrite to move its results.json and predictions.jsonl "
+                         "aside")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for f in (res, pred):
+        if f.exists():
+            backup = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}")
+            f.replace(backup)
+            print(f"note: --overwrite: moved the previous evaluation's {f.name} to {backup}", file=sys.stderr)
 
 
 def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace,

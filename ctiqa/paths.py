@@ -59,14 +59,16 @@ def check_output_path(
     folder: bool = False,
     ours: str | Callable[[Path], bool] | bool | None = None,
     inputs: Iterable[str | os.PathLike | None] = (),
+    writes: Iterable[str] = (),
     hint: str = "",
 ) -> Path:
     """Refuse, before any work, an output path whose writing would replace something ctiqa did not write.
 
     The one home of the rule every ctiqa command applies to its outputs (nothing the user has is lost): an output
-    that is one of the command's ``inputs`` (same file or folder, by ``os.path.samefile``, or a folder that holds
-    an input file) is refused; a file output that is a folder, or a folder output that is a file, is refused; an
-    existing non-empty output that is not ``ours`` is refused. Nothing is created or changed here.
+    that is one of the command's ``inputs`` (same file or folder, by ``os.path.samefile``), or a folder in which
+    a file the command ``writes`` is an input, is refused; a file output that is a folder, or a folder output that
+    is a file, is refused; an existing non-empty output that is not ``ours`` is refused. Nothing is created or
+    changed here.
 
     Args:
         out: the output file (``folder=False``) or folder (``folder=True``).
@@ -76,6 +78,7 @@ def check_output_path(
             e.g. ``.ctiqa-tiny-model``), or a predicate on ``out``. ``None``/``False``: no existing non-empty output
             is ours; ``True``: any existing output may be replaced (only ``inputs`` are protected).
         inputs: paths the command reads (``None`` entries are skipped).
+        writes: (``folder=True``) names of the files the command writes in ``out``; one that is an input is refused.
         hint: appended to the message (what to do instead).
     Returns:
         ``Path(out)``.
@@ -84,14 +87,13 @@ def check_output_path(
     """
     from ctiqa import CTIQAError
 
-    p = Path(out)
+    p, writes = Path(out), tuple(writes)
     tail = f"; nothing was changed{'. ' + hint if hint else ''}"
     for i in inputs:
         if i is None:
             continue
         i = Path(i)
-        if _same(p, i) or (folder and p.is_dir() and i.is_file() and _same(p, i.parent)) or (
-                folder and p.is_dir() and i.exists() and Path(os.path.realpath(i)).is_relative_to(os.path.realpath(p))):
+        if _same(p, i) or any(_same(p / w, i) for w in writes):
             raise CTIQAError(f"{what} {p}: is (or holds) the input {i}; writing there would replace it{tail}")
     if not p.exists():
         return p

@@ -503,3 +503,44 @@ def test_api_openai_zero_shot_counts_api_errors_apart_from_parse_failures(datase
     md = tmp_path / "report.md"
     assert ctiqa_main(["report", str(out), "--out", str(md), "--bootstrap", "0"]) == 0
     assert "| local-vlm (zero-shot) | parsed | 4 / 6 (67%) | 2 (1 api, 1 no score) |" in md.read_text()
+
+
+def _preds_file(path: Path, shift: float = 0.0) -> Path:
+    rows = [{"id": f"{i:04d}", "score": s, "prediction": min(4.0, max(0.0, s + shift))}
+            for i, s in enumerate([0.5, 1.5, 2.5, 3.5])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_evaluate_never_overwrites_its_own_input(tmp_path, capsys):
+    """QA #63: `evaluate --predictions OUT/predictions.jsonl --out OUT` replaced the user's input with its own
+    rows. Refused before any work; the input's bytes are unchanged."""
+    out = tmp_path / "run"
+    out.mkdir()
+    f = _preds_file(out / "predictions.jsonl")
+    before = f.read_bytes()
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--out", str(out), "--bootstrap", "0"]) == 2
+    assert "input" in capsys.readouterr().err
+    assert f.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["predictions.jsonl"]
+
+
+def test_evaluate_refuses_an_out_holding_another_evaluation(tmp_path, capsys):
+    """QA #62: an --out holding another run's evaluation was silently replaced. Refused naming what differs; the
+    same run re-runs; --overwrite moves the old results.json and predictions.jsonl aside (nothing deleted)."""
+    a, b = _preds_file(tmp_path / "a.jsonl"), _preds_file(tmp_path / "b.jsonl", shift=0.3)
+    out = tmp_path / "run"
+    assert ctiqa_main(["evaluate", "--predictions", str(a), "--out", str(out), "--bootstrap", "0"]) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".jsonl")}
+    capsys.readouterr()
+    assert ctiqa_main(["evaluate", "--predictions", str(b), "--out", str(out), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "another run" in err and "source" in err and "a.jsonl" in err and "b.jsonl" in err
+    assert {n: (out / n).read_bytes() for n in kept} == kept
+    assert ctiqa_main(["evaluate", "--predictions", str(a), "--out", str(out), "--bootstrap", "0"]) == 0  # same run
+    assert ctiqa_main(["evaluate", "--predictions", str(b), "--out", str(out), "--bootstrap", "0",
+                       "--overwrite"]) == 0
+    assert "moved the previous evaluation" in capsys.readouterr().err
+    backups = sorted(out.glob("*.bak.*"))
+    assert [p.name.split(".")[0] for p in backups] == ["predictions", "results"]
+    assert json.loads(next(p for p in backups if p.name.startswith("results")).read_text())["provenance"][
+        "settings"]["source"] == str(a)
