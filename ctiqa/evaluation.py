@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.paths import check_output_path
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
+from ctiqa.paths import check_output_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
