@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.model_settings import SETTINGS_FILE
+from ctiqa.model_settings import SETTINGS_FILE, bnb_4bit_settings, inference_precision
 from ctiqa.paths import is_local_path
 
 #: Written last into an export folder; holds the export settings.
@@ -114,6 +114,8 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+    from ctiqa.inference import trained_settings_of
+
     if dtype not in DTYPES:
         raise CTIQAError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if base_weights not in BASE_WEIGHTS:
@@ -141,9 +143,13 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
             # quantise from the dtype the base had when the adapter learned (recorded by recipes/sft.py)
             recorded = getattr(torch, str((training or {}).get("dtype")).removeprefix("torch."), None)
             kwargs["dtype"] = recorded if isinstance(recorded, torch.dtype) else torch.bfloat16
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+            # the same 4-bit base as in training: recorded quant type, double quantisation, compute and storage
+            # dtypes (one home: ctiqa.model_settings), as `ctiqa evaluate --precision auto` loads it
+            trained = trained_settings_of(adapter)
+            bnb = bnb_4bit_settings(trained, inference_precision("4bit", trained, "cpu")[1])
+            for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+                bnb[k] = getattr(torch, bnb[k])
+            kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
             kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
         try:
             net = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
