@@ -22,6 +22,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.evaluation import PREDICTIONS_FILE, RESULTS_FILE
+from ctiqa.paths import check_output_path
 from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
 
 _COLUMNS = {"parsed": "parsed_score", "probability": "prob_score"}
@@ -235,6 +236,20 @@ def faithfulness_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+#: Last line of every report (an HTML comment: invisible when rendered); an existing --out without it is not ours.
+REPORT_MARKER = "<!-- written by ctiqa report -->"
+
+
+def is_report(path: Path) -> bool:
+    """True when ``path`` is a report ``ctiqa report`` wrote (:data:`REPORT_MARKER`, or the title line of reports
+    written before the marker existed), so that ``--out`` may replace it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return REPORT_MARKER in text or text.startswith("# CT image quality: agreement with the reference scores\n")
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa report``."""
     parser.add_argument("dirs", nargs="+", help="ctiqa evaluate output folders (the first is the reference)")
@@ -246,12 +261,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``ctiqa report DIR [DIR ...] --out FILE.md [--names ...]``: write and print the comparison."""
+    check_output_path(args.out, ours=is_report, hint="Give a new .md file (or an earlier `ctiqa report` output)",
+                      inputs=[Path(d) / f for d in args.dirs for f in (RESULTS_FILE, PREDICTIONS_FILE)])
     rows = build_rows(args.dirs, args.names)
     if not rows:
         raise CTIQAError("no metrics in the given folders")
     text = render_markdown(rows, n_bootstrap=args.bootstrap, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    args.out.write_text(text + REPORT_MARKER + "\n")
     print(text)
     print(f"wrote {args.out}")
     return 0

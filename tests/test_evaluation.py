@@ -544,3 +544,24 @@ def test_evaluate_refuses_an_out_holding_another_evaluation(tmp_path, capsys):
     assert [p.name.split(".")[0] for p in backups] == ["predictions", "results"]
     assert json.loads(next(p for p in backups if p.name.startswith("results")).read_text())["provenance"][
         "settings"]["source"] == str(a)
+
+
+def test_report_never_writes_over_an_evaluation_or_a_users_file(tmp_path, capsys):
+    """QA #67/#68: `ctiqa report RUN --out RUN/results.json` replaced the evaluation with markdown, and --out a
+    folder gave a traceback. Both refused with one line before any work (bytes unchanged); a user's own file too;
+    an earlier report is replaced."""
+    run = tmp_path / "run"
+    assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "a.jsonl")), "--out", str(run),
+                       "--bootstrap", "0"]) == 0
+    mine = tmp_path / "notes.md"
+    mine.write_text("my notes\n")
+    kept = {p: p.read_bytes() for p in (run / "results.json", run / "predictions.jsonl", mine)}
+    capsys.readouterr()
+    for out in (run / "results.json", run / "predictions.jsonl", mine, run):
+        assert ctiqa_main(["report", str(run), "--out", str(out), "--bootstrap", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert {p: p.read_bytes() for p in kept} == kept
+    md = tmp_path / "report.md"
+    assert ctiqa_main(["report", str(run), "--out", str(md), "--bootstrap", "0"]) == 0
+    assert ctiqa_main(["report", str(run), "--out", str(md), "--bootstrap", "0"]) == 0  # our own report: replaced
