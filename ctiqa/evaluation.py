@@ -689,10 +689,10 @@ def cli_main(args: argparse.Namespace) -> int:
     check_output_path(args.out, folder=True, ours=True, inputs=[args.predictions], writes=[RESULTS_FILE,
                       PREDICTIONS_FILE], hint="Give a folder for results.json, predictions.jsonl and plots")
     check_previous_run(args.out, _identity(args, mode), args.overwrite)
-    if args.html:
+    if args.html is not None:
         from ctiqa.html_report import check_html_path
 
-        check_html_path(args.html)
+        check_html_path(args.html or args.out / "report.html")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}  # n_split, filled by load_samples

@@ -111,5 +111,5 @@ def check_output_path(
     if p.stat().st_size == 0:
         return p
     if not (ours is True or (callable(ours) and ours(p))):
-        raise CTIQAError(f"{what} {p}: exists and was not written by this ctiqa command{tail}")
+        raise CTIQAError(f"{what} {p}: exists and was not written by ctiqa{tail}")
     return p

@@ -239,3 +239,25 @@ def test_prepare_series_multipage_tiff(tmp_path):
     assert rows[0]["claims"] == {"noise": "mild", "streaks": "absent", "other_artifacts": []}
     assert rows[0]["findings"]["noise_severity"] in ("none", "mild", "moderate", "severe")
     assert "id" not in rows[0]["findings"]
+
+
+def test_html_never_writes_over_a_users_page(evaluated, tmp_path, capsys):
+    """QA #79: --html FILE (predict, evaluate) and `ctiqa html --out` replaced an existing HTML file of the user.
+    Refused before any work, bytes unchanged; a page ctiqa wrote is replaced."""
+    _, out = evaluated
+    mine = tmp_path / "index.html"
+    mine.write_text("<html><body>my page</body></html>\n")
+    before = mine.read_bytes()
+    png = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(png)
+    for argv in (["html", str(out), "--out", str(mine)],
+                 ["predict", str(png), "--model", str(tmp_path / "nope"), "--html", str(mine)],
+                 ["evaluate", "--predictions", str(out / "predictions.jsonl"), "--out", str(tmp_path / "e"),
+                  "--html", str(mine)]):
+        assert ctiqa_main(argv) == 2, argv
+        assert "not written by ctiqa" in capsys.readouterr().err
+        assert mine.read_bytes() == before
+    assert not (tmp_path / "e").exists()  # refused before any work
+    ours = tmp_path / "ours.html"
+    assert ctiqa_main(["html", str(out), "--out", str(ours)]) == 0
+    assert ctiqa_main(["html", str(out), "--out", str(ours)]) == 0
