@@ -22,8 +22,8 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.evaluation import PREDICTIONS_FILE, RESULTS_FILE
-from ctiqa.paths import check_output_path
 from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
+from ctiqa.paths import check_output_path
 
 _COLUMNS = {"parsed": "parsed_score", "probability": "prob_score"}
 _METRICS = (("srcc", "SRCC ↑"), ("plcc", "PLCC ↑"), ("krcc", "KRCC ↑"), ("mae", "MAE ↓"), ("overall", "Overall ↑"))
