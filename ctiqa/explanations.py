@@ -322,7 +322,11 @@ def findings_check(text: str | None, findings: dict[str, Any] | None) -> dict[st
         ``streaks_contradict`` (streaks claimed where none are measured), ``unverified`` (other artifacts
         claimed: neither LDCTIQA nor the simulator makes them; unverifiable, not wrong).
     """
-    c = extract_claims(text)
+    return compare_claims(extract_claims(text), findings)
+
+
+def compare_claims(c: Claims, findings: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`findings_check` for claims already extracted (the one place claims meet measured findings)."""
     f = findings or {}
     measured_noise, measured_streaks = f.get("noise_severity"), f.get("streaks")
     off = _bands_off(c.noise, measured_noise)

@@ -213,31 +213,38 @@ def faithfulness_flags(row: Mapping[str, Any]) -> list[tuple[str, str]]:
     unverified (nothing measures them). And ``explanation`` (the truth-based rubric on simulated data that
     ``ctiqa evaluate`` adds): applied degradation not named, severity stated vs expected, false streaks.
     """
-    from ctiqa.vocabulary import CLAIM_RANK, SEVERITIES
+    from ctiqa.explanations import Claims, compare_claims
+    from ctiqa.findings import STREAK_CALL_VALIDATED
+    from ctiqa.vocabulary import SEVERITIES
 
     out: list[tuple[str, str]] = []
     f, c = row.get("findings"), row.get("claims")
     if f and c:
-        claimed_streaks = c.get("streaks") not in (None, "absent")
+        # the comparison itself lives in ctiqa.explanations (one home); this only grades it for display.
+        # An unvalidated streak call (ctiqa.findings.STREAK_CALL_VALIDATED) can only warn, never mark a claim bad.
+        check = compare_claims(Claims(noise=c.get("noise"), streaks=c.get("streaks"),
+                                      other_artifacts=tuple(c.get("other_artifacts") or ())), f)
+        streak_bad = "bad" if STREAK_CALL_VALIDATED else "warn"
+        note = "" if STREAK_CALL_VALIDATED else " (unvalidated call)"
         if f.get("streaks") is not None:
-            if claimed_streaks and not f["streaks"]:
-                out.append(("bad", "streaks claimed, none measured"))
+            if check["streaks_contradict"]:
+                out.append((streak_bad, "streaks claimed, none measured" + note))
             elif f["streaks"] and c.get("streaks") == "absent":
-                out.append(("bad", "measured streaks denied"))
+                out.append((streak_bad, "measured streaks denied" + note))
             elif f["streaks"] and c.get("streaks") is None:
-                out.append(("warn", "measured streaks not mentioned"))
-            elif f["streaks"] == claimed_streaks:
+                out.append(("warn", "measured streaks not mentioned" + note))
+            elif check["streaks_agree"]:
                 out.append(("ok", f"streaks {'present' if f['streaks'] else 'absent'}: agrees"))
         said, measured = c.get("noise"), f.get("noise_severity")
         if measured in SEVERITIES:
-            if said in CLAIM_RANK:
-                gap = abs(CLAIM_RANK[said] - SEVERITIES.index(measured))
-                out.append((("ok", "warn", "bad")[min(gap, 2)], f"noise {said}, measured {measured}"))
+            if check["noise_bands_off"] is not None:
+                out.append((("ok", "warn", "bad")[min(check["noise_bands_off"], 2)],
+                            f"noise {said}, measured {measured}"))
             elif said == "present" and measured == "none":
                 out.append(("warn", "noise named, measured none"))
             elif said is None and SEVERITIES.index(measured) >= 2:
                 out.append(("warn", f"measured {measured} noise not mentioned"))
-        for a in c.get("other_artifacts") or []:
+        for a in check["unverified"]:
             out.append(("info", f"{a.replace('_', ' ')}: unverified"))
     e = row.get("explanation")
     if e:

@@ -126,8 +126,16 @@ def test_text_is_escaped_and_flags_shown():
     ({"streaks": False, "noise_severity": "moderate"}, {"streaks": "absent", "noise": None},
      [("ok", "streaks absent: agrees"), ("warn", "measured moderate noise not mentioned")]),
 ])
-def test_faithfulness_flags(findings, claims, expected):
+def test_faithfulness_flags(findings, claims, expected, monkeypatch):
+    monkeypatch.setattr("ctiqa.findings.STREAK_CALL_VALIDATED", True)  # grading as if the call were validated
     assert faithfulness_flags({"findings": findings, "claims": claims}) == expected
+
+
+def test_unvalidated_streak_call_only_warns(monkeypatch):
+    monkeypatch.setattr("ctiqa.findings.STREAK_CALL_VALIDATED", False)
+    row = {"findings": {"streaks": False, "noise_severity": "mild"}, "claims": {"streaks": "severe", "noise": "mild"}}
+    assert faithfulness_flags(row) == [("warn", "streaks claimed, none measured (unvalidated call)"),
+                                       ("ok", "noise mild, measured mild")]
 
 
 def test_truth_rubric_flags():
