@@ -129,7 +129,7 @@ def format_reward(completions: Sequence[Any], *, penalty_unparseable: float = FO
 
 def claim_agreement(claim: str | None, reference: int, *, severity_known: bool = True,
                     none_reads_mild: bool = False, silence_cost: float = SILENCE_COST,
-                    present_credit: float = PRESENT_CREDIT) -> float:
+                    present_credit: float = PRESENT_CREDIT, false_claim_cost: float = 1.0) -> float:
     """Agreement of one claim about one degradation with the reference (pure; the table of
     :func:`faithfulness_reward`).
 
@@ -141,8 +141,11 @@ def claim_agreement(claim: str | None, reference: int, *, severity_known: bool =
             severity): then any presence claim agrees fully with a present reference.
         none_reads_mild: True for noise: every CT image has some noise, so with reference ``none`` (minimal) a
             claim of "mild" agrees, "moderate" is one band off, "severe" two, "present" earns ``present_credit``.
+        false_claim_cost: what naming a degradation the reference does not find costs (default 1; more than 1
+            makes a false claim worse than a missed one, for a model that cannot tell and would otherwise name the
+            majority class everywhere).
     Returns:
-        a float in [-1, 1].
+        a float in [-max(1, false_claim_cost), 1].
     """
     if claim is None:
         return -silence_cost if reference > 0 else 0.0
@@ -150,7 +153,7 @@ def claim_agreement(claim: str | None, reference: int, *, severity_known: bool =
         return 1.0 if reference == 0 else -1.0
     if reference == 0:
         if not none_reads_mild:
-            return -1.0
+            return -false_claim_cost
         return present_credit if claim == "present" else _band_agreement(SEVERITIES.index(claim), 1)
     if claim == "present" or not severity_known:
         return present_credit if severity_known else 1.0
@@ -160,7 +163,7 @@ def claim_agreement(claim: str | None, reference: int, *, severity_known: bool =
 def faithfulness_reward(completions: Sequence[Any], noise_severity: Sequence[Any], streaks: Sequence[Any],
                         streak_severity: Sequence[Any] | None = None, *, silence_cost: float = SILENCE_COST,
                         unverified_cost: float = UNVERIFIED_COST, present_credit: float = PRESENT_CREDIT,
-                        **_: Any) -> list[float]:
+                        false_streak_cost: float = 1.0, **_: Any) -> list[float]:
     """Do the rationale's claims agree with the reference findings of its image?
 
     ``(noise term + streak term) / 2 - unverified_cost * (number of other artifacts claimed)``, where each term is
@@ -187,8 +190,10 @@ def faithfulness_reward(completions: Sequence[Any], noise_severity: Sequence[Any
             simulator's truth); None (the column absent) or a None value means only present/absent is known.
         silence_cost, unverified_cost, present_credit: see :data:`SILENCE_COST`, :data:`UNVERIFIED_COST`,
             :data:`PRESENT_CREDIT`.
+        false_streak_cost: the streak term for streaks claimed where the reference has none (default 1: the
+            table's -1); see :func:`claim_agreement`.
     Returns:
-        one float per completion, in [-1 - unverified_cost * 4, 1].
+        one float per completion, in [-(1 + max(1, false_streak_cost)) / 2 - unverified_cost * 4, 1].
     """
     from ctiqa.explanations import extract_claims
 
@@ -201,7 +206,8 @@ def faithfulness_reward(completions: Sequence[Any], noise_severity: Sequence[Any
         claims = extract_claims(completion_text(c))
         noise = claim_agreement(claims.noise, _severity_index(noise_ref), none_reads_mild=True, **costs)
         s_ref = (_severity_index(streak_sev) or 1) if bool(streak_ref) else 0
-        streak = claim_agreement(claims.streaks, s_ref, severity_known=streak_sev is not None, **costs)
+        streak = claim_agreement(claims.streaks, s_ref, severity_known=streak_sev is not None,
+                                 false_claim_cost=false_streak_cost, **costs)
         out.append((noise + streak) / 2 - unverified_cost * len(claims.other_artifacts))
     return out
 

@@ -71,6 +71,9 @@ class ScriptArguments(training.ScriptArguments):
         "help": "faithfulness_reward: cost of not mentioning a degradation the reference finds."})
     unverified_cost: float = field(default=rewards.UNVERIFIED_COST, metadata={
         "help": "faithfulness_reward: cost of each artifact claim no measurement checks (ring, motion, metal, ...)."})
+    false_streak_cost: float = field(default=1.0, metadata={
+        "help": "faithfulness_reward: the streak term for streaks claimed where the reference has none (1: as a "
+                "missed streak; more makes false streaks worse than missed ones)."})
     findings: str = field(default="auto", metadata={
         "help": "reference findings for faithfulness_reward: truth (simulated data), measured, or auto."})
     vllm: str = field(default="auto", metadata={
@@ -92,7 +95,8 @@ def reward_functions(script_args: ScriptArguments) -> list:
     """
     params = {"score_reward": {"tau": script_args.score_tau},
               "faithfulness_reward": {"silence_cost": script_args.silence_cost,
-                                      "unverified_cost": script_args.unverified_cost}}
+                                      "unverified_cost": script_args.unverified_cost,
+                                      "false_streak_cost": script_args.false_streak_cost}}
     out = []
     for name in script_args.reward_funcs:
         if name not in rewards.REWARDS:
@@ -240,7 +244,8 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     config = training.run_config(script_args, training_args, model_args) | {
         "reward_funcs": list(script_args.reward_funcs), "reward_weights": list(weights),
         "score_tau": script_args.score_tau, "silence_cost": script_args.silence_cost,
-        "unverified_cost": script_args.unverified_cost, "findings": script_args.findings,
+        "unverified_cost": script_args.unverified_cost, "false_streak_cost": script_args.false_streak_cost,
+        "findings": script_args.findings,
         "max_train_samples": script_args.max_train_samples}
     checkpoint = training.prepare_output_dir(training_args.output_dir, config,
                                              overwrite=script_args.overwrite_output_dir,

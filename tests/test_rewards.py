@@ -70,6 +70,8 @@ def test_format_reward_penalises_unparseable_and_missing_reasoning():
     ("mild", 2, {}, 0.0),                       # one band off
     ("mild", 3, {}, -1.0),                      # two bands off
     ("severe", 1, {"severity_known": False}, 1.0),
+    ("present", 0, {"false_claim_cost": 2.0}, -2.0),
+    ("absent", 2, {"false_claim_cost": 2.0}, -1.0),   # a missed degradation keeps its cost
 ])
 def test_claim_agreement_table(claim, reference, kw, expected):
     assert claim_agreement(claim, reference, **kw) == expected
@@ -83,6 +85,9 @@ def test_faithful_and_unfaithful_rationales_for_the_same_findings_differ():
     got = faithfulness_reward([_conv(FAITHFUL), _conv(UNFAITHFUL)], noise_severity=["moderate"] * 2,
                               streaks=[False] * 2, streak_severity=[None] * 2)
     assert got == [1.0, 0.0]  # (noise 1 + streaks 1) / 2; (noise 1 + false streaks -1) / 2
+    # a false streak can be made to cost more than a missed one
+    assert faithfulness_reward([UNFAITHFUL], noise_severity=["moderate"], streaks=[False],
+                               false_streak_cost=2.0) == [-0.5]
 
 
 def test_faithfulness_severity_silence_and_unverified_claims():
