@@ -201,6 +201,9 @@ def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_
     base = adapter_base(model_args.model_name_or_path)
     if base is None:
         model, peft_config = training.load_model(model_args, training_args, checkpoint=checkpoint)
+        # GRPOTrainer builds the KL reference (beta > 0) from the policy's config name: keep it the starting model,
+        # not the checkpoint a resumed policy was loaded from (else the reference moves on every resume).
+        model.config._name_or_path = model_args.model_name_or_path
         return model, peft_config, model_args.model_name_or_path
     if model_args.use_peft:
         raise CTIQAError(f"{model_args.model_name_or_path} is a LoRA adapter: GRPO trains it further; set use_peft "
