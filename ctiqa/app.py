@@ -349,11 +349,38 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be listened on (in use, out of 1..65535, not permitted) before the model loads.
+
+    Probes with a bind as the web server will (SO_REUSEADDR set, so a port left in TIME_WAIT is not refused).
+
+    Raises:
+        CTIQAError: one line naming ``host:port`` and why.
+    """
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise CTIQAError(f"--port {port}: must be 1..65535")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise CTIQAError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}; in use by another "
+                         "program?); choose another --port") from e
+
+
 def cli_main(args: argparse.Namespace) -> int:
-    """Run ``ctiqa app`` until interrupted. Returns 0."""
+    """Run ``ctiqa app`` until interrupted. Returns 0.
+
+    Raises:
+        CTIQAError: bad options, or ``--port`` cannot be listened on (checked before the model loads).
+    """
     if args.server and (args.adapter or not args.model):
         raise CTIQAError("--server needs --model (the served model name) and no --adapter (merge it first: ctiqa "
                          "export)")
+    check_port(args.host, args.port)
     # Gradio reads these at import: a private upload folder removed at exit, and no analytics calls.
     tmp = tempfile.mkdtemp(prefix="ctiqa-app-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)

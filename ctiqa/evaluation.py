@@ -510,7 +510,8 @@ def print_table(results: dict[str, Any]) -> None:
     if any(f.values()):
         console.print("failures: " + ", ".join(f"{n} {what}" for what, n in (
             ("connection (server not reached)", f["connection"]), ("API errors", f["api"]),
-            ("answers without a score", f["no_score"]), ("missing", f["missing"])) if n))
+            ("answers without a score (parse failures)", f["no_score"]),
+            ("missing (no prediction for the id)", f["missing"])) if n))
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     ex = results.get("explanation_check")
     if ex:

@@ -3,7 +3,10 @@
 ``ctiqa findings INPUT... [--out FILE.jsonl]`` writes one JSON row per image (:meth:`Findings.to_row`):
 
 ``id``
-    the file stem (``0007`` for ``image/0007.tif``; ``stem#N`` for frame N of a multi-frame file).
+    the file stem for TIFF/PNG/JPEG files and LDCTIQA folders (``0007`` for ``image/0007.tif``; ``stem#N`` for
+    frame N of a multi-page file); never a DICOM file name (often a SOP Instance UID) unless ``--file-names``: a DICOM
+    file given directly is ``dicom#K`` (the K-th such input; ``dicom#K/N`` for frame N), a slice of a DICOM series
+    folder ``FOLDER/i`` (its position along the slice normal).
 ``noise_hu``
     quantum-noise standard deviation in HU (None when fewer than :data:`MIN_NOISE_WINDOWS` soft-tissue windows).
 ``noise_severity``
@@ -72,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from ctiqa import CTIQAError
-from ctiqa.imaging import MEDGEMMA_3WINDOW, SOFT_TISSUE, CTImage, read_ct_frames, unit_to_hu
+from ctiqa.imaging import MEDGEMMA_3WINDOW, SOFT_TISSUE, CTImage, is_dicom_file, read_ct_frames, unit_to_hu
 from ctiqa.vocabulary import noise_severity
 
 # ------------------------------------------------------------------------------------------------- constants
@@ -325,14 +328,17 @@ def attach_findings(records: list[dict[str, Any]], images: dict[str, Any]) -> in
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-def iter_images(inputs: list[str]) -> Any:
-    """Yield (id, CTImage or CTIQAError) for each image of the inputs: files (id: the file stem, ``#N`` per frame),
-    LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the file stems) and DICOM series
-    folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for series k of several: exported
-    DICOM file names are often SOP Instance UIDs, so they stay out of the output)."""
+def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
+    """Yield (id, CTImage or CTIQAError) for each image of the inputs: TIFF/PNG/JPEG files (id: the file stem,
+    ``#N`` per frame), DICOM files (id ``dicom#K`` for the K-th DICOM file input, ``dicom#K/N`` for frame N; the
+    file stem with ``file_names``), LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the
+    file stems) and DICOM series folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for
+    series k of several). Exported DICOM file names are often SOP Instance UIDs, so they stay out of ids and error
+    messages (replaced by the id) unless ``file_names``."""
     from ctiqa.imaging import read_dicom_folder
     from ctiqa.ldctiqa import load_ldctiqa
 
+    n_dicom = 0
     for raw in inputs:
         p = Path(raw)
         if p.is_dir() and any((p / d).is_dir() for d in ("image", "images")):
@@ -349,8 +355,18 @@ def iter_images(inputs: list[str]) -> Any:
                 sid = f"{p.name}#{k}" if len(found) > 1 else p.name
                 for i, (_, img) in enumerate(series):
                     yield f"{sid}/{i}", img
-            for i, (_, msg) in enumerate(errors):
-                yield f"{p.name}/unreadable-{i}", CTIQAError(msg)
+            for i, (path, msg) in enumerate(errors):
+                rid = f"{p.name}/unreadable-{i}"
+                yield rid, CTIQAError(msg if file_names else _without_name(msg, path, rid))
+        elif p.is_file() and is_dicom_file(p) and not file_names:
+            n_dicom += 1
+            rid = f"dicom#{n_dicom}"
+            try:
+                frames = read_ct_frames(p)
+                for k, img in enumerate(frames):
+                    yield (f"{rid}/{k}" if len(frames) > 1 else rid), img
+            except CTIQAError as e:
+                yield rid, CTIQAError(_without_name(str(e), raw, rid))
         else:
             try:
                 for img in read_ct_frames(p):
@@ -359,11 +375,20 @@ def iter_images(inputs: list[str]) -> Any:
                 yield image_id(raw), e
 
 
+def _without_name(message: str, path: str, rid: str) -> str:
+    """``message`` with the file's path and name (which may be a UID) replaced by the row id ``rid``."""
+    return message.replace(str(path), rid).replace(Path(path).name, rid)
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa findings``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="DICOM/TIFF/PNG file, DICOM series folder, or LDCTIQA-style folder (image/*.tif)")
     parser.add_argument("--out", type=Path, help="write one JSON row per image to FILE.jsonl")
+    parser.add_argument("--file-names", action="store_true",
+                        help="id DICOM files given directly by their file stem and name unreadable DICOM files in "
+                        "messages; off by default because exported DICOM files are often named by their SOP "
+                        "Instance UID (their ids are then dicom#1, dicom#2... in input order)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -371,7 +396,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.suffix != ".jsonl":
         raise CTIQAError(f"{args.out}: output must end in .jsonl")
     rows, n_bad = [], 0
-    for rid, img in iter_images(args.inputs):
+    for rid, img in iter_images(args.inputs, file_names=args.file_names):
         if isinstance(img, CTIQAError):
             print(f"skipped: {img}", file=sys.stderr)
             n_bad += 1

@@ -251,10 +251,20 @@ def _check_size(shape: tuple[int, ...], source: str) -> None:
 
 
 def _classify(arr: np.ndarray, source: str) -> CTImage:
-    """Apply the detection rules of the module docstring to a decoded TIFF/PNG array, then the size floor."""
+    """Apply the detection rules of the module docstring to a decoded TIFF/PNG array, then the size floor and the
+    constant-image check."""
     img = _classify_values(arr, source)
     _check_size(img.shape, source)
+    _check_not_constant(img.pixels, source)
     return img
+
+
+def _check_not_constant(values: np.ndarray, source: str) -> None:
+    """Refuse an image with no variation at all (max == min after reading: blank, all air, all padding, or a
+    Rescale Slope that flattens every value): there is no noise or structure to assess."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo == hi:
+        raise CTIQAError(f"{source}: constant image (every pixel {lo:g}): nothing to assess")
 
 
 def _classify_values(arr: np.ndarray, source: str) -> CTImage:
@@ -269,11 +279,16 @@ def _classify_values(arr: np.ndarray, source: str) -> CTImage:
                 f"{source}: {a.shape[-1]}-channel {a.dtype} image; only 8-bit colour images can be converted to "
                 "grey (CT must be single-channel)"
             )
+        notes: list[str] = []
+        if a.shape[-1] in (2, 4) and (a[..., -1] < 255).any():  # alpha is dropped: say so when it hides anything
+            frac = float((a[..., -1] < 255).mean())
+            _warn(notes, f"{source}: alpha channel ignored ({100 * frac:.1f} % of pixels partly or fully "
+                         "transparent; the grey values are read as if opaque)")
         if a.shape[-1] == 2:
-            return CTImage(a[..., 0], "display", source)
+            return CTImage(a[..., 0], "display", source, notes=notes)
         r, g, b = (a[..., i].astype(np.float64) for i in range(3))
         grey = LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b
-        return CTImage(grey, "display", source)
+        return CTImage(grey, "display", source, notes=notes)
     if a.ndim != 2:
         raise CTIQAError(f"{source}: expected a single-channel 2-D image, got array of shape {a.shape}")
     if a.size == 0:
@@ -526,6 +541,12 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
     src = pvt if pvt is not None and pvt.get("RescaleIntercept") not in (None, "") else ds
     slope = src.get("RescaleSlope")
     slope = 1 if slope in (None, "") else slope
+    try:
+        zero_slope = float(slope) == 0
+    except (TypeError, ValueError) as e:
+        raise CTIQAError(f"{source}: Rescale Slope {slope!r} is not a number") from e
+    if zero_slope:
+        raise CTIQAError(f"{source}: Rescale Slope is 0 (invalid DICOM: every pixel would map to the intercept)")
     if "ModalityLUTSequence" in ds and src is ds:
         values, has_lut = apply_modality_lut(arr, ds), True
     elif src.get("RescaleIntercept") not in (None, ""):
@@ -566,6 +587,7 @@ def _dicom_frame(ds: Any, arr: np.ndarray, frame: int, source: str) -> CTImage:
     ipp = plane_pos.get("ImagePositionPatient") if plane_pos is not None else ds.get("ImagePositionPatient")
     iop = plane_ori.get("ImageOrientationPatient") if plane_ori is not None else ds.get("ImageOrientationPatient")
     position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
+    _check_not_constant(values, source)
     return CTImage(_standard_axial(values, iop).astype(np.float32), kind, source, position, notes)
 
 
@@ -643,6 +665,32 @@ def _iter_dicom_frames(path: Path, frames: list[int] | None = None, ds: Any = No
         yield _dicom_frame(ds, arr, f, f"{path}#{f}" if n > 1 else str(path))
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when the readers read ``path`` as DICOM: suffix ``.dcm``/``.dicom``/``.ima``, no suffix, or the
+    ``DICM`` marker, and not a TIFF/PNG/JPEG/BMP suffix. Exported DICOM files are often named by their SOP Instance
+    UID, so commands keep such file names out of their outputs unless asked (``--file-names``)."""
+    p = Path(path)
+    return (p.suffix == "" or _is_dicom(p)) and p.suffix.lower() not in _TIFF_SUFFIXES | _RASTER_SUFFIXES
+
+
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be opened as a file or folder: ``"symlink loop"`` (a link that points back to itself,
+    directly or through other links), ``"broken symlink"`` (a link to nothing), ``"permission denied"``, or
+    ``"no such file"``. For the one-line errors of the readers and commands."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+        if os.path.islink(path):
+            return "broken symlink"
+    return "no such file"
+
+
 def read_ct_frames(path: str | os.PathLike) -> list[CTImage]:
     """Read every frame of a file: DICOM (multi-frame or single), multi-page TIFF, or a single image.
 
@@ -652,7 +700,7 @@ def read_ct_frames(path: str | os.PathLike) -> list[CTImage]:
     """
     p = Path(path)
     if not p.is_file():
-        raise CTIQAError(f"{p}: no such file")
+        raise CTIQAError(f"{p}: {missing_reason(p)}")
     suffix = p.suffix.lower()
     if suffix in _TIFF_SUFFIXES:
         pages = _read_tiff_pages(p)
@@ -687,7 +735,7 @@ def read_ct(path: str | os.PathLike, frame: int | None = None) -> CTImage:
     if p.is_dir():
         raise CTIQAError(f"{p}: is a folder; read a DICOM series with read_dicom_series")
     if not p.is_file():
-        raise CTIQAError(f"{p}: no such file")
+        raise CTIQAError(f"{p}: {missing_reason(p)}")
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
         raise CTIQAError(f"{p}: frame must be an integer index, got {frame!r}")
     if (_is_dicom(p) or p.suffix == "") and p.suffix.lower() not in _TIFF_SUFFIXES | _RASTER_SUFFIXES:

@@ -15,7 +15,11 @@ Streaming: folders are indexed from DICOM headers only and each slice's pixels a
 so memory stays flat in the number of slices. Each row is appended to ``--out`` as soon as it is scored (with a
 progress bar: slices/s, ETA); a killed run keeps what it wrote, and a re-run with the same ``--out`` and settings
 skips the slices already there (a different model or setting into the same ``--out`` is refused, naming what
-differs: the settings live beside the rows in ``FILE.run.json``).
+differs: the settings live beside the rows in ``FILE.run.json``). Resume is keyed on content, not on names: each
+row holds ``image_sha256`` (:func:`ctiqa.imaging.image_sha256` of the rendered image: no file name, no UID), and
+before any scoring every slice already in ``--out`` is read and rendered again; if any differs (files changed,
+slices inserted so that positions moved, slices removed) the run is refused naming the series, so stale scores
+are never kept or mixed in. Slices added after the last scored position are scored.
 
 Skipped inputs (unreadable files, slices that cannot be rendered) are rows too, with ``skipped`` holding the reason
 and no file name; the batch goes on. Privacy: outputs name a series by the id the user chose (``--id``) or the path
@@ -51,7 +55,8 @@ from typing import Any
 from ctiqa import CTIQAError, CTIQAWarning
 from ctiqa.demo import DEMO_MODEL
 from ctiqa.findings import rationale_fields
-from ctiqa.imaging import ENCODINGS, CTImage, index_dicom_folder, read_ct, read_ct_frames, render
+from ctiqa.imaging import (ENCODINGS, CTImage, image_sha256, index_dicom_folder, is_dicom_file, missing_reason, read_ct,
+                           read_ct_frames, render)
 from ctiqa.model_settings import PRECISIONS, choose_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
@@ -60,9 +65,9 @@ N_WORST = 3
 #: Up to this many slice rows are also printed as a table at the end (more: see --out).
 TABLE_MAX = 200
 #: Columns of a slice row, in order (``file`` only with ``--file-names``). ``skipped`` holds the reason a slice or
-#: input was not scored; ``error`` a failed backend call; the measured findings of the slice and the flags of its
+#: input was not scored; ``error`` a failed backend call; ``image_sha256`` the content key a resume checks; the measured findings of the slice and the flags of its
 #: rationale (ctiqa.findings.rationale_fields) come with a rationale.
-ROW_COLUMNS = ["series", "slice", "file", "parsed_score", "parse_rule", "prob_score", "prob_std", "rationale",
+ROW_COLUMNS = ["series", "slice", "file", "image_sha256", "parsed_score", "parse_rule", "prob_score", "prob_std", "rationale",
                "noise_hu", "noise_severity", "streak_index", "streaks", "faithfulness_flags", "skipped", "error"]
 SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -106,12 +111,15 @@ class Series:
         return None
 
 
-def gather_series(inputs: list[str], ids: list[str] | None = None) -> list[Series]:
+def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names: bool = False) -> list[Series]:
     """Index every input into :class:`Series` without reading pixels (DICOM headers only).
 
     Args:
         inputs: paths of DICOM/TIFF/PNG/JPEG files or folders (trees) of DICOM files.
-        ids: optional user-chosen series ids, one per input (default: the path as given).
+        ids: optional user-chosen series ids, one per input (default: the path as given, except a DICOM file
+            given directly: ``dicom#K`` for the K-th such input, since its name is often a SOP Instance UID; its
+            path with ``file_names``).
+        file_names: name DICOM file inputs by their path.
     Returns:
         one :class:`Series` per input, except a folder holding k > 1 DICOM series (by Series Instance UID), which
         gives k, with ids ``ID#1`` ... ``ID#k`` (a note on stderr says so; the UIDs themselves are not used). An
@@ -122,9 +130,13 @@ def gather_series(inputs: list[str], ids: list[str] | None = None) -> list[Serie
     if ids is not None and len(ids) != len(inputs):
         raise CTIQAError(f"--id given {len(ids)} times for {len(inputs)} inputs: give one id per input or none")
     out = []
+    n_dicom_files = 0
     for i, raw in enumerate(inputs):
         sid = ids[i] if ids else raw
         p = Path(raw)
+        if not ids and not file_names and p.is_file() and is_dicom_file(p):
+            n_dicom_files += 1
+            sid = f"dicom#{n_dicom_files}"
         errors: list[tuple[str, str]] = []
         if p.is_dir():
             try:
@@ -142,8 +154,11 @@ def gather_series(inputs: list[str], ids: list[str] | None = None) -> list[Serie
             out.extend(group)
         elif p.is_file():
             out.append(Series(id=sid, refs=[SliceRef(0, raw, p, "all")]))
+            if sid.startswith("dicom#") and sid != raw:
+                print(f"note: DICOM file input {i + 1} is named {sid} (its file name may be a UID; --id ID or "
+                      "--file-names to name it)", file=sys.stderr)
         else:
-            out.append(Series(id=sid, errors=[(raw, f"{raw}: no such file or folder")]))
+            out.append(Series(id=sid, errors=[(raw, f"{raw}: " + (r if (r := missing_reason(p)) != "no such file" else "no such file or folder"))]))
     return out
 
 
@@ -184,7 +199,8 @@ class RowSink:
     """
 
     def __init__(self, path: Path | None, settings: dict[str, Any], file_names: bool):
-        self.path, self.columns, self.done, self.skipped = path, _row_columns(file_names), set(), set()
+        self.path, self.columns, self.skipped = path, _row_columns(file_names), set()
+        self.done: dict[tuple[str, int], str | None] = {}  # (series, slice) -> image_sha256 of the scored image
         if path is None:
             return
         if path.is_dir():
@@ -208,7 +224,7 @@ class RowSink:
                 if r.get("skipped"):
                     self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
                 elif r.get("slice") not in (None, ""):
-                    self.done.add((str(r["series"]), int(r["slice"])))
+                    self.done[(str(r["series"]), int(r["slice"]))] = r.get("image_sha256")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(path, "a", newline="")
@@ -353,14 +369,60 @@ def _read(ref: SliceRef, cache: dict[str, Any]) -> list[tuple[int, str, CTImage]
     return [(ref.index, ref.name, cache["frames"][int(ref.frame)])]
 
 
+def check_resume(series: list[Series], sink: RowSink, *, encoding: str, unit_is_hu: bool = False) -> None:
+    """Before a resume: read and render again every slice that ``sink`` already holds a row for and compare its
+    :func:`ctiqa.imaging.image_sha256` with the row's. Slices past the last scored one (added) are left to score.
+
+    Raises:
+        CTIQAError: naming the series (not the files) whose rows are stale: a slice's pixels differ (a file
+            changed, or a slice was inserted so that positions moved), a scored slice is gone or unreadable now,
+            or the row has no content hash (written by an older ctiqa).
+    """
+    if not sink.done:
+        return
+    stale: dict[str, list[int]] = {}
+    cache: dict[str, Any] = {}
+    for s in series:
+        seen: set[int] = set()
+        for ref in s.refs:
+            if ref.frame != "all" and (s.id, ref.index) not in sink.done:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", CTIQAWarning)
+                    items = _read(ref, cache)
+            except CTIQAError:
+                items = []
+            for index, _, img in items:
+                if (s.id, index) not in sink.done:
+                    continue
+                seen.add(index)
+                try:
+                    digest = image_sha256(render(img, encoding, unit_is_hu=unit_is_hu))
+                except CTIQAError:
+                    digest = None
+                if digest is None or digest != sink.done[(s.id, index)]:
+                    stale.setdefault(s.id, []).append(index)
+        gone = [i for (sid, i) in sink.done if sid == s.id and i not in seen]
+        if gone:
+            stale.setdefault(s.id, []).extend(gone)
+    if stale:
+        what = "; ".join(f"{sid} (slice{'s' if len(ix) > 1 else ''} {', '.join(map(str, sorted(ix)[:5]))}"
+                         f"{' ...' if len(ix) > 5 else ''})" for sid, ix in stale.items())
+        raise CTIQAError(f"--out {sink.path}: holds scores of slices whose content has changed since they were scored"
+                         f" (pixels differ, slices inserted or removed, or rows from an older ctiqa without "
+                         f"image_sha256): {what}; choose another --out to score them afresh")
+
+
 def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encoding: str, batch_size: int,
                  unit_is_hu: bool = False, file_names: bool = False,
                  on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, int]:
     """Score every slice not already in ``sink``, writing each row (and each skipped input) as it comes.
 
     Slices are read and rendered one batch at a time (``batch_size`` images, across series), so memory does not
-    grow with the number of slices. A slice row: ``series``, ``slice`` (0-based), ``file`` (only with
-    ``file_names``), ``parsed_score``, ``parse_rule``, ``prob_score``, ``prob_std`` (0-4 scale), ``rationale``
+    grow with the number of slices. Rows already in ``sink`` are first checked against the current content
+    (:func:`check_resume`; a changed series raises :class:`ctiqa.CTIQAError` before any scoring). A slice row: ``series``, ``slice`` (0-based), ``file`` (only with
+    ``file_names``), ``image_sha256`` (of the rendered image), ``parsed_score``, ``parse_rule``, ``prob_score``, ``prob_std`` (0-4 scale), ``rationale``
     (the generated text; None with score-only) and what else the backend returns; a skipped row: ``series``,
     ``slice`` (None when the file could not be indexed), ``skipped`` (the reason, without the file name).
 
@@ -369,6 +431,7 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
     """
     from tqdm.auto import tqdm
 
+    check_resume(series, sink, encoding=encoding, unit_is_hu=unit_is_hu)
     counts = {"scored": 0, "resumed": 0, "skipped": 0}
     pending: list[tuple[str, int, str, Any]] = []
     emit = on_row or (lambda r: None)
@@ -397,7 +460,7 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
         for (sid, index, name, img), p in zip(pending, preds, strict=True):
             extra = {k: v for k, v in p.items() if k not in _PREDICTION_KEYS}
             put({"series": sid, "slice": index, **({"file": name} if file_names else {}),
-                 "parsed_score": p.get("parsed_score"), "parse_rule": p.get("parse_rule"),
+                 "image_sha256": image_sha256(img), "parsed_score": p.get("parsed_score"), "parse_rule": p.get("parse_rule"),
                  "prob_score": p.get("prob_score"), "prob_std": p.get("prob_std"), "rationale": p.get("text"),
                  **rationale_fields(img, p.get("text")), **extra})  # measured findings + rationale flags
             counts["scored"] += 1
@@ -519,8 +582,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model Hub id or folder (default: runs/demo/model under the current "
                         "folder, the model `make demo` trained; or the adapter's base model)")
     parser.add_argument("--adapter", help="PEFT adapter Hub id or folder (as pushed by recipes/sft.py)")
-    parser.add_argument("--out", type=Path, help="write slice rows to FILE.jsonl or FILE.csv as they are scored (a "
-                        "re-run resumes); the per-series summary goes to FILE.series.jsonl / .csv beside it")
+    parser.add_argument("--out", type=Path, help="write slice rows to FILE.jsonl or FILE.csv as they are scored; the "
+                        "per-series summary goes to FILE.series.jsonl / .csv beside it. A re-run with the same --out "
+                        "resumes: slices already scored are checked by content (a hash of the rendered image kept "
+                        "in each row) and skipped, slices added after them are scored, and if any scored slice "
+                        "changed (files replaced, slices inserted or removed) the run is refused naming the series")
     parser.add_argument("--score-only", action="store_true",
                         help="no rationale: read scores from token probabilities in one forward pass")
     parser.add_argument("--html", type=Path, metavar="FILE.html",
@@ -599,7 +665,7 @@ def cli_main(args: argparse.Namespace) -> int:
     shown: list[dict[str, Any]] = []
     running: dict[str, SeriesSummary] = {}
     try:
-        series = gather_series(args.inputs, args.ids)
+        series = gather_series(args.inputs, args.ids, file_names=args.file_names)
         stream = args.out is None and sum(len(s.refs) for s in series) > TABLE_MAX
 
         def on_row(row: dict[str, Any]) -> None:

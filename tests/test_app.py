@@ -183,7 +183,7 @@ def test_zip_series_png_and_loose_dicoms(scorer, tmp_path):
         for f in series_dir.iterdir():
             z.write(f, f"Patient^Name_series/{f.name}")
     png = up / "john_doe.png"
-    Image.fromarray(np.full((48, 48), 100, np.uint8)).save(png)
+    Image.fromarray(np.tile(np.uint8([[90, 110]]), (48, 24))).save(png)
     loose = [_dicom(up / "b.dcm", 5.0), _dicom(up / "a.dcm", 15.0)]
     junk = up / "notes.txt"
     junk.write_text("not an image")
@@ -237,3 +237,18 @@ def test_server_mode_scores_like_in_process(tiny, tmp_path):
         assert "at http://127.0.0.1" in remote.name
     finally:
         fake.close()
+
+
+def test_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """QA #88: `ctiqa app --port N` with N in use loaded the model, then died with `OSError: Cannot find empty
+    port`. Now the port is checked first and the error is one line naming it."""
+    loads = []
+    monkeypatch.setattr(Scorer, "load", classmethod(lambda cls, *a, **k: loads.append(a)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert ctiqa_main(["app", "--port", str(port), "--model", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --port") and f"127.0.0.1:{port}" in err and "\n" not in err
+    assert loads == []  # refused before the model was loaded

@@ -565,3 +565,21 @@ def test_report_never_writes_over_an_evaluation_or_a_users_file(tmp_path, capsys
     md = tmp_path / "report.md"
     assert ctiqa_main(["report", str(run), "--out", str(md), "--bootstrap", "0"]) == 0
     assert ctiqa_main(["report", str(run), "--out", str(md), "--bootstrap", "0"]) == 0  # our own report: replaced
+
+
+def test_absent_ids_are_missing_not_parse_failures(dataset, tmp_path, capsys):
+    """QA #53: a predictions file with some of the split's ids said "N ... missing (parse failures)". Absent ids
+    are counted as missing, an answer without a score as a parse failure, in results.json and on the console."""
+    f = tmp_path / "few.jsonl"
+    rows = [{"id": "0000", "prediction": 3.5}, {"id": "0001", "prediction": 2.5}, {"id": "0002", "prediction": 2.0},
+            {"id": "0003", "text": "The image looks fine to me."}]  # 0004, 0005 absent
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "few"
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out", str(out),
+                       "--bootstrap", "0"]) == 0
+    res = _strict_json(out / "results.json")
+    assert res["failures"] == {"connection": 0, "api": 0, "no_score": 1, "missing": 2}
+    text = capsys.readouterr().out + json.dumps(res["metrics"])
+    assert "1 answers without a score (parse failures)" in text and "2 missing (no prediction for the id)" in text
+    assert "3 of 6 predictions are missing (parse failures)" not in text and "(parse failures)" not in json.dumps(
+        res["metrics"])

@@ -96,3 +96,27 @@ def test_cli_dicom_folder_ids_hide_file_names(tmp_path):
     row = json.loads(out.read_text())
     assert row["id"] == "series/0" and "1.2.840" not in out.read_text()
     assert 5 < row["noise_hu"] < 20 and row["noise_severity"] == "none"  # a routine-dose slice
+
+
+def test_cli_dicom_files_given_directly_are_not_named_by_their_uid(tmp_path, capsys):
+    """QA #82: UID-named DICOM files given directly (a shell glob of a series) became UID ids on stdout and in
+    --out, and an unreadable one was named in the skip message. TIFF stems (LDCTIQA ids) stay ids."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    uids = [tmp_path / f"1.2.840.113619.2.{k}.dcm" for k in (1, 2)]
+    for u in uids:
+        shutil.copy(get_testdata_file("CT_small.dcm"), u)
+    broken = tmp_path / "1.2.840.113619.2.9.dcm"
+    broken.write_bytes(b"DICM but not really")
+    tif = tmp_path / "0007.tif"
+    tifffile.imwrite(tif, hu_to_unit(_phantom(20)))
+    out = tmp_path / "f.jsonl"
+    assert ctiqa_main(["findings", *map(str, uids), str(broken), str(tif), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["dicom#1", "dicom#2", "0007"]
+    assert "1.2.840" not in out.read_text() + captured.out + captured.err
+    assert "dicom#3" in captured.err  # the unreadable one is named by its id
+    assert ctiqa_main(["findings", str(uids[0]), "--file-names", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["id"] == "1.2.840.113619.2.1"

@@ -50,8 +50,11 @@ def top(x, like):
 def write_ct_dicom(path, raw, *, intercept=-1024.0, slope=1.0, position=(0.0, 0.0, 0.0), instance=1,
                    orientation=(1, 0, 0, 0, 1, 0), window_center=None, window_width=None, modality="CT",
                    signed=False):
-    """A minimal CT DICOM file with the given stored (raw) pixel values, tiled to the size floor, uncompressed."""
-    raw = tile(np.asarray(raw, dtype=np.int16 if signed else np.uint16))
+    """A minimal CT DICOM file with the given stored (raw) pixel values, tiled to the size floor, uncompressed. A
+    constant pattern gets its bottom-right pixel + 1 (a constant image is refused: nothing to assess)."""
+    raw = tile(np.asarray(raw, dtype=np.int16 if signed else np.uint16)).copy()
+    if raw.min() == raw.max():
+        raw[-1, -1] += 1
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -307,13 +310,14 @@ def test_lzw_float_tiff_without_imagecodecs(tmp_path):
 
 
 def test_tiff_axes(tmp_path):
-    tifffile.imwrite(tmp_path / "q.tif", np.full((1, 16, 16), 0.25, np.float32))  # axes QYX: one slice
+    tifffile.imwrite(tmp_path / "q.tif", np.linspace(0, 1, 256, dtype=np.float32).reshape(1, 16, 16))  # QYX
     assert read_ct(tmp_path / "q.tif").shape == (16, 16)
     tifffile.imwrite(tmp_path / "planar.tif", np.zeros((3, 8, 8), np.float32))  # tifffile writes planar RGB
     with pytest.raises(CTIQAError, match=r"planar\.tif.*3-channel float32"):
         read_ct(tmp_path / "planar.tif")
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[..., 1] = 200
+    rgb[-1, -1] = 0
     tifffile.imwrite(tmp_path / "rgb8.tif", rgb, photometric="rgb")
     img = read_ct(tmp_path / "rgb8.tif")
     assert img.kind == "display" and img.pixels[0, 0] == pytest.approx(0.587 * 200)
@@ -321,6 +325,7 @@ def test_tiff_axes(tmp_path):
 
 def test_multipage_tiff_frames(tmp_path):
     stack = np.stack([np.full((16, 16), v, np.float32) for v in (0.0, 0.5, 1.0)])
+    stack[:, -1, -1] = 0.25  # not constant
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")  # 3 pages, not planar RGB
     with pytest.raises(CTIQAError, match=r"stack\.tif.*3 images"):
         read_ct(tmp_path / "stack.tif")
@@ -339,7 +344,7 @@ def test_png_jpeg_display(tmp_path):
     # 16-bit PNG keeps its values (not clipped to 8 bit): uint16 rule, HU = v - 1024
     Image.fromarray(tile(np.array([[0, 1024, 2000]], dtype=np.uint16))).save(tmp_path / "w.png")
     assert read_ct(tmp_path / "w.png").pixels[0, :3].tolist() == [-1024, 0, 976]
-    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / "j.jpg", quality=95)
+    Image.fromarray(np.tile(np.uint8([[88, 92]]), (16, 8))).save(tmp_path / "j.jpg", quality=95)
     j = read_ct(tmp_path / "j.jpg")
     assert j.kind == "display" and abs(float(j.pixels.mean()) - 90) < 2
 
@@ -372,7 +377,7 @@ def test_cli_render_writes_what_render_returns(tmp_path, capsys):
 
 def test_cli_render_frame_and_errors(tmp_path, capsys):
     x = tmp_path / "u.tif"
-    tifffile.imwrite(x, np.full((16, 16), 0.5, np.float32))
+    tifffile.imwrite(x, np.linspace(0.4, 0.6, 256, dtype=np.float32).reshape(16, 16))
     out = tmp_path / "u.png"
     assert main(["render", str(x), "--out", str(out), "--encoding", "medgemma-3window"]) == 2
     err = capsys.readouterr().err.strip()
@@ -604,3 +609,56 @@ def test_cli_render_never_writes_over_its_input(tmp_path, capsys):
         assert main(["render", str(x), "--out", str(out)]) == 2
         assert "input" in capsys.readouterr().err
         assert x.read_bytes() == before
+
+
+def test_blank_images_are_refused_not_scored(tmp_path, capsys):
+    """QA #10/#11: an all-0 TIFF and a DICOM with Rescale Slope 0 (every value -1024) were rendered and scored with
+    exit 0. Slope 0 is invalid DICOM; any image with no variation at all has nothing to assess."""
+    write_ct_dicom(tmp_path / "slope0.dcm", np.arange(256).reshape(16, 16) + 900, slope=0.0)
+    with pytest.raises(CTIQAError, match=r"slope0\.dcm: Rescale Slope is 0"):
+        read_ct(tmp_path / "slope0.dcm")
+    air = tile(np.full((1, 1), 0, np.uint16))  # stored 0 -> -1024 HU everywhere (write_ct_dicom would perturb it)
+    write_ct_dicom(tmp_path / "air.dcm", np.arange(256).reshape(16, 16))
+    ds = pydicom.dcmread(tmp_path / "air.dcm")
+    ds.PixelData = air.astype(np.uint16).tobytes()
+    ds.save_as(tmp_path / "air.dcm")
+    with pytest.raises(CTIQAError, match=r"air\.dcm: constant image .*nothing to assess"):
+        read_ct(tmp_path / "air.dcm")
+    tifffile.imwrite(tmp_path / "zero.tif", np.zeros((32, 32), np.float32))
+    with pytest.raises(CTIQAError, match=r"zero\.tif: constant image \(every pixel 0\): nothing to assess"):
+        read_ct(tmp_path / "zero.tif")
+    with pytest.raises(CTIQAError, match="constant image"):
+        read_ct_frames(tmp_path / "zero.tif")
+    assert main(["render", str(tmp_path / "zero.tif"), "--out", str(tmp_path / "z.png")]) == 2
+    assert not (tmp_path / "z.png").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "zero.tif: constant image" in err and "\n" not in err
+
+
+def test_rgba_alpha_is_not_dropped_silently(tmp_path):
+    """QA #14: the alpha of an RGBA PNG was dropped without a word; a transparent part is now a reading note."""
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = np.arange(256).reshape(16, 16, 1)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
+    assert read_ct(tmp_path / "opaque.png").notes == []  # nothing hidden: nothing to say
+    rgba[:8, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    with pytest.warns(CTIQAWarning, match=r"half\.png: alpha channel ignored \(50\.0 %"):
+        img = read_ct(tmp_path / "half.png")
+    assert len(img.notes) == 1 and "alpha channel ignored" in img.notes[0]
+
+
+def test_symlink_loop_is_named(tmp_path):
+    """QA #16: a symlink loop was reported as "no such file"."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling.dcm").symlink_to(tmp_path / "nothing.dcm")
+    with pytest.raises(CTIQAError, match=r"loop1: symlink loop"):
+        read_ct(tmp_path / "loop1")
+    with pytest.raises(CTIQAError, match=r"loop1: symlink loop"):
+        read_ct_frames(tmp_path / "loop1")
+    with pytest.raises(CTIQAError, match=r"dangling\.dcm: broken symlink"):
+        read_ct(tmp_path / "dangling.dcm")
+    with pytest.raises(CTIQAError, match=r"absent\.dcm: no such file"):
+        read_ct(tmp_path / "absent.dcm")

@@ -40,7 +40,7 @@ def test_predict_series_and_files(tiny, tmp_path, capsys):
     tif = tmp_path / "ldct.tif"
     tifffile.imwrite(tif, np.random.default_rng(0).random((64, 64), dtype=np.float32))
     png = tmp_path / "shot.png"
-    Image.fromarray(np.full((64, 64), 120, np.uint8)).save(png)
+    Image.fromarray(np.tile(np.uint8([[110, 130]]), (64, 32))).save(png)
     out = tmp_path / "scores.jsonl"
     rc = main(["predict", str(series), str(tif), str(png), "--model", str(tiny), "--out", str(out),
                "--id", "patientA", "--id", "t", "--id", "p", "--max-new-tokens", "8", "--batch-size", "2"])
@@ -77,8 +77,8 @@ def test_score_only_csv_and_unreadable_everything(tiny, tmp_path, capsys):
     out = tmp_path / "s.csv"
     assert main(["predict", str(good), "--model", str(tiny), "--score-only", "--out", str(out)]) == 0
     header, row = out.read_text().splitlines()[:2]
-    assert header.startswith("series,slice,parsed_score")
-    assert row.split(",")[2] == ""  # no generation -> no parsed score
+    assert header.startswith("series,slice,image_sha256,parsed_score")
+    assert row.split(",")[3] == ""  # no generation -> no parsed score
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     assert main(["predict", str(bad), str(tmp_path / "missing.tif"), "--model", str(tiny)]) == 1
@@ -243,3 +243,94 @@ def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     assert counts == {"scored": 24, "resumed": 0, "skipped": 1} and len(alive) == 6
     assert max(alive) <= 4
     assert all(r["extra_field"] == 1 for r in rows if not r.get("skipped"))  # backend keys are kept
+
+
+def _noisy_slice(path, z, seed):
+    """CT_small at slice position z with seeded noise: a slice whose content (and fake score) depends on seed."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    px = ds.pixel_array.astype(np.int32) + np.random.default_rng(seed).integers(0, 40 * seed + 1, ds.pixel_array.shape)
+    ds.PixelData = np.clip(px, 0, 4000).astype(ds.pixel_array.dtype).tobytes()
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(z)], [1, 0, 0, 0, 1, 0]
+    ds.save_as(path)
+
+
+def _content_backend(images):
+    """A fake model whose score is a function of the image content (mean grey / 64)."""
+    return [{"prob_score": float(np.asarray(im, dtype=np.float64).mean() / 64), "prob_std": 0.1} for im in images]
+
+
+def _run(folder, out):
+    from ctiqa.predict import RowSink, gather_series, score_series
+
+    sink = RowSink(out, {"model": "fake"}, False)
+    try:
+        counts = score_series(gather_series([str(folder)]), _content_backend, sink, encoding="soft-tissue",
+                              batch_size=2)
+    finally:
+        sink.close()
+    return counts, [r for r in sink.read() if not r.get("skipped")]
+
+
+def _truth(folder):
+    """(slice, score) the fake model gives each slice of the folder as it is now, by slice position."""
+    from ctiqa.imaging import read_dicom_folder, render
+
+    (series,) = read_dicom_folder(folder)
+    return [(i, pytest.approx(_content_backend([render(img)])[0]["prob_score"])) for i, (_, img) in enumerate(series)]
+
+
+def test_resume_is_keyed_on_content_not_on_slice_index(tmp_path):
+    """QA #77/#78: a re-run into the same --out after files of a series changed (or slices were inserted) said
+    "resumed" and kept the old scores under the new slices. Now every row's score is the score of the slice at that
+    position as it is now; a changed series is refused by name before anything is scored."""
+    from ctiqa import CTIQAError
+
+    folder = tmp_path / "1.2.840.99"
+    folder.mkdir()
+    for k in range(4):
+        _noisy_slice(folder / f"1.2.840.99.{k}.dcm", 10 * k, seed=k)
+    out = tmp_path / "scores.jsonl"
+    counts, rows = _run(folder, out)
+    assert counts["scored"] == 4 and [(r["slice"], r["prob_score"]) for r in rows] == _truth(folder)
+
+    _noisy_slice(folder / "1.2.840.99.4.dcm", 40, seed=4)  # a slice added after the last: scored, the rest kept
+    counts, rows = _run(folder, out)
+    assert (counts["scored"], counts["resumed"]) == (1, 4)
+    assert [(r["slice"], r["prob_score"]) for r in rows] == _truth(folder)
+
+    before = out.read_text()
+    _noisy_slice(folder / "1.2.840.99.2.dcm", 20, seed=9)  # same name, same position, new pixels
+    with pytest.raises(CTIQAError, match=rf"content has changed.*{folder} \(slice 2\)"):
+        _run(folder, out)
+    assert out.read_text() == before  # refused before anything was written
+
+    _noisy_slice(folder / "1.2.840.99.2.dcm", 20, seed=2)  # restored: resumes again
+    assert _run(folder, out)[0]["resumed"] == 5
+    _noisy_slice(folder / "1.2.840.99.x.dcm", 5, seed=7)  # inserted between slices 0 and 1: positions move
+    with pytest.raises(CTIQAError, match=rf"{folder} \(slices 1, 2, 3, 4\)"):
+        _run(folder, out)
+    (folder / "1.2.840.99.x.dcm").unlink()
+    (folder / "1.2.840.99.4.dcm").unlink()  # a scored slice removed: its row would be stale
+    with pytest.raises(CTIQAError, match=rf"{folder} \(slice 4\)"):
+        _run(folder, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(len(r["image_sha256"]) == 64 and "1.2.840.99." not in json.dumps(r) for r in rows)  # no file names
+
+
+def test_dicom_file_inputs_are_not_named_by_their_uid_file_name(tiny, tmp_path, capsys):
+    """QA #71: `ctiqa predict /path/1.2.840.999.dcm` put the UID-named path in the series field and table."""
+    uid_file = tmp_path / "1.2.840.999.1.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), uid_file)
+    tif = tmp_path / "ldct_0007.tif"
+    tifffile.imwrite(tif, np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    out = tmp_path / "s.jsonl"
+    assert main(["predict", str(uid_file), str(tif), "--model", str(tiny), "--score-only", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["series"] for r in rows] == ["dicom#1", str(tif)]
+    text = out.read_text() + (tmp_path / "s.series.jsonl").read_text() + captured.out + captured.err
+    assert "1.2.840.999" not in text
+    out2 = tmp_path / "named.jsonl"
+    assert main(["predict", str(uid_file), "--model", str(tiny), "--score-only", "--out", str(out2),
+                 "--file-names"]) == 0
+    assert json.loads(out2.read_text().splitlines()[0])["series"] == str(uid_file)

@@ -15,7 +15,7 @@ Metrics (LDCTIQA 2023 challenge, Lee et al., Medical Image Analysis 99, 103343, 
   (``pearsonr``), ``krcc`` Kendall tau-b (``kendalltau``), ``overall`` = |PLCC| + |SRCC| + |KRCC| (the
   challenge's ranking score, at most 3);
 - ``mae`` mean absolute error and ``rmse`` root mean squared error, in score units;
-- ``n`` pairs given, ``n_valid`` pairs used, ``n_missing`` predictions that are None/NaN (parse failures),
+- ``n`` pairs given, ``n_valid`` pairs used, ``n_missing`` predictions that are None/NaN (no score: absent, unparsed or a failed call),
   ``parse_failure_rate`` = n_missing / n. Missing predictions are counted and excluded, never scored as 0.
 - ``<metric>_ci``: percentile bootstrap interval (Efron & Tibshirani 1993) at ``confidence`` (default 0.95) over
   ``n_bootstrap`` resamples (default 1000) of the valid pairs, seeded (``seed``, default 0), drawn by
@@ -132,7 +132,7 @@ def iqa_metrics(predictions, references, n_bootstrap=1000, confidence=0.95, seed
     n = p.size + n_missing
     notes = []
     if n_missing:
-        notes.append(f"{n_missing} of {n} predictions are missing (parse failures): excluded from the metrics")
+        notes.append(f"{n_missing} of {n} predictions have no score: excluded from the metrics")
     if p.size == 0:
         notes.append("no valid predictions: every metric is null")
     elif p.size < 2:
