@@ -55,8 +55,17 @@ from typing import Any
 from ctiqa import CTIQAError, CTIQAWarning
 from ctiqa.demo import DEMO_MODEL
 from ctiqa.findings import rationale_fields
-from ctiqa.imaging import (ENCODINGS, CTImage, image_sha256, index_dicom_folder, is_dicom_file, missing_reason, read_ct,
-                           read_ct_frames, render)
+from ctiqa.imaging import (
+    ENCODINGS,
+    CTImage,
+    image_sha256,
+    index_dicom_folder,
+    is_dicom_file,
+    missing_reason,
+    read_ct,
+    read_ct_frames,
+    render,
+)
 from ctiqa.model_settings import PRECISIONS, choose_encoding
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
