@@ -220,3 +220,31 @@ def test_demo_rl_targets_say_which_are_met():
         ("false-streak", True), ("severity", False), ("SRCC", True), ("SRCC", False), ("MAE", True), ("MAE", True)]
     assert rows[0][1:3] == ("0.590", "0.080")
     assert targets({}, res(0.0, 1.0, 1.0, 1.0, 0.0))[0][3] is None  # a missing figure is not "met"
+
+
+@pytest.mark.slow  # ~1 min on one busy core with the SFT warm-up fixture
+def test_gemma3_training_forward_gets_token_type_ids(sft_model, dataset_dir, tmp_path):
+    """Gemma 3 attends bidirectionally within the image block only when the forward gets ``token_type_ids``;
+    transformers does not refuse a training forward without them, so check that GRPOTrainer passes them."""
+    from datasets import load_dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import GRPOConfig, GRPOTrainer
+
+    script_args, _, _ = grpo.parse_args(["--config", str(TINY_RECIPE)])
+    train, _ = grpo.add_reference_findings(load_dataset(str(dataset_dir))["train"], "truth")
+    model = AutoModelForImageTextToText.from_pretrained(sft_model)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((torch.is_grad_enabled() and m.training,
+                                             kwargs.get("past_key_values") is not None,
+                                             kwargs.get("token_type_ids") is not None)), with_kwargs=True)
+    processor = AutoProcessor.from_pretrained(sft_model)
+    processor.tokenizer.padding_side = "left"
+    args = GRPOConfig(output_dir=str(tmp_path / "rl"), use_cpu=True, bf16=False, max_steps=1,
+                      per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
+                      report_to="none", save_strategy="no")
+    GRPOTrainer(model=model, reward_funcs=grpo.reward_functions(script_args), args=args, train_dataset=train,
+                processing_class=processor).train()
+    # the loss forwards (gradients on, no KV cache); generation's decode steps rightly go without them
+    training_forwards = [has for grad, cached, has in seen if grad and not cached]
+    assert training_forwards and all(training_forwards), seen
