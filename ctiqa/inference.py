@@ -41,6 +41,7 @@ from ctiqa.model_settings import (
     inference_precision,
     read_settings,
 )
+from ctiqa.paths import check_source_folder
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS, prompt_messages
 from ctiqa.scale import SCORE_MAX
 from ctiqa.scoring import parse_score_detailed
@@ -129,27 +130,6 @@ def _is_adapter_dir(path: str) -> bool:
     return p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists()
 
 
-def _check_source(name: str, what: str, marker: str) -> None:
-    """Fail early, naming ``name``, when it is meant as a local folder that is missing or lacks ``marker``.
-
-    A name counts as a local folder by :func:`ctiqa.paths.is_local_path`; anything else is left to the Hub client.
-
-    Raises:
-        CTIQAError: the folder does not exist, is a file, or has no ``marker`` file.
-    """
-    from ctiqa.paths import is_local_path
-
-    if not is_local_path(name):
-        return
-    p = Path(name).expanduser()
-    if not p.exists():
-        raise CTIQAError(f"{what} {name}: no such folder (and not a Hub id of the form owner/name)")
-    if not p.is_dir():
-        raise CTIQAError(f"{what} {name}: is a file; give the folder that holds {marker}")
-    if not (p / marker).is_file():
-        raise CTIQAError(f"{what} {name}: folder has no {marker}; is this the right folder?")
-
-
 def trained_settings_of(source: str | None) -> TrainedSettings | None:
     """The training settings beside a model or adapter: read from a local folder, else fetched from the Hub repo
     when it has them (None when it does not, or offline)."""
@@ -198,7 +178,7 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
     if model and adapter is None and _is_adapter_dir(model):
         model, adapter = None, model
     if adapter is not None:
-        _check_source(adapter, "adapter", "adapter_config.json")
+        check_source_folder(adapter, "adapter", "adapter_config.json")
     if model is None:
         if adapter is None:
             raise CTIQAError("give a model (Hub id or folder) or an adapter")
@@ -210,7 +190,7 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
             raise CTIQAError(f"cannot read the adapter config of {adapter}: {e}") from e
         if not model:
             raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
-    _check_source(model, "model", "config.json")
+    check_source_folder(model, "model", "config.json")
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     settings = trained_settings_of(adapter if adapter is not None else model)
     precision, compute = inference_precision(requested, settings, device)

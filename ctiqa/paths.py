@@ -39,6 +39,26 @@ def is_local_path(name: str) -> bool:
     return p.exists() or p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
 
 
+def check_source_folder(name: str, what: str, marker: str) -> None:
+    """Fail early, naming ``name``, when it is meant as a local folder (:func:`is_local_path`) that is missing or
+    lacks ``marker`` (e.g. ``config.json`` of a model); anything else is left to the Hub client.
+
+    Raises:
+        CTIQAError: the folder does not exist, is a file, or has no ``marker`` file.
+    """
+    from ctiqa import CTIQAError
+
+    if not is_local_path(name):
+        return
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise CTIQAError(f"{what} {name}: no such folder (and not a Hub id of the form owner/name)")
+    if not p.is_dir():
+        raise CTIQAError(f"{what} {name}: is a file; give the folder that holds {marker}")
+    if not (p / marker).is_file():
+        raise CTIQAError(f"{what} {name}: folder has no {marker}; is this the right folder?")
+
+
 # ------------------------------------------------------------------------------------------------ output guard
 def _listing(folder: Path, limit: int = 5) -> str:
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())

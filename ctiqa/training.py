@@ -54,7 +54,7 @@ import ctiqa
 from ctiqa import CTIQAError
 from ctiqa.demo import DEMO_DATASET
 from ctiqa.model_settings import DONE_FILE, TRAINING_DTYPES, TrainedSettings, write_settings
-from ctiqa.paths import is_local_path
+from ctiqa.paths import check_output_path, check_source_folder, is_local_path
 
 logger = logging.getLogger("ctiqa.training")
 
@@ -147,7 +147,7 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_
     if config is not None and not Path(config).is_file():
         raise CTIQAError(f"{config}: no such recipe file")
     try:
-        parsed = _RecipeParser(dataclass_types).parse_args_and_config(argv)
+        parsed = _RecipeParser(dataclass_types, allow_abbrev=False).parse_args_and_config(argv)
     except CTIQAError as e:  # argparse: "argument --learning_rate/--learning-rate: invalid float value: 'fast'"
         msg = re.sub(r"argument --(\w+)(/--[\w-]+)?: ", r"\1: ", str(e))
         raise CTIQAError(f"{where}: {msg}") from None
@@ -155,6 +155,10 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_
         raise CTIQAError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     except (ValueError, TypeError) as e:  # unknown keys (TRL), invalid values (__post_init__ of the configs)
         msg = " ".join(str(e).split())
+        m = re.search(r"Some specified arguments are not used by the HfArgumentParser: \[(.*?)\]", msg)
+        if m:  # unknown options on the command line (HfArgumentParser.parse_args_into_dataclasses), not the YAML's
+            raise CTIQAError(f"command line: unknown argument(s) {m.group(1)} (see --help for the fields; "
+                             "abbreviations are not accepted)") from None
         m = re.search(r"Unknown arguments from config file: \[(.*?)\]", msg)
         if m:
             keys = re.findall(r"'--([^']+)'", m.group(1))
@@ -272,6 +276,15 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(steps)[1]) if steps else None
 
 
+def is_training_output(folder: Path) -> bool:
+    """True when ``folder`` was written by a ctiqa training run: its :data:`RUN_CONFIG_FILE` (written first), or
+    (runs of older ctiqa) checkpoints, ``DONE`` or the trained settings file."""
+    from ctiqa.model_settings import SETTINGS_FILE
+
+    return any((folder / f).exists() for f in (RUN_CONFIG_FILE, DONE_FILE, SETTINGS_FILE)) or any(
+        d.is_dir() for d in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+
+
 def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwrite: bool = False,
                        resume_from_checkpoint: str | None = None) -> str | None:
     """Guard ``output_dir`` against mixing two runs, record this run, and find the checkpoint to resume from.
@@ -283,6 +296,9 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     - It holds checkpoints but no run config (written by an older ctiqa): refused unless ``overwrite`` (it cannot
       be told apart from another run).
     - Same run: resumes from :func:`last_complete_checkpoint`.
+    - A non-empty folder that no ctiqa training wrote (:func:`is_training_output`: a dataset folder, someone's
+      README.md), or the run's own local dataset or model folder: refused before anything is written
+      (:func:`ctiqa.paths.check_output_path`); the card would replace its README.md.
 
     Every process reads the folder first, the main process then writes (all wait for each other), so multi-process
     launches agree on the checkpoint.
@@ -293,11 +309,15 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     Returns:
         the checkpoint folder to resume from, or None to start from the model.
     Raises:
-        CTIQAError: another run in ``output_dir``.
+        CTIQAError: another run in ``output_dir``; a folder or input that is not ours (above).
     """
     from accelerate import PartialState
 
-    root = Path(output_dir)
+    inputs = [config.get(k) for k in ("dataset_name", "model_name_or_path")
+              if isinstance(config.get(k), str) and is_local_path(config[k])]
+    root = check_output_path(output_dir, what="output_dir", folder=True, ours=is_training_output, inputs=inputs,
+                             hint="Give a new or empty output_dir (training writes its model, checkpoints, README.md "
+                                  f"card and {RUN_CONFIG_FILE} there)")
     state = PartialState()
     recorded_file = root / RUN_CONFIG_FILE
     recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
@@ -412,9 +432,14 @@ def check_examples_fit(dataset: Any, processor: Any, max_length: int | None, spl
 
 # ------------------------------------------------------------------------------------------------------ model
 def load_processor(model_args: Any, training_args: Any) -> Any:
-    """``AutoProcessor`` of ``model_name_or_path`` at ``model_revision``."""
+    """``AutoProcessor`` of ``model_name_or_path`` at ``model_revision``.
+
+    Raises:
+        CTIQAError: ``model_name_or_path`` is meant as a local folder that is missing or holds no ``config.json``.
+    """
     from transformers import AutoProcessor
 
+    check_source_folder(model_args.model_name_or_path, "model_name_or_path", "config.json")
     return AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                          trust_remote_code=training_args.trust_remote_code)
 
@@ -465,17 +490,55 @@ def load_model(model_args: Any, training_args: Any, *, checkpoint: str | None = 
             detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} (first: {sorted(map(str, v))[0]})"
                                for k, v in bad.items())
             raise CTIQAError(f"cannot resume from {checkpoint}: not every weight loads ({detail or info['error_msgs']})")
-        logger.info("resume: all weights of %s loaded through from_pretrained (%d tensors); the Trainer's own "
-                    "reload that follows matches none of the Hub key names (transformers#43701) and changes nothing",
-                    checkpoint, len(model.state_dict()))
+        logger.warning("resume: all weights of %s loaded through from_pretrained (%d tensors, verified); the "
+                       "Trainer's own reload that follows matches none of the Hub key names (transformers#43701) and "
+                       "changes nothing", checkpoint, len(model.state_dict()))
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, revision=model_args.model_revision, **kwargs)
     model.config.use_cache = not training_args.activation_checkpointing
     if not model_args.use_peft:
+        HideTrainerReloadWarning.install()
         return model, None
     if model_args.lora_target_modules is None:
         logger.warning("lora_target_modules not set: PEFT's default modules for %s apply", model.config.model_type)
     return model, trl.get_peft_config(model_args)
+
+
+class HideTrainerReloadWarning(logging.Filter):
+    """On the ``transformers.trainer`` logger: replaces the Trainer's "There were missing keys / unexpected keys in
+    the checkpoint model loaded" warnings (~70 keys each on every full fine-tuning resume or best-model reload, its
+    non-strict reload matching none of Gemma 3's Hub key names, transformers#43701) by one line saying why that is
+    expected. Installed by :func:`load_model` for full fine-tuning only, where ctiqa loads every checkpoint itself
+    through ``from_pretrained`` and fails unless every weight loads (:func:`load_model`, :func:`reload_best_model`).
+    """
+
+    PREFIXES = ("There were missing keys in the checkpoint model loaded",
+                "There were unexpected keys in the checkpoint model loaded")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.PREFIXES):
+            return True
+        if not self.noted:
+            self.noted = True
+            logger.warning("the Trainer's own checkpoint reload matched none of Gemma 3's key names "
+                           "(transformers#43701; its 'missing keys' / 'unexpected keys' list is not shown): expected. "
+                           "ctiqa loads the checkpoint's weights itself through from_pretrained and stops unless "
+                           "every one loads")
+        return False
+
+    @classmethod
+    def install(cls) -> None:
+        """Add the filter to ``transformers.trainer`` once (a later run in the same process gets its note again)."""
+        trainer_logger = logging.getLogger("transformers.trainer")
+        for f in trainer_logger.filters:
+            if isinstance(f, cls):
+                f.noted = False
+                return
+        trainer_logger.addFilter(cls())
 
 
 def reload_best_model(trainer: Any) -> None:
@@ -498,8 +561,7 @@ def reload_best_model(trainer: Any) -> None:
     result = trainer.model.load_state_dict(best_model.state_dict(), strict=True)
     if result.missing_keys or result.unexpected_keys:
         raise CTIQAError(f"cannot reload the best checkpoint {best}: {result}")
-    logger.warning("reloaded the best checkpoint %s (%s %s) through from_pretrained; the Trainer's 'missing keys' / "
-                   "'unexpected keys' warning just above is its own reload, which matches no key (transformers#43701)",
+    logger.warning("reloaded the best checkpoint %s (%s %s) through from_pretrained; every weight loaded",
                    best, args.metric_for_best_model, trainer.state.best_metric)
 
 

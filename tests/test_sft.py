@@ -534,3 +534,77 @@ def test_a_bad_recipe_or_missing_dataset_ends_with_one_line(tmp_path):
         assert proc.returncode == 2, out[-20:]
         assert out[-1].startswith(want), out[-5:]
         assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr
+
+
+def test_output_dir_that_is_the_dataset_or_holds_someone_elses_files_is_refused(tmp_path):
+    """QA #44/#45: an output_dir without checkpoints had its README.md replaced by the model card at the end of
+    training: the dataset folder (whose card records the encoding) or a folder with the user's README. Refused
+    before anything is written; bytes unchanged."""
+    data = tmp_path / "data"
+    (data / "data").mkdir(parents=True)
+    files = {"README.md": b"---\nencoding: soft-tissue\n---\n# dataset card\n", "data/train-00000-of-00001.parquet":
+             b"PAR1", ".ctiqa-dataset.json": b"{}"}
+    for rel, b in files.items():
+        (data / rel).write_bytes(b)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_bytes(b"# my notes\n")
+    for out in (data, mine):
+        with pytest.raises(training.CTIQAError, match="output_dir .*(input|did not write).*nothing was changed"):
+            training.prepare_output_dir(out, _config(tmp_path, "--dataset_name", str(data)))
+    assert {rel: (data / rel).read_bytes() for rel in files} == files and len(list(data.rglob("*"))) == 4
+    assert [p.name for p in mine.iterdir()] == ["README.md"] and (mine / "README.md").read_bytes() == b"# my notes\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--learning_rat", "1e-3"], r"^command line: unknown argument\(s\) '--learning_rat', '1e-3'"),  # no abbreviation
+    (["--bogus_flag", "1"], r"^command line: unknown argument\(s\) '--bogus_flag'"),  # not blamed on the YAML
+])
+def test_a_bad_command_line_option_is_named_as_such(extra, message):
+    with pytest.raises(training.CTIQAError, match=message):
+        sft.parse_args(["--config", str(TINY_DEMO), *extra])
+    assert sft.parse_args(["--config", str(TINY_DEMO), "--learning_rate", "2e-3"])[1].learning_rate == 2e-3
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    with pytest.raises(training.CTIQAError, match=r"model_name_or_path .*nope: no such folder"):
+        training.load_processor(SimpleNamespace(model_name_or_path=str(tmp_path / "nope"), model_revision=None),
+                                SimpleNamespace(trust_remote_code=False))
+
+
+def test_the_trainers_reload_warning_is_replaced_by_one_line_after_our_verified_load():
+    """A correct full fine-tuning resume printed the Trainer's ~70-key 'missing keys' / 'unexpected keys' warnings
+    (its non-strict reload, transformers#43701) and looked broken. After load_model installs the filter, the
+    transformers.trainer logger drops them and one ctiqa line says why that is expected; other warnings pass."""
+    import logging
+
+    seen: dict[str, list[str]] = {"transformers.trainer": [], "ctiqa.training": []}
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen[record.name].append(record.getMessage())
+
+    loggers = [logging.getLogger(n) for n in seen]  # the Trainer's logger (transformers.trainer) and ours
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    handler = Keep()
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)
+    try:
+        training.HideTrainerReloadWarning.install()
+        training.HideTrainerReloadWarning.install()  # once
+        trainer_logger = loggers[0]
+        assert sum(isinstance(f, training.HideTrainerReloadWarning) for f in trainer_logger.filters) == 1
+        trainer_logger.warning("There were missing keys in the checkpoint model loaded: ['a', 'b'].")
+        trainer_logger.warning("There were unexpected keys in the checkpoint model loaded: ['c'].")
+        trainer_logger.warning("something else")
+        assert seen["transformers.trainer"] == ["something else"]
+        assert len(seen["ctiqa.training"]) == 1 and "matched none of Gemma 3's key names" in seen["ctiqa.training"][0]
+    finally:
+        for lg, (level, _) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        trainer_logger.filters = [f for f in trainer_logger.filters
+                                  if not isinstance(f, training.HideTrainerReloadWarning)]
