@@ -92,6 +92,7 @@ import numpy as np
 from ctiqa import CTIQAError, __version__
 from ctiqa.imaging import SOFT_TISSUE, hu_to_unit, read_ct
 from ctiqa.ldctiqa import DEGRADATIONS_FILE
+from ctiqa.paths import check_output_path
 from ctiqa.scale import SCORE_MAX
 
 # --------------------------------------------------------------------------------------------------------------
@@ -785,8 +786,8 @@ def simulate(
     if size < 16:
         raise CTIQAError(f"--size must be >= 16 pixels, got {size}")
     deg_file = out / DEGRADATIONS_FILE
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_our_output(out))):
-        raise CTIQAError(f"{out}: exists and is not a ctiqa simulation output; choose an empty or new --out")
+    check_output_path(out, folder=True, ours=_is_our_output,
+                      hint="It is not a ctiqa simulation output; choose an empty or new --out")
     usable, skipped = resolve_base_slices(base_slices, size)
     say = print if progress else (lambda *a, **k: None)
     for msg in skipped:

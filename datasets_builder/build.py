@@ -53,6 +53,7 @@ from ctiqa.clients import (
 )
 from ctiqa.imaging import DEFAULT_ENCODING, image_sha256
 from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
+from ctiqa.paths import check_output_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT
 
 from . import checks
@@ -416,35 +417,38 @@ def _folder_files(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def _is_previous_build(out: Path) -> bool:
+    """``out`` (a folder) holds nothing but folders, or a build of ctiqa: :data:`MARKER`, or (before the marker
+    existed) a README.md naming ``ctiqa build-dataset`` and nothing but README.md, audit.csv and data/*.parquet."""
+    files = _folder_files(out)
+    if not files or MARKER in files:
+        return True
+    readme = out / "README.md"
+    legacy = readme.is_file() and "`ctiqa build-dataset`" in readme.read_text(encoding="utf-8", errors="replace")
+    return legacy and all(f in _OURS or (f.startswith("data/") and f.endswith(".parquet") and f.count("/") == 1)
+                          for f in files)
+
+
 def owned_files(out: Path) -> set[str]:
     """The files of an earlier build in ``out`` that a new build may replace (relative POSIX paths).
 
     A missing or empty folder: none. A folder with :data:`MARKER`: the files it lists. A folder written by ctiqa
-    before the marker existed (a README.md naming ``ctiqa build-dataset``, and nothing but README.md, audit.csv
-    and data/*.parquet): those files.
+    before the marker existed (:func:`_is_previous_build`): its files.
 
     Raises:
-        CTIQAError: ``out`` is a file, or holds files ctiqa did not write (nothing is changed).
+        CTIQAError: ``out`` is a file, or holds files ctiqa did not write (:func:`ctiqa.paths.check_output_path`;
+            nothing is changed).
     """
-    if out.exists() and not out.is_dir():
-        raise CTIQAError(f"--out {out} is a file; give a folder")
+    check_output_path(out, folder=True, ours=_is_previous_build,
+                      hint="Give a new or empty folder (ctiqa writes README.md, audit.csv and data/*.parquet there)")
     files = _folder_files(out) if out.exists() else []
-    if not files:
-        return set()
     if MARKER in files:
         try:
             listed = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
             return {str(f) for f in listed} | {MARKER}
         except (ValueError, KeyError, TypeError) as e:
             raise CTIQAError(f"{out / MARKER}: unreadable ({e}); move the folder away or delete that file") from e
-    readme = out / "README.md"
-    legacy = readme.is_file() and "`ctiqa build-dataset`" in readme.read_text(encoding="utf-8", errors="replace")
-    if legacy and all(f in _OURS or (f.startswith("data/") and f.endswith(".parquet") and f.count("/") == 1)
-                      for f in files):
-        return set(files)
-    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    raise CTIQAError(f"--out {out} holds files ctiqa did not write ({shown}); nothing was changed. Give a new or "
-                     "empty folder (ctiqa writes README.md, audit.csv and data/*.parquet there)")
+    return set(files)
 
 
 def _shards(nbytes: int, rows: int, max_shard_bytes: int) -> int:
