@@ -61,7 +61,7 @@ def check_source_folder(name: str, what: str, marker: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ output guard
 def _listing(folder: Path, limit: int = 5) -> str:
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
