@@ -146,22 +146,27 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
               "usable score: server not reached, API error, answer without a score, missing) are counted by cause "
               "and left out of the metrics. parsed = score read from the generated text; "
               "probability = expected score from the digit-token probabilities." if rows else ""]
-    common = common_ids(rows)
-    same = all(r["metrics"].get("n_valid") == len(common) for r in rows)  # every row scored the same ids
+    # A row with no usable score at all (e.g. an untrained model's text: every answer unparsable) has nothing to
+    # compare: it stays in the table above with its failures, but must not empty the common ids of the others.
+    scoring = [r for r in rows if r["metrics"].get("n_valid")]
+    common = common_ids(scoring)
+    same = all(r["metrics"].get("n_valid") == len(common) for r in scoring)  # every row scored the same ids
     basis = {id(r): r["metrics"] for r in rows}
-    if rows and not same:
+    if scoring and not same:
+        left_out = [f"{r['name']} ({r['kind']})" for r in rows if r not in scoring]
         lines += ["", f"## On the {len(common)} ids every row scored", "",
                   "The rows above did not score the same ids (coverage differs), so their values are not comparable; "
-                  "here every row is measured on the ids all rows scored.", "",
+                  "here every row is measured on the ids all rows scored"
+                  + (f" (left out, no usable score: {', '.join(left_out)})." if left_out else "."), "",
                   "| Model | Score | n | " + " | ".join(h for _, h in _METRICS) + " |",
                   "|---|---|---:|" + "---:|" * len(_METRICS)]
-        for r in rows:
+        for r in scoring:
             m = iqa_metrics([r["pairs"][i][1] for i in common], [r["pairs"][i][0] for i in common],
                             n_bootstrap=n_bootstrap, seed=seed)
             basis[id(r)] = m
             lines.append("| " + " | ".join([r["name"], r["kind"], str(len(common)),
                                             *(_cell(m, k) for k, _ in _METRICS)]) + " |")
-    ranked = [r for r in rows if _valid(basis[id(r)].get("srcc"))]
+    ranked = [r for r in scoring if _valid(basis[id(r)].get("srcc"))]
     if len(rows) > 1 and ranked and len(common) >= 2:
         best = max(ranked, key=lambda r: basis[id(r)]["srcc"])
         where = "" if same else f" on the {len(common)} ids every row scored"

@@ -314,21 +314,22 @@ def test_report_from_two_dirs(dataset, tmp_path, capsys):
 def test_report_compares_rows_on_common_ids(dataset, tmp_path):
     """B scored only half the ids (its easy half: SRCC 0.5 there, A's over all six is 0.03). The report shows the
     coverage and ranks on the three ids both scored, where A is perfect; B is never named best for half the work."""
-    preds = {"A": [3.7, 2.7, 1.9, 3.0, 1.0, 2.0], "B": [3.5, 1.9, 2.0, None, None, None]}
+    preds = {"A": [3.7, 2.7, 1.9, 3.0, 1.0, 2.0], "B": [3.5, 1.9, 2.0, None, None, None], "C": [None] * 6}
     dirs = []
     for name, pred in preds.items():
         f = tmp_path / f"{name}.jsonl"
         f.write_text("".join(json.dumps({"id": f"{i:04d}", "score": s, "prediction": p}) + "\n"
                              for i, ((_, _, s), p) in enumerate(zip(LADDER, pred, strict=True))))
         out = tmp_path / name
+        # C has no usable score at all (an untrained model's unparsable text): exit 1, results.json still written
         assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out", str(out),
-                           "--bootstrap", "0"]) == 0
+                           "--bootstrap", "0"]) == (1 if name == "C" else 0)
         dirs.append(str(out))
     md = tmp_path / "report.md"
     assert ctiqa_main(["report", *dirs, "--out", str(md), "--bootstrap", "0"]) == 0
     text = md.read_text()
     assert "| A | parsed | 6 / 6 (100%) | 0 | 0.029 |" in text and "| B | parsed | 3 / 6 (50%) | 3 (3 missing) | 0.500 |" in text
-    assert "## On the 3 ids every row scored" in text
+    assert "## On the 3 ids every row scored" in text and "left out, no usable score: C (parsed)" in text
     assert "| A | parsed | 3 | 1.000 |" in text and "| B | parsed | 3 | 0.500 |" in text
     assert "Highest SRCC on the 3 ids every row scored: **A** (parsed), 1.000." in text
     assert "**B**" not in text
