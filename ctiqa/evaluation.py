@@ -512,24 +512,10 @@ def print_table(results: dict[str, Any]) -> None:
             ("connection (server not reached)", f["connection"]), ("API errors", f["api"]),
             ("answers without a score (parse failures)", f["no_score"]),
             ("missing (no prediction for the id)", f["missing"])) if n))
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    ex = results.get("explanation_check")
-    if ex:
-        console.print(f"explanation check ({ex['n_checked']} rationales): degradation named "
-                      f"{fmt(ex['degradation_named_rate'])}, severity matches {fmt(ex['severity_match_rate'])}, "
-                      f"false streaks {fmt(ex['false_streak_rate'])}")
-    fa = results.get("faithfulness")
-    if fa and fa["n_measured"]:
-        console.print(f"faithfulness to measured findings ({fa['n_measured']} rationales): noise addressed "
-                      f"{fmt(fa['noise_addressed_rate'])}, agrees {fmt(fa['noise_agreement_rate'])}; streaks "
-                      f"addressed {fmt(fa['streaks_addressed_rate'])}, agree {fmt(fa['streak_agreement_rate'])}"
-                      f"{'' if fa['streak_call_validated'] else ' (streak call unvalidated)'}; unverified "
-                      f"artifacts {fmt(fa['unverified_rate'])}")
-    rc = results.get("rationale_consistency")
-    if rc and rc["n_rationales"]:
-        console.print(f"rationale-score consistency ({rc['n_rationales']} rationales): overall quality stated "
-                      f"{fmt(rc['stated_rate'])}, agrees with the parsed score {fmt(rc['consistent_rate'])}")
+    from ctiqa.explanations import summary_lines
 
+    for line in summary_lines(results):
+        console.print(line)
 
 def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, dataset: str | None,
            split: str | None, settings: dict[str, Any], model_info: dict[str, Any] | None, n_bootstrap: int,

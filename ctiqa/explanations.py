@@ -544,3 +544,31 @@ def quality_consistency(checks: list[tuple[float | None, str | None]]) -> dict[s
         "consistent_rate": _rate([abs(s - q) < 1 for s, q in stated]),
         "rule": "stated overall-quality label within 1 of the parsed score (ctiqa.explanations)",
     }
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """One plain-text line per rationale check present in a ``results.json`` dict, for the console
+    (``ctiqa evaluate``) and the HTML report alike: the truth rubric (``explanation_check``, simulated data), the
+    faithfulness to measured findings (``faithfulness``) and the rationale-score consistency
+    (``rationale_consistency``). Rates print with two decimals, "n/a" when nothing applied."""
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    out = []
+    ex = results.get("explanation_check")
+    if ex:
+        out.append(f"explanation check on simulated truth ({ex['n_checked']} rationales): degradation named "
+                   f"{fmt(ex.get('degradation_named_rate'))}, severity matches {fmt(ex.get('severity_match_rate'))}, "
+                   f"false streaks {fmt(ex.get('false_streak_rate'))}")
+    fa = results.get("faithfulness")
+    if fa and fa.get("n_measured"):
+        out.append(f"faithfulness to measured findings ({fa['n_measured']} rationales): noise addressed "
+                   f"{fmt(fa.get('noise_addressed_rate'))}, agrees {fmt(fa.get('noise_agreement_rate'))}; streaks "
+                   f"addressed {fmt(fa.get('streaks_addressed_rate'))}, agree {fmt(fa.get('streak_agreement_rate'))}"
+                   f"{'' if fa.get('streak_call_validated') else ' (streak call unvalidated)'}; unverified "
+                   f"artifacts {fmt(fa.get('unverified_rate'))}")
+    rc = results.get("rationale_consistency")
+    if rc and rc.get("n_rationales"):
+        out.append(f"rationale-score consistency ({rc['n_rationales']} rationales): overall quality stated "
+                   f"{fmt(rc.get('stated_rate'))}, agrees with the parsed score {fmt(rc.get('consistent_rate'))}")
+    return out

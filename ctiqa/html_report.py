@@ -488,20 +488,9 @@ def _metrics_html(results: Mapping[str, Any]) -> str:
 
 
 def _checks_html(results: Mapping[str, Any]) -> str:
-    out = []
-    ex = results.get("explanation_check")
-    if ex:
-        out.append(f"explanation check on simulated truth ({ex['n_checked']} rationales): degradation named "
-                   f"{_num(ex.get('degradation_named_rate'))}, severity matches {_num(ex.get('severity_match_rate'))}"
-                   f", false streaks {_num(ex.get('false_streak_rate'))}")
-    rc = results.get("rationale_consistency")
-    if rc and rc.get("n_rationales"):
-        out.append(f"rationale-score consistency ({rc['n_rationales']} rationales): overall quality stated "
-                   f"{_num(rc.get('stated_rate'))}, agrees with the parsed score {_num(rc.get('consistent_rate'))}")
-    if results.get("faithfulness"):
-        out.append("faithfulness: " + json.dumps(results["faithfulness"], default=str)[:2000])
-    return "".join(f'<p class="note">{esc(o)}</p>' for o in out)
+    from ctiqa.explanations import summary_lines
 
+    return "".join(f'<p class="note">{esc(o)}</p>' for o in summary_lines(dict(results)))
 
 def evaluation_report(results: Mapping[str, Any], records: list[Mapping[str, Any]],
                       images: Mapping[str, Any] | None = None, plots: Mapping[str, bytes] | None = None) -> str:

@@ -655,6 +655,50 @@ def training_callbacks(checkpoint: str | None) -> list[TrainerCallback]:
 
 
 # ------------------------------------------------------------------------------------------- settings, card, push
+def start(script_args: Any, training_args: Any, model_args: Any) -> None:
+    """The opening of every recipe: logging, one line per process (rank, device, world size, bf16), the arguments
+    at info level, the launch checks (:func:`check_launch`: fp16 / ZeRO-3 refused) and the seed.
+
+    Raises:
+        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`).
+    """
+    from transformers import set_seed
+
+    setup_logging(training_args)
+    logger.warning("process rank %s, device %s, world size %s, bf16 %s", training_args.process_index,
+                   training_args.device, training_args.world_size, training_args.bf16)
+    logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
+    check_launch(model_args, training_args)
+    set_seed(training_args.seed)
+
+
+def train(trainer: Any, checkpoint: str | None, n_samples: int) -> dict[str, Any]:
+    """Train (resuming from ``checkpoint``), keep the best checkpoint's weights (:func:`reload_best_model`), log and
+    save the metrics (``train_samples``, ``train_wall_seconds`` in s) and the trainer state. Returns the metrics."""
+    import time
+
+    logger.info("*** Train ***")
+    t0 = time.perf_counter()
+    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    reload_best_model(trainer)
+    metrics["train_samples"] = n_samples
+    metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def data_settings(script_args: Any, train_dataset: Any) -> dict[str, str | None]:
+    """The data's part of :func:`trained_settings`: the render encoding recorded with the dataset
+    (:func:`ctiqa.model_settings.dataset_encoding`) and the answer format and prompt version of its rows."""
+    from ctiqa.model_settings import dataset_encoding
+
+    first = train_dataset[0]
+    return {"encoding": dataset_encoding(script_args.dataset_name, script_args.dataset_revision),
+            "target_format": first.get("target_format"), "prompt_version": first.get("prompt_version")}
+
+
 def trained_settings(model_args: Any, training_args: Any, *, adapter: bool, encoding: str | None,
                      target_format: str | None, prompt_version: str | None) -> TrainedSettings:
     """What :mod:`ctiqa.model_settings` records beside the output: quantisation, compute and storage dtypes, render

@@ -36,15 +36,13 @@ import dataclasses
 import functools
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from ctiqa import CTIQAError, rewards, training
-from ctiqa.model_settings import dataset_encoding, read_settings
+from ctiqa.model_settings import read_settings
 
 logger = logging.getLogger("ctiqa.grpo")
 
@@ -229,12 +227,7 @@ def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_
 def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
     """Train with GRPO, save the adapter (or model) with its settings and card, push when asked. See the module
     docstring."""
-    training.setup_logging(training_args)
-    logger.warning("process rank %s, device %s, world size %s, bf16 %s", training_args.process_index,
-                   training_args.device, training_args.world_size, training_args.bf16)
-    logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
-    training.check_launch(model_args, training_args)
-    set_seed(training_args.seed)
+    training.start(script_args, training_args, model_args)
     if not model_args.model_name_or_path:
         raise CTIQAError("no model: pass --model_name_or_path (the SFT output folder or Hub id)")
     funcs = reward_functions(script_args)
@@ -281,23 +274,12 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     if trainer.accelerator.is_main_process and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
 
-    # Train
-    logger.info("*** Train ***")
-    t0 = time.perf_counter()
-    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    metrics["train_samples"] = len(train_dataset)
-    metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-
-    # Save model, processor, settings and card; push once
+    # Train, then save model, processor, settings and card; push once
+    metrics = training.train(trainer, checkpoint, len(train_dataset))
     logger.info("*** Save model ***")
-    first = train_dataset[0]
     settings = training.trained_settings(
         dataclasses.replace(model_args, model_name_or_path=base), training_args, adapter=adapter,
-        encoding=dataset_encoding(script_args.dataset_name, script_args.dataset_revision),
-        target_format=first.get("target_format"), prompt_version=first.get("prompt_version"))
+        **training.data_settings(script_args, train_dataset))
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
     training.save_outputs(trainer, settings=settings, dataset_name=script_args.dataset_name,

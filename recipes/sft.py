@@ -30,15 +30,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from ctiqa import training
-from ctiqa.model_settings import dataset_encoding
 
 logger = logging.getLogger("ctiqa.sft")
 
@@ -67,12 +64,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfi
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
     """Train, save the adapter (or model) with its settings and card, push when asked. See the module docstring."""
-    training.setup_logging(training_args)
-    logger.warning("process rank %s, device %s, world size %s, bf16 %s", training_args.process_index,
-                   training_args.device, training_args.world_size, training_args.bf16)
-    logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
-    training.check_launch(model_args, training_args)
-    set_seed(training_args.seed)
+    training.start(script_args, training_args, model_args)
     if training_args.push_to_hub:  # the Trainer would push every checkpoint with its own card; we push once, at the end
         logger.info("push_to_hub: the adapter/model and our card are pushed once, after training (the Trainer's "
                     "per-checkpoint pushes are off)")
@@ -100,24 +92,11 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     if trainer.accelerator.is_main_process and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
 
-    # Train
-    logger.info("*** Train ***")
-    t0 = time.perf_counter()
-    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    training.reload_best_model(trainer)
-    metrics["train_samples"] = len(train_dataset)
-    metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-
-    # Save model, settings (what inference must reproduce) and card; push once
+    # Train (the best checkpoint's weights kept), then save model, settings (what inference must reproduce) and card
+    metrics = training.train(trainer, checkpoint, len(train_dataset))
     logger.info("*** Save model ***")
-    first = train_dataset[0]
-    settings = training.trained_settings(
-        model_args, training_args, adapter=peft_config is not None,
-        encoding=dataset_encoding(script_args.dataset_name, script_args.dataset_revision),
-        target_format=first.get("target_format"), prompt_version=first.get("prompt_version"))
+    settings = training.trained_settings(model_args, training_args, adapter=peft_config is not None,
+                                         **training.data_settings(script_args, train_dataset))
     training.save_outputs(trainer, settings=settings, dataset_name=script_args.dataset_name, model_args=model_args,
                           eval_results=script_args.eval_results, metrics=metrics)
     if push_to_hub and trainer.accelerator.is_main_process:

@@ -7,7 +7,6 @@ GRPO on a small dataset in the schema of ``ctiqa build-dataset`` with the simula
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctiqa import CTIQAError, rewards
+from ctiqa.testing import load_script
 from ctiqa.testing.sft_data import write_dataset
 from ctiqa.tiny import build_tiny_model
 
@@ -32,15 +32,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TE
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def _load_grpo():
-    spec = importlib.util.spec_from_file_location("ctiqa_recipe_grpo", GRPO)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-grpo = _load_grpo()
+grpo = load_script(GRPO, "ctiqa_recipe_grpo")
 
 
 @pytest.fixture(scope="module")

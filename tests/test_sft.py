@@ -6,7 +6,6 @@ Everything runs for real on the CPU with the tiny Gemma 3 model (ctiqa.tiny) and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import torch
 import yaml
 
 from ctiqa import prompts, training
+from ctiqa.testing import load_script
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ctiqa.testing.sft_data import write_dataset  # noqa: E402
@@ -33,15 +33,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TE
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def _load_sft():
-    spec = importlib.util.spec_from_file_location("ctiqa_recipe_sft", SFT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sft = _load_sft()
+sft = load_script(SFT, "ctiqa_recipe_sft")
 
 
 @pytest.fixture(scope="module")
