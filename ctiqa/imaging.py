@@ -410,12 +410,18 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _slice_normal(orientation: Any) -> np.ndarray | None:
+def _float_vector(values: Any, n: int) -> np.ndarray | None:
+    """A DICOM multi-value (e.g. Image Orientation/Position) as n float64 values, or None when it is not that."""
     try:
-        o = np.asarray([float(v) for v in orientation], dtype=np.float64)
+        v = np.asarray([float(x) for x in values], dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if o.shape != (6,):
+    return v if v.shape == (n,) else None
+
+
+def _slice_normal(orientation: Any) -> np.ndarray | None:
+    o = _float_vector(orientation, 6)
+    if o is None:
         return None
     n = np.cross(o[:3], o[3:])
     norm = np.linalg.norm(n)
@@ -423,11 +429,8 @@ def _slice_normal(orientation: Any) -> np.ndarray | None:
 
 
 def _position(ipp: Any, normal: np.ndarray | None) -> float | None:
-    try:
-        p = np.asarray([float(v) for v in ipp], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if p.shape != (3,):
+    p = _float_vector(ipp, 3)
+    if p is None:
         return None
     if normal is None:
         return float(p[2])  # axial assumption when the orientation is missing

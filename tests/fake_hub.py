@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ctiqa.testing.loopback import start_server, stop_server
+from ctiqa.testing.loopback import LoopbackServer
 
 USER = "tester"
 TOKEN = "hf_fake_token_for_tests"
@@ -115,7 +115,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class FakeHub:
+class FakeHub(LoopbackServer):
     """The server. ``url``, ``repos``, ``requests`` (method, path), ``unknown`` (unmatched routes), helpers
     :meth:`repo`, :meth:`files`, :meth:`dump`."""
 
@@ -129,10 +129,6 @@ class FakeHub:
         self._server: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------ inspection API
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         """The stored repo (KeyError if absent). ``repo_type``: ``model`` | ``dataset`` | ``space``."""
@@ -152,19 +148,6 @@ class FakeHub:
         return folder
 
     # ------------------------------------------------------------------ server
-    def start(self) -> FakeHub:
-        self._server = start_server(self._dispatch)
-        return self
-
-    def stop(self) -> None:
-        stop_server(self._server)
-        self._server = None
-
-    def __enter__(self) -> FakeHub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ HTTP plumbing
     @staticmethod
@@ -186,7 +169,7 @@ class FakeHub:
     def _error(self, h: BaseHTTPRequestHandler, code: int, msg: str) -> None:
         self._send(h, code, {"error": msg}, {"X-Error-Message": msg.replace("\n", " ")[:200]})
 
-    def _dispatch(self, h: BaseHTTPRequestHandler) -> None:
+    def dispatch(self, h: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(h.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
         length = int(h.headers.get("Content-Length") or 0)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ctiqa.testing.loopback import start_server, stop_server
+from ctiqa.testing.loopback import LoopbackServer
 
 _PATH = re.compile(r"^/(?:v1|v1beta|v1alpha)/models/([^:/]+):generateContent$")
 _BATCH_CREATE = re.compile(r"^/(?:v1|v1beta|v1alpha)/models/([^:/]+):batchGenerateContent$")
@@ -214,7 +214,7 @@ def _parse(body: dict[str, Any]) -> tuple[str, str | None, bytes | None]:
 
 
 @dataclass
-class FakeGemini:
+class FakeGemini(LoopbackServer):
     """Threaded fake Gemini server. Use as a context manager or call :meth:`start` / :meth:`stop`.
 
     Args:
@@ -239,10 +239,6 @@ class FakeGemini:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     def set_script(self, replies: Iterable[Reply], default: Reply | None = None) -> None:
         with self._lock:
@@ -254,7 +250,7 @@ class FakeGemini:
         with self._lock:
             return self._script.pop(0) if self._script else self.default
 
-    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+    def dispatch(self, handler: BaseHTTPRequestHandler) -> None:
         path = handler.path.split("?")[0]
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length)
@@ -323,19 +319,6 @@ class FakeGemini:
         handler.end_headers()
         handler.wfile.write(data)
 
-    def start(self) -> FakeGemini:
-        self._server = start_server(self._handle)
-        return self
-
-    def stop(self) -> None:
-        stop_server(self._server)
-        self._server = None
-
-    def __enter__(self) -> FakeGemini:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,35 @@ def stop_server(server: ThreadingHTTPServer | None) -> None:
         server.server_close()
 
 
+class LoopbackServer:
+    """Start/stop plumbing of a fake server on 127.0.0.1: a subclass defines ``dispatch(handler)``; ``url`` is
+    ``http://127.0.0.1:PORT`` once started. Usable as a context manager."""
+
+    _server: ThreadingHTTPServer | None = None
+
+    def dispatch(self, handler: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "not started"
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self):
+        self._server = start_server(self.dispatch)
+        return self
+
+    def stop(self) -> None:
+        stop_server(self._server)
+        self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
     """Answer a request with ``payload`` as JSON (HTTP ``status``, ``Content-Length`` set)."""
     data = json.dumps(payload).encode()
