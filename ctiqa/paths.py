@@ -101,13 +101,15 @@ def check_output_path(
         writes: (``folder=True``) names of the files the command writes in ``out``; one that is an input is refused.
         hint: appended to the message (what to do instead).
     Returns:
-        ``Path(out)``.
+        ``out`` as an absolute, normalised path (``a/missing/../b`` -> ``a/b``).
     Raises:
         CTIQAError: one of the cases above; the message names ``out`` and says that nothing was changed.
     """
     from ctiqa import CTIQAError
 
-    p, writes = Path(out), tuple(writes)
+    # `missing/../X` is X once the command has made `missing` (mkdir parents=True), but the kernel calls it
+    # missing now: judge the lexically normalised path, as it will be written
+    p, writes = Path(os.path.normpath(os.path.abspath(os.path.expanduser(out)))), tuple(writes)
     tail = f"; nothing was changed{'. ' + hint if hint else ''}"
     for i in inputs:
         if i is None:

@@ -152,6 +152,9 @@ def test_never_writes_over_a_trained_model_or_someone_elses_folder(tmp_path, cap
     err = capsys.readouterr().err
     assert "did not write" in err and "nothing was changed" in err
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == files
+    # QA round 2: the same folder spelled through a folder that does not exist yet (`missing/../trained`)
+    assert main(["tiny-model", "--out", str(tmp_path / "missing" / ".." / "trained")]) == 2
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == files and not (tmp_path / "missing").exists()
     again = tmp_path / "tiny"
     assert main(["tiny-model", "--out", str(again), "--seed", "1"]) == 0
     assert main(["tiny-model", "--out", str(again), "--seed", "1"]) == 0  # our own output: rebuilt
