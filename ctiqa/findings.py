@@ -68,13 +68,14 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ctiqa import CTIQAError
+from ctiqa.paths import check_output_path
 from ctiqa.imaging import MEDGEMMA_3WINDOW, SOFT_TISSUE, CTImage, is_dicom_file, read_ct_frames, unit_to_hu
 from ctiqa.vocabulary import noise_severity
 
@@ -380,6 +381,18 @@ def _without_name(message: str, path: str, rid: str) -> str:
     return message.replace(str(path), rid).replace(Path(path).name, rid)
 
 
+def is_findings_file(path: Path) -> bool:
+    """True when every line of ``path`` is a findings row (a JSON object with exactly the :class:`Findings` keys):
+    a file ``ctiqa findings --out`` wrote, which a re-run may replace. Unreadable or other JSON: False."""
+    keys = {f.name for f in fields(Findings)}
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        rows = [json.loads(ln) for ln in lines]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and set(r) == keys for r in rows)
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa findings``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -395,6 +408,10 @@ def cli_main(args: argparse.Namespace) -> int:
     """``ctiqa findings``: print (and write) one row per image. Exit 0 when at least one image was measured."""
     if args.out is not None and args.out.suffix != ".jsonl":
         raise CTIQAError(f"{args.out}: output must end in .jsonl")
+    if args.out is not None:
+        # before any work: never replace a file ctiqa findings did not write, nor an input
+        check_output_path(args.out, ours=is_findings_file, inputs=args.inputs,
+                          hint="give a new file name, or an earlier `ctiqa findings --out` file")
     rows, n_bad = [], 0
     for rid, img in iter_images(args.inputs, file_names=args.file_names):
         if isinstance(img, CTIQAError):

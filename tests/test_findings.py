@@ -57,6 +57,24 @@ def test_cli_rows(tmp_path, capsys):
     assert "missing.tif" in capsys.readouterr().err
 
 
+def test_cli_out_never_replaces_a_file_findings_did_not_write(tmp_path, capsys):
+    img = tmp_path / "set" / "image"
+    img.mkdir(parents=True)
+    tifffile.imwrite(img / "0000.tif", hu_to_unit(_phantom(15, seed=0)))
+    theirs = tmp_path / "predictions.jsonl"          # e.g. an evaluation's predictions, or any user's jsonl
+    theirs.write_text('{"id": "0000", "score": 2.5}\n')
+    before = theirs.read_bytes()
+    assert ctiqa_main(["findings", str(tmp_path / "set"), "--out", str(theirs)]) == 2
+    assert "not written by ctiqa" in capsys.readouterr().err
+    assert theirs.read_bytes() == before
+    ours = tmp_path / "f.jsonl"                       # an earlier findings file may be replaced by a re-run
+    assert ctiqa_main(["findings", str(tmp_path / "set"), "--out", str(ours)]) == 0
+    assert ctiqa_main(["findings", str(tmp_path / "set"), "--out", str(ours)]) == 0
+    # an input is never the output, even when it looks like findings rows
+    assert ctiqa_main(["findings", str(ours), "--out", str(ours)]) == 2
+    assert json.loads(ours.read_text().splitlines()[0])["id"] == "0000"
+
+
 def test_rationale_fields_for_predict_rows():
     from ctiqa.findings import rationale_fields
     from ctiqa.imaging import render
