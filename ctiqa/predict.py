@@ -67,6 +67,7 @@ from ctiqa.imaging import (
     render,
 )
 from ctiqa.model_settings import PRECISIONS, choose_encoding
+from ctiqa.paths import check_output_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
 #: How many lowest-scoring slices a series summary lists.
@@ -120,6 +121,22 @@ class Series:
         return None
 
 
+def check_ids(inputs: list[str], ids: list[str] | None) -> None:
+    """Refuse ``--id`` values that cannot name one series per input: a count other than one per input, or an id
+    given twice (two inputs would be merged into one series and its summary).
+
+    Raises:
+        CTIQAError: naming the count or the repeated id.
+    """
+    if ids is None:
+        return
+    if len(ids) != len(inputs):
+        raise CTIQAError(f"--id given {len(ids)} times for {len(inputs)} inputs: give one id per input or none")
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise CTIQAError(f"--id {twice[0]!r} given for more than one input: each input needs its own id")
+
+
 def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names: bool = False) -> list[Series]:
     """Index every input into :class:`Series` without reading pixels (DICOM headers only).
 
@@ -134,10 +151,10 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
         gives k, with ids ``ID#1`` ... ``ID#k`` (a note on stderr says so; the UIDs themselves are not used). An
         input that cannot be read at all is a series without slices whose ``errors`` say why.
     Raises:
-        CTIQAError: ``ids`` given with a different length than ``inputs``.
+        CTIQAError: ``ids`` given with a different length than ``inputs``, or an id given twice
+            (:func:`check_ids`).
     """
-    if ids is not None and len(ids) != len(inputs):
-        raise CTIQAError(f"--id given {len(ids)} times for {len(inputs)} inputs: give one id per input or none")
+    check_ids(inputs, ids)
     out = []
     n_dicom_files = 0
     for i, raw in enumerate(inputs):
@@ -623,6 +640,52 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight (default 8)")
 
 
+def _companions(out: Path) -> tuple[Path, Path]:
+    """The files ``ctiqa predict --out FILE.ext`` writes beside FILE.ext: ``FILE.run.json`` (the run's settings,
+    :func:`_settings`) and ``FILE.series.ext`` (the per-series summaries, :func:`summaries_from_rows`)."""
+    return out.with_name(out.stem + ".run.json"), out.with_name(out.stem + ".series" + out.suffix)
+
+
+def _first_row(path: Path) -> dict[str, Any] | None:
+    """The first row of a JSON / JSONL / CSV file as a dict (CSV: its header names as keys), or None."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                return dict.fromkeys(next(csv.reader(f), []))
+            text = f.read() if path.suffix == ".json" else f.readline()
+        row = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def check_companions(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` whose companion files (:func:`_companions`) exist and were not written
+    by ``ctiqa predict``: a ``.run.json`` that is not a settings record, a ``.series`` file whose first row is not
+    a series summary. Both are replaced by a run, so a user's file of that name would be lost.
+
+    Raises:
+        CTIQAError: naming the companion file; nothing is changed.
+    """
+    run_file, series_file = _companions(out)
+    settings_keys = {"model", "adapter", "format", "encoding", "score_only"}
+    summary_keys = {"series", "n_slices", "n_unscored", "n_skipped"}
+    for path, keys in ((run_file, settings_keys), (series_file, summary_keys)):
+        check_output_path(path, what=f"--out {out}: its companion", ours=lambda p, k=keys: _has_keys(p, k),
+                          hint="choose another --out")
+
+
+def _has_keys(path: Path, keys: set[str]) -> bool:
+    """True when the first row of ``path`` has all ``keys``, or the file is blank (a CSV of no summaries)."""
+    row = _first_row(path)
+    if row is not None and keys <= set(row):
+        return True
+    try:
+        return not path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
     """What makes two runs' rows comparable (recorded in FILE.run.json; a resume needs the same)."""
     return {"model": model, "adapter": args.adapter, "format": args.format, "encoding": args.encoding,
@@ -655,6 +718,9 @@ def cli_main(args: argparse.Namespace) -> int:
         from ctiqa.html_report import check_html_path, write_predict_report
 
         check_html_path(args.html)
+    check_ids(args.inputs, args.ids)
+    if args.out is not None:
+        check_companions(args.out)
     sink = RowSink(args.out, _settings(args, model), args.file_names)  # a bad --out fails here, before any work
     loaded: dict[str, Backend] = {}
 

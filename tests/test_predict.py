@@ -219,6 +219,31 @@ def test_bad_out_and_batch_size_fail_before_the_model_loads(tmp_path, capsys):
     assert foreign.read_text() == '{"my": "data"}\n'  # never overwritten
 
 
+def test_companion_files_of_out_and_repeated_ids_are_refused_before_any_work(tmp_path, capsys):
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    no_model = str(tmp_path / "no_such_model")
+    out = tmp_path / "out.csv"
+    for name, text in (("out.series.csv", "patient,my,notes\n1,2,3\n"), ("out.run.json", '{"my": "settings"}\n')):
+        theirs = tmp_path / name
+        theirs.write_text(text)
+        assert main(["predict", str(good), "--model", no_model, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "not written by ctiqa" in err and "no_such_model" not in err, err
+        assert theirs.read_text() == text and not out.exists()  # nothing written, nothing replaced
+        theirs.unlink()
+    series = tmp_path / "out.series.jsonl"  # the .jsonl --out has its own series file
+    series.write_text('{"mine": 1}\n')
+    assert main(["predict", str(good), "--model", no_model, "--out", str(tmp_path / "out.jsonl")]) == 2
+    assert series.read_text() == '{"mine": 1}\n'
+    # two inputs under one --id would be merged into one series: refused before anything is read or written
+    assert main(["predict", str(good), str(good), "--id", "A", "--id", "A", "--model", no_model,
+                 "--out", str(tmp_path / "ids.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--id 'A' given for more than one input" in err and "no_such_model" not in err, err
+    assert not (tmp_path / "ids.jsonl").exists() and not (tmp_path / "ids.run.json").exists()
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
