@@ -1066,20 +1066,26 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--unit-is-hu", action="store_true",
         help="treat LDCTIQA [0,1] values as HU = -135 + 350*x (needed for medgemma-3window on LDCTIQA data)",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (refused without it: a PNG carries no mark of who "
+                        "wrote it, so an existing one may be yours)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``ctiqa render``: read, render, write a PNG; prints what was detected. Returns 0."""
-    out = check_output_path(args.out, ours=True, inputs=[args.input], hint="Give another --out")
-    img = read_ct(args.input, frame=args.frame)
+    """``ctiqa render``: read, render, write a PNG; prints what was detected (not the input path: DICOM files are
+    often named by their SOP Instance UID). An existing non-empty ``--out`` is replaced only with ``--overwrite``.
+    Returns 0."""
+    out = check_output_path(args.out, ours=bool(args.overwrite), inputs=[args.input],
+                            hint="give another --out, or --overwrite to replace it")
     if out.suffix.lower() != ".png":
         raise CTIQAError(f"{out}: the output must be a .png file (lossless)")
+    img = read_ct(args.input, frame=args.frame)
     rgb = render(img, args.encoding, unit_is_hu=args.unit_is_hu)
     out.parent.mkdir(parents=True, exist_ok=True)
     rgb.save(out)
     px = img.pixels
     print(
-        f"{args.input}: {img.kind} {px.shape[1]}x{px.shape[0]} values {float(px.min()):g}..{float(px.max()):g} "
-        f"-> {out} ({args.encoding})" + (f"; {len(img.notes)} warning(s) above" if img.notes else "")
+        f"wrote {out}: {img.kind} {px.shape[1]}x{px.shape[0]} values {float(px.min()):g}..{float(px.max()):g} "
+        f"({args.encoding})" + (f"; {len(img.notes)} warning(s) above" if img.notes else "")
     )
     return 0

@@ -383,8 +383,25 @@ def test_cli_render_frame_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "u.tif" in err and "\n" not in err
     assert main(["render", str(x), "--out", str(out), "--encoding", "medgemma-3window", "--unit-is-hu"]) == 0
-    assert main(["render", _testdata("eCT_Supplemental.dcm"), "--out", str(out), "--frame", "1"]) == 0
+    assert main(["render", _testdata("eCT_Supplemental.dcm"), "--out", str(out), "--frame", "1", "--overwrite"]) == 0
     assert Image.open(out).size == (512, 512)
+
+
+def test_cli_render_keeps_an_existing_out_unless_overwrite_and_never_prints_the_input_name(tmp_path, capsys):
+    """QA round 2 (D, J): `ctiqa render IN --out existing.png` replaced a PNG render did not write; its log line
+    echoed the input path (a DICOM file is often named by its SOP Instance UID)."""
+    uid_name = "1.2.840.113619.2.55.3.604688.dcm"
+    path = write_ct_dicom(tmp_path / uid_name, np.array([[0, 1024], [1064, 1239]]))
+    mine = tmp_path / "holiday.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(mine)
+    before = mine.read_bytes()
+    assert main(["render", str(path), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and mine.read_bytes() == before
+    assert main(["render", str(path), "--out", str(mine), "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert mine.read_bytes() != before and f"wrote {mine}" in printed and "hu 16x16" in printed
+    assert "1.2.840" not in printed, printed
 
 
 def test_dicom_folder_tells_series_apart(tmp_path):
