@@ -68,6 +68,36 @@ def read_training_settings(adapter: str) -> dict[str, Any] | None:
     return data
 
 
+def adapter_sha256(adapter: str) -> str:
+    """SHA-256 (hex) of the adapter's weights file (``adapter_model.safetensors``, else ``adapter_model.bin``; a
+    local folder or a Hub repo, downloaded to the Hub cache): the identity of the weights an export merged, so that
+    a retrained adapter saved at the same path is not taken for the one exported before.
+
+    Raises:
+        CTIQAError: the adapter has neither weights file.
+    """
+    import hashlib
+
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if is_local_path(adapter):
+            path = Path(adapter).expanduser() / name
+            if not path.is_file():
+                continue
+        else:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                path = Path(hf_hub_download(adapter, name))
+            except EntryNotFoundError:
+                continue
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    raise CTIQAError(f"adapter {adapter}: has no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}")
+
+
 def _resolve(adapter: str, base: str | None) -> tuple[str, str]:
     """(adapter, base model) after checking the adapter folder; the base defaults to the adapter's own."""
     from peft import PeftConfig
@@ -98,7 +128,8 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
     Args:
         adapter: PEFT LoRA adapter folder or Hub id (as saved or pushed by ``recipes/sft.py``).
         out: output folder; must not exist or be empty (an earlier interrupted export of this function, one
-            without :data:`DONE_FILE`, is replaced; a finished one is left as it is and returned).
+            without :data:`DONE_FILE`, is replaced; a finished one of the same adapter weights (:func:`adapter_sha256`),
+            base, base weights and dtype is left as it is and returned; one that differs is refused).
         model: base model id or folder (default: the adapter's ``base_model_name_or_path``).
         dtype: "bf16" (default; what vLLM and ``transformers serve --dtype auto`` load) or "fp32".
         base_weights: "auto", "original" or "nf4" (see the module docstring).
@@ -121,20 +152,24 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
     if base_weights not in BASE_WEIGHTS:
         raise CTIQAError(f"unknown base weights {base_weights!r}; choose one of {', '.join(BASE_WEIGHTS)}")
     out = Path(out)
-    settings_out = {"adapter": str(adapter), "dtype": dtype}
+    adapter, base = _resolve(str(adapter), model)
+    training = read_training_settings(adapter)
+    if base_weights == "auto":
+        base_weights = "nf4" if training and training.get("load_in_4bit") else "original"
+    # what makes two exports the same: a finished export is reused only when every one of these matches
+    settings_out = {"adapter": str(adapter), "dtype": dtype, "base_model": str(base), "base_weights": base_weights,
+                    "adapter_sha256": adapter_sha256(adapter)}
     if (out / DONE_FILE).is_file():
         done = json.loads((out / DONE_FILE).read_text())
-        if {k: done.get(k) for k in settings_out} != settings_out:
-            raise CTIQAError(f"{out} holds an export of {done.get('adapter')} ({done.get('dtype')}); choose another "
-                             "--out")
+        diff = [k for k in settings_out if done.get(k) != settings_out[k]]
+        if diff:
+            raise CTIQAError(f"{out} holds another export (" + ", ".join(
+                f"{k}: {done.get(k)!r} then, {settings_out[k]!r} now" for k in diff) + "); choose another --out "
+                "(nothing was changed)")
         print(f"{out}: already exported (remove the folder to export again)", file=sys.stderr)
     else:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CTIQAError(f"{out}: exists and is not empty; choose a new --out (nothing was written)")
-        adapter, base = _resolve(str(adapter), model)
-        training = read_training_settings(adapter)
-        if base_weights == "auto":
-            base_weights = "nf4" if training and training.get("load_in_4bit") else "original"
         tmp = out.with_name(out.name + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)  # our own interrupted export: nothing of the user's
@@ -179,7 +214,7 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
             (processor or AutoProcessor.from_pretrained(base)).save_pretrained(tmp)
         except (OSError, ValueError) as e:
             raise CTIQAError(f"cannot load the processor of {base}: {e}") from e
-        export = {**settings_out, "base_model": str(base), "base_weights": base_weights, "merge": "peft merge_and_unload",
+        export = {**settings_out, "merge": "peft merge_and_unload",
                   "processor_from": str(source)}
         (tmp / SETTINGS_FILE).write_text(json.dumps({**(training or {}), "export": export}, indent=2) + "\n")
         (tmp / DONE_FILE).write_text(json.dumps(export, indent=2) + "\n")

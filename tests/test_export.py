@@ -102,6 +102,25 @@ def test_bf16_export_scores_within_002(trained, adapter, images, tmp_path, capsy
     assert "already exported" in capsys.readouterr().err
 
 
+def test_finished_export_is_reused_only_for_the_same_adapter_weights_and_base(trained, tmp_path, capsys):
+    """QA round 2 (H): a re-run with another --base-weights, or with a retrained adapter saved at the same path,
+    said "already exported" and kept the old merge. Now refused naming what differs; the export is unchanged."""
+    ad = make_adapter(trained, tmp_path / "lora", seed=3)
+    out = tmp_path / "merged"
+    assert ctiqa_main(["export", "--adapter", str(ad), "--out", str(out), "--dtype", "fp32"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert ctiqa_main(["export", "--adapter", str(ad), "--out", str(out), "--dtype", "fp32",
+                       "--base-weights", "nf4"]) == 2
+    err = capsys.readouterr().err
+    assert "base_weights: 'original' then, 'nf4' now" in err, err
+    make_adapter(trained, ad, seed=4)  # retrained, saved at the same path
+    assert ctiqa_main(["export", "--adapter", str(ad), "--out", str(out), "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_sha256" in err and "already exported" not in err, err
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_qlora_adapter_merges_into_dequantised_nf4_base(trained, tmp_path, images):
     """An adapter trained on an NF4 base is merged into the NF4-rounded weights it learned against: the export
     scores closer to ``ctiqa evaluate --adapter`` (precision auto = that NF4 base) than a merge into the original
