@@ -337,28 +337,34 @@ def _classify_values(arr: np.ndarray, source: str) -> CTImage:
 
 def _read_tiff_pages(path: Path) -> list[np.ndarray]:
     """Decode a TIFF with tifffile (never PIL: it clips 16-bit/float) into (H, W) or (H, W, S) arrays, one per
-    page/frame, using tifffile's axes labels (Y, X, S = samples; any other axis is split into frames)."""
+    page/frame, in file order, using tifffile's axes labels (Y, X, S = samples; any other axis is split into frames).
+
+    Every page is read: tifffile groups the pages into series (pages of one shape written together form one
+    series; pages of other sizes, or appended one by one, form further series), and each series' frames are
+    slices. Reduced-resolution levels of a pyramid (``series.levels[1:]``) are not pages of the image and are
+    left out."""
     import tifffile
 
+    out: list[np.ndarray] = []
     try:
         with tifffile.TiffFile(path) as tf:
             if not tf.series:
                 raise CTIQAError(f"{path}: TIFF has no image data")
-            series = tf.series[0]
-            arr = series.asarray()
-            axes = series.axes
+            for series in tf.series:
+                arr, axes = series.asarray(), series.axes
+                if "Y" not in axes or "X" not in axes or arr.ndim != len(axes):
+                    raise CTIQAError(f"{path}: TIFF with axes {axes!r} and shape {arr.shape}; expected a 2-D image")
+                image_axes = [axes.index("Y"), axes.index("X")] + ([axes.index("S")] if "S" in axes else [])
+                frame_axes = [i for i in range(len(axes)) if i not in image_axes]
+                arr = np.transpose(arr, frame_axes + image_axes)
+                out.extend(arr.reshape((-1, *arr.shape[len(frame_axes):])))
     except CTIQAError:
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, OSError...
         if "imagecodecs" in str(e):  # e.g. LZW: tifffile needs the optional imagecodecs package to decode it
             return [_read_tiff_with_pil(path, e)]
         raise CTIQAError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from e
-    if "Y" not in axes or "X" not in axes or arr.ndim != len(axes):
-        raise CTIQAError(f"{path}: TIFF with axes {axes!r} and shape {arr.shape}; expected a 2-D image")
-    image_axes = [axes.index("Y"), axes.index("X")] + ([axes.index("S")] if "S" in axes else [])
-    frame_axes = [i for i in range(len(axes)) if i not in image_axes]
-    arr = np.transpose(arr, frame_axes + image_axes)
-    return list(arr.reshape((-1, *arr.shape[len(frame_axes):])))
+    return out
 
 
 def _read_tiff_with_pil(path: Path, why: Exception) -> np.ndarray:
@@ -723,7 +729,8 @@ def read_ct(path: str | os.PathLike, frame: int | None = None) -> CTImage:
     Args:
         path: DICOM (any transfer syntax pydicom can decode; the installed pylibjpeg plugins cover JPEG,
             JPEG-LS lossless and JPEG 2000), TIFF (float/int, LDCTIQA float [0, 1] or HU; multi-page), PNG,
-            JPEG or BMP. Files without a suffix are tried as DICOM.
+            JPEG or BMP. Files without a suffix are tried as DICOM. Every page of a multi-page TIFF is a
+            slice, also pages of different sizes or appended one by one.
         frame: 0-based frame/page index for multi-frame DICOM and multi-page TIFF. Required when the file has
             more than one frame; ``None`` or 0 for single-frame files.
 

@@ -679,3 +679,22 @@ def test_symlink_loop_is_named(tmp_path):
         read_ct(tmp_path / "dangling.dcm")
     with pytest.raises(CTIQAError, match=r"absent\.dcm: no such file"):
         read_ct(tmp_path / "absent.dcm")
+
+
+def test_multipage_tiff_reads_every_page(tmp_path):
+    """Pages appended one by one, or of different sizes, are each a slice (QA round 2: only series[0] was read)."""
+    from ctiqa.imaging import read_ct_frames
+
+    f = tmp_path / "appended.tif"
+    ramp = np.linspace(-0.1, 0.1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    for v in (0.2, 0.5, 0.8):
+        tifffile.imwrite(f, ramp + v, append=True)
+    frames = read_ct_frames(f)
+    assert len(frames) == 3
+    assert [round(float(fr.pixels.mean()), 3) for fr in frames] == [0.2, 0.5, 0.8]
+    g = tmp_path / "sizes.tif"
+    with tifffile.TiffWriter(g) as w:
+        w.write(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) // 4)
+        w.write(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) // 4)
+    assert [fr.pixels.shape[:2] for fr in read_ct_frames(g)] == [(64, 64), (48, 64)]
+    assert read_ct(g, frame=1).pixels.shape[:2] == (48, 64)
