@@ -220,8 +220,14 @@ class RowSink:
     in ``<stem>.run.json``; a re-run with other settings is refused before any work, and a file that holds rows
     but no settings (not written by ``ctiqa predict``) is never overwritten.
 
+    A run holds an exclusive lock on ``path`` (``<path>.lock``, a ``filelock.FileLock``; the empty lock file stays
+    and is harmless) until :meth:`close`, so two runs into one file never both write every row. On a resume, rows
+    whose scoring failed (:func:`failed_row`: a call error and no score) are not done: they are removed from the
+    file (rewritten atomically) and scored again, so each (series, slice) has one row.
+
     Raises:
-        CTIQAError: bad suffix, ``path`` is a folder, its folder cannot be created or written, settings differ.
+        CTIQAError: bad suffix, ``path`` is a folder, its folder cannot be created or written, settings differ,
+            another run holds the lock.
     """
 
     def __init__(self, path: Path | None, settings: dict[str, Any], file_names: bool):
@@ -234,6 +240,14 @@ class RowSink:
         if path.suffix not in SUFFIXES:
             raise CTIQAError(f"--out {path}: must end in .jsonl or .csv")
         self.run_file = path.with_name(path.stem + ".run.json")
+        self._lock = _lock_output(path)
+        try:
+            self._open(path, settings)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, path: Path, settings: dict[str, Any]) -> None:
         has_rows = path.is_file() and path.stat().st_size > 0
         if has_rows:
             if not self.run_file.is_file():
@@ -246,6 +260,7 @@ class RowSink:
                                  + ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
                                  + "); choose another --out")
             _drop_cut_line(path)
+            _drop_failed_rows(path)
             for r in self.read():
                 if r.get("skipped"):
                     self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
@@ -275,6 +290,7 @@ class RowSink:
     def close(self) -> None:
         if self.path is not None:
             self._f.close()
+            self._lock.release()
 
     def read(self) -> Iterator[dict[str, Any]]:
         """The rows in the file (JSONL: a last line cut short by a kill is ignored; CSV: numbers restored)."""
@@ -290,6 +306,60 @@ class RowSink:
                         yield json.loads(line)
                     except json.JSONDecodeError:
                         continue
+
+
+def failed_row(row: dict[str, Any]) -> bool:
+    """True for a slice row whose scoring failed (HTTP error, timeout, lost connection...): an ``error`` and
+    neither a parsed nor a probability score. Such a row is scored again by a resume."""
+    return bool(row.get("error")) and row.get("parsed_score") is None and row.get("prob_score") is None
+
+
+def _lock_output(path: Path) -> Any:
+    """Take the exclusive lock of ``--out`` ``path`` (``<path>.lock``) or refuse: another run is writing it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock", timeout=0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:
+        raise CTIQAError(f"--out {path}: another ctiqa predict run is writing it (locked by {lock.lock_file}); "
+                         "wait for it to finish or choose another --out") from None
+    except OSError as e:
+        raise CTIQAError(f"--out {path}: cannot write ({e.strerror or e})") from e
+    return lock
+
+
+def _drop_failed_rows(path: Path) -> None:
+    """Remove the :func:`failed_row` rows from a JSONL/CSV row file (written to ``<path>.tmp``, then renamed over
+    ``path``: a kill leaves the old file whole); nothing is rewritten when there are none."""
+    tmp = path.with_name(path.name + ".tmp")
+    dropped = 0
+    with open(path, newline="") as f, open(tmp, "w", newline="") as g:
+        if path.suffix == ".csv":
+            reader, writer = csv.reader(f), csv.writer(g)
+            header = next(reader, None)
+            if header is not None:
+                writer.writerow(header)
+            for raw in reader:
+                if failed_row({k: _from_csv(k, v) for k, v in zip(header or [], raw, strict=False)}):
+                    dropped += 1
+                else:
+                    writer.writerow(raw)
+        else:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = {}
+                if isinstance(row, dict) and failed_row(row):
+                    dropped += 1
+                else:
+                    g.write(line)
+    if dropped:
+        tmp.replace(path)
+    else:
+        tmp.unlink()
 
 
 def _drop_cut_line(path: Path) -> None:
@@ -453,12 +523,13 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
     ``slice`` (None when the file could not be indexed), ``skipped`` (the reason, without the file name).
 
     Returns:
-        counts: ``scored`` (this run), ``resumed`` (already in ``sink``), ``skipped`` (this run).
+        counts: ``scored`` (this run, failed ones included), ``resumed`` (already in ``sink``), ``skipped`` (this
+        run), ``failed`` (this run's :func:`failed_row` rows; ``first_error`` the first one's error when any).
     """
     from tqdm.auto import tqdm
 
     check_resume(series, sink, encoding=encoding, unit_is_hu=unit_is_hu)
-    counts = {"scored": 0, "resumed": 0, "skipped": 0}
+    counts: dict[str, Any] = {"scored": 0, "resumed": 0, "skipped": 0, "failed": 0}
     pending: list[tuple[str, int, str, Any]] = []
     emit = on_row or (lambda r: None)
 
@@ -485,11 +556,15 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
             raise CTIQAError(f"scoring backend returned {len(preds)} results for {len(pending)} images")
         for (sid, index, name, img), p in zip(pending, preds, strict=True):
             extra = {k: v for k, v in p.items() if k not in _PREDICTION_KEYS}
-            put({"series": sid, "slice": index, **({"file": name} if file_names else {}),
-                 "image_sha256": image_sha256(img), "parsed_score": p.get("parsed_score"), "parse_rule": p.get("parse_rule"),
-                 "prob_score": p.get("prob_score"), "prob_std": p.get("prob_std"), "rationale": p.get("text"),
-                 **rationale_fields(img, p.get("text")), **extra})  # measured findings + rationale flags
+            row = {"series": sid, "slice": index, **({"file": name} if file_names else {}),
+                   "image_sha256": image_sha256(img), "parsed_score": p.get("parsed_score"),
+                   "parse_rule": p.get("parse_rule"), "prob_score": p.get("prob_score"), "prob_std": p.get("prob_std"),
+                   "rationale": p.get("text"), **rationale_fields(img, p.get("text")), **extra}
+            put(row)  # measured findings + rationale flags
             counts["scored"] += 1
+            if failed_row(row):
+                counts["failed"] += 1
+                counts.setdefault("first_error", str(row["error"])[:200])
         bar.update(len(pending))
         pending.clear()
 
@@ -695,8 +770,8 @@ def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run ``ctiqa predict``. Exit 0 when at least one slice is scored (now or by the run resumed), 1 when nothing
-    could be scored."""
+    """Run ``ctiqa predict``. Exit 0 when at least one slice has a score (now or from the run resumed), 1 when none
+    has (nothing readable, or every scoring call failed: a one-line summary says which)."""
     from ctiqa.inference import load_model, trained_settings_of
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -773,12 +848,17 @@ def cli_main(args: argparse.Namespace) -> int:
                              encoding=args.encoding, unit_is_hu=args.unit_is_hu,
                              model=" + ".join(filter(None, (model, adapter))))
         print(f"wrote {args.html}")
-    n_scored = counts["scored"] + counts["resumed"]
+    n_scored = counts["scored"] - counts["failed"] + counts["resumed"]
     if counts["resumed"]:
         print(f"resumed: {counts['resumed']} slice(s) already in {args.out}", file=sys.stderr)
     if counts["skipped"]:
         print(f"{counts['skipped']} input(s) or slice(s) skipped (see above"
               + ("" if args.file_names else "; --file-names names the files") + ")", file=sys.stderr)
-    if not n_scored:
+    if counts["failed"]:
+        again = f"; a re-run with --out {args.out} scores them again" if args.out is not None else ""
+        print(("error: no slice got a score: " if not n_scored else "warning: ")
+              + f"{counts['failed']} slice(s) failed to score (first: {counts['first_error']}){again}",
+              file=sys.stderr)
+    elif not n_scored:
         print("nothing to score: no input could be read", file=sys.stderr)
     return 0 if n_scored else 1

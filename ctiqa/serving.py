@@ -46,8 +46,12 @@ from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, instruction
 LOGPROB_ALTERNATIVES = 20
 #: Answer budget (tokens) of a score-only request: enough for ``Score: d.d`` in any tokenizer.
 SCORE_ONLY_TOKENS = 8
-#: Call errors that a re-run asks again (not cached).
-TRANSIENT_ERRORS = ("timeout", "connection_error")
+
+def answered(res: Any) -> bool:
+    """True when a call (:class:`ctiqa.clients.CallResult`) brought an answer back, which is then cached; a call
+    that failed with no answer (HTTP error after the retries, timeout, lost connection) is not cached, so that a
+    re-run asks again."""
+    return not res.error or bool(res.text)
 
 
 def default_cache_path() -> Path:
@@ -214,7 +218,7 @@ class ServerScorer:
         async with self._sem:
             res = await self.client.generate(image, self.prompt, prefix=prefix, max_tokens=max_tokens)
         self.stats["sent"] += 1
-        if self.cache is not None and not str(res.error or "").startswith(TRANSIENT_ERRORS):
+        if self.cache is not None and answered(res):
             self.cache.put(key, res.to_dict())
         return res
 

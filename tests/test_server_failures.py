@@ -1,0 +1,144 @@
+"""QA round 2: failed server calls are failures. `ctiqa predict --server` and `ctiqa evaluate --server` ask again
+on a re-run for rows whose call failed (HTTP 500, ...), the re-scored row replaces the failed one, a run where no
+slice got a score exits 1; two `ctiqa predict` runs into one --out are refused. A small OpenAI-compatible server
+that answers HTTP 500 or a valid chat completion, no model needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from ctiqa import CTIQAError
+from ctiqa.cli import main as ctiqa_main
+from ctiqa.testing.loopback import send_json, start_server, stop_server
+
+ANSWER = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+          "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                       "message": {"role": "assistant", "content": "Score: 2.0\nReasoning: fine."}}],
+          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+class Server:
+    """``fail`` True: every request gets HTTP 500; False: a valid answer (score 2.0). Counts requests."""
+
+    def __init__(self):
+        self.fail, self.requests = True, 0
+        self.server = start_server(self.dispatch)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def dispatch(self, h):
+        h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        self.requests += 1
+        if self.fail:
+            return send_json(h, 500, {"error": {"message": "scripted failure"}})
+        return send_json(h, 200, ANSWER)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    from ctiqa.clients import RetryPolicy
+    from ctiqa.serving import ServerScorer
+
+    init = ServerScorer.__init__
+
+    def fast(self, *a, **k):  # the default backoff waits ~30 s over 6 attempts
+        k["retry"] = k.get("retry") or RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.02, jitter=0.0)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(ServerScorer, "__init__", fast)
+    srv = Server()
+    yield srv
+    stop_server(srv.server)
+
+
+def _tiff(path, n=3):
+    ramp = np.linspace(0.3, 0.6, 64 * 64, dtype=np.float32).reshape(64, 64)
+    tifffile.imwrite(path, np.stack([ramp + 0.01 * k for k in range(n)]), photometric="minisblack")
+    return path
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_predict_server_retries_failed_rows_and_exits_1_when_nothing_scored(server, tmp_path, capsys):
+    img, out = _tiff(tmp_path / "s.tif"), tmp_path / "scores.jsonl"
+    args = ["predict", str(img), "--server", server.url, "--model", "m", "--out", str(out)]
+    assert ctiqa_main(args) == 1  # every call failed: not a success
+    err = capsys.readouterr().err
+    assert "no slice got a score: 3 slice(s) failed" in err and "http_500" in err
+    assert len(_rows(out)) == 3 and all(r["error"] and r["parsed_score"] is None for r in _rows(out))
+    n = server.requests
+    server.fail = False
+    assert ctiqa_main(args) == 0  # the failed rows are asked again, not "resumed"
+    assert server.requests > n
+    rows = _rows(out)
+    assert sorted(r["slice"] for r in rows) == [0, 1, 2]  # one row per slice: the new row replaced the failed one
+    assert all(r["parsed_score"] == 2.0 and not r.get("error") for r in rows)
+    series = _rows(tmp_path / "scores.series.jsonl")
+    assert [s["n_slices"] for s in series] == [3]
+    n = server.requests
+    assert ctiqa_main(args) == 0 and server.requests == n  # now done: nothing asked again
+    assert "resumed: 3" in capsys.readouterr().err
+
+
+def test_predict_csv_failed_rows_are_replaced(server, tmp_path):
+    img, out = _tiff(tmp_path / "s.tif", n=2), tmp_path / "scores.csv"
+    args = ["predict", str(img), "--server", server.url, "--model", "m", "--out", str(out)]
+    assert ctiqa_main(args) == 1
+    server.fail = False
+    assert ctiqa_main(args) == 0
+    import csv
+
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["slice"], r["parsed_score"], r["error"]) for r in rows] == [("0", "2.0", ""), ("1", "2.0", "")]
+
+
+def test_evaluate_server_asks_failed_calls_again(server, tmp_path):
+    from ctiqa.testing.sft_data import write_dataset
+
+    data = write_dataset(tmp_path / "ds", {"train": 1, "validation": 1, "test": 3})
+    args = ["evaluate", "--dataset", str(data), "--server", server.url, "--model", "m", "--max-new-tokens", "20",
+            "--bootstrap", "20", "--out", str(tmp_path / "ev")]
+    assert ctiqa_main(args) != 0  # 3 API errors, no usable score
+    n = server.requests
+    server.fail = False
+    assert ctiqa_main(args) == 0
+    assert server.requests >= n + 3  # the failed calls were not answered from the answer cache
+    rows = _rows(tmp_path / "ev" / "predictions.jsonl")
+    assert len(rows) == 3 and all(r["parsed_score"] == 2.0 and not r.get("error") for r in rows)
+
+
+def test_a_second_predict_into_the_same_out_is_refused(tmp_path):
+    from ctiqa.predict import RowSink
+
+    out = tmp_path / "scores.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
+                               f"with FileLock({str(out) + '.lock'!r}):\n print('held', flush=True)\n"
+                               " time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CTIQAError, match=rf"--out {out}: another ctiqa predict run is writing it"):
+            RowSink(out, {"model": "fake"}, False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+    sink = RowSink(out, {"model": "fake"}, False)  # free again: the lock file left behind is harmless
+    assert "another ctiqa predict run is writing it" in _open_in_other_process(out)  # a second run, as QA ran it
+    sink.close()
+    assert _open_in_other_process(out) == "opened"  # released by close()
+
+
+def _open_in_other_process(out):
+    """Open ``out`` as a second ``ctiqa predict`` process would; its error line, or "opened"."""
+    code = ("from pathlib import Path\nfrom ctiqa import CTIQAError\nfrom ctiqa.predict import RowSink\n"
+            f"try:\n RowSink(Path({str(out)!r}), {{'model': 'fake'}}, False).close()\n print('opened')\n"
+            "except CTIQAError as e:\n print(e)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
