@@ -265,7 +265,7 @@ def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     rows = []
     sink = RowSink(None, {}, False)
     counts = score_series(series, backend, sink, encoding="soft-tissue", batch_size=4, on_row=rows.append)
-    assert counts == {"scored": 24, "resumed": 0, "skipped": 1} and len(alive) == 6
+    assert counts == {"scored": 24, "resumed": 0, "skipped": 1, "failed": 0} and len(alive) == 6
     assert max(alive) <= 4
     assert all(r["extra_field"] == 1 for r in rows if not r.get("skipped"))  # backend keys are kept
 
