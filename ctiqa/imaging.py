@@ -31,7 +31,8 @@ How the kind is detected (explicit rules; nothing is clipped silently)
   at the dark end, and ``p_hi >= 824``, i.e. tissue once shifted) are read with intercept -1024 and a
   :class:`ctiqa.CTIQAWarning`; anything else is refused (air would land at 0 HU or the image would be all air).
   A file whose pixel data holds more frames than Number of Frames is refused.
-* TIFF (read with tifffile, never PIL) and PNG/JPEG (PIL, only for 8/16-bit integer data):
+* TIFF (read with tifffile, never PIL) and PNG/JPEG (PIL, only for 8/16-bit integer data); every page of a
+  multi-page TIFF is a slice, pages of different sizes or appended one by one included:
   - float data with all values in [-0.001, 1.001] -> ``"unit"`` (LDCTIQA);
   - float data in [-0.25, 1.25] (:data:`UNIT_OVERSHOOT`: denoiser output, resampling overshoot) -> ``"unit"``,
     clipped to [0, 1] with a :class:`ctiqa.CTIQAWarning` giving the clipped fraction (clipping is what the
