@@ -75,8 +75,8 @@ from typing import Any
 import numpy as np
 
 from ctiqa import CTIQAError
-from ctiqa.paths import check_output_path
 from ctiqa.imaging import MEDGEMMA_3WINDOW, SOFT_TISSUE, CTImage, is_dicom_file, read_ct_frames, unit_to_hu
+from ctiqa.paths import check_output_path
 from ctiqa.vocabulary import noise_severity
 
 # ------------------------------------------------------------------------------------------------- constants
