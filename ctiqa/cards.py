@@ -10,8 +10,9 @@ when a ``ctiqa evaluate`` ``results.json`` is given.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
+
+from ctiqa.paths import is_local_path
 
 #: Licence of google/medgemma-4b-it (its model card): Health AI Developer Foundations terms of use.
 HAI_DEF_LICENSE = {
@@ -23,8 +24,8 @@ METRIC_NAMES = ("srcc", "plcc", "krcc", "mae", "overall")
 
 
 def _is_hub_id(name: str | None) -> bool:
-    """True for ``owner/name`` strings that are not an existing local path."""
-    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+    """True for a Hub id (``owner/name`` or ``name``): the one rule of :func:`ctiqa.paths.is_local_path`."""
+    return bool(name) and not is_local_path(name)
 
 
 def _fmt(x: Any) -> str:
