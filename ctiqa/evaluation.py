@@ -675,7 +675,7 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError("--batch-size, --concurrency and --limit must be positive")
     check_output_path(args.out, folder=True, ours=True, inputs=[args.predictions], writes=[RESULTS_FILE,
                       PREDICTIONS_FILE], hint="Give a folder for results.json, predictions.jsonl and plots")
-    check_previous_run(args.out, _identity(args, mode), args.overwrite)
+    check_previous_run(args.out, _identity(args, mode), args.overwrite, args.limit)
     if args.html is not None:
         from ctiqa.html_report import check_html_path
 
@@ -741,12 +741,13 @@ def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             "dataset": args.dataset, "split": args.split if args.dataset else None}
 
 
-def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, limit: int | None = None) -> None:
     """Refuse, before any work, an ``--out`` that holds the evaluation of another run (its ``results.json`` names
     another source, model, adapter, dataset or split; or it holds results/predictions ctiqa cannot read as an
     evaluation). With ``overwrite``, that evaluation's ``results.json`` and ``predictions.jsonl`` are moved aside
     (``NAME.<UTC time>.bak.EXT``, said on stderr), never deleted. The same run resumes (rows of other decoding
-    settings in ``predictions.jsonl`` are moved aside by :class:`PredictionsAppender`).
+    settings in ``predictions.jsonl`` are moved aside by :class:`PredictionsAppender`); a ``limit`` smaller than
+    the samples it already evaluated is refused too (the folder would be rewritten with the subset).
 
     Raises:
         CTIQAError: another run's evaluation is there and ``overwrite`` is false; the message names what differs.
@@ -755,11 +756,20 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool) -> 
     if not res.exists() and not (pred.exists() and identity["source"] not in ("model", "api", "server")):
         return  # nothing, or rows a model/API/server run resumes from or moves aside itself
     try:
-        before = json.loads(res.read_text())["provenance"]["settings"]
+        previous = json.loads(res.read_text())
+        before = previous["provenance"]["settings"]
         diff = [f"{k}: {before.get(k)!r} then, {identity[k]!r} now" for k in IDENTITY_KEYS
                 if before.get(k) != identity[k]]
+        n_before = int((previous.get("counts") or {}).get("n") or 0)
     except (OSError, ValueError, KeyError, TypeError):
-        diff = [f"{res.name if res.exists() else pred.name} not from a `ctiqa evaluate` of these settings"]
+        diff, n_before = [f"{res.name if res.exists() else pred.name} not from a `ctiqa evaluate` of these settings"], 0
+    # the same run with a smaller --limit would rewrite the folder with its subset: the rest would be lost
+    if not diff and limit is not None and n_before > limit:
+        if not overwrite:
+            raise CTIQAError(f"--out {out}: holds this run's evaluation of {n_before} samples; --limit {limit} would "
+                             f"rewrite it with {limit}; nothing was changed. Give another --out, or --overwrite to "
+                             "move its results.json and predictions.jsonl aside")
+        diff = [f"{n_before} samples then, --limit {limit} now"]
     if not diff:
         return
     if not overwrite:

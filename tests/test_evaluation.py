@@ -547,6 +547,23 @@ def test_evaluate_refuses_an_out_holding_another_evaluation(tmp_path, capsys):
         "settings"]["source"] == str(a)
 
 
+def test_a_smaller_limit_never_rewrites_a_finished_evaluation(tmp_path, capsys):
+    """QA round 3: the same run with `--limit 1` into a finished --out rewrote predictions.jsonl with 1 row and
+    replaced results.json (the rest lost). Refused, bytes unchanged; --overwrite moves the old files aside."""
+    a = _preds_file(tmp_path / "a.jsonl")
+    out = tmp_path / "run"
+    assert ctiqa_main(["evaluate", "--predictions", str(a), "--out", str(out), "--bootstrap", "0"]) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".jsonl")}
+    capsys.readouterr()
+    assert ctiqa_main(["evaluate", "--predictions", str(a), "--out", str(out), "--bootstrap", "0",
+                       "--limit", "1"]) == 2
+    assert "--limit 1 would rewrite it" in capsys.readouterr().err
+    assert {n: (out / n).read_bytes() for n in kept} == kept
+    assert ctiqa_main(["evaluate", "--predictions", str(a), "--out", str(out), "--bootstrap", "0",
+                       "--limit", "1", "--overwrite"]) == 0
+    assert sorted(p.name.split(".")[0] for p in out.glob("*.bak.*")) == ["predictions", "results"]
+
+
 def test_report_never_writes_over_an_evaluation_or_a_users_file(tmp_path, capsys):
     """QA #67/#68: `ctiqa report RUN --out RUN/results.json` replaced the evaluation with markdown, and --out a
     folder gave a traceback. Both refused with one line before any work (bytes unchanged); a user's own file too;
