@@ -41,13 +41,27 @@ def complete_lines(path: Path, *, stacklevel: int = 2) -> list[tuple[int, str]]:
     data = path.read_bytes()
     complete = data.rfind(b"\n") + 1
     if complete < len(data):
+        # Never cut a file that is not ours (a user's notes, a DICOM given as --cache): every complete line must be
+        # a JSON object and the cut-short tail must start like one, else refuse with nothing changed.
+        try:
+            ours = data[complete:].lstrip()[:1] == b"{" and all(
+                isinstance(json.loads(line), dict) for line in data[:complete].decode("utf-8").splitlines()
+                if line.strip())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ours = False
+        if not ours:
+            raise CTIQAError(f"{path}: not a ctiqa JSONL file (answer cache or batch job log); nothing was changed. "
+                             "Give another --cache")
         warnings.warn(f"{path}: dropping an incomplete last line ({len(data) - complete} bytes; the previous run "
                       "was killed while writing it)", stacklevel=stacklevel)
         with open(path, "r+b") as f:
             f.truncate(complete)
             f.flush()
             os.fsync(f.fileno())
-    lines = enumerate(data[:complete].decode("utf-8").splitlines(), start=1)
+    try:
+        lines = enumerate(data[:complete].decode("utf-8").splitlines(), start=1)
+    except UnicodeDecodeError as e:
+        raise CTIQAError(f"{path}: not a ctiqa JSONL file ({e.reason} at byte {e.start}); give another --cache") from e
     return [(n, line) for n, line in lines if line.strip()]
 
 

@@ -806,3 +806,18 @@ def test_openai_client_returns_token_logprobs():
     assert sent["logprobs"] is True and sent["top_logprobs"] == 2
     assert res.ok and res.logprobs == [{"token": "Score", "logprob": -0.01, "top": [
         {"token": "Score", "logprob": -0.01}, {"token": "Quality", "logprob": -4.6}]}]
+
+
+def test_cache_never_cuts_a_file_that_is_not_a_cache(tmp_path):
+    """QA round 3: `--cache` pointed at a user's file without a final newline lost its last line (and a DICOM was
+    cut) before the file was found not to be a cache. Now refused with nothing changed."""
+    from ctiqa import CTIQAError
+    from datasets_builder.cache import AnswerCache
+
+    for name, data in (("notes.txt", b"my notes\nline two"), ("scan.dcm", b"\x00" * 128 + b"DICM\x02\x00\xff\x10"),
+                       ("scan2.dcm", b"\x00" * 128 + b"DICM\xff\xfe\n")):
+        f = tmp_path / name
+        f.write_bytes(data)
+        with pytest.raises(CTIQAError, match="not a ctiqa JSONL file"):
+            AnswerCache(f)
+        assert f.read_bytes() == data
