@@ -753,6 +753,10 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
         CTIQAError: another run's evaluation is there and ``overwrite`` is false; the message names what differs.
     """
     res, pred = out / RESULTS_FILE, out / PREDICTIONS_FILE
+    theirs = [n for n in PLOT_FILES.values() if (out / n).exists()] if not res.exists() else []
+    if theirs:  # plots ctiqa did not write (no evaluation here): the run would replace them
+        raise CTIQAError(f"--out {out}: holds {', '.join(theirs)} that no ctiqa evaluation wrote; nothing was "
+                         "changed. Give another --out")
     if not res.exists() and not (pred.exists() and identity["source"] not in ("model", "api", "server")):
         return  # nothing, or rows a model/API/server run resumes from or moves aside itself
     try:

@@ -601,3 +601,13 @@ def test_absent_ids_are_missing_not_parse_failures(dataset, tmp_path, capsys):
     assert "1 answers without a score (parse failures)" in text and "2 missing (no prediction for the id)" in text
     assert "3 of 6 predictions are missing (parse failures)" not in text and "(parse failures)" not in json.dumps(
         res["metrics"])
+
+
+def test_a_users_plot_in_out_is_never_replaced(tmp_path, capsys):
+    """QA round 3: `evaluate --out` into a folder holding the user's own scatter.png replaced it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "scatter.png").write_bytes(b"my plot")
+    assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "a.jsonl")), "--out", str(out),
+                       "--bootstrap", "0"]) == 2
+    assert "scatter.png" in capsys.readouterr().err and (out / "scatter.png").read_bytes() == b"my plot"
