@@ -2,7 +2,8 @@
 
 A sub-command module defines ``add_cli_arguments(parser: argparse.ArgumentParser) -> None`` and
 ``cli_main(args: argparse.Namespace) -> int``. Modules are imported lazily so ``ctiqa render`` does not pay for
-torch/transformers. A :class:`ctiqa.CTIQAError` is printed as one ``error: ...`` line, exit status 2.
+torch/transformers. A :class:`ctiqa.CTIQAError`, or an ``OSError`` about a named file (e.g. a name too long),
+is printed as one ``error: ...`` line, exit status 2; Ctrl-C prints one line, exit status 130.
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     except CTIQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:  # not about a file the user named: keep the traceback for a bug report
+            raise
+        name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        print(f"error: {name}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: ctiqa {cmd} stopped before it finished", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
 
 
 if __name__ == "__main__":

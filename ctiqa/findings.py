@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -76,7 +75,7 @@ import numpy as np
 
 from ctiqa import CTIQAError
 from ctiqa.imaging import MEDGEMMA_3WINDOW, SOFT_TISSUE, CTImage, is_dicom_file, read_ct_frames, unit_to_hu
-from ctiqa.paths import check_output_path
+from ctiqa.paths import atomic_write, check_output_path
 from ctiqa.vocabulary import noise_severity
 
 # ------------------------------------------------------------------------------------------------- constants
@@ -431,9 +430,8 @@ def cli_main(args: argparse.Namespace) -> int:
               f"(index {row['streak_index']:.1f})")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, args.out)
+        with atomic_write(args.out) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} rows to {args.out}")
     if n_bad:
         print(f"{n_bad} input(s) skipped", file=sys.stderr)

@@ -79,7 +79,7 @@ import numpy as np
 from PIL import Image
 
 from ctiqa import CTIQAError, CTIQAWarning
-from ctiqa.paths import check_output_path
+from ctiqa.paths import atomic_write, check_output_path
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants (each with its source)
@@ -141,6 +141,8 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 KINDS = ("hu", "unit", "display")
 _TIFF_SUFFIXES = {".tif", ".tiff"}
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+#: File suffixes (lower case) of the non-DICOM images ctiqa reads: TIFF and 8/16-bit raster images.
+IMAGE_SUFFIXES = frozenset(_TIFF_SUFFIXES | _RASTER_SUFFIXES)
 
 
 @dataclass
@@ -685,8 +687,8 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 def missing_reason(path: str | os.PathLike) -> str:
     """Why ``path`` cannot be opened as a file or folder: ``"symlink loop"`` (a link that points back to itself,
-    directly or through other links), ``"broken symlink"`` (a link to nothing), ``"permission denied"``, or
-    ``"no such file"``. For the one-line errors of the readers and commands."""
+    directly or through other links), ``"broken symlink"`` (a link to nothing), ``"permission denied"``,
+    ``"file name too long"``, or ``"no such file"``. For the one-line errors of the readers and commands."""
     import errno
 
     try:
@@ -696,6 +698,8 @@ def missing_reason(path: str | os.PathLike) -> str:
             return "symlink loop"
         if e.errno in (errno.EACCES, errno.EPERM):
             return "permission denied"
+        if e.errno == errno.ENAMETOOLONG:
+            return "file name too long"
         if os.path.islink(path):
             return "broken symlink"
     return "no such file"
@@ -1090,7 +1094,8 @@ def cli_main(args: argparse.Namespace) -> int:
     img = read_ct(args.input, frame=args.frame)
     rgb = render(img, args.encoding, unit_is_hu=args.unit_is_hu)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rgb.save(out)
+    with atomic_write(out, "wb") as f:  # --overwrite onto a symbolic link replaces the link, not its target
+        rgb.save(f, format="PNG")
     px = img.pixels
     print(
         f"wrote {out}: {img.kind} {px.shape[1]}x{px.shape[0]} values {float(px.min()):g}..{float(px.max()):g} "

@@ -4,14 +4,18 @@ simulator sinograms); and the one guard every command applies to its outputs (:f
 ``$CTIQA_CACHE_DIR`` when set, else the platform's user cache folder for ``ctiqa`` from ``platformdirs``
 (Linux: ``$XDG_CACHE_HOME/ctiqa``, default ``~/.cache/ctiqa``; macOS: ``~/Library/Caches/ctiqa``; Windows:
 ``%LOCALAPPDATA%\\ctiqa\\Cache``). Caches live outside any output folder on purpose: deleting or rewriting a
-dataset or a run never deletes paid-for teacher answers or hours of projections.
+dataset or a run never deletes paid-for teacher answers or hours of projections. Files are replaced with
+:func:`atomic_write`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 #: Environment variable that moves every ctiqa cache.
 CACHE_ENV = "CTIQA_CACHE_DIR"
@@ -135,3 +139,33 @@ def check_output_path(
     if not (ours is True or (callable(ours) and ours(p))):
         raise CTIQAError(f"{what} {p}: exists and was not written by ctiqa{tail}")
     return p
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a new file to write that replaces ``path`` only when the ``with`` block ends without an error.
+
+    The data goes to a fresh, uniquely named hidden file in ``path``'s folder (``.NAME.<random>.tmp``, from
+    ``tempfile.mkstemp``: it never has the name of a file the user has), then ``os.replace`` puts it at ``path``:
+    a crash or kill leaves the old file whole, and a ``path`` that is a symbolic link is replaced as a link
+    (its target is not written through). The new file keeps the permissions of the file it replaces (``0o644``
+for a new one).
+    The parent folder must exist.
+
+    Args:
+        path: the file to write.
+        mode: ``"w"`` (text) or ``"wb"``.
+        open_kwargs: passed to ``open`` (e.g. ``newline=""``).
+    Raises:
+        OSError: the folder cannot be written (the temporary file is removed).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.is_file() else 0o644)  # mkstemp makes it 0o600
+        with open(fd, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -404,6 +404,37 @@ def test_cli_render_keeps_an_existing_out_unless_overwrite_and_never_prints_the_
     assert "1.2.840" not in printed, printed
 
 
+def test_cli_render_overwrite_onto_a_link_replaces_the_link_not_its_target(tmp_path, capsys):
+    """QA round 3: `render --out LINK --overwrite` wrote the PNG through a symbolic link into the file it points to
+    (the user's own image elsewhere). The link is replaced; the file it pointed to keeps its bytes; no temporary
+    file is left, and a user's file named like the old temporary (`out.png.tmp`) is untouched."""
+    path = write_ct_dicom(tmp_path / "a.dcm", np.array([[0, 1024], [1064, 1239]]))
+    theirs = tmp_path / "keep" / "holiday.png"
+    theirs.parent.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(theirs)
+    before = theirs.read_bytes()
+    link = tmp_path / "out.png"
+    link.symlink_to(theirs)
+    (tmp_path / "out.png.tmp").write_text("my notes")
+    assert main(["render", str(path), "--out", str(link), "--overwrite"]) == 0
+    assert theirs.read_bytes() == before
+    assert not link.is_symlink() and Image.open(link).size == (16, 16)
+    assert (tmp_path / "out.png.tmp").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.dcm", "keep", "out.png", "out.png.tmp"]
+
+
+def test_names_too_long_end_in_one_line(tmp_path, capsys):
+    """QA round 3: a file name over the system's limit (255 bytes) ended in a traceback (OSError errno 36)."""
+    long = "x" * 300
+    path = write_ct_dicom(tmp_path / "a.dcm", np.array([[0, 1024], [1064, 1239]]))
+    for argv in (["render", str(path), "--out", str(tmp_path / f"{long}.png")],
+                 ["render", str(tmp_path / f"{long}.dcm"), "--out", str(tmp_path / "o.png")],
+                 ["findings", str(path), "--out", str(tmp_path / f"{long}.jsonl")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "too long" in err.lower(), err
+
+
 def test_dicom_folder_tells_series_apart(tmp_path):
     d = tmp_path / "two"
     d.mkdir()
