@@ -2,8 +2,10 @@
 
 Each input is one *series*: a folder (and its sub-folders) is read as DICOM series (slices ordered along the slice
 normal, :func:`ctiqa.imaging.index_dicom_folder`; a folder holding several series, told apart by Series Instance
-UID, gives one series each, ``ID#1``, ``ID#2``... with a note on stderr), a multi-frame DICOM or multi-page TIFF
-gives one slice per frame, any other file is a series of one slice. Every slice is rendered with
+UID, gives one series each, ``ID#1``, ``ID#2``... with a note on stderr); a folder with no DICOM file but TIFF,
+PNG or JPEG files directly in it is one series of those, in natural name order (``slice2`` before ``slice10``); a
+multi-frame DICOM or multi-page TIFF gives one slice per frame, any other file is a series of one slice. An input
+given twice (``A`` and ``./A/``) is scored once. Every slice is rendered with
 :func:`ctiqa.imaging.render` (the encoding the model was trained with) and scored by a *backend*:
 
 * per slice: the parsed score of the generated answer, the probability score and its spread, the rationale
@@ -44,6 +46,7 @@ import csv
 import heapq
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -57,6 +60,7 @@ from ctiqa.demo import DEMO_MODEL
 from ctiqa.findings import rationale_fields
 from ctiqa.imaging import (
     ENCODINGS,
+    IMAGE_SUFFIXES,
     CTImage,
     image_sha256,
     index_dicom_folder,
@@ -67,7 +71,7 @@ from ctiqa.imaging import (
     render,
 )
 from ctiqa.model_settings import PRECISIONS, choose_encoding
-from ctiqa.paths import check_output_path
+from ctiqa.paths import atomic_write, check_output_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
 #: How many lowest-scoring slices a series summary lists.
@@ -141,7 +145,9 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
     """Index every input into :class:`Series` without reading pixels (DICOM headers only).
 
     Args:
-        inputs: paths of DICOM/TIFF/PNG/JPEG files or folders (trees) of DICOM files.
+        inputs: paths of DICOM/TIFF/PNG/JPEG files, folders (trees) of DICOM files, or folders of TIFF/PNG/JPEG
+            slices (:func:`_image_files`). Without ``ids``, an input naming a file or folder given before is dropped
+            with a note (:func:`_distinct_inputs`).
         ids: optional user-chosen series ids, one per input (default: the path as given, except a DICOM file
             given directly: ``dicom#K`` for the K-th such input, since its name is often a SOP Instance UID; its
             path with ``file_names``).
@@ -155,21 +161,32 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
             (:func:`check_ids`).
     """
     check_ids(inputs, ids)
+    if ids is None:
+        inputs = _distinct_inputs(inputs)
     out = []
     n_dicom_files = 0
     for i, raw in enumerate(inputs):
         sid = ids[i] if ids else raw
         p = Path(raw)
-        if not ids and not file_names and p.is_file() and is_dicom_file(p):
+        try:
+            is_dir, is_file = p.is_dir(), p.is_file()
+        except OSError as e:  # e.g. a name too long: this input is skipped, the others are scored
+            out.append(Series(id=sid, errors=[(raw, f"{raw}: {e.strerror or e}")]))
+            continue
+        if not ids and not file_names and is_file and is_dicom_file(p):
             n_dicom_files += 1
             sid = f"dicom#{n_dicom_files}"
         errors: list[tuple[str, str]] = []
-        if p.is_dir():
+        if is_dir:
             try:
                 found = index_dicom_folder(p, errors=errors)
             except CTIQAError as e:
-                out.append(Series(id=sid, errors=[*errors, (raw, str(e))]))
-                continue
+                images = _image_files(p)
+                if not images:
+                    out.append(Series(id=sid, errors=[*errors, (raw, str(e))]))
+                    continue
+                found = [[(f.name, f, None) for f in images]]  # a folder of TIFF/PNG slices, in name order
+                errors = [(n, m) for n, m in errors if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
             if len(found) > 1:
                 print(f"note: {raw} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
                       f"separately as {sid}#1 .. {sid}#{len(found)}", file=sys.stderr)
@@ -178,7 +195,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
                      for k, sl in enumerate(found, start=1)]
             group[0].errors = errors
             out.extend(group)
-        elif p.is_file():
+        elif is_file:
             out.append(Series(id=sid, refs=[SliceRef(0, raw, p, "all")]))
             if sid.startswith("dicom#") and sid != raw:
                 print(f"note: DICOM file input {i + 1} is named {sid} (its file name may be a UID; --id ID or "
@@ -186,6 +203,34 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
         else:
             out.append(Series(id=sid, errors=[(raw, f"{raw}: " + (r if (r := missing_reason(p)) != "no such file" else "no such file or folder"))]))
     return out
+
+
+def _distinct_inputs(inputs: list[str]) -> list[str]:
+    """``inputs`` without the ones that name a file or folder given before (``A``, ``./A/``, a link to ``A``): each
+    would be scored again as a series of its own. A note on stderr names what was dropped."""
+    seen: set[tuple[int, int]] = set()
+    kept = []
+    for raw in inputs:
+        try:
+            st = os.stat(raw)
+        except OSError:  # missing or unreadable: reported by the caller
+            kept.append(raw)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            print(f"note: input {raw} was given before; scored once", file=sys.stderr)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        kept.append(raw)
+    return kept
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The TIFF/PNG/JPEG files directly in ``folder`` (:data:`ctiqa.imaging.IMAGE_SUFFIXES`; not in sub-folders),
+    in natural name order (``slice2`` before ``slice10``), as the slices of one series."""
+    def key(f: Path) -> list[Any]:
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", f.name)]
+
+    return sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()), key=key)
 
 
 def _reason(message: str, path: str | Path) -> str:
@@ -331,35 +376,36 @@ def _lock_output(path: Path) -> Any:
 
 
 def _drop_failed_rows(path: Path) -> None:
-    """Remove the :func:`failed_row` rows from a JSONL/CSV row file (written to ``<path>.tmp``, then renamed over
-    ``path``: a kill leaves the old file whole); nothing is rewritten when there are none."""
-    tmp = path.with_name(path.name + ".tmp")
-    dropped = 0
-    with open(path, newline="") as f, open(tmp, "w", newline="") as g:
-        if path.suffix == ".csv":
-            reader, writer = csv.reader(f), csv.writer(g)
-            header = next(reader, None)
-            if header is not None:
-                writer.writerow(header)
-            for raw in reader:
-                if failed_row({k: _from_csv(k, v) for k, v in zip(header or [], raw, strict=False)}):
-                    dropped += 1
-                else:
-                    writer.writerow(raw)
-        else:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = {}
-                if isinstance(row, dict) and failed_row(row):
-                    dropped += 1
-                else:
-                    g.write(line)
-    if dropped:
-        tmp.replace(path)
-    else:
-        tmp.unlink()
+    """Remove the :func:`failed_row` rows from a JSONL/CSV row file (rewritten with
+    :func:`ctiqa.paths.atomic_write`: a kill leaves the old file whole); nothing is rewritten when there are none."""
+
+    def failed(raw: str | list[str], header: list[str] | None) -> bool:
+        if header is not None:  # a CSV record
+            return failed_row({k: _from_csv(k, v) for k, v in zip(header, raw, strict=False)})
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(row, dict) and failed_row(row)
+
+    def records(f: Any) -> tuple[list[str] | None, Iterator[Any]]:
+        if path.suffix != ".csv":
+            return None, iter(f)
+        reader = csv.reader(f)
+        return next(reader, None) or [], reader
+
+    with open(path, newline="") as f:
+        header, recs = records(f)
+        if not any(failed(r, header) for r in recs):
+            return
+    with open(path, newline="") as f, atomic_write(path, newline="") as g:
+        header, recs = records(f)
+        writer = csv.writer(g) if header is not None else None
+        if writer is not None and header:
+            writer.writerow(header)
+        for r in recs:
+            if not failed(r, header):
+                writer.writerow(r) if writer is not None else g.write(r)
 
 
 def _drop_cut_line(path: Path) -> None:
@@ -625,8 +671,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     if path.suffix not in SUFFIXES:
         raise CTIQAError(f"{path}: output must end in .jsonl or .csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         if path.suffix == ".csv":
             keys = list(dict.fromkeys(k for r in rows for k in r))
             w = csv.DictWriter(f, fieldnames=keys)
@@ -636,7 +681,6 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         else:
             for r in rows:
                 f.write(json.dumps(r, allow_nan=False) + "\n")
-    tmp.replace(path)
 
 
 def _print_tables(slice_rows: list[dict[str, Any]] | None, summaries: list[dict[str, Any]], score_only: bool
@@ -679,7 +723,8 @@ def _print_tables(slice_rows: list[dict[str, Any]] | None, summaries: list[dict[
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ctiqa predict``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="DICOM file, folder (tree) of DICOM files, TIFF or PNG/JPEG file")
+                        help="DICOM file, folder (tree) of DICOM files, TIFF or PNG/JPEG file, or a folder of TIFF/PNG/"
+                        "JPEG slices (natural name order)")
     parser.add_argument("--model", help="base model Hub id or folder (default: runs/demo/model under the current "
                         "folder, the model `make demo` trained; or the adapter's base model)")
     parser.add_argument("--adapter", help="PEFT adapter Hub id or folder (as pushed by recipes/sft.py)")
@@ -828,10 +873,21 @@ def cli_main(args: argparse.Namespace) -> int:
         batch = max(args.batch_size, 4 * args.concurrency) if args.server else args.batch_size
         counts = score_series(series, backend, sink, encoding=args.encoding, batch_size=batch,
                               unit_is_hu=args.unit_is_hu, file_names=args.file_names, on_row=on_row)
+    except KeyboardInterrupt:
+        if args.out is not None:
+            print(f"the slices scored so far are kept in {args.out}; the same command resumes from there",
+                  file=sys.stderr)
+        raise
     finally:
         sink.close()
     order = [s.id for s in series]
-    if args.out is not None:  # the file holds this run's rows and the resumed ones
+    if args.out is not None:  # the file holds this run's rows, the resumed ones, and any earlier run's series
+        in_file = list(dict.fromkeys(str(r["series"]) for r in sink.read()))
+        earlier = [i for i in in_file if i not in order]
+        if earlier:
+            print(f"note: {args.out} also holds {len(earlier)} series of an earlier run ({', '.join(earlier[:3])}"
+                  + (" ..." if len(earlier) > 3 else "") + "); the series summary covers them too", file=sys.stderr)
+        order = in_file + [i for i in order if i not in in_file]
         summaries = summaries_from_rows(sink.read(), order)
         table = list(sink.read()) if counts["resumed"] + len(shown) <= TABLE_MAX else None
     else:

@@ -359,3 +359,68 @@ def test_dicom_file_inputs_are_not_named_by_their_uid_file_name(tiny, tmp_path, 
     assert main(["predict", str(uid_file), "--model", str(tiny), "--score-only", "--out", str(out2),
                  "--file-names"]) == 0
     assert json.loads(out2.read_text().splitlines()[0])["series"] == str(uid_file)
+
+
+def test_a_second_input_set_into_one_out_is_summarised_with_the_first(tiny, tmp_path, monkeypatch, capsys):
+    """QA round 3: `predict A --out X` then `predict B --out X` kept both slice sets in X but wrote only B's series
+    summary: the summary file disagreed with the rows beside it. Now it covers every series X holds."""
+    a, b = _series(tmp_path / "a", n=2), _series(tmp_path / "b", n=1)
+    out = tmp_path / "x.jsonl"
+    base = ["--model", str(tiny), "--score-only", "--out", str(out)]
+    assert main(["predict", str(a), *base]) == 0
+    calls = _count_backend(monkeypatch)
+    assert main(["predict", str(b), *base]) == 0
+    assert calls == [1]  # only b's slice scored
+    assert "also holds 1 series of an earlier run" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = [json.loads(line) for line in (tmp_path / "x.series.jsonl").read_text().splitlines()]
+    assert [s["series"] for s in summary] == [str(a), str(b)]
+    for s in summary:
+        scores = [r["prob_score"] for r in rows if r["series"] == s["series"] and not r.get("skipped")]
+        assert s["n_slices"] == len(scores) and s["mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+
+
+def test_a_folder_of_tiff_slices_is_one_series_and_an_input_given_twice_is_scored_once(tiny, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """LDCTIQA itself is a folder of TIFF slices: it was refused as 'no readable DICOM slices'. Slices are taken in
+    natural name order (2 before 10). The same folder typed twice (`d` and `d/`) was scored twice."""
+    d = tmp_path / "slices"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for k in (10, 2, 1):
+        tifffile.imwrite(d / f"s{k}.tif", rng.random((64, 64), dtype=np.float32))
+    (d / "notes.txt").write_text("mine")
+    out = tmp_path / "x.jsonl"
+    calls = _count_backend(monkeypatch)
+    assert main(["predict", str(d), str(d) + "/", "--model", str(tiny), "--score-only", "--file-names",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    assert "was given before; scored once" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in rows if r.get("skipped")] == [str(d / "notes.txt")]  # listed, not scored
+    rows = [r for r in rows if not r.get("skipped")]
+    assert calls == [3] and [(r["series"], r["slice"], r["file"]) for r in rows] == [
+        (str(d), 0, "s1.tif"), (str(d), 1, "s2.tif"), (str(d), 2, "s10.tif")]
+    one = main(["predict", str(d / "s2.tif"), "--model", str(tiny), "--score-only", "--out", str(tmp_path / "y.jsonl")])
+    assert one == 0
+    alone = json.loads((tmp_path / "y.jsonl").read_text())
+    assert alone["prob_score"] == pytest.approx(rows[1]["prob_score"], abs=1e-4)  # same slice, same score
+
+
+def test_a_name_too_long_is_skipped_and_ctrl_c_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
+    """QA round 3: an input name over 255 bytes ended the whole run in a traceback; Ctrl-C printed a traceback."""
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    out = tmp_path / "x.jsonl"
+    assert main(["predict", str(tmp_path / ("y" * 300 + ".dcm")), str(good), "--model", str(tiny), "--score-only",
+                 "--out", str(out)]) == 0
+    assert "name too long" in capsys.readouterr().err
+    assert sum(1 for line in out.read_text().splitlines() if "prob_score" in line) == 1
+    import ctiqa.predict as predict
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "score_series", interrupted)
+    assert main(["predict", str(good), "--model", str(tiny), "--score-only", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"kept in {out}; the same command resumes" in err, err
