@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.paths import check_output_path
+from ctiqa.paths import atomic_write, check_output_path
 
 #: Largest side (px) of an embedded slice image; larger renders are downscaled for the page only (the model's
 #: input is what :func:`ctiqa.imaging.render` gives, before the processor's own resize).
@@ -466,7 +466,9 @@ def write_predict_report(path: str | Path, rows: list[dict[str, Any]], summaries
     p = check_html_path(path)
     images = prepare_series(rows, series, encoding, unit_is_hu) if series is not None else None
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(predict_report(rows, summaries, images, model=model), encoding="utf-8")
+    page = predict_report(rows, summaries, images, model=model)
+    with atomic_write(p, encoding="utf-8") as f:
+        f.write(page)
     return p
 
 
@@ -574,7 +576,9 @@ def write_evaluation_report(run_dir: str | Path, path: str | Path | None = None,
     for r in records:
         annotate(r, (images or {}).get(str(r["id"])))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(evaluation_report(results, records, images, plots), encoding="utf-8")
+    page = evaluation_report(results, records, images, plots)
+    with atomic_write(out, encoding="utf-8") as f:
+        f.write(page)
     return out
 
 
