@@ -33,6 +33,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
-from ctiqa.paths import check_output_path
+from ctiqa.paths import check_output_path, check_outside_dataset, is_local_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
@@ -455,7 +456,8 @@ def explanation_check(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> dict[str, Any]:
-    """Git commit, package versions, settings, model ids, prompt version, timestamp (UTC), command line."""
+    """Git commit, package versions, settings, model ids, prompt version, timestamp (UTC), command line, and the
+    absolute paths of the local model, adapter, dataset or predictions file (``local_paths``: :func:`local_paths`)."""
     from importlib import metadata
 
     def version(pkg: str) -> str | None:
@@ -478,6 +480,7 @@ def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> d
         "git_commit": commit, "git_dirty": dirty,
         "packages": {p: version(p) for p in _PACKAGES}, "python": platform.python_version(),
         "prompt_version": PROMPT_VERSION, "settings": settings, "model": model_info,
+        "local_paths": local_paths({k: settings.get(k) for k in IDENTITY_KEYS}),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": ["ctiqa", "evaluate", *sys.argv[2:]] if sys.argv[1:2] == ["evaluate"] else sys.argv,
     }
@@ -675,7 +678,10 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError("--batch-size, --concurrency and --limit must be positive")
     check_output_path(args.out, folder=True, ours=True, inputs=[args.predictions], writes=[RESULTS_FILE,
                       PREDICTIONS_FILE], hint="Give a folder for results.json, predictions.jsonl and plots")
-    check_previous_run(args.out, _identity(args, mode), args.overwrite, args.limit)
+    check_outside_dataset(args.out, args.dataset)
+    # the same file or folder as the previous run in --out, spelt otherwise, is recorded (and its rows keyed) as then
+    spelt = _identity(args, mode)
+    check_previous_run(args.out, spelt, args.overwrite, args.limit)
     if args.html is not None:
         from ctiqa.html_report import check_html_path
 
@@ -690,7 +696,7 @@ def cli_main(args: argparse.Namespace) -> int:
                                sizes=sizes)[0] if args.dataset else None  # images: measured findings
         records = predictions_from_file(args.predictions, samples, subset=args.limit is not None)
         records = records[:args.limit] if args.limit else records
-        settings = {"source": str(args.predictions), "dataset": args.dataset, "split": args.split if args.dataset
+        settings = {"source": spelt["source"], "dataset": spelt["dataset"], "split": args.split if args.dataset
                     else None, "limit": args.limit}
         return _done(records, out, args, name=args.name or args.predictions.stem, kind="predictions",
                      settings=settings, model_info=None, n_split=sizes.get("n_split"), samples=samples)
@@ -700,13 +706,13 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.server:  # an OpenAI-compatible inference server
         from ctiqa.serving import evaluate_cli
 
-        kw = evaluate_cli(args, samples, fmt, out)
+        kw = evaluate_cli(argparse.Namespace(**{**vars(args), "dataset": spelt["dataset"]}), samples, fmt, out)
         return _done(kw.pop("records"), out, args, n_split=sizes.get("n_split"), samples=samples, **kw)
     if mode == "api":
         model = args.model or APIS[args.api]
         decoding = {"temperature": 0.0, **({"thinking_budget": args.thinking_budget} if args.api == "gemini" else {})}
         settings = {"source": args.api, "model": model, "format": fmt, "prompt_version": PROMPT_VERSION,
-                    "decoding": decoding, "dataset": args.dataset, "split": args.split, "limit": args.limit,
+                    "decoding": decoding, "dataset": spelt["dataset"], "split": args.split, "limit": args.limit,
                     **({"base_url": args.base_url} if args.api != "gemini" else {})}
         records, info = predict_with_api(samples, out, api=args.api, model=model, fmt=fmt, key=run_key(settings),
                                          base_url=args.base_url, concurrency=args.concurrency,
@@ -714,11 +720,11 @@ def cli_main(args: argparse.Namespace) -> int:
         return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind=args.api,
                      settings=settings, model_info=info, n_split=sizes.get("n_split"), samples=samples)
 
-    settings = {"source": "model", "model": args.model, "adapter": args.adapter, "format": fmt,
+    settings = {"source": "model", "model": spelt["model"], "adapter": spelt["adapter"], "format": fmt,
                 "prompt_version": PROMPT_VERSION, "precision": args.precision,
                 "decoding": {"do_sample": False, "max_new_tokens": args.max_new_tokens,
                              "generate": not args.score_only, "probability_score": True},
-                "batch_size": args.batch_size, "dataset": args.dataset, "split": args.split, "limit": args.limit}
+                "batch_size": args.batch_size, "dataset": spelt["dataset"], "split": args.split, "limit": args.limit}
     records, info = predict_with_model(samples, out, model=args.model, adapter=args.adapter, fmt=fmt,
                                        score_only=args.score_only, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.batch_size, precision=args.precision, device=args.device,
@@ -741,13 +747,55 @@ def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             "dataset": args.dataset, "split": args.split if args.dataset else None}
 
 
+def _is_path(key: str, identity: dict[str, Any]) -> bool:
+    """Whether ``identity[key]`` names a local file or folder (:func:`ctiqa.paths.is_local_path`): the dataset, a
+    predictions file (``source``), and a local run's model and adapter; Hub ids and API/served model names are not."""
+    v = identity.get(key)
+    if not isinstance(v, str) or not v:
+        return False
+    if key == "source":
+        return v not in ("model", "server", *APIS)
+    if key in ("model", "adapter") and identity.get("source") != "model":
+        return False
+    return is_local_path(v)
+
+
+def _absolute(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def local_paths(identity: dict[str, Any]) -> dict[str, str]:
+    """The absolute, symlink-resolved paths of the :data:`IDENTITY_KEYS` that name local files or folders, e.g.
+    ``{"dataset": "/data/ds", "model": "/runs/m"}`` (recorded in ``provenance.local_paths`` so that a later run
+    that spells them otherwise, from any folder, is recognised as the same run)."""
+    return {k: _absolute(identity[k]) for k in IDENTITY_KEYS if _is_path(k, identity)}
+
+
+def _identity_diff(before: dict[str, Any], paths_before: dict[str, str], identity: dict[str, Any]) -> list[str]:
+    """What differs between an earlier run's settings and this run's identity: local paths by their resolved path
+    (``paths_before``: the earlier run's recorded ones; results written before they were recorded are resolved
+    from here), Hub ids and names as strings."""
+    diff = []
+    for k in IDENTITY_KEYS:
+        then, now = before.get(k), identity[k]
+        if _is_path(k, identity) and (k in paths_before or _is_path(k, before)):
+            then_abs = paths_before.get(k) or _absolute(then)
+            if then_abs != _absolute(now):
+                diff.append(f"{k}: {then_abs!r} then, {_absolute(now)!r} now")
+        elif then != now:
+            diff.append(f"{k}: {then!r} then, {now!r} now")
+    return diff
+
+
 def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, limit: int | None = None) -> None:
     """Refuse, before any work, an ``--out`` that holds the evaluation of another run (its ``results.json`` names
     another source, model, adapter, dataset or split; or it holds results/predictions ctiqa cannot read as an
-    evaluation). With ``overwrite``, that evaluation's ``results.json`` and ``predictions.jsonl`` are moved aside
-    (``NAME.<UTC time>.bak.EXT``, said on stderr), never deleted. The same run resumes (rows of other decoding
-    settings in ``predictions.jsonl`` are moved aside by :class:`PredictionsAppender`); a ``limit`` smaller than
-    the samples it already evaluated is refused too (the folder would be rewritten with the subset).
+    evaluation). Local files and folders are compared by their resolved path (``./ds``, ``ds``, ``/abs/ds`` and a
+    symlink to it are one dataset), Hub ids as strings. With ``overwrite``, that evaluation's ``results.json`` and
+    ``predictions.jsonl`` are moved aside (``NAME.<UTC time>.bak.EXT``, said on stderr), never deleted. The same run
+    resumes (rows of other decoding settings in ``predictions.jsonl`` are moved aside by
+    :class:`PredictionsAppender`); a ``limit`` smaller than the samples it already evaluated is refused too (the
+    folder would be rewritten with the subset).
 
     Raises:
         CTIQAError: another run's evaluation is there and ``overwrite`` is false; the message names what differs.
@@ -762,11 +810,14 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
     try:
         previous = json.loads(res.read_text())
         before = previous["provenance"]["settings"]
-        diff = [f"{k}: {before.get(k)!r} then, {identity[k]!r} now" for k in IDENTITY_KEYS
-                if before.get(k) != identity[k]]
+        diff = _identity_diff(before, previous["provenance"].get("local_paths") or {}, identity)
         n_before = int((previous.get("counts") or {}).get("n") or 0)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         diff, n_before = [f"{res.name if res.exists() else pred.name} not from a `ctiqa evaluate` of these settings"], 0
+    else:
+        for k in IDENTITY_KEYS:  # the same file or folder spelt otherwise: keep the spelling its rows are keyed by
+            if not diff and isinstance(before.get(k), str) and before[k] != identity[k]:
+                identity[k] = before[k]
     # the same run with a smaller --limit would rewrite the folder with its subset: the rest would be lost
     if not diff and limit is not None and n_before > limit:
         if not overwrite:

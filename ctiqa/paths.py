@@ -36,6 +36,11 @@ def cache_path(*parts: str) -> Path:
     return cache_home().joinpath(*parts)
 
 
+#: Written by ``ctiqa build-dataset`` into every dataset folder it makes (a JSON list of the files it wrote there):
+#: a non-empty folder without it holds someone else's files; commands refuse to write their outputs inside one.
+DATASET_MARKER = ".ctiqa-dataset.json"
+
+
 def is_local_path(name: str) -> bool:
     """True when a model or dataset name is meant as a local folder, not a Hub id: it exists (``~`` expanded), is
     absolute, starts with ``.`` or ``~``, or has more than one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
@@ -169,3 +174,27 @@ for a new one).
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_outside_dataset(out: str | os.PathLike, dataset: str | None = None, *, what: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a dataset folder or inside one: the local ``dataset``
+    (:func:`is_local_path`; compared by resolved path, symlinks followed), or any folder holding
+    :data:`DATASET_MARKER`. Files written there would mix into a dataset that ``push_to_hub`` publishes as is.
+    Nothing is created or changed here.
+
+    Raises:
+        CTIQAError: ``out`` is, or is inside, a dataset folder (the message names both).
+    """
+    from ctiqa import CTIQAError
+
+    p = Path(os.path.realpath(os.path.expanduser(out)))
+    folders = [p, *p.parents]
+    hit = None
+    if dataset and is_local_path(dataset) and Path(dataset).expanduser().is_dir():
+        ds = Path(os.path.realpath(os.path.expanduser(dataset)))
+        hit = ds if ds in folders else None
+    hit = hit or next((f for f in folders if (f / DATASET_MARKER).is_file()), None)
+    if hit is not None:
+        where = "is the dataset folder" if hit == p else f"is inside the dataset folder {hit}"
+        raise CTIQAError(f"{what} {out}: {where}; what is written there would become part of the dataset (and of "
+                         "its Hub upload); nothing was changed. Give an --out outside it")

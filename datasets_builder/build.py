@@ -53,7 +53,7 @@ from ctiqa.clients import (
 )
 from ctiqa.imaging import DEFAULT_ENCODING, image_sha256
 from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
-from ctiqa.paths import check_output_path
+from ctiqa.paths import DATASET_MARKER, check_output_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT
 
 from . import checks
@@ -407,9 +407,8 @@ def audit_csv(items: list[Item]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- output
-#: Written first into every ``--out`` folder ctiqa builds (a JSON list of the files it wrote there). A folder that
-#: is not empty and lacks it holds someone else's files: the build refuses to write there.
-MARKER = ".ctiqa-dataset.json"
+#: Written first into every ``--out`` folder ctiqa builds (:data:`ctiqa.paths.DATASET_MARKER`).
+MARKER = DATASET_MARKER
 _OURS = ("README.md", "audit.csv")
 
 

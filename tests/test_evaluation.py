@@ -611,3 +611,69 @@ def test_a_users_plot_in_out_is_never_replaced(tmp_path, capsys):
     assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "a.jsonl")), "--out", str(out),
                        "--bootstrap", "0"]) == 2
     assert "scatter.png" in capsys.readouterr().err and (out / "scatter.png").read_bytes() == b"my plot"
+
+
+def _ladder_preds(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"id": f"{i:04d}", "score": s, "prediction": min(4.0, s + 0.2)}) + "\n"
+                            for i, (_, _, s) in enumerate(LADDER)))
+    return path
+
+
+def test_the_same_dataset_spelt_otherwise_is_the_same_run(dataset, tiny, tmp_path, monkeypatch, capsys):
+    """QA round 4: `--dataset /abs/ds` then `--dataset ds` (or ./ds, or a symlink to it) into the same --out was
+    refused as "another run". Local paths are compared resolved (results written before paths were recorded too),
+    a model run resumes its rows (nothing asked again); another folder, even spelt the same, is still another run."""
+    import shutil
+
+    monkeypatch.chdir(dataset.parent)
+    (dataset.parent / "link").symlink_to(dataset, target_is_directory=True)
+    f = _ladder_preds(tmp_path / "a.jsonl")
+    out = tmp_path / "run"
+    base = ["evaluate", "--predictions", str(f), "--out", str(out), "--bootstrap", "0", "--dataset"]
+    assert ctiqa_main([*base, str(dataset)]) == 0
+    for spelling in (dataset.name, f"./{dataset.name}", "link", f"../{dataset.parent.name}/{dataset.name}"):
+        assert ctiqa_main([*base, spelling]) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())  # as written before provenance.local_paths existed
+    del res["provenance"]["local_paths"]
+    (out / "results.json").write_text(json.dumps(res))
+    assert ctiqa_main([*base, "./link"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    other = shutil.copytree(dataset, tmp_path / "copy")
+    assert ctiqa_main([*base, str(other)]) == 2 and "another run" in capsys.readouterr().err
+    # the same relative name from another folder is another dataset (recorded absolute path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(other, target_is_directory=True)
+    assert ctiqa_main([*base, "data"]) == 2 and "another run" in capsys.readouterr().err
+
+    # a model run spelt otherwise resumes every row (the model is not even loaded)
+    monkeypatch.chdir(dataset.parent)
+    out = tmp_path / "model-run"
+    argv = ["evaluate", "--model", str(tiny), "--out", str(out), "--score-only", "--bootstrap", "0", "--dataset"]
+    assert ctiqa_main([*argv, str(dataset)]) == 0
+    assert ctiqa_main([*argv, f"./{dataset.name}/"]) == 0
+    assert json.loads((out / "results.json").read_text())["provenance"]["model"]["resumed_rows"] == N
+    assert not list(out.glob("*.bak*"))
+
+
+def test_out_inside_the_dataset_folder_is_refused(dataset, tmp_path, capsys):
+    """QA round 4: `evaluate --out DATASET` (or a folder inside it) wrote results.json, predictions.jsonl and plots
+    into a Hub-publishable dataset folder. Refused with one line before any work, the folder unchanged; a folder
+    marked by build-dataset (.ctiqa-dataset.json) is refused even when the dataset is not given."""
+    f = _ladder_preds(tmp_path / "a.jsonl")
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    for out in (dataset, dataset / "data", dataset / "eval"):
+        assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out", str(out),
+                           "--bootstrap", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "dataset folder" in err and str(dataset) in err
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before
+    from ctiqa.paths import DATASET_MARKER
+
+    marked = tmp_path / "built"
+    marked.mkdir()
+    (marked / DATASET_MARKER).write_text('{"tool": "ctiqa build-dataset", "files": []}')
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--out", str(marked / "eval"), "--bootstrap", "0"]) == 2
+    assert "inside the dataset folder" in capsys.readouterr().err and not (marked / "eval").exists()
+    assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out",
+                       str(tmp_path / "beside"), "--bootstrap", "0"]) == 0  # beside it: fine
+
