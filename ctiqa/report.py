@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -264,11 +266,30 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
+def unique_dirs(dirs: list[str], names: list[str] | None = None) -> tuple[list[str], list[str] | None]:
+    """``dirs`` (and their ``names``) without repeats of one folder however spelt (``run``, ``./run/``, an absolute
+    path, a symlink: compared by resolved path), the first kept; each repeat is said on stderr, so that a row is
+    never compared with itself."""
+    seen: dict[str, str] = {}
+    keep = []
+    for i, d in enumerate(dirs):
+        key = os.path.realpath(os.path.expanduser(d))
+        if key in seen:
+            print(f"warning: {d} is {seen[key]} again: reported once", file=sys.stderr)
+            continue
+        seen[key] = d
+        keep.append(i)
+    return [dirs[i] for i in keep], [names[i] for i in keep] if names else names
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """``ctiqa report DIR [DIR ...] --out FILE.md [--names ...]``: write and print the comparison."""
     check_output_path(args.out, ours=is_report, hint="Give a new .md file (or an earlier `ctiqa report` output)",
                       inputs=[Path(d) / f for d in args.dirs for f in (RESULTS_FILE, PREDICTIONS_FILE)])
-    rows = build_rows(args.dirs, args.names)
+    if args.names and len(args.names) != len(args.dirs):
+        raise CTIQAError(f"--names: {len(args.names)} names for {len(args.dirs)} folders")
+    dirs, names = unique_dirs(args.dirs, args.names)
+    rows = build_rows(dirs, names)
     if not rows:
         raise CTIQAError("no metrics in the given folders")
     text = render_markdown(rows, n_bootstrap=args.bootstrap, seed=args.seed)

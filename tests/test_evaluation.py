@@ -677,3 +677,23 @@ def test_out_inside_the_dataset_folder_is_refused(dataset, tmp_path, capsys):
     assert ctiqa_main(["evaluate", "--predictions", str(f), "--dataset", str(dataset), "--out",
                        str(tmp_path / "beside"), "--bootstrap", "0"]) == 0  # beside it: fine
 
+
+def test_report_of_one_folder_twice_lists_it_once(tmp_path, monkeypatch, capsys):
+    """QA round 4: `ctiqa report A A` (or A and ./A/, or a symlink to A) compared a row with itself (a paired test
+    with a difference of exactly 0). Each folder is reported once, however spelt, with a warning on stderr."""
+    monkeypatch.chdir(tmp_path)
+    for name, shift in (("a", 0.0), ("b", 0.3)):
+        assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / f"{name}.jsonl", shift)),
+                           "--out", name, "--bootstrap", "0"]) == 0
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    capsys.readouterr()
+    md = tmp_path / "report.md"
+    assert ctiqa_main(["report", "a", str(tmp_path / "a"), "./a/", "b", "link", "--names", "A", "A2", "A3", "B",
+                       "A4", "--out", str(md), "--bootstrap", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reported once") == 3 and "./a/ is a again" in err
+    text = md.read_text()
+    assert "| A | parsed |" in text and "| B | parsed |" in text
+    assert not any(n in text for n in ("A2", "A3", "A4"))
+    paired = text.split("## Paired comparison with A")[1]
+    assert paired.count("| parsed |") == 1 and "| B | parsed | 4 |" in paired  # A is the reference, not a row
