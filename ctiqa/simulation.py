@@ -79,6 +79,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -757,12 +758,14 @@ def simulate(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write a mini-LDCTIQA to ``out`` (see the module docstring) and return its ``degradations.json`` content.
 
     Args:
-        out: output folder; created, or a previous ``ctiqa simulate`` output (replaced). Any other non-empty
-            folder is refused.
+        out: output folder; created, or a previous ``ctiqa simulate`` output: made with the same settings (or
+            interrupted before its ``degradations.json``), it is written again (the same images); made with other
+            settings, it is refused (:func:`check_previous_simulation`). Any other non-empty folder is refused.
         n_images: number of images (>= 1), shared evenly among the usable base slices.
         size: crop size in pixels (>= 16); 512 gives whole slices like LDCTIQA.
         seed: all random choices (levels, crop positions, Poisson noise) follow from it.
@@ -771,12 +774,15 @@ def simulate(
         cache_dir: on-disk sinogram cache (``None``: memory only).
         workers: processes (1: this process). The result does not depend on it.
         progress: show tqdm bars and stage times (stdout).
+        overwrite: a previous simulation with other settings in ``out`` is moved aside (``NAME.<UTC time>.bak``),
+            never deleted, and a new one written.
 
     Returns:
         dict as written to ``degradations.json``.
 
     Raises:
-        CTIQAError: bad arguments, no usable base slice, every usable slice held out, ``out`` not ours.
+        CTIQAError: bad arguments, no usable base slice, every usable slice held out, ``out`` not ours, ``out``
+            holds a simulation with other settings (without ``overwrite``).
     """
     import tifffile
 
@@ -805,6 +811,10 @@ def simulate(
     held = [h for h in held if h in names]
     if held and len(held) == len(names):
         raise CTIQAError(f"every usable base slice ({', '.join(names)}) is held out for testing; nothing to train on")
+    counts = [n_images // len(usable) + (1 if k < n_images % len(usable) else 0) for k in range(len(usable))]
+    check_previous_simulation(out, {"n_images": n_images, "size": size, "seed": seed, "base_slices": names,
+                                    "test_base_slices": [h for h in held if counts[names.index(h)]],
+                                    "physics": PHYSICS_VERSION}, overwrite)
 
     # --- stage 1: sinograms, reference recon, calibration (cached) -----------------------------------------
     t0 = time.perf_counter()
@@ -819,7 +829,6 @@ def simulate(
 
     # --- stage 2: levels -> crops ----------------------------------------------------------------------------
     t1 = time.perf_counter()
-    counts = [n_images // len(usable) + (1 if k < n_images % len(usable) else 0) for k in range(len(usable))]
     empty = [h for h in held if counts[names.index(h)] == 0]
     for h in empty:
         say(f"[simulate] warning: test base slice {h!r} gets no image with --n-images {n_images}; not held out")
@@ -897,6 +906,55 @@ def _is_our_output(out: Path) -> bool:
     return isinstance(d, dict) and d.get("synthetic") is True and "ctiqa.simulation" in str(d.get("generator", ""))
 
 
+#: The settings a simulation is made from, as ``check_previous_simulation`` names them (CLI options).
+_SETTING_NAMES = {"n_images": "--n-images", "size": "--size", "seed": "--seed", "base_slices": "--base-slices",
+                  "test_base_slices": "--test-base-slices", "physics": "physics version"}
+#: What :func:`simulate` writes in its output folder (besides :data:`MARKER_FILE`).
+_WRITTEN = ("image", "train.json", DEGRADATIONS_FILE, "README.txt")
+
+
+def check_previous_simulation(out: Path, settings: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``out`` that holds a finished simulation made with other settings: its
+    ``degradations.json`` records other ``n_images``, ``size``, ``seed``, base slices, held-out test slices or
+    physics version than ``settings`` (keys of :data:`_SETTING_NAMES`; base slices as used, test slices as held
+    out). The same settings, no simulation, or one interrupted before its ``degradations.json``: nothing to do
+    (:func:`simulate` writes it again). With ``overwrite`` the previous simulation's ``image/``, ``train.json``,
+    ``degradations.json`` and ``README.txt`` are moved aside (``NAME.<UTC time>.bak[.EXT]``, said on stderr), never
+    deleted.
+
+    Raises:
+        CTIQAError: other settings and no ``overwrite``; the message names each setting that differs.
+    """
+    try:
+        deg = json.loads((out / DEGRADATIONS_FILE).read_text())
+        if not (isinstance(deg, dict) and _is_our_output(out)):
+            return
+        physics = next(iter(re.findall(r"physics v(\w+)", str(deg.get("generator", "")))), None)
+        before = {"n_images": deg.get("n_images"), "size": deg.get("size"), "seed": deg.get("seed"),
+                  "base_slices": list(deg.get("base_slices") or {}), "test_base_slices": deg.get("test_base_slices"),
+                  "physics": physics}
+    except (OSError, ValueError):
+        return
+    def fmt(v: Any) -> str:
+        return (" ".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
+
+    diff = [f"{name} {fmt(before[k])} then, {fmt(settings[k])} now" for k, name in _SETTING_NAMES.items()
+            if before[k] != settings[k]]
+    if not diff:
+        return
+    if not overwrite:
+        raise CTIQAError(f"--out {out}: holds a simulation made with other settings ({'; '.join(diff)}); nothing was "
+                         "changed. Give another --out, or --overwrite to move its image/, train.json, "
+                         "degradations.json and README.txt aside")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for name in _WRITTEN:
+        f = out / name
+        if f.exists():
+            backup = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}")
+            f.replace(backup)
+            print(f"note: --overwrite: moved the previous simulation's {f.name} to {backup}", file=sys.stderr)
+
+
 def _clear_previous(out: Path) -> None:
     """Remove a previous simulation's files (only the ones it writes)."""
     for name in (DEGRADATIONS_FILE, DEGRADATIONS_FILE + ".tmp", "train.json", "README.txt"):
@@ -953,6 +1011,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help=f"sinogram cache (default {default_cache_dir()}; $CTIQA_CACHE_DIR moves it)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk sinogram cache")
+    parser.add_argument("--overwrite", action="store_true", help="--out holds a simulation made with other settings: "
+                        "move its image/, train.json, degradations.json and README.txt aside (.bak) and start over "
+                        "(without it such a run is refused; the same settings re-run without it)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -962,7 +1023,7 @@ def cli_main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     deg = simulate(args.out, n_images=args.n_images, size=args.size, seed=args.seed,
                    test_base_slices=args.test_base_slices, base_slices=args.base_slices, cache_dir=cache,
-                   workers=max(1, workers))
+                   workers=max(1, workers), overwrite=args.overwrite)
     scores = [r["score"] for r in deg["images"].values()]
     print(f"[simulate] wrote {len(scores)} SYNTHETIC images to {args.out} in {time.perf_counter() - t0:.1f} s; "
           f"scores {min(scores):.1f}..{max(scores):.1f} ({len(set(scores))} distinct); "

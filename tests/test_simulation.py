@@ -273,3 +273,34 @@ def test_cli_simulate(tmp_path, capsys):
     assert len(load_ldctiqa(out).ids) == 3
     rc = main(["simulate", "--out", str(tmp_path / "y"), "--size", "4096", "--no-cache"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused_and_overwrite_moves_it_aside(tmp_path, capsys):
+    """QA round 4: `ctiqa simulate --out SIM` over a simulation made with other settings replaced it silently.
+    The same settings re-run (same images); other settings are refused naming each difference, nothing changed;
+    --overwrite moves the previous files aside (.bak), never deletes them."""
+    from ctiqa.cli import main
+
+    out = tmp_path / "sim"
+    argv = ["simulate", "--out", str(out), "--n-images", "3", "--size", "64", "--base-slices", "chest",
+            "--test-base-slices", "--workers", "1", "--no-cache"]
+    assert main(argv) == 0
+    kept = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert json.loads((out / "degradations.json").read_text())["n_images"] == 3
+    assert main(argv) == 0  # the same settings: written again, the same bytes
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    capsys.readouterr()
+    assert main([*argv, "--n-images", "2", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(out) in err
+    assert "--n-images 3 then, 2 now" in err and "--seed 0 then, 7 now" in err and "--size" not in err
+    assert "--overwrite" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    assert main([*argv, "--n-images", "2", "--seed", "7", "--overwrite"]) == 0
+    assert "moved the previous simulation" in capsys.readouterr().err
+    assert len(load_ldctiqa(out).ids) == 2
+    backups = sorted(p.name.split(".")[0] for p in out.glob("*.bak*"))
+    assert backups == ["README", "degradations", "image", "train"]
+    old = next(out.glob("image.*.bak"))
+    assert {f.name: f.read_bytes() for f in old.iterdir()} == {
+        k.name: v for k, v in kept.items() if k.parts[0] == "image"}
