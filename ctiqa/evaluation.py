@@ -795,7 +795,8 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
     ``predictions.jsonl`` are moved aside (``NAME.<UTC time>.bak.EXT``, said on stderr), never deleted. The same run
     resumes (rows of other decoding settings in ``predictions.jsonl`` are moved aside by
     :class:`PredictionsAppender`); a ``limit`` smaller than the samples it already evaluated is refused too (the
-    folder would be rewritten with the subset).
+    folder would be rewritten with the subset). When it is the same run, ``identity`` takes the spelling of each
+    path recorded then where it names the same file from here (so that the rows keyed by it resume).
 
     Raises:
         CTIQAError: another run's evaluation is there and ``overwrite`` is false; the message names what differs.
@@ -816,8 +817,10 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
         diff, n_before = [f"{res.name if res.exists() else pred.name} not from a `ctiqa evaluate` of these settings"], 0
     else:
         for k in IDENTITY_KEYS:  # the same file or folder spelt otherwise: keep the spelling its rows are keyed by
-            if not diff and isinstance(before.get(k), str) and before[k] != identity[k]:
-                identity[k] = before[k]
+            then = before.get(k)  # (when it names that file from here too: settings are resolved from here)
+            if not diff and isinstance(then, str) and then != identity[k] and _is_path(k, identity) \
+                    and _absolute(then) == _absolute(identity[k]):
+                identity[k] = then
     # the same run with a smaller --limit would rewrite the folder with its subset: the rest would be lost
     if not diff and limit is not None and n_before > limit:
         if not overwrite:

@@ -7,6 +7,7 @@ written as a Hub-layout parquet folder, the ctiqa_iqa evaluate module loaded by 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -642,6 +643,9 @@ def test_the_same_dataset_spelt_otherwise_is_the_same_run(dataset, tiny, tmp_pat
     assert ctiqa_main([*base, str(other)]) == 2 and "another run" in capsys.readouterr().err
     # the same relative name from another folder is another dataset (recorded absolute path)
     monkeypatch.chdir(tmp_path)
+    assert ctiqa_main([*base, os.path.relpath(dataset)]) == 0, capsys.readouterr().err  # from here, the same one
+    assert json.loads((out / "results.json").read_text())["provenance"]["local_paths"] == {
+        "source": os.path.realpath(f), "dataset": os.path.realpath(dataset)}
     (tmp_path / "data").symlink_to(other, target_is_directory=True)
     assert ctiqa_main([*base, "data"]) == 2 and "another run" in capsys.readouterr().err
 
