@@ -46,7 +46,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
-from ctiqa.paths import check_output_path, check_outside_dataset, is_local_path
+from ctiqa.paths import atomic_write, check_output_path, check_outside_dataset, is_local_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
@@ -555,9 +555,8 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         plots["scatter"] = scatter_plot(true, preds, out / PLOT_FILES["scatter"], title, metrics).name
         plots["bland_altman"] = bland_altman_plot(true, preds, out / PLOT_FILES["bland_altman"], title).name
     lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)  # fails before touching the file
-    tmp = out / (PREDICTIONS_FILE + ".tmp")
-    tmp.write_text(lines)
-    tmp.replace(out / PREDICTIONS_FILE)
+    with atomic_write(out / PREDICTIONS_FILE) as f:
+        f.write(lines)
     primary = "probability" if (metrics.get("probability") or {}).get("n_valid") else "parsed"
     results = {
         "ctiqa_results_version": 1, "name": name, "kind": kind, "dataset": dataset, "split": split,
@@ -572,7 +571,9 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         "files": {"predictions": PREDICTIONS_FILE, "plots": plots},
         "provenance": provenance(settings, model_info),
     }
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    with atomic_write(out / RESULTS_FILE) as f:  # a kill never leaves a cut results.json (the run's record)
+        f.write(text)
     if not quiet:
         print_table(results)
         print(f"wrote {out / RESULTS_FILE}, {out / PREDICTIONS_FILE}, " + ", ".join(str(out / p) for p in plots.values()))

@@ -25,7 +25,7 @@ from typing import Any
 from ctiqa import CTIQAError
 from ctiqa.evaluation import PREDICTIONS_FILE, RESULTS_FILE
 from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
-from ctiqa.paths import check_output_path
+from ctiqa.paths import atomic_write, check_output_path
 
 _COLUMNS = {"parsed": "parsed_score", "probability": "prob_score"}
 _METRICS = (("srcc", "SRCC ↑"), ("plcc", "PLCC ↑"), ("krcc", "KRCC ↑"), ("mae", "MAE ↓"), ("overall", "Overall ↑"))
@@ -294,7 +294,8 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError("no metrics in the given folders")
     text = render_markdown(rows, n_bootstrap=args.bootstrap, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + REPORT_MARKER + "\n")
+    with atomic_write(args.out) as f:
+        f.write(text + REPORT_MARKER + "\n")
     print(text)
     print(f"wrote {args.out}")
     return 0

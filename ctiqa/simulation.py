@@ -93,7 +93,7 @@ import numpy as np
 from ctiqa import CTIQAError, __version__
 from ctiqa.imaging import SOFT_TISSUE, hu_to_unit, read_ct
 from ctiqa.ldctiqa import DEGRADATIONS_FILE
-from ctiqa.paths import check_output_path
+from ctiqa.paths import atomic_write, check_output_path
 from ctiqa.scale import SCORE_MAX
 
 # --------------------------------------------------------------------------------------------------------------
@@ -889,9 +889,8 @@ def simulate(
     }
     (out / "train.json").write_text(json.dumps({k: v["score"] for k, v in records.items()}, indent=1))
     (out / "README.txt").write_text(_readme(deg))
-    tmp = deg_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(deg, indent=1))
-    os.replace(tmp, deg_file)  # written last: its presence marks a complete simulation
+    with atomic_write(deg_file) as f:  # written last: its presence marks a complete simulation
+        f.write(json.dumps(deg, indent=1))
     return deg
 
 
