@@ -83,6 +83,11 @@ class ScriptArguments(trl.ScriptArguments):
                           "deleted. Without it such a run is refused, naming what differs; the same run resumes."})
 
 
+class AlreadyTrained(Exception):
+    """Raised by :func:`prepare_output_dir` when ``output_dir`` holds this run, finished, trained to exactly the steps
+    asked: nothing to do (:func:`main_guard` prints the message and exits 0; no file is touched)."""
+
+
 # ------------------------------------------------------------------------------------------------------ parsing
 class _RecipeParser(trl.TrlParser):
     """TrlParser whose errors are raised (one line) instead of printing the usage and exiting."""
@@ -171,13 +176,21 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_
 
 def main_guard(main: Any, *args: Any) -> int:
     """Run ``main(*args)``; a :class:`ctiqa.CTIQAError` is printed as one ``error: ...`` line on stderr (the last
-    line of the output) and gives exit status 2. Anything else propagates with its traceback (a bug).
+    line of the output) and gives exit status 2; :class:`AlreadyTrained` prints its line on stdout and gives 0.
+    Anything else propagates with its traceback (a bug).
 
     Under ``accelerate launch`` the launcher adds its own traceback after a failed process; ``accelerate launch
     --quiet`` leaves the one line last.
     """
     try:
         main(*args)
+    except AlreadyTrained as e:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            logging.shutdown()
+            print(e, flush=True)
+        return 0
     except CTIQAError as e:
         logging.shutdown()
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -285,8 +298,50 @@ def is_training_output(folder: Path) -> bool:
         d.is_dir() for d in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
 
 
+def _steps_asked(max_steps: int | None, num_train_epochs: float | None,
+                 state: dict[str, Any]) -> tuple[int | None, str]:
+    """The total optimizer steps a run asks for, and how it asked: ``max_steps`` when > 0 (as the Trainer), else
+    ``num_train_epochs`` x the steps per epoch of the recorded ``state`` (``global_step`` / ``epoch``; the same data
+    and batch, which :func:`run_config` guarantees). None when neither is given or the state has no epoch."""
+    if max_steps is not None and max_steps > 0:
+        return max_steps, f"--max_steps {max_steps}"
+    step, epoch = state.get("global_step") or 0, state.get("epoch") or 0
+    if num_train_epochs is None or epoch <= 0:
+        return None, ""
+    asked = math.ceil(num_train_epochs * step / epoch - 1e-6)  # the Trainer's ceil(epochs x steps per epoch)
+    return asked, f"--num_train_epochs {num_train_epochs:g} = {asked} steps"
+
+
+def _check_length(root: Path, checkpoint: str | None, finished: bool, max_steps: int | None,
+                  num_train_epochs: float | None) -> None:
+    """Refuse (or end as :class:`AlreadyTrained`) a re-run of the same run asking no more steps than ``root`` already
+    holds: the Trainer would resume past the steps asked (it takes at least one step after a checkpoint) and the
+    card would state the smaller number. ``finished``: ``DONE`` is there (its ``trainer_state.json`` counts)."""
+    states = []
+    if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
+        states.append((json.loads((Path(checkpoint) / "trainer_state.json").read_text()), Path(checkpoint).name))
+    if finished and (root / "trainer_state.json").is_file():
+        states.append((json.loads((root / "trainer_state.json").read_text()), "its finished model"))
+    if not states:
+        return
+    state, where = max(states, key=lambda s: s[0].get("global_step") or 0)
+    done = state.get("global_step") or 0
+    asked, how = _steps_asked(max_steps, num_train_epochs, state)
+    if asked is None or asked > done:
+        return  # more to train: a resume
+    if asked == done and finished:
+        raise AlreadyTrained(f"{root} is already trained to {done} steps ({how}); nothing to do")
+    start_over = "choose another output_dir, or pass --overwrite_output_dir true to start over there"
+    if asked == done:
+        raise CTIQAError(f"{root}: {where} already holds the {done} steps asked ({how}) but the run stopped before "
+                         f"saving its model (no {DONE_FILE}); ask for more steps to continue it, or {start_over}")
+    raise CTIQAError(f"{root} holds this run trained to {done} steps ({where}); {how} asks for fewer, which it "
+                     f"cannot undo; ask for more than {done} steps to continue it, or {start_over}")
+
+
 def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwrite: bool = False,
-                       resume_from_checkpoint: str | None = None) -> str | None:
+                       resume_from_checkpoint: str | None = None, max_steps: int | None = None,
+                       num_train_epochs: float | None = None) -> str | None:
     """Guard ``output_dir`` against mixing two runs, record this run, and find the checkpoint to resume from.
 
     - ``output_dir`` holds a run (checkpoints or ``DONE``) whose :data:`RUN_CONFIG_FILE` differs from ``config``:
@@ -295,7 +350,11 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
       first one) is simply replaced.
     - It holds checkpoints but no run config (written by an older ctiqa): refused unless ``overwrite`` (it cannot
       be told apart from another run).
-    - Same run: resumes from :func:`last_complete_checkpoint`.
+    - Same run: resumes from :func:`last_complete_checkpoint` when the steps asked (``max_steps``, or
+      ``num_train_epochs`` x steps per epoch) are more than it (or the finished run) holds. Exactly as many, finished
+      (``DONE``): :class:`AlreadyTrained`, nothing touched. Fewer (or as many but not finished): refused with the steps
+      held and asked, unless ``overwrite``. ``max_steps`` and epochs are not part of ``config`` so a run can be
+      extended.
     - A non-empty folder that no ctiqa training wrote (:func:`is_training_output`: a dataset folder, someone's
       README.md), or the run's own local dataset or model folder: refused before anything is written
       (:func:`ctiqa.paths.check_output_path`); the card would replace its README.md.
@@ -305,11 +364,14 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
 
     Args:
         config: :func:`run_config` of this run. resume_from_checkpoint: an explicit ``--resume_from_checkpoint``
-            (returned as is, the guard still applies).
+            (returned as is, the guard still applies). max_steps, num_train_epochs: the length asked (the
+            TrainingArguments fields of the same names; both None: not checked).
     Returns:
         the checkpoint folder to resume from, or None to start from the model.
     Raises:
-        CTIQAError: another run in ``output_dir``; a folder or input that is not ours (above).
+        CTIQAError: another run in ``output_dir``; no more steps asked than it holds; a folder or input that is not
+            ours (above).
+        AlreadyTrained: the same run, finished, with as many steps as asked.
     """
     from accelerate import PartialState
 
@@ -336,6 +398,9 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     checkpoint = resume_from_checkpoint
     if checkpoint is None and not overwrite:
         checkpoint = last_complete_checkpoint(root)
+    if not overwrite:  # the same run (another one was refused above, or left nothing)
+        _check_length(root, checkpoint, resume_from_checkpoint is None and (root / DONE_FILE).exists(), max_steps,
+                      num_train_epochs)
     state.wait_for_everyone()
     if state.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -717,8 +782,9 @@ def trained_settings(model_args: Any, training_args: Any, *, adapter: bool, enco
 def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str | None, model_args: Any,
                  eval_results: str | None, metrics: dict[str, Any], **card_kwargs: Any) -> None:
     """Save what a finished run leaves in ``output_dir``: the model or adapter + processor (all processes take part:
-    FSDP gathers), then on the main process the settings file, the model card (``README.md``) and ``DONE``.
-    ``card_kwargs`` go to :func:`ctiqa.cards.model_card` (``stage``, ``extra_settings``)."""
+    FSDP gathers), then on the main process the settings file, the model card (``README.md``, its "steps trained"
+    the Trainer's ``global_step``) and ``DONE``. ``card_kwargs`` go to :func:`ctiqa.cards.model_card` (``stage``,
+    ``extra_settings``)."""
     from ctiqa.cards import model_card
     from ctiqa.evaluation import RESULTS_FILE
     from ctiqa.model_settings import SETTINGS_FILE
@@ -731,6 +797,11 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
         return
     write_settings(out, settings)
     results = Path(eval_results or os.path.join(out, RESULTS_FILE))
+    # the steps trained (a resumed run's total, not the max_steps asked), and which step's weights are kept
+    steps, best = trainer.state.global_step, trainer.state.best_global_step
+    kept = f" (weights of the best checkpoint, step {best})" if trainer.args.load_best_model_at_end and best and \
+        best != steps else ""
+    card_kwargs["extra_settings"] = {"steps trained": f"{steps}{kept}", **(card_kwargs.get("extra_settings") or {})}
     card = model_card(base_model=model_args.model_name_or_path, dataset=dataset_name, training_args=trainer.args,
                       model_args=model_args, adapter=bool(settings.adapter), encoding=settings.encoding,
                       eval_results=json.loads(results.read_text()) if results.is_file() else None,

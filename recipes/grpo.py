@@ -26,7 +26,8 @@ Outputs in ``output_dir``: the adapter (when starting from an adapter or with ``
 processor, ``README.md`` (our model card), ``ctiqa_training.json`` (how it was trained, read by ``ctiqa evaluate`` /
 ``ctiqa predict``), ``ctiqa_run.json`` (what defines the run), ``train_results.json``, ``trainer_state.json``
 (rewards per step), TensorBoard logs, checkpoints, and ``DONE``. A re-run of the same run resumes from the last
-complete checkpoint with its weights; another run is refused there (``--overwrite_output_dir true`` starts over).
+complete checkpoint with its weights when it asks for more steps than done (as many, finished: "nothing to do";
+fewer: refused); another run is refused there (``--overwrite_output_dir true`` starts over).
 Shared helpers (parsing, run guard, resume, model loading, NaN guard, settings, card, push): :mod:`ctiqa.training`.
 """
 
@@ -245,7 +246,9 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         "max_train_samples": script_args.max_train_samples}
     checkpoint = training.prepare_output_dir(training_args.output_dir, config,
                                              overwrite=script_args.overwrite_output_dir,
-                                             resume_from_checkpoint=training_args.resume_from_checkpoint)
+                                             resume_from_checkpoint=training_args.resume_from_checkpoint,
+                                             max_steps=training_args.max_steps,
+                                             num_train_epochs=training_args.num_train_epochs)
     if checkpoint is not None:
         logger.warning("checkpoint detected, resuming training at %s", checkpoint)
 

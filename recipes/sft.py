@@ -22,8 +22,9 @@ Outputs in ``output_dir``: the adapter (or the full model when ``use_peft`` is f
 prompt version; read by ``ctiqa evaluate`` / ``ctiqa predict``), ``ctiqa_run.json`` (what defines the run),
 ``train_results.json``, ``trainer_state.json`` (loss curve), TensorBoard logs in ``runs/``, checkpoints, and
 ``DONE`` when everything finished. A re-run of the same run resumes from the last complete checkpoint with its
-weights; a run with other data, model or hyperparameters is refused there (``--overwrite_output_dir true`` starts
-over). Shared helpers: :mod:`ctiqa.training`.
+weights when it asks for more steps than done (as many, finished: "nothing to do"; fewer: refused); a run with
+other data, model or hyperparameters is refused there (``--overwrite_output_dir true`` starts over). Shared helpers:
+:mod:`ctiqa.training`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                     "per-checkpoint pushes are off)")
     checkpoint = training.prepare_output_dir(
         training_args.output_dir, training.run_config(script_args, training_args, model_args),
-        overwrite=script_args.overwrite_output_dir, resume_from_checkpoint=training_args.resume_from_checkpoint)
+        overwrite=script_args.overwrite_output_dir, resume_from_checkpoint=training_args.resume_from_checkpoint,
+        max_steps=training_args.max_steps, num_train_epochs=training_args.num_train_epochs)
 
     # Data: train on `train`, select on `validation`; check every example trains on what it should
     dataset = training.load_recipe_dataset(script_args)

@@ -133,6 +133,45 @@ def test_reference_findings_from_truth_and_from_dataset_columns(dataset_dir):
 
 
 # ------------------------------------------------------------------------------------------------ real runs
+def test_a_rerun_asking_no_more_steps_than_done_is_refused_before_loading_anything(tiny, dataset_dir, tmp_path,
+                                                                                  monkeypatch):
+    """GRPO shares SFT's run guard (ctiqa.training.prepare_output_dir): into its own finished folder, fewer steps
+    than done are refused, as many are "nothing to do", files untouched; more go on to train (here: to the data
+    loading, stopped there). Before the fix the first re-run went on to train past the finished step."""
+    from ctiqa import training
+
+    class Loading(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(training, "load_recipe_dataset", stop)  # what comes after the guard
+    out = tmp_path / "rl"
+
+    def main(steps: str):
+        grpo.main(*grpo.parse_args(["--config", str(TINY_RECIPE), "--model_name_or_path", str(tiny),
+                                    "--dataset_name", str(dataset_dir), "--output_dir", str(out),
+                                    "--max_steps", steps]))
+
+    with pytest.raises(Loading):
+        main("2")  # records the run (ctiqa_run.json); then its 2 steps finished, as the Trainer leaves them
+    state = json.dumps({"global_step": 2, "epoch": 0.1, "max_steps": 2}).encode()
+    files = {"checkpoint-2/trainer_state.json": state, "trainer_state.json": state, "DONE": b"{}\n",
+             "model.safetensors": b"weights", "README.md": b"# card: 2 steps\n"}
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    before = {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    with pytest.raises(CTIQAError, match=rf"^{out} holds this run trained to 2 steps .*--max_steps 1 asks for fewer"):
+        main("1")
+    with pytest.raises(training.AlreadyTrained, match="already trained to 2 steps"):
+        main("2")
+    assert {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+    with pytest.raises(Loading):
+        main("3")  # a longer run continues it
+
+
 @pytest.mark.slow  # ~1.5 min on one busy core (30 SFT steps to learn the format, then 2 GRPO steps)
 def test_two_grpo_steps_change_the_weights_and_save_a_loadable_model(sft_model, dataset_dir, tmp_path):
     from transformers import AutoModelForImageTextToText

@@ -438,6 +438,45 @@ def test_checkpoints_of_an_unrecorded_run_are_not_resumed_silently(tmp_path):
         training.prepare_output_dir(out, _config(tmp_path))
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_rerun_asking_no_more_steps_than_done_leaves_the_finished_run_alone(tiny, dataset_dir, tmp_path):
+    """QA round 3: a re-run into a finished run's folder with a smaller --max_steps resumed from its last checkpoint,
+    trained one step past it (6 -> 7) and wrote a card saying "max steps 3". Now fewer steps are refused naming the
+    folder, the steps done and asked and how to start over; as many end with "nothing to do", exit 0; neither touches
+    a byte (weights, card, state). More steps continue the run, and the card states the steps really trained."""
+    import re
+
+    out = tmp_path / "out"
+    args = ["--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+            "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
+            "--load_best_model_at_end", "false", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--dataloader_num_workers", "0"]
+    sft.main(*sft.parse_args(args + ["--max_steps", "4"]))
+    finished = _files(out)
+    assert "model.safetensors" in finished and "DONE" in finished
+
+    with pytest.raises(training.CTIQAError, match=rf"^{out} holds this run trained to 4 steps \(checkpoint-4\); "
+                                                  r"--max_steps 2 asks for fewer.*--overwrite_output_dir true"):
+        sft.main(*sft.parse_args(args + ["--max_steps", "2"]))
+    assert _files(out) == finished
+
+    # as a user runs it: one line, exit 0, nothing written
+    proc = subprocess.run([sys.executable, str(SFT), *args, "--max_steps", "4"], cwd=REPO,
+                          env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"{out} is already trained to 4 steps (--max_steps 4); nothing to do"
+    assert _files(out) == finished
+
+    # more steps: a resume, and the card says how many the weights were trained for
+    sft.main(*sft.parse_args(args + ["--max_steps", "6"]))
+    step = json.loads((out / "trainer_state.json").read_text())["global_step"]
+    assert step == 6
+    assert re.findall(r"\| steps trained \| (\d+) \|", (out / "README.md").read_text()) == [str(step)]
+
+
 def test_fp16_and_zero3_are_refused(monkeypatch):
     from types import SimpleNamespace
 
