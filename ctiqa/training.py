@@ -312,15 +312,17 @@ def _steps_asked(max_steps: int | None, num_train_epochs: float | None,
     return asked, f"--num_train_epochs {num_train_epochs:g} = {asked} steps"
 
 
-def _check_length(root: Path, checkpoint: str | None, finished: bool, max_steps: int | None,
+def _check_length(root: Path, checkpoint: str | None, explicit: bool, max_steps: int | None,
                   num_train_epochs: float | None) -> None:
     """Refuse (or end as :class:`AlreadyTrained`) a re-run of the same run asking no more steps than ``root`` already
     holds: the Trainer would resume past the steps asked (it takes at least one step after a checkpoint) and the
-    card would state the smaller number. ``finished``: ``DONE`` is there (its ``trainer_state.json`` counts)."""
+    card would state the smaller number. The steps held: ``checkpoint``'s, or the finished run's (``DONE`` and its
+    ``trainer_state.json``) when more and the checkpoint is not ``explicit`` (``--resume_from_checkpoint``)."""
+    finished = (root / DONE_FILE).exists()
     states = []
     if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
         states.append((json.loads((Path(checkpoint) / "trainer_state.json").read_text()), Path(checkpoint).name))
-    if finished and (root / "trainer_state.json").is_file():
+    if finished and not explicit and (root / "trainer_state.json").is_file():
         states.append((json.loads((root / "trainer_state.json").read_text()), "its finished model"))
     if not states:
         return
@@ -329,12 +331,13 @@ def _check_length(root: Path, checkpoint: str | None, finished: bool, max_steps:
     asked, how = _steps_asked(max_steps, num_train_epochs, state)
     if asked is None or asked > done:
         return  # more to train: a resume
-    if asked == done and finished:
+    if asked == done and finished and not explicit:
         raise AlreadyTrained(f"{root} is already trained to {done} steps ({how}); nothing to do")
     start_over = "choose another output_dir, or pass --overwrite_output_dir true to start over there"
     if asked == done:
-        raise CTIQAError(f"{root}: {where} already holds the {done} steps asked ({how}) but the run stopped before "
-                         f"saving its model (no {DONE_FILE}); ask for more steps to continue it, or {start_over}")
+        unsaved = "" if finished else f" but the run stopped before saving its model (no {DONE_FILE})"
+        raise CTIQAError(f"{root}: {where} already holds the {done} steps asked ({how}){unsaved}; ask for more steps "
+                         f"to continue it, or {start_over}")
     raise CTIQAError(f"{root} holds this run trained to {done} steps ({where}); {how} asks for fewer, which it "
                      f"cannot undo; ask for more than {done} steps to continue it, or {start_over}")
 
@@ -399,8 +402,7 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     if checkpoint is None and not overwrite:
         checkpoint = last_complete_checkpoint(root)
     if not overwrite:  # the same run (another one was refused above, or left nothing)
-        _check_length(root, checkpoint, resume_from_checkpoint is None and (root / DONE_FILE).exists(), max_steps,
-                      num_train_epochs)
+        _check_length(root, checkpoint, resume_from_checkpoint is not None, max_steps, num_train_epochs)
     state.wait_for_everyone()
     if state.is_main_process:
         root.mkdir(parents=True, exist_ok=True)

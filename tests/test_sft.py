@@ -477,6 +477,30 @@ def test_a_rerun_asking_no_more_steps_than_done_leaves_the_finished_run_alone(ti
     assert re.findall(r"\| steps trained \| (\d+) \|", (out / "README.md").read_text()) == [str(step)]
 
 
+def test_steps_done_and_asked_are_compared_for_epochs_and_unfinished_runs(tmp_path):
+    """The length check of the run guard without training: a run killed right after its last checkpoint cannot be
+    resumed to as many steps (the Trainer would take one more); --num_train_epochs is counted in the run's steps per
+    epoch; --overwrite_output_dir still starts over."""
+    out, config = tmp_path / "out", _config(tmp_path)
+    training.prepare_output_dir(out, config)
+    state = json.dumps({"global_step": 12, "epoch": 1.0})
+    (out / "checkpoint-12").mkdir()
+    (out / "checkpoint-12" / "trainer_state.json").write_text(state)
+    with pytest.raises(training.CTIQAError, match=r"checkpoint-12 already holds the 12 steps asked \(--max_steps 12\) "
+                                                  "but the run stopped before saving its model"):
+        training.prepare_output_dir(out, config, max_steps=12, num_train_epochs=3.0)
+    assert training.prepare_output_dir(out, config, max_steps=-1, num_train_epochs=2.0) == str(out / "checkpoint-12")
+    with pytest.raises(training.CTIQAError, match=r"--num_train_epochs 0.5 = 6 steps asks for fewer"):
+        training.prepare_output_dir(out, config, max_steps=-1, num_train_epochs=0.5)
+    (out / "trainer_state.json").write_text(state)
+    (out / "DONE").write_text("{}")
+    with pytest.raises(training.AlreadyTrained, match=r"already trained to 12 steps \(--num_train_epochs 1 = 12 "
+                                                      r"steps\); nothing to do$"):
+        training.prepare_output_dir(out, config, max_steps=-1, num_train_epochs=1.0)
+    assert training.prepare_output_dir(out, config, overwrite=True, max_steps=2) is None
+    assert not (out / "checkpoint-12").exists() and not (out / "DONE").exists()
+
+
 def test_fp16_and_zero3_are_refused(monkeypatch):
     from types import SimpleNamespace
 
