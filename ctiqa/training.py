@@ -868,6 +868,23 @@ def push_output(training_args: Any, *, adapter: bool, commit_message: str) -> st
     return str(repo_url)
 
 
+def end_trained_run(done: AlreadyTrained, training_args: Any, *, commit_message: str) -> typing.NoReturn:
+    """End a re-run of a finished run that asks for no more steps (``done`` from :func:`prepare_output_dir`): nothing
+    is trained; when ``push_to_hub`` is asked the finished outputs are pushed (:func:`push_output`), so a re-run is
+    how a push that failed at the end of training (network, token) is retried.
+
+    Raises:
+        AlreadyTrained: always (``done``, with the repo URL when pushed).
+    """
+    from accelerate import PartialState
+
+    if training_args.push_to_hub and PartialState().is_main_process:
+        adapter = (Path(training_args.output_dir) / "adapter_config.json").is_file()
+        url = push_output(training_args, adapter=adapter, commit_message=commit_message)
+        raise AlreadyTrained(f"{done}; pushed it to {url}") from None
+    raise done
+
+
 def finish(trainer: Any) -> None:
     """End the run. A multi-process run leaves with ``os._exit(0)`` once everything is saved and pushed: gloo's
     process-group destructor joins its worker threads while holding the GIL, and a worker still releasing its last

@@ -46,6 +46,8 @@ from ctiqa import CTIQAError, rewards, training
 from ctiqa.model_settings import read_settings
 
 logger = logging.getLogger("ctiqa.grpo")
+#: The Hub commit message of a push.
+GRPO_COMMIT = "ctiqa GRPO: adapter/model, processor, settings and model card"
 
 #: The recipe used when no --config is given.
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "medgemma-4b-it" / "grpo" / "config_qlora.yaml"
@@ -244,11 +246,14 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         "unverified_cost": script_args.unverified_cost, "false_streak_cost": script_args.false_streak_cost,
         "findings": script_args.findings,
         "max_train_samples": script_args.max_train_samples}
-    checkpoint = training.prepare_output_dir(training_args.output_dir, config,
-                                             overwrite=script_args.overwrite_output_dir,
-                                             resume_from_checkpoint=training_args.resume_from_checkpoint,
-                                             max_steps=training_args.max_steps,
-                                             num_train_epochs=training_args.num_train_epochs)
+    try:
+        checkpoint = training.prepare_output_dir(training_args.output_dir, config,
+                                                 overwrite=script_args.overwrite_output_dir,
+                                                 resume_from_checkpoint=training_args.resume_from_checkpoint,
+                                                 max_steps=training_args.max_steps,
+                                                 num_train_epochs=training_args.num_train_epochs)
+    except training.AlreadyTrained as done:  # nothing to train; a re-run retries a failed push
+        training.end_trained_run(done, training_args, commit_message=GRPO_COMMIT)
     if checkpoint is not None:
         logger.warning("checkpoint detected, resuming training at %s", checkpoint)
 
@@ -300,7 +305,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
                               "generation": generation})
     if push_to_hub and trainer.accelerator.is_main_process:
         training.push_output(training_args, adapter=adapter,
-                             commit_message="ctiqa GRPO: adapter/model, processor, settings and model card")
+                             commit_message=GRPO_COMMIT)
     training.finish(trainer)
 
 

@@ -39,6 +39,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 from ctiqa import training
 
 logger = logging.getLogger("ctiqa.sft")
+#: The Hub commit message of a push.
+SFT_COMMIT = "ctiqa SFT: adapter, processor, settings and model card"
 
 #: The recipe used when no --config is given: the paper's (design notes §3).
 PAPER_RECIPE = Path(__file__).resolve().parent / "medgemma-4b-it" / "sft" / "config_qlora.yaml"
@@ -69,10 +71,13 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     if training_args.push_to_hub:  # the Trainer would push every checkpoint with its own card; we push once, at the end
         logger.info("push_to_hub: the adapter/model and our card are pushed once, after training (the Trainer's "
                     "per-checkpoint pushes are off)")
-    checkpoint = training.prepare_output_dir(
-        training_args.output_dir, training.run_config(script_args, training_args, model_args),
-        overwrite=script_args.overwrite_output_dir, resume_from_checkpoint=training_args.resume_from_checkpoint,
-        max_steps=training_args.max_steps, num_train_epochs=training_args.num_train_epochs)
+    try:
+        checkpoint = training.prepare_output_dir(
+            training_args.output_dir, training.run_config(script_args, training_args, model_args),
+            overwrite=script_args.overwrite_output_dir, resume_from_checkpoint=training_args.resume_from_checkpoint,
+            max_steps=training_args.max_steps, num_train_epochs=training_args.num_train_epochs)
+    except training.AlreadyTrained as done:  # nothing to train; a re-run retries a failed push
+        training.end_trained_run(done, training_args, commit_message=SFT_COMMIT)
 
     # Data: train on `train`, select on `validation`; check every example trains on what it should
     dataset = training.load_recipe_dataset(script_args)
@@ -103,7 +108,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                           eval_results=script_args.eval_results, metrics=metrics)
     if push_to_hub and trainer.accelerator.is_main_process:
         training.push_output(training_args, adapter=peft_config is not None,
-                             commit_message="ctiqa SFT: adapter, processor, settings and model card")
+                             commit_message=SFT_COMMIT)
     training.finish(trainer)
 
 

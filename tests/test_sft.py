@@ -442,7 +442,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def test_a_rerun_asking_no_more_steps_than_done_leaves_the_finished_run_alone(tiny, dataset_dir, tmp_path):
+def test_a_rerun_asking_no_more_steps_than_done_leaves_the_finished_run_alone(tiny, dataset_dir, tmp_path, fake_hub):
     """QA round 3: a re-run into a finished run's folder with a smaller --max_steps resumed from its last checkpoint,
     trained one step past it (6 -> 7) and wrote a card saying "max steps 3". Now fewer steps are refused naming the
     folder, the steps done and asked and how to start over; as many end with "nothing to do", exit 0; neither touches
@@ -469,6 +469,14 @@ def test_a_rerun_asking_no_more_steps_than_done_leaves_the_finished_run_alone(ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"{out} is already trained to 4 steps (--max_steps 4); nothing to do"
     assert _files(out) == finished
+
+    # a push that failed at the end of training is retried by a re-run: the finished outputs go up, nothing trains
+    with pytest.raises(training.AlreadyTrained, match=r"nothing to do; pushed it to .*tester/retry"):
+        sft.main(*sft.parse_args(args + ["--max_steps", "4", "--push_to_hub", "true", "--hub_model_id",
+                                         "tester/retry"]))
+    assert _files(out) == finished
+    pushed = fake_hub.files("tester/retry")
+    assert pushed["model.safetensors"] == (out / "model.safetensors").read_bytes() and "DONE" not in pushed
 
     # more steps: a resume, and the card says how many the weights were trained for
     sft.main(*sft.parse_args(args + ["--max_steps", "6"]))
