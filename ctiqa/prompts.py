@@ -149,7 +149,8 @@ def grounding_text(findings: dict[str, Any]) -> str:
     """The sentences of the grounded teacher prompt that carry the measured findings (ctiqa.findings).
 
     ``findings``: ``noise_hu`` (HU or None), ``noise_severity`` (none/mild/moderate/severe or None), ``streaks``
-    (True/False/None), ``streaks_source`` ("simulator" when the simulator's truth stands in, else "measured").
+    (True/False/None), ``streaks_source`` ("simulator" when the simulator's truth stands in, "measured" for the
+    validated measured call, "unmeasured": the teacher is told streaks could not be measured).
     Noise bands: :data:`ctiqa.vocabulary.NOISE_BANDS_HU`.
     """
     from ctiqa.vocabulary import NOISE_BANDS_HU
@@ -162,7 +163,7 @@ def grounding_text(findings: dict[str, Any]) -> str:
         parts.append(f"quantum noise of about {findings['noise_hu']:.0f} HU standard deviation in soft tissue, i.e. "
                      f"{word} noise on our bands ({bands}, severe above);")
     streaks = findings.get("streaks")
-    if streaks is not None and findings.get("streaks_source") == "simulator":
+    if streaks is not None and findings.get("streaks_source") in ("simulator", "measured"):
         parts.append("sparse-view streak artifacts are " + ("present." if streaks else "absent."))
     else:
         parts.append("streak artifacts could not be measured reliably: mention streaks only if clearly visible.")

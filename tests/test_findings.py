@@ -138,3 +138,32 @@ def test_cli_dicom_files_given_directly_are_not_named_by_their_uid(tmp_path, cap
     assert "dicom#3" in captured.err  # the unreadable one is named by its id
     assert ctiqa_main(["findings", str(uids[0]), "--file-names", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["id"] == "1.2.840.113619.2.1"
+
+
+def test_streak_index_sees_views_not_noise_on_an_independent_simulation(tmp_path):
+    """Issue 11's bar on a small simulation where n_views and the noise sigma are drawn independently
+    (bench/bench_findings.py independent_set: the simulator's physics on the chest and head slices): the streak
+    index separates n_views < 256 from >= 512 with AUC > 0.80 on the residual of a linear fit on log(true sigma).
+    The noise alone cannot (sigma is independent of the views here), nor could the earlier index (0.60)."""
+    import importlib.util
+    from pathlib import Path
+
+    from scipy import stats
+
+    from ctiqa.imaging import read_ct
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_findings", Path(__file__).resolve().parents[1] / "bench" / "bench_findings.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.independent_set(120, seed=5, root=tmp_path, base_slices=["chest", "head"],
+                                cache_dir=tmp_path / "sinograms")
+    deg = json.loads((out / "degradations.json").read_text())["images"]
+    ids = sorted(deg)
+    views = np.array([deg[k]["n_views"] for k in ids])
+    sigma = np.array([deg[k]["noise_sigma_hu"] for k in ids])
+    assert abs(stats.spearmanr(views, sigma)[0]) < 0.3  # the set decouples views and noise
+    index = np.log(np.maximum([measure_findings(read_ct(out / "image" / k)).streak_index for k in ids], 1e-6))
+    m = (views < 256) | (views >= 512)
+    assert m.sum() > 60 and 20 < (views[m] >= 512).sum()
+    assert bench.auc((views < 256)[m], bench.residual(index, sigma)[m]) > 0.80
