@@ -46,7 +46,7 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
-from ctiqa.paths import atomic_write, check_output_path, check_outside_dataset, is_local_path
+from ctiqa.paths import atomic_write, check_output_path, check_outside_dataset, is_local_path, move_aside
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
@@ -207,10 +207,8 @@ class PredictionsAppender:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and any(f'"run_key": "{key}"' not in line for line in path.read_text().splitlines()):
             # rows of a run with other settings (maybe paid for): keep them aside, never silently delete them
-            backup = path.with_name(f"predictions.{time.strftime('%Y%m%d-%H%M%S')}.bak.jsonl")
-            path.replace(backup)
-            print(f"note: {path} held rows of a run with other settings; moved to {backup.name}", file=sys.stderr)
-        with open(path, "w") as f:
+            move_aside([path], "run", why=f"{path} held rows of a run with other settings")
+        with atomic_write(path) as f:  # a kill while rewriting keeps the old rows
             for row in keep:
                 f.write(json.dumps(row) + "\n")
 
@@ -835,12 +833,7 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
         raise CTIQAError(f"--out {out}: holds the evaluation of another run ({'; '.join(diff)}); nothing was "
                          "changed. Give another --out, or --overwrite to move its results.json and predictions.jsonl "
                          "aside")
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for f in (res, pred):
-        if f.exists():
-            backup = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}")
-            f.replace(backup)
-            print(f"note: --overwrite: moved the previous evaluation's {f.name} to {backup}", file=sys.stderr)
+    move_aside([res, pred], "evaluation")
 
 
 def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace,

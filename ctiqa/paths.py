@@ -198,3 +198,18 @@ def check_outside_dataset(out: str | os.PathLike, dataset: str | None = None, *,
         where = "is the dataset folder" if hit == p else f"is inside the dataset folder {hit}"
         raise CTIQAError(f"{what} {out}: {where}; what is written there would become part of the dataset (and of "
                          "its Hub upload); nothing was changed. Give an --out outside it")
+
+
+def move_aside(files: Iterable[Path], what: str, why: str = "--overwrite") -> None:
+    """Rename each existing file or folder in ``files`` to ``NAME.<UTC time>.bak[.EXT]`` beside it (never deleted:
+    the user can go back), with one ``note: {why}: ...`` line each on stderr naming ``what`` it belonged to (e.g.
+    "evaluation")."""
+    import sys
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for f in files:
+        if f.exists():
+            backup = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}")
+            f.replace(backup)
+            print(f"note: {why}: moved the previous {what}'s {f.name} to {backup}", file=sys.stderr)

@@ -93,7 +93,7 @@ import numpy as np
 from ctiqa import CTIQAError, __version__
 from ctiqa.imaging import SOFT_TISSUE, hu_to_unit, read_ct
 from ctiqa.ldctiqa import DEGRADATIONS_FILE
-from ctiqa.paths import atomic_write, check_output_path
+from ctiqa.paths import atomic_write, check_output_path, move_aside
 from ctiqa.scale import SCORE_MAX
 
 # --------------------------------------------------------------------------------------------------------------
@@ -945,13 +945,7 @@ def check_previous_simulation(out: Path, settings: dict[str, Any], overwrite: bo
         raise CTIQAError(f"--out {out}: holds a simulation made with other settings ({'; '.join(diff)}); nothing was "
                          "changed. Give another --out, or --overwrite to move its image/, train.json, "
                          "degradations.json and README.txt aside")
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for name in _WRITTEN:
-        f = out / name
-        if f.exists():
-            backup = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}")
-            f.replace(backup)
-            print(f"note: --overwrite: moved the previous simulation's {f.name} to {backup}", file=sys.stderr)
+    move_aside([out / name for name in _WRITTEN], "simulation")
 
 
 def _clear_previous(out: Path) -> None:
