@@ -154,8 +154,11 @@ def model_card(
                     f"its severity class agrees with the measured one in {pct(fa['noise_agreement_rate'])} (within one "
                     f"band {pct(fa['noise_within_one_band_rate'])}); streaks addressed in "
                     f"{pct(fa['streaks_addressed_rate'])}, agreeing with the measured call in "
-                    f"{pct(fa['streak_agreement_rate'])} (the streak call is not validated, so streak claims are "
-                    f"unverified); artifacts the data cannot have (ring, motion, metal, beam hardening) claimed in "
+                    f"{pct(fa['streak_agreement_rate'])} ("
+                    + ("the streak call is validated on simulation only: bench/bench_findings.py --independent"
+                       if fa.get("streak_call_validated") else
+                       "the streak call is not validated, so streak claims are unverified")
+                    + f"); artifacts the data cannot have (ring, motion, metal, beam hardening) claimed in "
                     f"{pct(fa['unverified_rate'])}."
                     + (f" The measured check gives the truth rubric's verdict on noise in "
                        f"{pct(truth.get('noise_agree_rate'))} and on streaks in {pct(truth.get('streaks_agree_rate'))}."

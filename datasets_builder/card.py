@@ -65,13 +65,17 @@ def grounding_md(g: dict | None) -> str:
     """The "Grounding" section: measured findings per row, re-asked rationales, flags of the kept ones."""
     if not g:
         return ""
+    from ctiqa.findings import STREAK_CALL_VALIDATED
+
     flags = g.get("flags") or {}
     unverified = g.get("unverified_artifacts") or {}
     return (f"### Grounding in measured findings\n\n"
             f"Every image was measured (ctiqa.findings: noise in HU and its class, a streak index and call; columns "
             f"`noise_hu`, `noise_severity`, `streak_index`, `streaks`): {g.get('measured', 0)} measured. The teacher "
-            "prompt carries the measured noise (and, on simulated data, the simulator's streak truth: the measured "
-            "streak call is not validated) and asks for a report consistent with it; the audit rejects rationales "
+            "prompt carries the measured noise (and the simulator's streak truth on simulated data; elsewhere "
+            + ("the measured streak call, validated on simulation only" if STREAK_CALL_VALIDATED else
+               "no streak finding: the measured streak call is not validated")
+            + ") and asks for a report consistent with it; the audit rejects rationales "
             "that contradict them (`contradicts_findings`: noise two bands off, streaks where none are). "
             f"Rejected for a fixable reason and asked again with the reason (at most {g.get('max_reasks', 0)} "
             f"times): {g.get('reasked', 0)}; of those kept: {g.get('reasked_kept', 0)}. Flags on kept rationales "
