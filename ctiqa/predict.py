@@ -306,6 +306,7 @@ class RowSink:
                                  + "); choose another --out")
             _drop_cut_line(path)
             _drop_failed_rows(path)
+            has_rows = path.stat().st_size > 0  # a CSV cut inside its header keeps nothing: write it again
             for r in self.read():
                 if r.get("skipped"):
                     self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
@@ -409,8 +410,13 @@ def _drop_failed_rows(path: Path) -> None:
 
 
 def _drop_cut_line(path: Path) -> None:
-    """A kill can leave the last row cut short (no newline): drop that fragment, so that it is neither read as a
-    row nor glued to the next one. Only called on a file this ctiqa predict run owns (its ``.run.json`` matched)."""
+    """A kill (or a full disk) can leave the last row cut short: drop that fragment, so that it is neither read as a
+    row nor glued to the next one. JSONL: the bytes after the last newline. CSV (:func:`_drop_cut_csv_row`): a
+    rationale holds newlines inside its quoted field, so the cut is found by parsing. Only called on a file this
+    ctiqa predict run owns (its ``.run.json`` matched)."""
+    if path.suffix == ".csv":
+        _drop_cut_csv_row(path)
+        return
     with open(path, "rb+") as f:
         f.seek(0, 2)
         size = f.tell()
@@ -423,6 +429,34 @@ def _drop_cut_line(path: Path) -> None:
         tail = f.read()
         keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
         f.truncate(keep)
+
+
+def _drop_cut_csv_row(path: Path) -> None:
+    """Keep the CSV records before a cut one: a record is whole when it parses (``strict``: a quoted field open at
+    the end is an error), has the header's number of fields, and the file ends with the row terminator after it.
+    Rewritten with :func:`ctiqa.paths.atomic_write` only when something is dropped (two passes: memory flat)."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f, strict=True)
+        header, whole = next(reader, None), 0
+        try:
+            for rec in reader:
+                if header is None or len(rec) != len(header):
+                    break
+                whole += 1
+            else:
+                f.seek(0, 2)
+                f.seek(f.tell() - 1)
+                if f.read(1) == "\n":
+                    return  # every record whole, the last one terminated
+                whole -= 1  # the last record's final field may be cut short: no terminator after it
+        except csv.Error:
+            pass  # a quoted field (a rationale) cut in the middle: drop that record
+    with open(path, newline="") as f, atomic_write(path, newline="") as g:
+        reader, writer = csv.reader(f), csv.writer(g)
+        for k, rec in enumerate(reader):
+            if k > whole:
+                break
+            writer.writerow(rec)
 
 
 def _from_csv(key: str, value: str | None) -> Any:

@@ -424,3 +424,44 @@ def test_a_name_too_long_is_skipped_and_ctrl_c_says_how_to_resume(tiny, tmp_path
     assert main(["predict", str(good), "--model", str(tiny), "--score-only", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"kept in {out}; the same command resumes" in err, err
+
+
+def test_a_csv_cut_inside_a_rationale_resumes(tiny, tmp_path, monkeypatch):
+    """QA round 4: a rationale holds newlines inside its quoted CSV field. A kill (or a full disk) that cut the file
+    inside one left a fragment the old cut-line rule (back to the last newline) could not see: the re-run appended
+    rows into the open quote and every later run crashed (ValueError), the scored rows lost to ctiqa. Cut rows are
+    now dropped and scored again; the file stays a valid CSV with one whole row per slice."""
+    import csv
+
+    import ctiqa.predict as predict
+
+    calls: list[int] = []
+
+    def backend(*a, **kw):
+        def score(images):
+            calls.append(len(images))
+            return [{"text": f"Score: 2.{k}\nReasoning: moderate noise,\nno \"streaks\".", "parsed_score": 2.0 + k / 10,
+                     "parse_rule": "score_line", "prob_score": 2.0, "prob_std": 0.1} for k in range(len(images))]
+        return score
+
+    monkeypatch.setattr(predict, "model_backend", backend)
+    folder = _series(tmp_path / "series", n=3)
+    out = tmp_path / "x.csv"
+    args = ["predict", str(folder), "--model", str(tiny), "--batch-size", "1", "--out", str(out)]
+    assert main(args) == 0 and calls == [1, 1, 1]
+    whole = out.read_bytes()
+
+    def rows():
+        return [r for r in csv.DictReader(out.open(newline="")) if not r["skipped"]]
+
+    expected = rows()
+    last = whole.rindex(b"Reasoning:")
+    for cut, rescored in ((whole.index(b"\n", last) + 1, [1]),  # right after a newline inside the last rationale
+                          (whole.index(b"Reasoning:") + 14, [1, 1, 1]),  # inside the first slice's rationale
+                          (whole.rindex(b"\r\n") - 1, [1])):  # the last field whole but no row terminator
+        out.write_bytes(whole[:cut])
+        calls.clear()
+        assert main(args) == 0
+        assert calls == rescored, (cut, calls)
+        assert rows() == expected  # every slice once, each rationale whole
+        assert out.read_bytes() == whole
