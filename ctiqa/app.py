@@ -97,8 +97,8 @@ class Scorer:
     def server(cls, url: str, model: str, *, fmt: str = DEFAULT_TARGET_FORMAT, max_new_tokens: int = 512,
                concurrency: int = 8, **settings: Any) -> "Scorer":
         """Score through an OpenAI-compatible inference server serving ``model`` at ``url``, with
-        :class:`ctiqa.serving.ServerScorer` (the backend of ``ctiqa predict --server``; its on-disk answer cache is
-        off here: the app keeps nothing). A backend is made when first used.
+        :class:`ctiqa.serving.ServerScorer` (the backend of ``ctiqa predict --server``; no answer log here:
+        the app keeps nothing). A backend is made when first used.
         """
         from ctiqa.serving import ServerScorer
 
@@ -107,7 +107,7 @@ class Scorer:
         def backend(score_only: bool) -> Any:
             if score_only not in made:
                 made[score_only] = ServerScorer(url, model, fmt=fmt, score_only=score_only,
-                                                max_new_tokens=max_new_tokens, concurrency=concurrency, cache=False)
+                                                max_new_tokens=max_new_tokens, concurrency=concurrency)
             return made[score_only]
 
         return cls(backend, f"{model} at {url}", batch_size=max(4, 4 * concurrency), **settings)

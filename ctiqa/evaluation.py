@@ -833,7 +833,9 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
         raise CTIQAError(f"--out {out}: holds the evaluation of another run ({'; '.join(diff)}); nothing was "
                          "changed. Give another --out, or --overwrite to move its results.json and predictions.jsonl "
                          "aside")
-    move_aside([res, pred], "evaluation")
+    from ctiqa.serving import ANSWERS_FILE
+
+    move_aside([res, pred, out / ANSWERS_FILE], "evaluation")  # the answers of a server run are that run's too
 
 
 def _done(records: list[dict[str, Any]], out: Path, args: argparse.Namespace,

@@ -794,10 +794,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight (default 8)")
 
 
-def _companions(out: Path) -> tuple[Path, Path]:
+def _companions(out: Path) -> tuple[Path, Path, Path]:
     """The files ``ctiqa predict --out FILE.ext`` writes beside FILE.ext: ``FILE.run.json`` (the run's settings,
-    :func:`_settings`) and ``FILE.series.ext`` (the per-series summaries, :func:`summaries_from_rows`)."""
-    return out.with_name(out.stem + ".run.json"), out.with_name(out.stem + ".series" + out.suffix)
+    :func:`_settings`), ``FILE.series.ext`` (the per-series summaries, :func:`summaries_from_rows`) and, with
+    ``--server``, ``FILE.answers.jsonl`` (the run's server answer log, :mod:`ctiqa.serving`)."""
+    return (out.with_name(out.stem + ".run.json"), out.with_name(out.stem + ".series" + out.suffix),
+            out.with_name(out.stem + ".answers.jsonl"))
 
 
 def _first_row(path: Path) -> dict[str, Any] | None:
@@ -816,15 +818,16 @@ def _first_row(path: Path) -> dict[str, Any] | None:
 def check_companions(out: Path) -> None:
     """Refuse, before any work, an ``--out`` whose companion files (:func:`_companions`) exist and were not written
     by ``ctiqa predict``: a ``.run.json`` that is not a settings record, a ``.series`` file whose first row is not
-    a series summary. Both are replaced by a run, so a user's file of that name would be lost.
+    a series summary, an ``.answers.jsonl`` whose first row is not a server answer. A run replaces or appends to
+    them, so a user's file of that name would be lost.
 
     Raises:
         CTIQAError: naming the companion file; nothing is changed.
     """
-    run_file, series_file = _companions(out)
+    run_file, series_file, answers_file = _companions(out)
     settings_keys = {"model", "adapter", "format", "encoding", "score_only"}
     summary_keys = {"series", "n_slices", "n_unscored", "n_skipped"}
-    for path, keys in ((run_file, settings_keys), (series_file, summary_keys)):
+    for path, keys in ((run_file, settings_keys), (series_file, summary_keys), (answers_file, {"key", "result"})):
         check_output_path(path, what=f"--out {out}: its companion", ours=lambda p, k=keys: _has_keys(p, k),
                           hint="choose another --out")
 
@@ -884,7 +887,8 @@ def cli_main(args: argparse.Namespace) -> int:
             from ctiqa.serving import ServerScorer
 
             loaded["model"] = ServerScorer(args.server, model, fmt=args.format, score_only=args.score_only,
-                                           max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
+                                           max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                                           cache=_companions(args.out)[2] if args.out is not None else None)
         if "model" not in loaded:
             lm = load_model(model, adapter, precision=args.precision)
             loaded["model"] = model_backend(lm, fmt=args.format, score_only=args.score_only,
@@ -929,7 +933,7 @@ def cli_main(args: argparse.Namespace) -> int:
         table = None if stream or len(shown) > TABLE_MAX else shown
     _print_tables(table, summaries, args.score_only)
     if args.out is not None:
-        series_file = args.out.with_name(args.out.stem + ".series" + args.out.suffix)
+        series_file = _companions(args.out)[1]
         write_rows(series_file, summaries)
         print(f"wrote {args.out} and {series_file.name}")
     if args.html is not None:

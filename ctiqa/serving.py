@@ -21,9 +21,12 @@ When the server returns no log-probabilities (``transformers serve`` ignores or 
 parsed scores only (with ``score_only``: parsed from the short answer) and :meth:`ServerScorer.describe`
 (``results.json`` provenance) says so.
 
-On-disk cache: every final answer (not a timeout or a dropped connection) is appended to a JSONL file
-(:func:`default_cache_path`, in the ctiqa cache folder) keyed by the image pixels, the server URL, the served model,
-the prompt and the request, and flushed at once; a killed run asks again only what was in flight.
+Answer log: every final answer (not a timeout or a dropped connection) is appended to a JSONL file that belongs to
+the run (``ctiqa evaluate``: :data:`ANSWERS_FILE` in ``--out``; ``ctiqa predict``: ``FILE.answers.jsonl`` beside
+``--out FILE``), keyed by the image pixels, the server URL, the served model, the prompt and the request, and
+flushed at once; a killed run asks again only what was in flight. It is never shared between runs: a server
+re-deployed under the same model name (``vllm serve NEW --served-model-name ctiqa``) is asked afresh by a new run,
+never answered from an earlier model's answers.
 """
 
 from __future__ import annotations
@@ -54,11 +57,8 @@ def answered(res: Any) -> bool:
     return not res.error or bool(res.text)
 
 
-def default_cache_path() -> Path:
-    """``server_answers.jsonl`` in the ctiqa cache folder (:func:`ctiqa.paths.cache_path`)."""
-    from ctiqa.paths import cache_path
-
-    return cache_path("server_answers.jsonl")
+#: The answer log of ``ctiqa evaluate --server`` in its ``--out`` folder (module docstring).
+ANSWERS_FILE = "server_answers.jsonl"
 
 
 class AnswerLog:
@@ -139,7 +139,7 @@ class ServerScorer:
         fmt: the model's answer format. score_only: no rationale (see the module docstring).
         max_new_tokens: answer budget. concurrency: requests in flight (>= 1). timeout_s: per request, seconds.
         probability: ask for log-probabilities (score-first / score-only formats only).
-        cache: the :class:`AnswerLog` file (default :func:`default_cache_path`), or False for none.
+        cache: the run's :class:`AnswerLog` file (module docstring), or None for none (every image is asked).
         retry: a :class:`ctiqa.clients.RetryPolicy` (default: its defaults).
     Raises:
         CTIQAError: concurrency < 1, or (from a call) ClientConfigError when the server refuses every request
@@ -148,7 +148,7 @@ class ServerScorer:
 
     def __init__(self, url: str, model: str, *, fmt: str = DEFAULT_TARGET_FORMAT, score_only: bool = False,
                  max_new_tokens: int = 512, concurrency: int = 8, timeout_s: float = 300.0, probability: bool = True,
-                 cache: str | os.PathLike | bool = True, retry: Any = None) -> None:
+                 cache: str | os.PathLike | None = None, retry: Any = None) -> None:
         from ctiqa.clients import OpenAICompatClient
         from ctiqa.inference import PROBABILITY_FORMATS
 
@@ -166,7 +166,7 @@ class ServerScorer:
         self.client = OpenAICompatClient(model, base_url=self.url, max_output_tokens=max_new_tokens, temperature=0.0,
                                          timeout_s=timeout_s, retry=retry,
                                          top_logprobs=LOGPROB_ALTERNATIVES if want else None)
-        self.cache = None if cache is False else AnswerLog(default_cache_path() if cache is True else cache)
+        self.cache = None if cache is None else AnswerLog(cache)
         self.stats: Counter[str] = Counter()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="ctiqa-server-client")
@@ -309,7 +309,7 @@ def evaluate_cli(args: Any, samples: list[Any], fmt: str, out: Path) -> dict[str
     if getattr(args, "teacher", None) or getattr(args, "api", None):
         raise CTIQAError("--server and --teacher/--api exclude each other")
     scorer = ServerScorer(args.server, args.model, fmt=fmt, score_only=args.score_only,
-                          max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
+                          max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, cache=out / ANSWERS_FILE)
     settings = {"source": "server", "server": scorer.url, "model": args.model, "format": fmt,
                 "prompt_version": PROMPT_VERSION,
                 "decoding": {"temperature": 0.0, "max_new_tokens": args.max_new_tokens,

@@ -142,3 +142,39 @@ def _open_in_other_process(out):
             f"try:\n RowSink(Path({str(out)!r}), {{'model': 'fake'}}, False).close()\n print('opened')\n"
             "except CTIQAError as e:\n print(e)")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_new_run_never_takes_an_earlier_deployments_answers(server, tmp_path, capsys):
+    """QA round 4: the server answer cache was global (the ctiqa cache folder) and keyed by URL + served model name:
+    after a re-deployment under the same name (new weights, or a server failing every request), a NEW --out got the
+    old model's scores with exit 0 and the server was never asked. The answer log now belongs to the run."""
+    img = _tiff(tmp_path / "s.tif")
+    server.fail = False
+    assert ctiqa_main(["predict", str(img), "--server", server.url, "--model", "m", "--out",
+                       str(tmp_path / "a.jsonl")]) == 0
+    assert [r["parsed_score"] for r in _rows(tmp_path / "a.jsonl")] == [2.0, 2.0, 2.0]
+    assert (tmp_path / "a.answers.jsonl").is_file()
+    n = server.requests
+    server.fail = True  # the same name now serves something that fails every request
+    assert ctiqa_main(["predict", str(img), "--server", server.url, "--model", "m", "--out",
+                       str(tmp_path / "b.jsonl")]) == 1
+    assert server.requests > n and all(r["parsed_score"] is None for r in _rows(tmp_path / "b.jsonl"))
+    # evaluate: a new --out asks the server again, its answers are logged in that --out
+    from ctiqa.testing.sft_data import write_dataset
+
+    data = write_dataset(tmp_path / "ds", {"train": 1, "validation": 1, "test": 2})
+    ev = ["evaluate", "--dataset", str(data), "--server", server.url, "--model", "m", "--max-new-tokens", "20",
+          "--bootstrap", "20"]
+    server.fail = False
+    assert ctiqa_main([*ev, "--out", str(tmp_path / "e1")]) == 0 and (tmp_path / "e1" / "server_answers.jsonl").is_file()
+    n = server.requests
+    server.fail = True
+    assert ctiqa_main([*ev, "--out", str(tmp_path / "e2")]) != 0  # failures, not the first deployment's scores
+    assert server.requests > n
+    n = server.requests
+    # the same --out resumes from its own rows and log: nothing is asked again
+    server.fail = False
+    assert ctiqa_main(["predict", str(img), "--server", server.url, "--model", "m", "--out",
+                       str(tmp_path / "a.jsonl")]) == 0
+    assert server.requests == n
+    capsys.readouterr()

@@ -152,7 +152,7 @@ def test_probability_score_from_server_logprobs_equals_in_process(lm, fake, imag
 
 def test_score_only_reads_the_score_position(lm, fake, images, tmp_path):
     ref = predict_images(lm, images[:2], generate=False)
-    scorer = ServerScorer(fake.url, "tiny", score_only=True, cache=False)
+    scorer = ServerScorer(fake.url, "tiny", score_only=True)
     got = scorer(images[:2])
     scorer.close()
     assert all(g["text"] is None for g in got)
@@ -162,7 +162,7 @@ def test_score_only_reads_the_score_position(lm, fake, images, tmp_path):
 
 def test_refused_logprobs_give_parsed_scores_and_say_so(lm, fake, images):
     fake.script = [("refuse_logprobs",)]
-    scorer = ServerScorer(fake.url, "tiny", max_new_tokens=40, cache=False)
+    scorer = ServerScorer(fake.url, "tiny", max_new_tokens=40)
     got = scorer(images[:2])
     scorer.close()
     assert all(g["parsed_score"] is not None and g["prob_score"] is None for g in got)
@@ -171,7 +171,7 @@ def test_refused_logprobs_give_parsed_scores_and_say_so(lm, fake, images):
     assert not any(r.get("logprobs") for r in fake.requests[1:])
     # score-only without logprobs: the score is parsed from the short answer
     fake.script = [("refuse_logprobs",)]
-    scorer = ServerScorer(fake.url, "tiny", score_only=True, cache=False)
+    scorer = ServerScorer(fake.url, "tiny", score_only=True)
     got = scorer(images[:2])
     scorer.close()
     ref = predict_images(lm, images[:2], max_new_tokens=40)
@@ -204,7 +204,7 @@ def test_errors_retries_timeouts_and_the_cache(lm, fake, images, tmp_path):
     s.close()
     assert len(fake.requests) == n + 1
     # an unknown model fails every request: one clear error
-    s = ServerScorer(fake.url, "no-such-model", cache=False)
+    s = ServerScorer(fake.url, "no-such-model")
     with pytest.raises(CTIQAError, match="no-such-model"):
         s(images[:1])
     s.close()
