@@ -368,10 +368,11 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
     """Yield (id, CTImage or CTIQAError) for each image of the inputs: TIFF/PNG/JPEG files (id: the file stem,
     ``#N`` per frame), DICOM files (id ``dicom#K`` for the K-th DICOM file input, ``dicom#K/N`` for frame N; the
     file stem with ``file_names``), LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the
-    file stems) and DICOM series folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for
-    series k of several). Exported DICOM file names are often SOP Instance UIDs, so they stay out of ids and error
+    file stems), DICOM series folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for
+    series k of several) and folders of TIFF/PNG/JPEG slices (:func:`ctiqa.imaging.image_files`; ids: file stems);
+    a folder with nothing readable is one error row, the other inputs go on. Exported DICOM file names are often SOP Instance UIDs, so they stay out of ids and error
     messages (replaced by the id) unless ``file_names``."""
-    from ctiqa.imaging import read_dicom_folder
+    from ctiqa.imaging import image_files, read_dicom_folder
     from ctiqa.ldctiqa import load_ldctiqa
 
     n_dicom = 0
@@ -386,7 +387,14 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
                     yield i, e
         elif p.is_dir():  # a DICOM series: ids by position, never file names (often SOP Instance UIDs)
             errors: list[tuple[str, str]] = []
-            found = read_dicom_folder(p, errors=errors)
+            try:
+                found = read_dicom_folder(p, errors=errors)
+            except CTIQAError as e:  # no DICOM: a folder of TIFF/PNG slices (ids: file stems), or nothing readable
+                slices = image_files(p)
+                if not slices:
+                    yield p.name, e
+                yield from iter_images([str(f) for f in slices], file_names=file_names)
+                continue
             for k, series in enumerate(found, start=1):
                 sid = f"{p.name}#{k}" if len(found) > 1 else p.name
                 for i, (_, img) in enumerate(series):

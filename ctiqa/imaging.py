@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -827,6 +828,15 @@ def read_dicom_series(
         raise CTIQAError(f"{folder}: holds {len(series)} DICOM series (different Series Instance UIDs); "
                          "give one series per folder, or read them with read_dicom_folder")
     return series[0]
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The TIFF/PNG/JPEG files directly in ``folder`` (:data:`IMAGE_SUFFIXES`; not in sub-folders), in natural name
+    order (``slice2`` before ``slice10``): the slices of one series when the folder holds no DICOM file."""
+    def key(f: Path) -> list[tuple[int, int, str]]:
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", f.name)]
+
+    return sorted((f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()), key=key)
 
 
 def index_dicom_folder(

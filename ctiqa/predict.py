@@ -62,6 +62,7 @@ from ctiqa.imaging import (
     ENCODINGS,
     IMAGE_SUFFIXES,
     CTImage,
+    image_files,
     image_sha256,
     index_dicom_folder,
     is_dicom_file,
@@ -146,7 +147,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
 
     Args:
         inputs: paths of DICOM/TIFF/PNG/JPEG files, folders (trees) of DICOM files, or folders of TIFF/PNG/JPEG
-            slices (:func:`_image_files`). Without ``ids``, an input naming a file or folder given before is dropped
+            slices (:func:`ctiqa.imaging.image_files`). Without ``ids``, an input naming a file or folder given before is dropped
             with a note (:func:`_distinct_inputs`).
         ids: optional user-chosen series ids, one per input (default: the path as given, except a DICOM file
             given directly: ``dicom#K`` for the K-th such input, since its name is often a SOP Instance UID; its
@@ -181,7 +182,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
             try:
                 found = index_dicom_folder(p, errors=errors)
             except CTIQAError as e:
-                images = _image_files(p)
+                images = image_files(p)
                 if not images:
                     out.append(Series(id=sid, errors=[*errors, (raw, str(e))]))
                     continue
@@ -222,15 +223,6 @@ def _distinct_inputs(inputs: list[str]) -> list[str]:
         seen.add((st.st_dev, st.st_ino))
         kept.append(raw)
     return kept
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """The TIFF/PNG/JPEG files directly in ``folder`` (:data:`ctiqa.imaging.IMAGE_SUFFIXES`; not in sub-folders),
-    in natural name order (``slice2`` before ``slice10``), as the slices of one series."""
-    def key(f: Path) -> list[Any]:
-        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", f.name)]
-
-    return sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()), key=key)
 
 
 def _reason(message: str, path: str | Path) -> str:

@@ -57,6 +57,21 @@ def test_cli_rows(tmp_path, capsys):
     assert "missing.tif" in capsys.readouterr().err
 
 
+def test_cli_folder_of_tiff_slices_and_an_unreadable_folder_do_not_end_the_batch(tmp_path, capsys):
+    """QA round 4: a folder of TIFF slices (as `ctiqa predict` takes) aborted the whole `ctiqa findings` batch with
+    exit 2 and nothing written; an unreadable folder must be one error line, the rest measured."""
+    d = tmp_path / "slices"
+    d.mkdir()
+    for i, s in ((10, 60), (2, 15)):
+        tifffile.imwrite(d / f"s{i}.tif", hu_to_unit(_phantom(s, seed=i)))
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "f.jsonl"
+    assert ctiqa_main(["findings", str(tmp_path / "empty"), str(d), "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["s2", "s10"] and rows[0]["noise_hu"] < rows[1]["noise_hu"]
+    assert "empty" in capsys.readouterr().err
+
+
 def test_cli_out_never_replaces_a_file_findings_did_not_write(tmp_path, capsys):
     img = tmp_path / "set" / "image"
     img.mkdir(parents=True)
