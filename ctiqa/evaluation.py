@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding
+from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding, weights_fingerprint
 from ctiqa.paths import atomic_write, check_output_path, check_outside_dataset, is_local_path, move_aside
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
@@ -719,7 +719,8 @@ def cli_main(args: argparse.Namespace) -> int:
         return _done(records, out, args, name=args.name or f"{model} (zero-shot)", kind=args.api,
                      settings=settings, model_info=info, n_split=sizes.get("n_split"), samples=samples)
 
-    settings = {"source": "model", "model": spelt["model"], "adapter": spelt["adapter"], "format": fmt,
+    settings = {"source": "model", "model": spelt["model"], "adapter": spelt["adapter"],
+                **({"model_weights": spelt["model_weights"]} if spelt["model_weights"] else {}), "format": fmt,
                 "prompt_version": PROMPT_VERSION, "precision": args.precision,
                 "decoding": {"do_sample": False, "max_new_tokens": args.max_new_tokens,
                              "generate": not args.score_only, "probability_score": True},
@@ -734,7 +735,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
 
 #: The settings that name what an evaluation folder holds: a re-run into it with others is refused (#62).
-IDENTITY_KEYS = ("source", "model", "adapter", "dataset", "split")
+#: ``model_weights``: :func:`ctiqa.model_settings.weights_fingerprint` of a local model run's model/adapter folders
+#: (None otherwise; results.json written before it was recorded resume as before, unchecked).
+IDENTITY_KEYS = ("source", "model", "adapter", "model_weights", "dataset", "split")
 
 
 def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -742,7 +745,9 @@ def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     source = str(args.predictions) if mode == "predictions" else "server" if args.server else \
         args.api if mode == "api" else "model"
     model = None if mode == "predictions" else (args.model or APIS[args.api]) if mode == "api" else args.model
-    return {"source": source, "model": model, "adapter": args.adapter if mode == "model" and not args.server else None,
+    local = mode == "model" and not args.server
+    return {"source": source, "model": model, "adapter": args.adapter if local else None,
+            "model_weights": weights_fingerprint(args.model, args.adapter) if local else None,
             "dataset": args.dataset, "split": args.split if args.dataset else None}
 
 
@@ -777,7 +782,11 @@ def _identity_diff(before: dict[str, Any], paths_before: dict[str, str], identit
     diff = []
     for k in IDENTITY_KEYS:
         then, now = before.get(k), identity[k]
-        if _is_path(k, identity) and (k in paths_before or _is_path(k, before)):
+        if k == "model_weights":  # not recorded (written before it was): not compared
+            if k in before and then != now:
+                diff.append(f"model weights: changed since the rows in {RESULTS_FILE} were scored (the model or "
+                            "adapter folder was re-saved or replaced)")
+        elif _is_path(k, identity) and (k in paths_before or _is_path(k, before)):
             then_abs = paths_before.get(k) or _absolute(then)
             if then_abs != _absolute(now):
                 diff.append(f"{k}: {then_abs!r} then, {_absolute(now)!r} now")
@@ -788,9 +797,10 @@ def _identity_diff(before: dict[str, Any], paths_before: dict[str, str], identit
 
 def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, limit: int | None = None) -> None:
     """Refuse, before any work, an ``--out`` that holds the evaluation of another run (its ``results.json`` names
-    another source, model, adapter, dataset or split; or it holds results/predictions ctiqa cannot read as an
-    evaluation). Local files and folders are compared by their resolved path (``./ds``, ``ds``, ``/abs/ds`` and a
-    symlink to it are one dataset), Hub ids as strings. With ``overwrite``, that evaluation's ``results.json`` and
+    another source, model, adapter, dataset or split, or the local model/adapter folder's weights changed since
+    (``model_weights``, :func:`ctiqa.model_settings.weights_fingerprint`); or it holds results/predictions ctiqa
+    cannot read as an evaluation). Local files and folders are compared by their resolved path (``./ds``, ``ds``,
+    ``/abs/ds`` and a symlink to it are one dataset), Hub ids as strings. With ``overwrite``, that evaluation's ``results.json`` and
     ``predictions.jsonl`` are moved aside (``NAME.<UTC time>.bak.EXT``, said on stderr), never deleted. The same run
     resumes (rows of other decoding settings in ``predictions.jsonl`` are moved aside by
     :class:`PredictionsAppender`); a ``limit`` smaller than the samples it already evaluated is refused too (the
@@ -820,6 +830,8 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
             if not diff and isinstance(then, str) and then != identity[k] and _is_path(k, identity) \
                     and _absolute(then) == _absolute(identity[k]):
                 identity[k] = then
+        if not diff and "model_weights" not in before:  # written before weights were recorded: resume its rows
+            identity["model_weights"] = None  # (keyed without them) as before
     # the same run with a smaller --limit would rewrite the folder with its subset: the rest would be lost
     if not diff and limit is not None and n_before > limit:
         if not overwrite:

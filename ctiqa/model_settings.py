@@ -130,6 +130,50 @@ def read_settings(folder: str | Path | None) -> TrainedSettings | None:
     return s
 
 
+#: Files whose (name, size, mtime) stand for a model's or adapter's weights in :func:`weights_fingerprint`.
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+#: Small files of a model or adapter folder whose content :func:`weights_fingerprint` hashes.
+WEIGHT_CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json", SETTINGS_FILE,
+                       "model.safetensors.index.json")
+
+
+def weights_fingerprint(*folders: str | Path | None) -> str | None:
+    """A cheap fingerprint (SHA-256 hex, 64 chars) of the weights in local model / adapter folders: changed by any
+    re-save or copy of the weights into them, so that rows scored by one model are never resumed as another's.
+
+    Hashes, per folder in order, the (name, size in bytes, mtime in ns) of its top-level weight files
+    (:data:`WEIGHT_FILE_PATTERNS`: ``model*.safetensors``, ``adapter_model.*``, ...) and the content of its small
+    config files (:data:`WEIGHT_CONFIG_FILES`); no weight file is read, so an 8 GB model costs a few ``stat`` calls.
+    Checkpoint sub-folders are not looked at. The same weights copied anew (a new mtime) count as changed: a
+    resume is refused rather than mixing models. For the content digest of an adapter that ``ctiqa export``
+    records, see :func:`ctiqa.export.adapter_sha256`.
+
+    Args:
+        folders: model and adapter names as given (``--model``, ``--adapter``); None, Hub ids and anything that is
+            not an existing local folder are left out (a Hub id's weights are not fingerprinted or compared: pin a
+            revision for that).
+    Returns:
+        the hex digest, or None when no argument is a local folder (nothing to compare).
+    """
+    import hashlib
+
+    local = [Path(f).expanduser() for f in folders if f is not None and Path(f).expanduser().is_dir()]
+    if not local:
+        return None
+    h = hashlib.sha256()
+    for folder in local:
+        h.update(b"folder\0")
+        weights = sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+        for p in weights:
+            st = p.stat()
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        for name in WEIGHT_CONFIG_FILES:
+            p = folder / name
+            if p.is_file():
+                h.update(f"{name}\0".encode() + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _dtype_name(value: Any) -> str | None:
     """"torch.float32" / "float32" / "fp32" / "bf16" -> "float32" / "bfloat16"; None/"auto" -> None."""
     if value in (None, "None", "auto"):

@@ -71,7 +71,7 @@ from ctiqa.imaging import (
     read_ct_frames,
     render,
 )
-from ctiqa.model_settings import PRECISIONS, choose_encoding
+from ctiqa.model_settings import PRECISIONS, choose_encoding, weights_fingerprint
 from ctiqa.paths import atomic_write, check_output_path
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
@@ -291,7 +291,11 @@ class RowSink:
                 raise CTIQAError(f"--out {path}: exists and was not written by ctiqa predict (no {self.run_file.name})"
                                  "; choose another --out")
             before = json.loads(self.run_file.read_text())
-            diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+            diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
+                    and (k in before or k not in NEWER_SETTINGS)]  # not recorded then: resumes as before
+            if "model_weights" in diff:
+                raise CTIQAError(f"--out {path}: model weights: changed since the rows in {path.name} were scored "
+                                 "(the model or adapter folder was re-saved or replaced); choose another --out")
             if diff:
                 raise CTIQAError(f"--out {path}: holds rows of a run with other settings ("
                                  + ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
@@ -835,11 +839,18 @@ def _has_keys(path: Path, keys: set[str]) -> bool:
         return False
 
 
+#: Settings recorded in FILE.run.json since a later version: a run.json without one resumes as before.
+NEWER_SETTINGS = ("model_weights",)
+
+
 def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
-    """What makes two runs' rows comparable (recorded in FILE.run.json; a resume needs the same)."""
+    """What makes two runs' rows comparable (recorded in FILE.run.json; a resume needs the same). ``model_weights``
+    is :func:`ctiqa.model_settings.weights_fingerprint` of the local model/adapter folders (None for Hub ids and a
+    server, where nothing local is loaded)."""
     return {"model": model, "adapter": args.adapter, "format": args.format, "encoding": args.encoding,
             "unit_is_hu": args.unit_is_hu, "score_only": args.score_only, "precision": args.precision,
             "max_new_tokens": None if args.score_only else args.max_new_tokens, "file_names": args.file_names,
+            "model_weights": None if args.server else weights_fingerprint(model, args.adapter),
             **({"server": args.server} if args.server else {})}
 
 

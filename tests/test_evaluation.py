@@ -701,3 +701,48 @@ def test_report_of_one_folder_twice_lists_it_once(tmp_path, monkeypatch, capsys)
     assert not any(n in text for n in ("A2", "A3", "A4"))
     paired = text.split("## Paired comparison with A")[1]
     assert paired.count("| parsed |") == 1 and "| B | parsed | 4 |" in paired  # A is the reference, not a row
+
+
+def test_a_model_replaced_at_the_same_path_is_another_run(dataset, tiny, tmp_path, capsys):
+    """Hostile QA: after another model was saved into the same --model folder, a re-run into the same --out kept
+    the old model's rows and metrics in results.json (rc 0). The folder's weights are part of the run's identity
+    (ctiqa.model_settings.weights_fingerprint): refused in one line with nothing changed; the unchanged model, and
+    a results.json written before the weights were recorded, still resume every row."""
+    import shutil
+
+    from ctiqa.evaluation import run_key
+    from ctiqa.tiny import build_tiny_model
+
+    model = shutil.copytree(tiny, tmp_path / "model")
+    out = tmp_path / "e"
+    argv = ["evaluate", "--model", str(model), "--dataset", str(dataset), "--out", str(out), "--score-only",
+            "--bootstrap", "0"]
+    res, pred = out / "results.json", out / "predictions.jsonl"
+    assert ctiqa_main(argv) == 0
+    assert json.loads(res.read_text())["provenance"]["settings"]["model_weights"]
+    old = [json.loads(line)["prob_score"] for line in pred.read_text().splitlines()]
+    assert ctiqa_main(argv) == 0 and json.loads(res.read_text())["provenance"]["model"]["resumed_rows"] == N
+
+    shutil.copytree(build_tiny_model(tmp_path / "other", seed=1), model, dirs_exist_ok=True)  # re-saved in place
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert ctiqa_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model weights: changed since the rows in results.json were scored" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert ctiqa_main([*argv, "--overwrite"]) == 0  # the old evaluation is moved aside, the new model scored
+    new = [json.loads(line)["prob_score"] for line in pred.read_text().splitlines()]
+    assert new != pytest.approx(old, abs=1e-3) and json.loads(res.read_text())["provenance"]["model"].get(
+        "resumed_rows", 0) == 0
+
+    # an evaluation written before weights were recorded (its rows keyed without them) resumes as before
+    results = json.loads(res.read_text())
+    del results["provenance"]["settings"]["model_weights"]
+    res.write_text(json.dumps(results))
+    key = run_key(results["provenance"]["settings"])
+    pred.write_text("".join(json.dumps({**json.loads(line), "run_key": key}) + "\n"
+                            for line in pred.read_text().splitlines()))
+    backups = sorted(out.glob("*.bak*"))
+    assert ctiqa_main(argv) == 0
+    assert json.loads(res.read_text())["provenance"]["model"]["resumed_rows"] == N
+    assert sorted(out.glob("*.bak*")) == backups

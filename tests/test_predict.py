@@ -465,3 +465,40 @@ def test_a_csv_cut_inside_a_rationale_resumes(tiny, tmp_path, monkeypatch):
         assert calls == rescored, (cut, calls)
         assert rows() == expected  # every slice once, each rationale whole
         assert out.read_bytes() == whole
+
+
+def test_a_model_replaced_at_the_same_path_is_never_resumed_as_the_old_one(tiny, tmp_path, monkeypatch, capsys):
+    """Hostile QA: a re-run after another model was saved into the same --model folder (a training run re-saving
+    into its output_dir) said "resumed" and kept the old model's scores as the new one's. Resume is keyed on the
+    weights (ctiqa.model_settings.weights_fingerprint), not on the path: refused in one line, nothing changed; the
+    same model still resumes without scoring anything, and a run.json written before the key existed too."""
+    from ctiqa.tiny import build_tiny_model
+
+    folder = _series(tmp_path / "series", n=2)
+    model = shutil.copytree(tiny, tmp_path / "model")
+    out = tmp_path / "s.jsonl"
+    args = ["predict", str(folder), "--model", str(model), "--score-only", "--out", str(out)]
+    assert main(args) == 0
+    old = [r["prob_score"] for r in map(json.loads, out.read_text().splitlines()) if not r.get("skipped")]
+    capsys.readouterr()
+    calls = _count_backend(monkeypatch)
+    assert main(args) == 0 and calls == [] and "resumed: 2 slice(s)" in capsys.readouterr().err
+    run_file = tmp_path / "s.run.json"
+    legacy = json.loads(run_file.read_text())
+    del legacy["model_weights"]  # as written before the weights were recorded: resumes as before
+    run_file.write_text(json.dumps(legacy))
+    assert main(args) == 0 and calls == [] and "resumed: 2 slice(s)" in capsys.readouterr().err
+    assert json.loads(run_file.read_text())["model_weights"]
+
+    shutil.copytree(build_tiny_model(tmp_path / "other", seed=1), model, dirs_exist_ok=True)  # re-saved in place
+    files = {p.name: p.read_bytes() for p in tmp_path.glob("s.*")}
+    capsys.readouterr()
+    assert main(args) == 2 and calls == []
+    err = capsys.readouterr().err
+    assert "model weights: changed since the rows in s.jsonl were scored" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("s.*")} == files
+    # the refusal matters: the model now at that path scores these slices otherwise
+    assert main([*args[:-1], str(tmp_path / "new.jsonl")]) == 0
+    new = [r["prob_score"] for r in map(json.loads, (tmp_path / "new.jsonl").read_text().splitlines())
+           if not r.get("skipped")]
+    assert new != pytest.approx(old, abs=1e-3)
