@@ -784,8 +784,8 @@ def _identity_diff(before: dict[str, Any], paths_before: dict[str, str], identit
         then, now = before.get(k), identity[k]
         if k == "model_weights":  # not recorded (written before it was): not compared
             if k in before and then != now:
-                diff.append(f"model weights: changed since the rows in {RESULTS_FILE} were scored (the model or "
-                            "adapter folder was re-saved or replaced)")
+                diff.append(f"model weights: changed since the rows in {RESULTS_FILE} were scored, the model or "
+                            "adapter folder re-saved or replaced")
         elif _is_path(k, identity) and (k in paths_before or _is_path(k, before)):
             then_abs = paths_before.get(k) or _absolute(then)
             if then_abs != _absolute(now):
