@@ -113,12 +113,14 @@ def plan_items(data: Any, split_method: str, seed: int, limit: int | None) -> li
 
 
 def render_items(data: Any, items: list[Item], encoding: str, workers: int | None = None,
-                 progress: bool = True) -> None:
-    """Render + PNG-encode every item (threads; PIL's zlib releases the GIL) and fill ``png`` and ``sha``."""
+                 progress: bool = True, unit_is_hu: bool = False) -> None:
+    """Render + PNG-encode every item (threads; PIL's zlib releases the GIL) and fill ``png`` and ``sha``.
+    ``unit_is_hu``: LDCTIQA's [0, 1] values are HU = -135 + 350·x (:func:`ctiqa.imaging.render`; needed for the
+    medgemma-3window encoding)."""
     from ctiqa.imaging import render
 
     def one(item: Item) -> None:
-        im = render(data.image_path(item.id), encoding)
+        im = render(data.image_path(item.id), encoding, unit_is_hu=unit_is_hu)
         item.png, item.sha = png_bytes(im), image_sha256(im)
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
@@ -553,6 +555,7 @@ class BuildOptions:
     seed: int = 0
     format: str = DEFAULT_TARGET_FORMAT
     encoding: str = DEFAULT_ENCODING
+    unit_is_hu: bool = False
     concurrency: int = 8
     cache: Path | None = None
     max_output_tokens: int | None = None
@@ -659,7 +662,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
                 f"{opts.ldctiqa}: the template teacher needs degradations.json metadata (dose_fraction, n_views) "
                 f"for every image; {len(no_md)} image(s) have none (e.g. {no_md[0]}): real LDCTIQA needs "
                 "--teacher gemini or --teacher openai")
-    render_items(data, items, opts.encoding, progress=opts.progress)
+    render_items(data, items, opts.encoding, progress=opts.progress, unit_is_hu=opts.unit_is_hu)
     n_measured = measure_items(items)
 
     stats = RunStats()
@@ -696,6 +699,7 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
                   f"`{Path(data.root).name}` ({len(data.ids)} images)",
         "synthetic": data.synthetic, "teacher": teacher_id, "teacher_kind": teacher_kind,
         "prompt_version": prompts.PROMPT_VERSION, "target_format": opts.format, "encoding": enc,
+        "unit_is_hu": opts.unit_is_hu,
         "split": split, "seed": opts.seed, "counts": {s: len(rows[s]) for s in SPLITS},
         "rationale_splits": list(rationale_splits) if needs_teacher else [],
         "status": dict(Counter(it.status for it in items)), "rejections": dict(rejections),
@@ -862,6 +866,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"target text format. Default: {DEFAULT_TARGET_FORMAT}")
     a("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,
       help=f"CT -> RGB encoding (ctiqa.imaging.render). Default: {DEFAULT_ENCODING}")
+    a("--unit-is-hu", action="store_true",
+      help="treat LDCTIQA [0,1] values as HU = -135 + 350*x (needed for --encoding medgemma-3window on LDCTIQA data; "
+           "give ctiqa predict --unit-is-hu too for such TIFFs)")
     a("--concurrency", type=int, default=8, help="teacher requests in flight. Default: 8")
     a("--cache", type=Path, help=f"answer cache JSONL (default {default_cache_path()})")
     a("--max-output-tokens", type=int, help="output-token limit per answer, thinking included (gemini default 8192)")
@@ -897,7 +904,7 @@ def cli_main(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         ldctiqa=args.ldctiqa, teacher=args.teacher, out=args.out, push_to_hub=args.push_to_hub, public=args.public,
         model=args.model, base_url=args.base_url, split=args.split, seed=args.seed, format=args.format,
-        encoding=args.encoding, concurrency=args.concurrency, cache=args.cache,
+        encoding=args.encoding, unit_is_hu=args.unit_is_hu, concurrency=args.concurrency, cache=args.cache,
         max_output_tokens=args.max_output_tokens, thinking_budget=None if budget is not None and budget < 0 else budget,
         temperature=args.temperature, timeout_s=args.timeout, max_attempts=args.max_attempts, limit=args.limit,
         retry_failed=args.retry_failed, test_rationales=args.test_rationales, min_words=args.min_words,

@@ -464,6 +464,30 @@ def test_cli_template_refuses_real_data_and_score_only_needs_no_teacher(tmp_path
     assert "base_slice" not in ds["train"].column_names
 
 
+def test_cli_medgemma_3window_on_ldctiqa_needs_and_takes_unit_is_hu(tmp_path, capsys):
+    """QA round 4: the error for --encoding medgemma-3window on LDCTIQA's [0, 1] data pointed to --unit-is-hu, an
+    option build-dataset did not have. It has it now: the three windows are rebuilt from HU = -135 + 350 x."""
+    import io
+
+    import numpy as np
+    from datasets import load_dataset
+    from PIL import Image
+
+    from ctiqa.cli import main
+
+    data = make_ldctiqa(tmp_path / "real", n=10, simulated=False)
+    args = ["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--format", "score-only",
+            "--encoding", "medgemma-3window", "--no-progress", "--limit", "2"]
+    assert main([*args, "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "--unit-is-hu" in err and not (tmp_path / "o1").exists()
+    assert main([*args, "--unit-is-hu", "--out", str(tmp_path / "o2")]) == 0
+    row = load_dataset(str(tmp_path / "o2"))["train"][0]
+    image = row["images"][0]
+    rgb = np.asarray(image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image["bytes"])))
+    assert rgb.shape[-1] == 3 and not np.array_equal(rgb[..., 0], rgb[..., 1])  # three different windows
+
+
 # ------------------------------------------------------------------------------------ fake Hub
 def test_push_to_fake_hub_same_files_and_rows(tmp_path, fake_hub, capsys):
     """--out and --push-to-hub publish the same data: same shard names, rows, card and audit (the Hub's card
