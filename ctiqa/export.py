@@ -10,9 +10,12 @@ vLLM would silently score with a different model. The merged folder holds everyt
 
 What is written in ``--out``: the merged weights (``model.safetensors``, bf16 by default), ``config.json``,
 ``generation_config.json``, the processor (tokenizer, image processor, chat template; from the adapter folder
-when ``recipes/sft.py`` saved one there, else from the base), the adapter's recorded training settings
-(:data:`ctiqa.model_settings.SETTINGS_FILE`, copied, with an ``export`` entry added saying what was merged into what), and
-``EXPORTED`` (the export settings, written last: a folder without it is an interrupted export).
+when ``recipes/sft.py`` saved one there, else from the base), the merged model's settings
+(:data:`ctiqa.model_settings.SETTINGS_FILE`: a full model in ``--dtype``, :func:`ctiqa.model_settings.exported_settings`,
+so ``ctiqa predict/evaluate --precision auto`` load it in that dtype and do not quantise it again; encoding, answer
+format and prompt version as the adapter learned them; an ``export`` entry says what was merged into what and holds
+the adapter's training settings under ``training``), and ``EXPORTED`` (the export settings, written last: a folder
+without it is an interrupted export).
 
 How the base is loaded before merging (``--base-weights``): ``original`` (the base checkpoint's weights) or
 ``nf4`` (quantised to NF4 with double quantisation as ``recipes/sft.py`` does, then dequantised: exactly the
@@ -32,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.model_settings import SETTINGS_FILE, bnb_4bit_settings, inference_precision
+from ctiqa.model_settings import (
+    EXPORT_KEY,
+    PRECISION_DTYPES,
+    SETTINGS_FILE,
+    bnb_4bit_settings,
+    exported_settings,
+    inference_precision,
+)
 from ctiqa.paths import is_local_path
 
 #: Written last into an export folder; holds the export settings.
@@ -154,8 +164,9 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
     out = Path(out)
     adapter, base = _resolve(str(adapter), model)
     training = read_training_settings(adapter)
+    trained = trained_settings_of(adapter)
     if base_weights == "auto":
-        base_weights = "nf4" if training and training.get("load_in_4bit") else "original"
+        base_weights = "nf4" if trained and trained.load_in_4bit else "original"
     # what makes two exports the same: a finished export is reused only when every one of these matches
     settings_out = {"adapter": str(adapter), "dtype": dtype, "base_model": str(base), "base_weights": base_weights,
                     "adapter_sha256": adapter_sha256(adapter)}
@@ -176,11 +187,10 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
         kwargs: dict[str, Any] = {"dtype": torch.float32}
         if base_weights == "nf4":
             # quantise from the dtype the base had when the adapter learned (recorded by recipes/sft.py)
-            recorded = getattr(torch, str((training or {}).get("dtype")).removeprefix("torch."), None)
+            recorded = getattr(torch, str(trained and trained.dtype), None)
             kwargs["dtype"] = recorded if isinstance(recorded, torch.dtype) else torch.bfloat16
             # the same 4-bit base as in training: recorded quant type, double quantisation, compute and storage
             # dtypes (one home: ctiqa.model_settings), as `ctiqa evaluate --precision auto` loads it
-            trained = trained_settings_of(adapter)
             bnb = bnb_4bit_settings(trained, inference_precision("4bit", trained, "cpu")[1])
             for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
                 bnb[k] = getattr(torch, bnb[k])
@@ -216,7 +226,10 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
             raise CTIQAError(f"cannot load the processor of {base}: {e}") from e
         export = {**settings_out, "merge": "peft merge_and_unload",
                   "processor_from": str(source)}
-        (tmp / SETTINGS_FILE).write_text(json.dumps({**(training or {}), "export": export}, indent=2) + "\n")
+        # the merged model's own settings (a full model in `dtype`), the adapter's kept for the record
+        merged_settings = exported_settings(trained, PRECISION_DTYPES[dtype]).to_dict()
+        (tmp / SETTINGS_FILE).write_text(json.dumps({**merged_settings, EXPORT_KEY: {**export, "training": training}},
+                                                    indent=2) + "\n")
         (tmp / DONE_FILE).write_text(json.dumps(export, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -21,6 +21,12 @@ File format (JSON, ``settings_version`` 2)::
 
 Version 1 (before this module) held ``base_model``, ``adapter``, ``load_in_4bit``, ``bnb_4bit_quant_type``,
 ``dtype`` and ``bf16`` only; it is still read (missing fields are None: unknown).
+
+A ``ctiqa export`` folder (an adapter merged into its base) holds the same file describing the merged model
+(:func:`exported_settings`: a full, unquantised model in the export's dtype) plus an :data:`EXPORT_KEY` entry saying
+what was merged into what, with the adapter's own training settings under ``"training"``. Files written before
+exports were described so (the adapter's settings copied, ``adapter: true``, plus the ``export`` entry) are read
+as the merged model too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,9 @@ SETTINGS_FILE = "ctiqa_training.json"
 #: Written last beside the model by the training recipes, when model, settings and card are saved.
 DONE_FILE = "DONE"
 SETTINGS_VERSION = 2
+#: Entry of :data:`SETTINGS_FILE` in a ``ctiqa export`` folder: the export settings (``dtype`` of the saved weights,
+#: "bf16" / "fp32"; adapter, base, base weights) and the adapter's training settings under ``"training"``.
+EXPORT_KEY = "export"
 
 #: Inference precisions (``--precision`` of ``ctiqa evaluate`` / ``ctiqa predict``): "auto" = what training used
 #: (this module's settings file), else bf16 on a GPU and fp32 on the CPU; "4bit" = bitsandbytes NF4.
@@ -127,6 +136,10 @@ def read_settings(folder: str | Path | None) -> TrainedSettings | None:
     if "settings_version" not in raw:  # version 1
         s.settings_version = 1
         s.dtype = s.compute_dtype = _dtype_name(raw.get("dtype"))  # quant storage, double quant: not recorded
+    export = raw.get(EXPORT_KEY)
+    if isinstance(export, dict) and _dtype_name(export.get("dtype")) in TRAINING_DTYPES:
+        # a merged model; older exports kept the adapter's settings at the top level (adapter, 4-bit base)
+        s = exported_settings(s, _dtype_name(export["dtype"]))
     return s
 
 
@@ -172,6 +185,24 @@ def weights_fingerprint(*folders: str | Path | None) -> str | None:
             if p.is_file():
                 h.update(f"{name}\0".encode() + p.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def exported_settings(training: TrainedSettings | None, weights_dtype: str) -> TrainedSettings:
+    """The settings of a model merged from an adapter by ``ctiqa export``: a full model (``adapter`` False), not
+    quantised (``load_in_4bit`` False, no 4-bit fields), weights and compute in ``weights_dtype``, so that
+    ``--precision auto`` (:func:`inference_precision`) loads it in the dtype it was saved in, not on a 4-bit base
+    again. Base model, render encoding, answer format, prompt and ctiqa versions are kept from ``training``.
+
+    Args:
+        training: the adapter's settings (:func:`read_settings`) or None. weights_dtype: "float32" or "bfloat16".
+    Raises:
+        CTIQAError: ``weights_dtype`` not one of :data:`TRAINING_DTYPES`.
+    """
+    if weights_dtype not in TRAINING_DTYPES:
+        raise CTIQAError(f"unknown weights dtype {weights_dtype!r}; choose one of {', '.join(TRAINING_DTYPES)}")
+    return replace(training or TrainedSettings(), adapter=False, load_in_4bit=False, bnb_4bit_quant_type=None,
+                   bnb_4bit_use_double_quant=None, storage_dtype=None, dtype=weights_dtype,
+                   compute_dtype=weights_dtype, bf16=None, settings_version=SETTINGS_VERSION)
 
 
 def _dtype_name(value: Any) -> str | None:

@@ -17,7 +17,7 @@ from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
 from ctiqa.export import DONE_FILE, export_model
 from ctiqa.inference import load_model, predict_images
-from ctiqa.model_settings import SETTINGS_FILE
+from ctiqa.model_settings import SETTINGS_FILE, inference_precision, read_settings
 from ctiqa.testing.sft_data import rows
 
 
@@ -84,7 +84,8 @@ def test_fp32_export_gives_identical_greedy_text_and_scores(trained, adapter, im
     assert not torch.equal(merged[key], orig[key])
     assert not any("lora" in k for k in merged)
     settings = json.loads((out / SETTINGS_FILE).read_text())
-    assert settings["adapter"] is True and settings["export"]["base_weights"] == "original"
+    assert settings["adapter"] is False and settings["export"]["base_weights"] == "original"
+    assert settings["export"]["training"]["adapter"] is True  # the adapter's own settings, for the record
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
 
 
@@ -92,6 +93,7 @@ def test_bf16_export_scores_within_002(trained, adapter, images, tmp_path, capsy
     assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "m16")]) == 0
     out = tmp_path / "m16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert inference_precision("auto", read_settings(out), "cpu") == ("bf16", "bfloat16")  # as saved
     ref = _predict(adapter=adapter, images=images)
     got = _predict(model=out, images=images)
     np.testing.assert_allclose([p.prob_score for p in got], [p.prob_score for p in ref], atol=0.02)
@@ -131,6 +133,8 @@ def test_qlora_adapter_merges_into_dequantised_nf4_base(trained, tmp_path, image
                                                               "dtype": "bfloat16"})
     out = export_model(str(ad), tmp_path / "merged")
     assert json.loads((out / DONE_FILE).read_text())["base_weights"] == "nf4"
+    merged = read_settings(out)  # a full bf16 model, not an adapter on a 4-bit base
+    assert (merged.adapter, merged.load_in_4bit, merged.compute_dtype) == (False, False, "bfloat16")
     orig = export_model(str(ad), tmp_path / "orig", base_weights="original")
     ref = predict_images(load_model(adapter=str(ad)), images, generate=False)  # auto: the 4-bit base, bf16 compute
     got = predict_images(load_model(str(out), precision="bf16"), images, generate=False)
@@ -139,6 +143,41 @@ def test_qlora_adapter_merges_into_dequantised_nf4_base(trained, tmp_path, image
     err_orig = max(abs(a.prob_score - b.prob_score) for a, b in zip(alt, ref, strict=True))
     # measured: 0.047 vs 0.100 (bf16 rounding of W + BA and bf16 compute account for the rest)
     assert err < 0.75 * err_orig
+
+
+def test_qlora_fp32_export_loads_unquantised_and_scores_as_base_plus_adapter(trained, tmp_path, images):
+    """QA (wrong result, exit 0): the export's settings were the adapter's (``adapter: true, load_in_4bit: true``),
+    so ``ctiqa predict/evaluate --model merged`` with the default ``--precision auto`` quantised the merged model to
+    NF4 again. Now the settings describe the merged model: auto loads it in the exported dtype and scores as
+    base + adapter does; an export written by the old code is read the same way."""
+    pytest.importorskip("bitsandbytes")
+    qlora = {"settings_version": 2, "base_model": str(trained), "adapter": True, "load_in_4bit": True,
+             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "compute_dtype": "float32",
+             "dtype": "float32", "encoding": "soft-tissue", "target_format": "score-first"}
+    ad = make_adapter(trained, tmp_path / "qlora", training=qlora)
+    assert ctiqa_main(["export", "--adapter", str(ad), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    out = tmp_path / "merged"
+    ref_lm, got_lm = load_model(adapter=str(ad)), load_model(str(out))  # both --precision auto
+    assert ref_lm.precision == "4bit"  # the adapter is evaluated on the NF4 base it learned on
+    assert got_lm.precision == "fp32" and got_lm.compute_dtype == "float32"
+    assert not any("4bit" in type(m).__name__ for m in got_lm.model.modules())
+    # bitsandbytes on an AVX512-BF16 CPU repacks 4-bit weights for inference and computes in bf16 whatever the
+    # compute dtype (bitsandbytes/nn/modules.py Linear4bit.forward); off, it dequantises to fp32 as on a GPU
+    for m in ref_lm.model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    ref = predict_images(ref_lm, images, generate=False)
+    got = predict_images(got_lm, images, generate=False)
+    np.testing.assert_allclose([p.prob_score for p in got], [p.prob_score for p in ref], atol=1e-4)
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    assert settings["export"]["training"] == qlora
+    assert (settings["encoding"], settings["target_format"]) == ("soft-tissue", "score-first")
+    # an export written before: the adapter's settings copied, plus the export entry
+    (out / SETTINGS_FILE).write_text(json.dumps({**qlora, "export": {k: v for k, v in settings["export"].items()
+                                                                     if k != "training"}}))
+    old = read_settings(out)
+    assert (old.adapter, old.load_in_4bit, old.encoding) == (False, False, "soft-tissue")
+    assert inference_precision("auto", old, "cuda:0") == ("fp32", "float32")
 
 
 def test_bad_inputs_are_named_and_nothing_is_lost(trained, adapter, tmp_path, capsys):
