@@ -702,6 +702,10 @@ def cli_main(args: argparse.Namespace) -> int:
 
     samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit, sizes=sizes)
     fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
+    if args.score_only:
+        from ctiqa.inference import check_score_only
+
+        check_score_only(fmt)
     if args.server:  # an OpenAI-compatible inference server
         from ctiqa.serving import evaluate_cli
 

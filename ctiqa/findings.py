@@ -369,13 +369,14 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
     ``#N`` per frame), DICOM files (id ``dicom#K`` for the K-th DICOM file input, ``dicom#K/N`` for frame N; the
     file stem with ``file_names``), LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the
     file stems), DICOM series folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for
-    series k of several) and folders of TIFF/PNG/JPEG slices (:func:`ctiqa.imaging.image_files`; ids: file stems);
+    series k of several; ``series#K`` instead of FOLDER when its path holds a DICOM UID, unless ``file_names``)
+    and folders of TIFF/PNG/JPEG slices (:func:`ctiqa.imaging.image_files`; ids: file stems);
     a folder with nothing readable is one error row, the other inputs go on. Exported DICOM file names are often SOP Instance UIDs, so they stay out of ids and error
     messages (replaced by the id) unless ``file_names``."""
-    from ctiqa.imaging import image_files, read_dicom_folder
+    from ctiqa.imaging import image_files, names_a_uid, read_dicom_folder
     from ctiqa.ldctiqa import load_ldctiqa
 
-    n_dicom = 0
+    n_dicom = n_uid = 0
     for raw in inputs:
         p = Path(raw)
         if p.is_dir() and any((p / d).is_dir() for d in ("image", "images")):
@@ -395,12 +396,16 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
                     yield p.name, e
                 yield from iter_images([str(f) for f in slices], file_names=file_names)
                 continue
+            name = p.name
+            if names_a_uid(p) and not file_names:  # a PACS export's Study/Series UID folder: not in the ids
+                n_uid += 1
+                name = f"series#{n_uid}"
             for k, series in enumerate(found, start=1):
-                sid = f"{p.name}#{k}" if len(found) > 1 else p.name
+                sid = f"{name}#{k}" if len(found) > 1 else name
                 for i, (_, img) in enumerate(series):
                     yield f"{sid}/{i}", img
             for i, (path, msg) in enumerate(errors):
-                rid = f"{p.name}/unreadable-{i}"
+                rid = f"{name}/unreadable-{i}"
                 yield rid, CTIQAError(msg if file_names else _without_name(msg, path, rid))
         elif p.is_file() and is_dicom_file(p) and not file_names:
             n_dicom += 1

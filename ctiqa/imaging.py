@@ -686,6 +686,19 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
     return (p.suffix == "" or _is_dicom(p)) and p.suffix.lower() not in _TIFF_SUFFIXES | _RASTER_SUFFIXES
 
 
+#: A DICOM UID (PS3.5 §9.1: dot-separated numeric components, no leading zeros, at most 64 characters), as PACS
+#: exports name study and series folders; at least 4 components so that "1.2" or a version number is not one.
+_UID_RE = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*)){3,}")
+
+
+def names_a_uid(path: str | os.PathLike) -> bool:
+    """True when a component of ``path`` is a DICOM UID (``.../1.2.840.113619.2.55.3.604688/``, with or without a
+    ``.dcm`` suffix): exports name files and folders by Study/Series/SOP Instance UID, so commands keep such paths
+    out of their outputs unless asked (``--file-names``)."""
+    return any(len(part) <= 68 and _UID_RE.fullmatch(re.sub(r"\.(dcm|dicom|ima)$", "", part, flags=re.I))
+               for part in Path(path).parts)
+
+
 def missing_reason(path: str | os.PathLike) -> str:
     """Why ``path`` cannot be opened as a file or folder: ``"symlink loop"`` (a link that points back to itself,
     directly or through other links), ``"broken symlink"`` (a link to nothing), ``"permission denied"``,

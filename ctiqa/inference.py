@@ -340,6 +340,19 @@ def score_from_distributions(p_int: list[float], p_dec: list[list[float]], mass:
     return ProbabilityScore(min(max(mean, 0.0), SCORE_MAX), math.sqrt(max(var, 0.0)), p_int, mass, dmass)
 
 
+def check_score_only(fmt: str) -> None:
+    """Refuse ``--score-only`` for a format whose answer does not start with the score: the probability score is
+    read at the score's position (:func:`probability_scores`), so such a run would give no score at all.
+
+    Raises:
+        CTIQAError: ``fmt`` not in :data:`PROBABILITY_FORMATS`.
+    """
+    if fmt not in PROBABILITY_FORMATS:
+        raise CTIQAError(f"--score-only reads the score from the digit probabilities of an answer that starts with it "
+                         f"({', '.join(PROBABILITY_FORMATS)}); format {fmt!r} does not: drop --score-only (the score "
+                         "is then parsed from the generated answer)")
+
+
 def probability_scores(lm: LoadedModel, images: Sequence[Any], *, fmt: str = DEFAULT_TARGET_FORMAT,
                        batch_size: int = 8) -> list[ProbabilityScore]:
     """Scores from digit-token probabilities, without generating (see the module docstring).

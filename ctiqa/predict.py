@@ -67,6 +67,7 @@ from ctiqa.imaging import (
     index_dicom_folder,
     is_dicom_file,
     missing_reason,
+    names_a_uid,
     read_ct,
     read_ct_frames,
     render,
@@ -150,8 +151,9 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
             slices (:func:`ctiqa.imaging.image_files`). Without ``ids``, an input naming a file or folder given before is dropped
             with a note (:func:`_distinct_inputs`).
         ids: optional user-chosen series ids, one per input (default: the path as given, except a DICOM file
-            given directly: ``dicom#K`` for the K-th such input, since its name is often a SOP Instance UID; its
-            path with ``file_names``).
+            given directly: ``dicom#K`` for the K-th such input, since its name is often a SOP Instance UID, and a
+            path holding a DICOM UID (:func:`ctiqa.imaging.names_a_uid`): ``series#K``; the path with
+            ``file_names``).
         file_names: name DICOM file inputs by their path.
     Returns:
         one :class:`Series` per input, except a folder holding k > 1 DICOM series (by Series Instance UID), which
@@ -165,7 +167,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
     if ids is None:
         inputs = _distinct_inputs(inputs)
     out = []
-    n_dicom_files = 0
+    n_dicom_files = n_uid_paths = 0
     for i, raw in enumerate(inputs):
         sid = ids[i] if ids else raw
         p = Path(raw)
@@ -177,6 +179,11 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
         if not ids and not file_names and is_file and is_dicom_file(p):
             n_dicom_files += 1
             sid = f"dicom#{n_dicom_files}"
+        elif not ids and not file_names and names_a_uid(raw):  # a PACS export's Study/Series UID folder
+            n_uid_paths += 1
+            sid = f"series#{n_uid_paths}"
+            print(f"note: input {i + 1} is named {sid} (its path holds a DICOM UID; --id ID or --file-names to name "
+                  "it)", file=sys.stderr)
         errors: list[tuple[str, str]] = []
         if is_dir:
             try:
@@ -857,7 +864,7 @@ def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``ctiqa predict``. Exit 0 when at least one slice has a score (now or from the run resumed), 1 when none
     has (nothing readable, or every scoring call failed: a one-line summary says which)."""
-    from ctiqa.inference import load_model, trained_settings_of
+    from ctiqa.inference import check_score_only, load_model, trained_settings_of
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise CTIQAError(f"--batch-size and --max-new-tokens must be at least 1 (got {args.batch_size}, "
@@ -874,6 +881,8 @@ def cli_main(args: argparse.Namespace) -> int:
     trained = None if args.server else trained_settings_of(adapter or model)  # render and answer as trained
     args.encoding = choose_encoding(args.encoding, trained)
     args.format = args.format or (trained and trained.target_format) or DEFAULT_TARGET_FORMAT
+    if args.score_only:
+        check_score_only(args.format)
     if args.html is not None:
         from ctiqa.html_report import check_html_path, write_predict_report
 

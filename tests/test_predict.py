@@ -325,18 +325,18 @@ def test_resume_is_keyed_on_content_not_on_slice_index(tmp_path):
 
     before = out.read_text()
     _noisy_slice(folder / "1.2.840.99.2.dcm", 20, seed=9)  # same name, same position, new pixels
-    with pytest.raises(CTIQAError, match=rf"content has changed.*{folder} \(slice 2\)"):
+    with pytest.raises(CTIQAError, match=r"content has changed.*series#1 \(slice 2\)"):  # its UID-named folder
         _run(folder, out)
     assert out.read_text() == before  # refused before anything was written
 
     _noisy_slice(folder / "1.2.840.99.2.dcm", 20, seed=2)  # restored: resumes again
     assert _run(folder, out)[0]["resumed"] == 5
     _noisy_slice(folder / "1.2.840.99.x.dcm", 5, seed=7)  # inserted between slices 0 and 1: positions move
-    with pytest.raises(CTIQAError, match=rf"{folder} \(slices 1, 2, 3, 4\)"):
+    with pytest.raises(CTIQAError, match=r"series#1 \(slices 1, 2, 3, 4\)"):
         _run(folder, out)
     (folder / "1.2.840.99.x.dcm").unlink()
     (folder / "1.2.840.99.4.dcm").unlink()  # a scored slice removed: its row would be stale
-    with pytest.raises(CTIQAError, match=rf"{folder} \(slice 4\)"):
+    with pytest.raises(CTIQAError, match=r"series#1 \(slice 4\)"):
         _run(folder, out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(len(r["image_sha256"]) == 64 and "1.2.840.99." not in json.dumps(r) for r in rows)  # no file names
@@ -502,3 +502,32 @@ def test_a_model_replaced_at_the_same_path_is_never_resumed_as_the_old_one(tiny,
     new = [r["prob_score"] for r in map(json.loads, (tmp_path / "new.jsonl").read_text().splitlines())
            if not r.get("skipped")]
     assert new != pytest.approx(old, abs=1e-3)
+
+
+def test_a_series_folder_named_by_its_uid_is_not_named_in_the_outputs(tiny, tmp_path, capsys):
+    """QA round 4: PACS exports name study and series folders by their UIDs; `ctiqa predict STUDY_UID/SERIES_UID`
+    put that path (DICOM metadata) into the rows, the series summary, the HTML page and stdout, as `findings` did
+    into its ids. Such a path is now `series#K` unless --id or --file-names."""
+    study, series_uid = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.11"
+    (tmp_path / study).mkdir()
+    folder = _series(tmp_path / study / series_uid, n=2)
+    out = tmp_path / "x.jsonl"
+    assert main(["predict", str(folder), "--model", str(tiny), "--score-only", "--out", str(out),
+                 "--html", str(tmp_path / "x.html")]) == 0
+    assert main(["findings", str(folder), "--out", str(tmp_path / "f.jsonl")]) == 0
+    captured = capsys.readouterr()
+    assert "is named series#1" in captured.err
+    for text in (out.read_text(), (tmp_path / "x.series.jsonl").read_text(), (tmp_path / "x.html").read_text(),
+                 (tmp_path / "f.jsonl").read_text(), captured.out, captured.err):
+        assert "1.2.826.0.1.3680043" not in text
+    assert {json.loads(line)["series"] for line in out.read_text().splitlines()} == {"series#1"}
+
+
+def test_score_only_with_a_format_that_does_not_start_with_the_score_is_refused(tiny, tmp_path, capsys):
+    """QA round 4: `predict --score-only --format rationale-first` gave rows with no score and exit 0, no reason."""
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    assert main(["predict", str(good), "--model", str(tiny), "--score-only", "--format", "rationale-first",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "format 'rationale-first' does not" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
