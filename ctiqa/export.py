@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ from ctiqa.paths import is_local_path
 
 #: Written last into an export folder; holds the export settings.
 DONE_FILE = "EXPORTED"
+#: Written first into ``OUT.partial`` while an export runs: only a folder holding it is ever removed by a re-run.
+PARTIAL_MARKER = ".ctiqa-export-partial"
 DTYPES = ("bf16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
 
@@ -179,11 +182,18 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
                 "(nothing was changed)")
         print(f"{out}: already exported (remove the folder to export again)", file=sys.stderr)
     else:
+        if out.is_symlink():  # the merge is written beside the folder and renamed onto it: follow the link first
+            out = Path(os.path.realpath(out))
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CTIQAError(f"{out}: exists and is not empty; choose a new --out (nothing was written)")
         tmp = out.with_name(out.name + ".partial")
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
+            if not (tmp / PARTIAL_MARKER).is_file() or tmp.is_symlink():
+                raise CTIQAError(f"{tmp}: exists and was not left by an interrupted ctiqa export (no {PARTIAL_MARKER})"
+                                 "; move it or choose another --out (nothing was written)")
             shutil.rmtree(tmp)  # our own interrupted export: nothing of the user's
+        tmp.mkdir(parents=True)
+        (tmp / PARTIAL_MARKER).write_text("an interrupted ctiqa export: removed by the next one into the same --out\n")
         kwargs: dict[str, Any] = {"dtype": torch.float32}
         if base_weights == "nf4":
             # quantise from the dtype the base had when the adapter learned (recorded by recipes/sft.py)
@@ -231,6 +241,7 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
         (tmp / SETTINGS_FILE).write_text(json.dumps({**merged_settings, EXPORT_KEY: {**export, "training": training}},
                                                     indent=2) + "\n")
         (tmp / DONE_FILE).write_text(json.dumps(export, indent=2) + "\n")
+        (tmp / PARTIAL_MARKER).unlink()
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.replace(out)

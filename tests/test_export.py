@@ -15,7 +15,7 @@ import torch
 
 from ctiqa import CTIQAError
 from ctiqa.cli import main as ctiqa_main
-from ctiqa.export import DONE_FILE, export_model
+from ctiqa.export import DONE_FILE, PARTIAL_MARKER, export_model
 from ctiqa.inference import load_model, predict_images
 from ctiqa.model_settings import SETTINGS_FILE, inference_precision, read_settings
 from ctiqa.testing.sft_data import rows
@@ -192,6 +192,29 @@ def test_bad_inputs_are_named_and_nothing_is_lost(trained, adapter, tmp_path, ca
     assert ctiqa_main(["export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_users_folder_named_out_partial_is_kept_and_a_link_out_is_followed(adapter, tmp_path, capsys):
+    """QA round 4: export removed any OUT.partial folder as "our own interrupted export", a user's notes with it;
+    `--out LINK` (a link to an empty folder) failed after the whole merge ("Not a directory"), leaving the merge
+    behind. Only a folder with the export's marker is removed; a link is followed before any work."""
+    mine = tmp_path / "exp.partial"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "exp"), "--dtype", "fp32"]) == 2
+    assert "not left by an interrupted ctiqa export" in capsys.readouterr().err
+    assert (mine / "notes.md").read_text() == "mine" and not (tmp_path / "exp").exists()
+    # an interrupted export's own folder is removed and the export completes
+    (tmp_path / "done.partial").mkdir()
+    (tmp_path / "done.partial" / PARTIAL_MARKER).write_text("")
+    (tmp_path / "done.partial" / "model.safetensors").write_text("cut short by a kill")
+    export_model(str(adapter), tmp_path / "done", dtype="fp32")
+    assert not (tmp_path / "done.partial").exists() and not (tmp_path / "done" / PARTIAL_MARKER).exists()
+    target = tmp_path / "real"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "link"), "--dtype", "fp32"]) == 0
+    assert (target / DONE_FILE).is_file() and (tmp_path / "link").is_symlink()
 
 
 def test_push_to_hub_uploads_the_merged_folder(adapter, tmp_path, fake_hub):
