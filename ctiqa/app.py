@@ -380,6 +380,9 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.server and (args.adapter or not args.model):
         raise CTIQAError("--server needs --model (the served model name) and no --adapter (merge it first: ctiqa "
                          "export)")
+    for option in ("batch_size", "max_new_tokens", "concurrency"):
+        if getattr(args, option, 1) < 1:
+            raise CTIQAError(f"--{option.replace('_', '-')} must be at least 1 (got {getattr(args, option)})")
     check_port(args.host, args.port)
     # Gradio reads these at import: a private upload folder removed at exit, and no analytics calls.
     tmp = tempfile.mkdtemp(prefix="ctiqa-app-")

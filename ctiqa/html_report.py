@@ -30,7 +30,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -564,8 +563,9 @@ def write_evaluation_report(run_dir: str | Path, path: str | Path | None = None,
     if not (d / RESULTS_FILE).is_file() or not (d / PREDICTIONS_FILE).is_file():
         raise CTIQAError(f"{d}: not an evaluation folder (needs {RESULTS_FILE} and {PREDICTIONS_FILE} from "
                          "`ctiqa evaluate --out`)")
-    results = json.loads((d / RESULTS_FILE).read_text())
-    records = [json.loads(line) for line in (d / PREDICTIONS_FILE).read_text().splitlines() if line.strip()]
+    from ctiqa.report import load_result_dir
+
+    results, records = load_result_dir(d)  # one reader: a bad or cut file is one line naming it
     if images is None and results.get("dataset"):
         try:
             samples, _ = load_samples(results["dataset"], results.get("split") or "test")

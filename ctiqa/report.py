@@ -46,7 +46,8 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
         results = json.loads(res_file.read_text())
         rows = [json.loads(line) for line in pred_file.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise CTIQAError(f"{d}: bad JSON in results.json or predictions.jsonl: {e}") from e
+        raise CTIQAError(f"{d}: bad JSON in results.json or predictions.jsonl ({e}); a run killed while writing "
+                         "leaves it so: run the same `ctiqa evaluate` again to finish it") from e
     if "metrics" not in results:
         raise CTIQAError(f"{res_file}: no 'metrics' (not a ctiqa evaluate result)")
     return results, rows

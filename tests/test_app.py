@@ -252,3 +252,13 @@ def test_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --port") and f"127.0.0.1:{port}" in err and "\n" not in err
     assert loads == []  # refused before the model was loaded
+
+
+def test_batch_size_and_budgets_below_1_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """QA round 4: `ctiqa app --batch-size 0` started, and every upload then failed (range() arg 3 must not be zero)."""
+    loads = []
+    monkeypatch.setattr(Scorer, "load", classmethod(lambda cls, *a, **k: loads.append(a)))
+    for option in ("--batch-size", "--max-new-tokens", "--concurrency"):
+        assert ctiqa_main(["app", option, "0", "--model", str(tmp_path / "model")]) == 2
+        assert f"error: {option} must be at least 1" in capsys.readouterr().err
+    assert loads == []
