@@ -702,11 +702,15 @@ def names_a_uid(path: str | os.PathLike) -> bool:
 def missing_reason(path: str | os.PathLike) -> str:
     """Why ``path`` cannot be opened as a file or folder: ``"symlink loop"`` (a link that points back to itself,
     directly or through other links), ``"broken symlink"`` (a link to nothing), ``"permission denied"``,
-    ``"file name too long"``, or ``"no such file"``. For the one-line errors of the readers and commands."""
+    ``"file name too long"``, ``"not a regular file (a device, pipe or socket)"``, or ``"no such file"``.
+    For the one-line errors of the readers and commands."""
     import errno
+    import stat
 
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return "not a regular file (a device, pipe or socket)"
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "symlink loop"

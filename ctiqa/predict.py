@@ -169,7 +169,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
     out = []
     n_dicom_files = n_uid_paths = 0
     for i, raw in enumerate(inputs):
-        sid = ids[i] if ids else raw
+        sid = ids[i] if ids else _printable(raw)
         p = Path(raw)
         try:
             is_dir, is_file = p.is_dir(), p.is_file()
@@ -199,18 +199,25 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
                 print(f"note: {raw} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
                       f"separately as {sid}#1 .. {sid}#{len(found)}", file=sys.stderr)
             group = [Series(id=f"{sid}#{k}" if len(found) > 1 else sid,
-                            refs=[SliceRef(j, name, path, frame) for j, (name, path, frame) in enumerate(sl)])
+                            refs=[SliceRef(j, _printable(name), path, frame)
+                                  for j, (name, path, frame) in enumerate(sl)])
                      for k, sl in enumerate(found, start=1)]
             group[0].errors = errors
             out.extend(group)
         elif is_file:
-            out.append(Series(id=sid, refs=[SliceRef(0, raw, p, "all")]))
+            out.append(Series(id=sid, refs=[SliceRef(0, _printable(raw), p, "all")]))
             if sid.startswith("dicom#") and sid != raw:
                 print(f"note: DICOM file input {i + 1} is named {sid} (its file name may be a UID; --id ID or "
                       "--file-names to name it)", file=sys.stderr)
         else:
             out.append(Series(id=sid, errors=[(raw, f"{raw}: " + (r if (r := missing_reason(p)) != "no such file" else "no such file or folder"))]))
     return out
+
+
+def _printable(name: str) -> str:
+    """A path as text every output can hold: bytes that are not UTF-8 in a file name (Latin-1 ``\\xe9``, which
+    Python keeps as lone surrogates) become U+FFFD; they broke the CSV and HTML writers."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _distinct_inputs(inputs: list[str]) -> list[str]:

@@ -75,7 +75,7 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
     rows = []
     for i, d in enumerate(dirs):
         results, preds = load_result_dir(d)
-        name = names[i] if names else results.get("name") or Path(d).name
+        name = (names[i] if names else results.get("name") or Path(d).name).replace("|", "\\|")  # a table cell
         kinds = [k for k in ("probability", "parsed") if k in results["metrics"]]
         primary = results.get("primary_score")
         kinds.sort(key=lambda k: k != primary)
@@ -171,9 +171,11 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
                                             *(_cell(m, k) for k, _ in _METRICS)]) + " |")
     ranked = [r for r in scoring if _valid(basis[id(r)].get("srcc"))]
     if len(rows) > 1 and ranked and len(common) >= 2:
-        best = max(ranked, key=lambda r: basis[id(r)]["srcc"])
+        top = max(basis[id(r)]["srcc"] for r in ranked)
+        best = [r for r in ranked if round(basis[id(r)]["srcc"], 3) == round(top, 3)]  # equal as shown: a tie
         where = "" if same else f" on the {len(common)} ids every row scored"
-        lines += ["", f"Highest SRCC{where}: **{best['name']}** ({best['kind']}), {basis[id(best)]['srcc']:.3f}."]
+        names = " and ".join(f"**{r['name']}** ({r['kind']})" for r in best)
+        lines += ["", f"Highest SRCC{where}: {names}{' (a tie)' if len(best) > 1 else ''}, {top:.3f}."]
     elif len(rows) > 1:
         lines += ["", f"No row is named best: the rows share {len(common)} scored id(s)."]
     if len(rows) > 1:

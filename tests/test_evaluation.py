@@ -703,6 +703,21 @@ def test_report_of_one_folder_twice_lists_it_once(tmp_path, monkeypatch, capsys)
     assert paired.count("| parsed |") == 1 and "| B | parsed | 4 |" in paired  # A is the reference, not a row
 
 
+def test_report_names_a_tie_as_a_tie_and_escapes_table_cells(tmp_path, monkeypatch, capsys):
+    """QA round 4: two rows with the same SRCC: one was named "Highest SRCC"; a name holding `|` shifted every cell
+    of its table row."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / f"{name}.jsonl", 0.1)),
+                           "--out", name, "--bootstrap", "0"]) == 0
+    md = tmp_path / "r.md"
+    assert ctiqa_main(["report", "a", "b", "--names", "good|0.999", "B", "--out", str(md), "--bootstrap", "0"]) == 0
+    text = md.read_text()
+    assert "Highest SRCC: **good\\|0.999** (parsed) and **B** (parsed) (a tie)" in text, text
+    row = next(line for line in text.splitlines() if line.startswith("| good"))
+    assert row.replace("\\|", "").count("|") == text.splitlines()[2].count("|")  # as many cells as the header
+
+
 def test_a_model_replaced_at_the_same_path_is_another_run(dataset, tiny, tmp_path, capsys):
     """Hostile QA: after another model was saved into the same --model folder, a re-run into the same --out kept
     the old model's rows and metrics in results.json (rc 0). The folder's weights are part of the run's identity

@@ -531,3 +531,25 @@ def test_score_only_with_a_format_that_does_not_start_with_the_score_is_refused(
                  "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "format 'rationale-first' does not" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_file_names_that_are_not_utf8_reach_every_output(tiny, tmp_path, capsys):
+    """QA round 4: a folder named in Latin-1 (`lat\\xe9in`) stopped the CSV writer at its first row (every re-run at
+    the same place) and the HTML page after all the scoring. Such bytes become U+FFFD in ids and names."""
+    import os
+
+    base = os.fsencode(str(tmp_path))
+    folder = os.fsdecode(base + b"/lat\xe9in")
+    os.mkdir(folder)
+    tifffile.imwrite(os.path.join(folder, os.fsdecode(b"x\xff.tif")), np.random.default_rng(0).random((64, 64),
+                                                                                                    dtype=np.float32))
+    out, html = tmp_path / "x.csv", tmp_path / "x.html"
+    assert main(["predict", folder, "--model", str(tiny), "--score-only", "--file-names", "--out", str(out),
+                 "--html", str(html)]) == 0
+    import csv
+
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert len(rows) == 1 and rows[0]["series"].endswith("lat\ufffdin") and rows[0]["file"] == "x\ufffd.tif"
+    assert "lat\ufffdin" in html.read_text(encoding="utf-8")
+    assert main(["findings", "/dev/null"]) == 1
+    assert "not a regular file" in capsys.readouterr().err
