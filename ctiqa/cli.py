@@ -9,6 +9,7 @@ is printed as one ``error: ...`` line, exit status 2; Ctrl-C prints one line, ex
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import warnings
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # a full disk: what was written stays (atomic writes, streamed rows)
+            print(f"error: no space left on device ({e.filename or 'while writing'}); free some space and run the "
+                  "same command again", file=sys.stderr)
+            return 2
         if e.filename is None:  # not about a file the user named: keep the traceback for a bug report
             raise
         name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"

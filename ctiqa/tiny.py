@@ -32,6 +32,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ctiqa import CTIQAError
+from ctiqa.imaging import MIN_IMAGE_SIZE
 from ctiqa.paths import check_output_path
 
 #: Written first into every folder :func:`build_tiny_model` fills; a non-empty folder without it is never written.
@@ -228,9 +230,8 @@ def build_tiny_model(
     Returns:
         ``Path(out_dir)``.
     Raises:
-        ValueError: inconsistent sizes (non-square token count, pooling that does not divide the patch grid,
-            width not divisible by heads).
-        CTIQAError: ``out_dir`` is a file or a non-empty folder that is not a tiny model written here.
+        CTIQAError: a size below 1 or an image below :data:`MIN_IMAGE_SIZE` px; inconsistent sizes (non-square
+            token count, pooling that does not divide the patch grid, width not divisible by heads); ``out_dir`` is a file or a non-empty folder that is not a tiny model written here.
     """
     import torch
     from transformers import (
@@ -243,17 +244,26 @@ def build_tiny_model(
     )
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
+    sizes = {"image_size": image_size, "patch_size": patch_size, "mm_tokens_per_image": mm_tokens_per_image,
+             "vision_hidden": vision_hidden, "text_hidden": text_hidden, "vision_layers": vision_layers,
+             "text_layers": text_layers, "vision_heads": vision_heads, "text_heads": text_heads,
+             "text_kv_heads": text_kv_heads, "vision_intermediate": vision_intermediate,
+             "text_intermediate": text_intermediate}
+    small = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if small or image_size < MIN_IMAGE_SIZE:
+        raise CTIQAError(f"sizes must be at least 1 and the image at least {MIN_IMAGE_SIZE} px (got "
+                         f"{', '.join(small) or f'image_size={image_size}'})")
     side = math.isqrt(mm_tokens_per_image)
     grid = image_size // patch_size
     if side * side != mm_tokens_per_image:
-        raise ValueError(f"mm_tokens_per_image={mm_tokens_per_image} is not a perfect square")
+        raise CTIQAError(f"mm_tokens_per_image={mm_tokens_per_image} is not a perfect square")
     if image_size % patch_size or grid % side:
-        raise ValueError(
+        raise CTIQAError(
             f"image_size={image_size}, patch_size={patch_size}: the {grid}x{grid} patch grid cannot be average-pooled "
             f"to {side}x{side} image tokens")
     for name, width, heads in (("vision", vision_hidden, vision_heads), ("text", text_hidden, text_heads)):
         if width % heads:
-            raise ValueError(f"{name} width {width} is not divisible by {heads} heads")
+            raise CTIQAError(f"{name} width {width} is not divisible by {heads} heads")
 
     out = check_output_path(out_dir, folder=True, ours=MARKER_FILE,
                             hint="Give a new or empty folder (a trained model is never written over)")

@@ -435,6 +435,22 @@ def test_names_too_long_end_in_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err and "too long" in err.lower(), err
 
 
+def test_a_full_disk_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """QA round 4: a full disk (ENOSPC, an OSError without a file name) ended every command in a traceback."""
+    import errno
+
+    import ctiqa.imaging as imaging
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = write_ct_dicom(tmp_path / "a.dcm", np.array([[0, 1024], [1064, 1239]]))
+    monkeypatch.setattr(imaging, "render", full)
+    assert main(["render", str(path), "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on device") and "\n" not in err
+
+
 def test_dicom_folder_tells_series_apart(tmp_path):
     d = tmp_path / "two"
     d.mkdir()

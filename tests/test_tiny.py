@@ -120,6 +120,9 @@ def test_deterministic_and_seeded(tmp_path, tiny_dir):
     ({"mm_tokens_per_image": 15}, "perfect square"),
     ({"image_size": 128, "patch_size": 16, "mm_tokens_per_image": 9}, "average-pooled"),
     ({"text_hidden": 60, "text_heads": 8}, "divisible"),
+    ({"patch_size": 0}, "patch_size=0"),  # QA round 4: ZeroDivisionError / a 0-layer model written with exit 0
+    ({"vision_layers": 0, "text_layers": -1}, "vision_layers=0, text_layers=-1"),
+    ({"image_size": 8, "patch_size": 8, "mm_tokens_per_image": 1}, "at least 16 px"),
 ])
 def test_inconsistent_sizes_are_refused(tmp_path, sizes, message):
     with pytest.raises(ValueError, match=message):
