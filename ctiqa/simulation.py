@@ -1013,6 +1013,13 @@ def cli_main(args: argparse.Namespace) -> int:
     """``ctiqa simulate``: write the mini-LDCTIQA and print a summary. Returns 0."""
     workers = args.workers if args.workers is not None else min(4, len(os.sched_getaffinity(0)))
     cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    if cache is not None:  # before minutes of projections, not after
+        if cache.exists() and not cache.is_dir():
+            raise CTIQAError(f"--cache-dir {cache}: is a file; give a folder for the sinogram cache")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CTIQAError(f"--cache-dir {cache}: cannot be used as a folder ({e.strerror or e})") from e
     t0 = time.perf_counter()
     deg = simulate(args.out, n_images=args.n_images, size=args.size, seed=args.seed,
                    test_base_slices=args.test_base_slices, base_slices=args.base_slices, cache_dir=cache,

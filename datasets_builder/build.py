@@ -592,7 +592,8 @@ def check_options(opts: BuildOptions) -> None:
     """Refuse bad options before any work (one line each).
 
     Raises:
-        CTIQAError: no output target; a count or time that is not positive; unknown format; ``--batch`` without
+        CTIQAError: no output target; a count or time that is not positive, a price, word count or re-ask count
+            below 0, a temperature outside [0, 2]; unknown format; ``--batch`` without
             ``--teacher gemini``; ``--cache`` a folder; ``--out`` holding files ctiqa did not write;
             ``--push-to-hub`` without a token.
     """
@@ -605,8 +606,12 @@ def check_options(opts: BuildOptions) -> None:
                         ("--batch-poll", opts.batch_poll_s), ("--max-shard-mb", opts.max_shard_bytes)):
         if value is not None and not value > 0:
             raise CTIQAError(f"{flag} must be positive, got {value}")
-    if opts.reask < 0:
-        raise CTIQAError(f"--reask must be 0 or more, got {opts.reask}")
+    for flag, value in (("--reask", opts.reask), ("--min-words", opts.min_words),
+                        ("--price-input", opts.price_input), ("--price-output", opts.price_output)):
+        if value is not None and value < 0:
+            raise CTIQAError(f"{flag} must be 0 or more, got {value}")
+    if opts.temperature is not None and not 0 <= opts.temperature <= 2:  # the range Gemini and OpenAI accept
+        raise CTIQAError(f"--temperature must be in [0, 2], got {opts.temperature}")
     if opts.format not in prompts.TARGET_FORMATS:
         raise CTIQAError(f"unknown --format {opts.format!r}; choose one of {', '.join(prompts.TARGET_FORMATS)}")
     if opts.batch and opts.teacher != "gemini":

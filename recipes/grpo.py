@@ -92,12 +92,17 @@ def reward_functions(script_args: ScriptArguments) -> list:
     (``functools.partial``: TRL logs them under the function's own name).
 
     Raises:
-        CTIQAError: an unknown reward name.
+        CTIQAError: an unknown reward name; ``score_tau`` not positive or a cost below 0.
     """
     params = {"score_reward": {"tau": script_args.score_tau},
               "faithfulness_reward": {"silence_cost": script_args.silence_cost,
                                       "unverified_cost": script_args.unverified_cost,
                                       "false_streak_cost": script_args.false_streak_cost}}
+    if not script_args.score_tau > 0:  # found here, not at the first reward call after the model has loaded
+        raise CTIQAError(f"--score_tau must be > 0, got {script_args.score_tau}")
+    for name, cost in params["faithfulness_reward"].items():
+        if cost < 0:
+            raise CTIQAError(f"--{name} must be 0 or more, got {cost}")
     out = []
     for name in script_args.reward_funcs:
         if name not in rewards.REWARDS:

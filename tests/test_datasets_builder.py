@@ -639,7 +639,10 @@ def test_rebuild_into_our_own_folder_keeps_files_we_did_not_write(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--limit", "0"], "--limit must be positive"), (["--concurrency", "0"], "--concurrency must be positive"),
     (["--limit", "-3"], "--limit must be positive"), (["--max-shard-mb", "0"], "--max-shard-mb must be positive"),
-    (["--cache", "."], "is a folder"), (["--push-to-hub", "me/ds"], "needs a Hugging Face token")])
+    (["--cache", "."], "is a folder"), (["--push-to-hub", "me/ds"], "needs a Hugging Face token"),
+    # QA round 4: these were accepted and sent on (a negative price was printed and used in the cost)
+    (["--temperature", "-1"], "--temperature must be in [0, 2]"), (["--price-input", "-1"], "--price-input must be 0"),
+    (["--min-words", "-1"], "--min-words must be 0 or more")])
 def test_bad_options_refused_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     from huggingface_hub import constants
 

@@ -112,6 +112,10 @@ def test_reward_functions_bind_yaml_parameters_under_their_own_names():
     script_args.reward_funcs = ["no_such_reward"]
     with pytest.raises(CTIQAError, match="no_such_reward"):
         grpo.reward_functions(script_args)
+    # QA round 4: a bad tau surfaced as a 51-line traceback at the first reward call, after the model had loaded
+    script_args.reward_funcs, script_args.score_tau = ["score_reward"], -1.0
+    with pytest.raises(CTIQAError, match=r"--score_tau must be > 0, got -1.0"):
+        grpo.reward_functions(script_args)
 
 
 def test_reference_findings_from_truth_and_from_dataset_columns(dataset_dir):

@@ -304,3 +304,14 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_moves_it_aside(tmp_p
     old = next(out.glob("image.*.bak"))
     assert {f.name: f.read_bytes() for f in old.iterdir()} == {
         k.name: v for k, v in kept.items() if k.parts[0] == "image"}
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_projections(tmp_path, capsys):
+    """QA round 4: `simulate --cache-dir FILE` failed after a minute of sinogram work ("File exists")."""
+    from ctiqa.cli import main
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("notes")
+    assert main(["simulate", "--out", str(tmp_path / "sim"), "--size", "64", "--cache-dir", str(mine)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert mine.read_text() == "notes" and not (tmp_path / "sim").exists()
