@@ -73,7 +73,7 @@ from ctiqa.imaging import (
     render,
 )
 from ctiqa.model_settings import PRECISIONS, choose_encoding, weights_fingerprint
-from ctiqa.paths import atomic_write, check_output_path
+from ctiqa.paths import atomic_write, check_output_path, lock_output
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
 
 #: How many lowest-scoring slices a series summary lists.
@@ -291,7 +291,7 @@ class RowSink:
         if path.suffix not in SUFFIXES:
             raise CTIQAError(f"--out {path}: must end in .jsonl or .csv")
         self.run_file = path.with_name(path.stem + ".run.json")
-        self._lock = _lock_output(path)
+        self._lock = lock_output(path, "ctiqa predict")
         try:
             self._open(path, settings)
         except BaseException:
@@ -368,22 +368,6 @@ def failed_row(row: dict[str, Any]) -> bool:
     """True for a slice row whose scoring failed (HTTP error, timeout, lost connection...): an ``error`` and
     neither a parsed nor a probability score. Such a row is scored again by a resume."""
     return bool(row.get("error")) and row.get("parsed_score") is None and row.get("prob_score") is None
-
-
-def _lock_output(path: Path) -> Any:
-    """Take the exclusive lock of ``--out`` ``path`` (``<path>.lock``) or refuse: another run is writing it."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path) + ".lock", timeout=0)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except Timeout:
-        raise CTIQAError(f"--out {path}: another ctiqa predict run is writing it (locked by {lock.lock_file}); "
-                         "wait for it to finish or choose another --out") from None
-    except OSError as e:
-        raise CTIQAError(f"--out {path}: cannot write ({e.strerror or e})") from e
-    return lock
 
 
 def _drop_failed_rows(path: Path) -> None:

@@ -53,7 +53,7 @@ from ctiqa.clients import (
 )
 from ctiqa.imaging import DEFAULT_ENCODING, image_sha256
 from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
-from ctiqa.paths import DATASET_MARKER, check_output_path
+from ctiqa.paths import DATASET_MARKER, check_output_path, lock_output
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT
 
 from . import checks
@@ -634,7 +634,8 @@ def _cost(results: list[CallResult], price: tuple[float, float] | None) -> float
 def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildResult:
     """Run the whole build (module docstring). ``teacher`` overrides the one named in ``opts`` (tests).
 
-    Order: options and the output folder are checked, then the teacher is made (a missing API key stops here),
+    Order: options and the output folder are checked and the folder locked (``<out>.lock``: a second build into it
+    is refused while this one runs), then the teacher is made (a missing API key stops here),
     then the data is read and rendered, the teacher asked, the rows checked and written.
 
     Raises:
@@ -642,12 +643,22 @@ def build_dataset(opts: BuildOptions, teacher: Teacher | None = None) -> BuildRe
             bad key, quota 0, unreachable server).
         EmptySplitError: a split without rows (its summary is printed first; nothing is written).
     """
+    check_options(opts)
+    lock = lock_output(Path(opts.out), "ctiqa build-dataset") if opts.out is not None else None
+    try:
+        return _build_dataset(opts, teacher)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_dataset(opts: BuildOptions, teacher: Teacher | None) -> BuildResult:
+    """:func:`build_dataset` once its options are checked and its ``--out`` is locked."""
     import ctiqa
     from ctiqa import prompts
     from ctiqa.imaging import encoding_info
     from ctiqa.ldctiqa import load_ldctiqa, resolve_split_method
 
-    check_options(opts)
     enc = encoding_info(opts.encoding)
     needs_teacher = opts.format != "score-only"
     if needs_teacher and teacher is None:
