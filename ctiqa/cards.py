@@ -4,12 +4,15 @@ Metadata follows the Hub's conventions for a MedGemma adapter: ``base_model`` (a
 (``transformers`` for a fully trained model), ``pipeline_tag: image-text-to-text``, the base model's licence (MedGemma:
 Health AI Developer Foundations terms), the dataset, tags. The text gives the recipe (every hyperparameter that
 matters), a quick start, the intended use, "not for clinical use", and the evaluation table with 95 % intervals
-when a ``ctiqa evaluate`` ``results.json`` is given.
+when a ``ctiqa evaluate`` ``results.json`` is given. :func:`hub_push` is the one way every push (adapter, merged
+model, dataset) reports a failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from ctiqa.paths import is_local_path
@@ -235,3 +238,25 @@ other modalities, other body regions or windows than those trained on, artefacts
 {licence_md}
 """
     return ModelCard(content)
+
+
+@contextlib.contextmanager
+def hub_push(repo_id: str) -> Iterator[None]:
+    """Run a push to the Hub repo ``repo_id``; a failure to reach it or an HTTP error (offline mode, no network,
+    401/403, quota) becomes one :class:`ctiqa.CTIQAError` line. What was written locally is kept, and every ctiqa
+    command that pushes retries the push when run again (a finished build, training or export is not redone).
+
+    Raises:
+        CTIQAError: naming the repo and the failure (never the token).
+    """
+    import httpx2  # huggingface_hub 2's HTTP client (huggingface_hub/utils/_http.py): its connection errors
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from ctiqa import CTIQAError
+
+    try:
+        yield
+    except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.TransportError, ConnectionError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CTIQAError(f"push to {repo_id} failed ({type(e).__name__}: {why}); the local output is kept: run "
+                         "the same command again to retry the push") from e

@@ -248,14 +248,13 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
         print(f"wrote {out} (merged {adapter} into {base}, {base_weights} base weights, {dtype})")
     if push_to_hub:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
+
+        from ctiqa.cards import hub_push
 
         api = HfApi()
-        try:
+        with hub_push(push_to_hub):
             url = api.create_repo(push_to_hub, private=private, exist_ok=True)
             api.upload_folder(repo_id=push_to_hub, folder_path=str(out), commit_message="ctiqa export: merged model")
-        except HfHubHTTPError as e:
-            raise CTIQAError(f"push to {push_to_hub} failed: {e}") from e
         print(f"pushed {out} to {url}")
     return out
 

@@ -96,8 +96,8 @@ def check_output_path(
     The one home of the rule every ctiqa command applies to its outputs (nothing the user has is lost): an output
     that is one of the command's ``inputs`` (same file or folder, by ``os.path.samefile``), or a folder in which
     a file the command ``writes`` is an input, is refused; a file output that is a folder, or a folder output that
-    is a file, is refused; an existing non-empty output that is not ``ours`` is refused. Nothing is created or
-    changed here.
+    is a file, or an output under a file (``notes.txt/x.png``), is refused; an existing non-empty output that is
+    not ``ours`` is refused. Nothing is created or changed here.
 
     Args:
         out: the output file (``folder=False``) or folder (``folder=True``).
@@ -127,6 +127,9 @@ def check_output_path(
         if _same(p, i) or any(_same(p / w, i) for w in writes):
             raise CTIQAError(f"{what} {p}: is (or holds) the input {i}; writing there would replace it{tail}")
     if not p.exists():
+        blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+        if blocked is not None:  # mkdir(parents=True) would fail later with a bare "File exists"
+            raise CTIQAError(f"{what} {p}: {blocked} is a file, not a folder{tail}")
         return p
     if folder:
         if not p.is_dir():

@@ -52,6 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import ctiqa
 from ctiqa import CTIQAError
+from ctiqa.cards import hub_push
 from ctiqa.demo import DEMO_DATASET
 from ctiqa.model_settings import DONE_FILE, TRAINING_DTYPES, TrainedSettings, write_settings
 from ctiqa.paths import check_output_path, check_source_folder, is_local_path
@@ -858,12 +859,13 @@ def push_output(training_args: Any, *, adapter: bool, commit_message: str) -> st
     repo_id = training_args.hub_model_id or Path(out).name
     api = HfApi()
     private = training_args.hub_private_repo is not False
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
     ignore = ["checkpoint-*", "checkpoint-*/**", "runs/**", DONE_FILE, "training_args.bin", RUN_CONFIG_FILE]
     if adapter:
         ignore += ["model*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json"]
-    api.upload_folder(repo_id=repo_url.repo_id, folder_path=out, ignore_patterns=ignore,
-                      commit_message=commit_message)
+    with hub_push(repo_id):  # a failure is one line; the same command again pushes the finished run (end_trained_run)
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_url.repo_id, folder_path=out, ignore_patterns=ignore,
+                          commit_message=commit_message)
     logger.info("pushed to %s (private=%s)", repo_url, private)
     return str(repo_url)
 

@@ -519,18 +519,21 @@ def push_to_hub(dsd: Any, repo_id: str, card_fn: Callable[[Any], Any], audit: st
     Returns:
         the URL of the card commit.
     Raises:
-        CTIQAError: no token.
+        CTIQAError: no token; the push failed (:func:`ctiqa.cards.hub_push`).
     """
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, get_token
 
+    from ctiqa.cards import hub_push
+
     if not get_token():
         raise CTIQAError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    dsd.push_to_hub(repo_id, private=private, max_shard_size=max_shard_bytes,
-                    commit_message="ctiqa build-dataset: data")
-    card = card_fn(DatasetCard.load(repo_id, repo_type="dataset").data)
-    info = HfApi().create_commit(repo_id, repo_type="dataset", commit_message="ctiqa build-dataset: card, audit",
-                                 operations=[CommitOperationAdd("README.md", str(card).encode("utf-8")),
-                                             CommitOperationAdd("audit.csv", audit.encode("utf-8"))])
+    with hub_push(repo_id):
+        dsd.push_to_hub(repo_id, private=private, max_shard_size=max_shard_bytes,
+                        commit_message="ctiqa build-dataset: data")
+        card = card_fn(DatasetCard.load(repo_id, repo_type="dataset").data)
+        info = HfApi().create_commit(repo_id, repo_type="dataset", commit_message="ctiqa build-dataset: card, audit",
+                                     operations=[CommitOperationAdd("README.md", str(card).encode("utf-8")),
+                                                 CommitOperationAdd("audit.csv", audit.encode("utf-8"))])
     return str(info.commit_url)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ctiqa.cards import metric_rows, model_card
@@ -57,3 +58,24 @@ def test_full_model_card_without_evaluation_and_local_paths():
     assert meta["library_name"] == "transformers" and "base_model" not in meta and "datasets" not in meta
     assert "license" not in meta  # not MedGemma: the card names the base model's licence in the text
     assert "full fine-tuning" in str(card) and "No evaluation was attached" in str(card)
+
+
+def test_a_push_that_cannot_reach_the_hub_is_one_line_without_the_token():
+    """QA round 4: `build-dataset --push-to-hub` with the Hub unreachable (offline mode, a closed port) ended in a
+    traceback. Every push goes through ctiqa.cards.hub_push: one line naming the repo, never the token."""
+    import socket
+
+    from huggingface_hub import HfApi
+
+    from ctiqa import CTIQAError
+    from ctiqa.cards import hub_push
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    secret = "hf_" + "S3CRET" * 6
+    with pytest.raises(CTIQAError) as err, hub_push("me/ds"):
+        HfApi(endpoint=f"http://127.0.0.1:{port}", token=secret).create_repo("me/ds", repo_type="dataset")
+    msg = str(err.value)
+    assert msg.startswith("push to me/ds failed (") and "run the same command again" in msg
+    assert secret not in msg and "\n" not in msg

@@ -435,6 +435,15 @@ def test_names_too_long_end_in_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err and "too long" in err.lower(), err
 
 
+def test_an_output_under_a_file_is_named_as_such(tmp_path, capsys):
+    """QA round 4: `render --out notes.txt/x.png` said only "File exists"."""
+    path = write_ct_dicom(tmp_path / "a.dcm", np.array([[0, 1024], [1064, 1239]]))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["render", str(path), "--out", str(tmp_path / "notes.txt" / "x.png")]) == 2
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_full_disk_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """QA round 4: a full disk (ENOSPC, an OSError without a file name) ended every command in a traceback."""
     import errno
