@@ -52,6 +52,9 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 #: ``"auto"`` picks one of the other three (:func:`resolve_split_method`).
 SPLIT_METHODS: tuple[str, ...] = ("auto", "paper", "stratified", "base-slice")
 DEGRADATIONS_FILE = "degradations.json"
+#: Written first by ``ctiqa simulate`` into its output folder; without :data:`DEGRADATIONS_FILE` (written last) it
+#: marks a simulation that was interrupted.
+SIMULATION_MARKER = ".ctiqa-simulation"
 
 
 @dataclass
@@ -317,8 +320,12 @@ def load_ldctiqa(
     labels_file = _find_labels(root, labels)
     scores: dict[str, float] = {}
     if labels_file is None:
+        if require_labels and (root / SIMULATION_MARKER).is_file() and not (root / DEGRADATIONS_FILE).is_file():
+            raise CTIQAError(f"{root}: an interrupted `ctiqa simulate` (no {DEGRADATIONS_FILE} yet): run the same "
+                             "ctiqa simulate command again to finish it")
         if require_labels:
-            raise CTIQAError(f"{root}: no labels file ({' / '.join(LABEL_FILES)}); pass labels= or use unlabelled mode")
+            raise CTIQAError(f"{root}: no labels file ({' / '.join(LABEL_FILES)}): is this an LDCTIQA folder? "
+                             "(from Python: pass labels=, or require_labels=False to read it unlabelled)")
     else:
         scores = _read_scores(labels_file)
         for i, p in files.items():

@@ -95,6 +95,29 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
     return rows
 
 
+def check_same_reference(rows: list[dict[str, Any]]) -> None:
+    """Refuse rows that were not evaluated against the same reference: an id two rows both hold with different
+    true scores means two datasets (or splits) whose ids overlap, and comparing them on "common ids" would compare
+    different images. Rows whose dataset or split is named otherwise but whose true scores agree get a warning.
+
+    Raises:
+        CTIQAError: naming the two rows, how many common ids disagree and one example.
+    """
+    first = rows[0] if rows else None
+    for r in rows[1:]:
+        common = first["pairs"].keys() & r["pairs"].keys()
+        bad = sorted(i for i in common if abs(first["pairs"][i][0] - r["pairs"][i][0]) > 1e-6)
+        if bad:
+            i = bad[0]
+            raise CTIQAError(f"{first['dir']} and {r['dir']} give {len(bad)} of their {len(common)} common ids "
+                             f"different reference scores (id {i}: {first['pairs'][i][0]:g} vs {r['pairs'][i][0]:g}): "
+                             "they were evaluated on different datasets or splits; report them separately")
+        if (r["dataset"], r["split"]) != (first["dataset"], first["split"]):
+            print(f"warning: {r['dir']} was evaluated on {r['dataset']} / {r['split']}, {first['dir']} on "
+                  f"{first['dataset']} / {first['split']}; their reference scores agree on the common ids",
+                  file=sys.stderr)
+
+
 def _valid(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -297,6 +320,7 @@ def cli_main(args: argparse.Namespace) -> int:
         raise CTIQAError(f"--names: {len(args.names)} names for {len(args.dirs)} folders")
     dirs, names = unique_dirs(args.dirs, args.names)
     rows = build_rows(dirs, names)
+    check_same_reference(rows)
     if not rows:
         raise CTIQAError("no metrics in the given folders")
     text = render_markdown(rows, n_bootstrap=args.bootstrap, seed=args.seed)

@@ -92,7 +92,7 @@ import numpy as np
 
 from ctiqa import CTIQAError, __version__
 from ctiqa.imaging import SOFT_TISSUE, hu_to_unit, read_ct
-from ctiqa.ldctiqa import DEGRADATIONS_FILE
+from ctiqa.ldctiqa import DEGRADATIONS_FILE, SIMULATION_MARKER
 from ctiqa.paths import atomic_write, check_output_path, move_aside
 from ctiqa.scale import SCORE_MAX
 
@@ -134,7 +134,7 @@ CALIBRATION_SEED = 20230417
 #: Default held-out base slice(s) for the test split.
 DEFAULT_TEST_BASE_SLICES = ("abdomen",)
 #: Written first into the output folder: a re-run may replace a folder holding it (an interrupted run).
-MARKER_FILE = ".ctiqa-simulation"
+MARKER_FILE = SIMULATION_MARKER
 #: Bump when the physics changes: it keys the on-disk sinogram cache.
 PHYSICS_VERSION = "2"
 

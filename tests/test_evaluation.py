@@ -718,6 +718,21 @@ def test_report_names_a_tie_as_a_tie_and_escapes_table_cells(tmp_path, monkeypat
     assert row.replace("\\|", "").count("|") == text.splitlines()[2].count("|")  # as many cells as the header
 
 
+def test_report_refuses_rows_evaluated_against_other_reference_scores(tmp_path, monkeypatch, capsys):
+    """QA round 4: `report` of evaluations on two different datasets whose ids overlap compared them "on the common
+    ids", i.e. different images. Common ids with different true scores are refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    a = _preds_file(tmp_path / "a.jsonl")
+    b = tmp_path / "b.jsonl"
+    b.write_text(a.read_text().replace('"score": 1.5', '"score": 3.0'))
+    for name, f in (("a", a), ("b", b)):
+        assert ctiqa_main(["evaluate", "--predictions", str(f), "--out", name, "--bootstrap", "0"]) == 0
+    assert ctiqa_main(["report", "a", "b", "--out", "r.md", "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "give 1 of their 4 common ids different reference scores (id 0001: 1.5 vs 3)" in err, err
+    assert not (tmp_path / "r.md").exists()
+
+
 def test_a_model_replaced_at_the_same_path_is_another_run(dataset, tiny, tmp_path, capsys):
     """Hostile QA: after another model was saved into the same --model folder, a re-run into the same --out kept
     the old model's rows and metrics in results.json (rc 0). The folder's weights are part of the run's identity

@@ -315,3 +315,18 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_the_projections(tmp_path, 
     assert main(["simulate", "--out", str(tmp_path / "sim"), "--size", "64", "--cache-dir", str(mine)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
     assert mine.read_text() == "notes" and not (tmp_path / "sim").exists()
+
+
+def test_an_interrupted_simulation_is_named_as_such(tmp_path, capsys):
+    """QA round 4: `simulate` killed part-way, then `validate` / `build-dataset` on it said "no labels file ...
+    pass labels= or use unlabelled mode" (Python wording); it now says the simulation was interrupted."""
+    from ctiqa.cli import main
+    from ctiqa.ldctiqa import SIMULATION_MARKER
+
+    out = tmp_path / "sim"
+    (out / "image").mkdir(parents=True)
+    (out / SIMULATION_MARKER).write_text("written by ctiqa.simulation\n")
+    (out / "image" / "0000.tif").write_bytes(b"")
+    for argv in (["validate", str(out)], ["build-dataset", "--ldctiqa", str(out), "--out", str(tmp_path / "d")]):
+        assert main(argv) == 2
+        assert "an interrupted `ctiqa simulate`" in capsys.readouterr().err
