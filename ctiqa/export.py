@@ -44,7 +44,7 @@ from ctiqa.model_settings import (
     exported_settings,
     inference_precision,
 )
-from ctiqa.paths import is_local_path
+from ctiqa.paths import check_source_folder, is_local_path
 
 #: Written last into an export folder; holds the export settings.
 DONE_FILE = "EXPORTED"
@@ -128,9 +128,13 @@ def _resolve(adapter: str, base: str | None) -> tuple[str, str]:
         raise CTIQAError(f"cannot read the adapter config of {adapter}: {e}") from e
     if getattr(cfg, "peft_type", None) is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
         raise CTIQAError(f"adapter {adapter}: a {cfg.peft_type} adapter; only LoRA adapters can be merged")
+    recorded = base is None
     base = base or cfg.base_model_name_or_path
     if not base:
         raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
+    # a relative base path is resolved from the current folder, not the adapter's: say so before loading anything
+    check_source_folder(base, "base model" + (" (recorded in the adapter's adapter_config.json; --model gives "
+                                              "another)" if recorded else ""), "config.json")
     return adapter, base
 
 

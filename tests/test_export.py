@@ -7,6 +7,7 @@ layer, vision tower included (as the paper's recipe), with random B matrices so 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,21 @@ def test_a_users_folder_named_out_partial_is_kept_and_a_link_out_is_followed(ada
     (tmp_path / "link").symlink_to(target)
     assert ctiqa_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "link"), "--dtype", "fp32"]) == 0
     assert (target / DONE_FILE).is_file() and (tmp_path / "link").is_symlink()
+
+
+def test_a_relative_base_recorded_in_the_adapter_is_named_before_loading(adapter, tmp_path, monkeypatch, capsys):
+    """QA round 4: an adapter whose base is a relative path (runs/demo/tiny-model), exported from another folder,
+    failed with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    moved = tmp_path / "lora"
+    shutil.copytree(adapter, moved)
+    cfg["base_model_name_or_path"] = "runs/demo/tiny-model"
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert ctiqa_main(["export", "--adapter", str(moved), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "base model (recorded in the adapter's adapter_config.json; --model gives another) runs/demo/tiny-model: " \
+           "no such folder" in err, err
 
 
 def test_push_to_hub_uploads_the_merged_folder(adapter, tmp_path, fake_hub):
