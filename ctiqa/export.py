@@ -179,7 +179,13 @@ def export_model(adapter: str, out: str | Path, *, model: str | None = None, dty
                     "adapter_sha256": adapter_sha256(adapter)}
     if (out / DONE_FILE).is_file():
         done = json.loads((out / DONE_FILE).read_text())
-        diff = [k for k in settings_out if done.get(k) != settings_out[k]]
+        def same(k: str) -> bool:  # a local adapter or base spelt otherwise (relative, ./, a link) is the same
+            a, b = done.get(k), settings_out[k]
+            if k in ("adapter", "base_model") and isinstance(a, str) and is_local_path(a) and is_local_path(b):
+                return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+            return a == b
+
+        diff = [k for k in settings_out if not same(k)]
         if diff:
             raise CTIQAError(f"{out} holds another export (" + ", ".join(
                 f"{k}: {done.get(k)!r} then, {settings_out[k]!r} now" for k in diff) + "); choose another --out "

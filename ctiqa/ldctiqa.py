@@ -175,7 +175,7 @@ def _check_score(value: Any, key: str, labels_file: Path) -> float:
     if not math.isfinite(v):
         raise CTIQAError(f"{labels_file}: label of {key!r} is not a finite number: {value!r}")
     if not SCORE_RANGE[0] <= v <= SCORE_RANGE[1]:
-        raise CTIQAError(f"{labels_file}: label of {key!r} is {v:g}, outside [{SCORE_RANGE[0]:g}, {SCORE_RANGE[1]:g}]")
+        raise CTIQAError(f"{labels_file}: label of {key!r} is {v!r}, outside [{SCORE_RANGE[0]:g}, {SCORE_RANGE[1]:g}]")
     return v
 
 

@@ -105,7 +105,8 @@ def test_bf16_export_scores_within_002(trained, adapter, images, tmp_path, capsy
     assert "already exported" in capsys.readouterr().err
 
 
-def test_finished_export_is_reused_only_for_the_same_adapter_weights_and_base(trained, tmp_path, capsys):
+def test_finished_export_is_reused_only_for_the_same_adapter_weights_and_base(trained, tmp_path, capsys,
+                                                                          monkeypatch):
     """QA round 2 (H): a re-run with another --base-weights, or with a retrained adapter saved at the same path,
     said "already exported" and kept the old merge. Now refused naming what differs; the export is unchanged."""
     ad = make_adapter(trained, tmp_path / "lora", seed=3)
@@ -113,6 +114,10 @@ def test_finished_export_is_reused_only_for_the_same_adapter_weights_and_base(tr
     assert ctiqa_main(["export", "--adapter", str(ad), "--out", str(out), "--dtype", "fp32"]) == 0
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
+    # the same adapter spelt otherwise (relative to another folder) is the same export (QA round 4: refused)
+    monkeypatch.chdir(tmp_path)
+    assert ctiqa_main(["export", "--adapter", "./lora/", "--out", "merged", "--dtype", "fp32"]) == 0
+    assert "already exported" in capsys.readouterr().err
     assert ctiqa_main(["export", "--adapter", str(ad), "--out", str(out), "--dtype", "fp32",
                        "--base-weights", "nf4"]) == 2
     err = capsys.readouterr().err
