@@ -24,7 +24,8 @@ A value followed by a unit (mm, HU, kV, slices, views, %) or by a finding it gra
 
 Before any of this, an echoed scale is blanked out so it can never be read as the score: ``(0-4)``,
 ``from 0 (very poor) to 4 (excellent)``, ``on a scale of 0-4``, ``between 0 and 4``, ``0 = bad ... 4 = excellent``.
-A value outside [0, 4] (``Score: 10.0``, ``7/10``) gives ``None`` with rule ``out-of-range``; no score gives
+A value outside [0, 4] (``Score: 10.0``, ``7/10``), or one followed by another scale (``Score: 3 (1-5 scale)``),
+gives ``None`` with rule ``out-of-range``; an exponent (``1e1``) is not read as a score; no score gives
 ``None`` with rule ``no-score``. A failure is ``None`` and is counted by the metrics, never silently 0. There is
 deliberately no "first number in [0, 4] anywhere" fallback (the paper's parser had one: it read list numbering,
 slice thickness or the echoed scale as the score).
@@ -39,7 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ctiqa.scale import QUALITY_LABELS, SCORE_MAX, in_scale
+from ctiqa.scale import QUALITY_LABELS, SCORE_MAX, SCORE_MIN, in_scale
 
 #: Rule names recorded per sample (``predictions.jsonl`` ``parse_rule``).
 RULES = ("strict-first", "strict-last", "json", "labelled", "fraction", "bare-number", "out-of-range", "no-score")
@@ -65,7 +66,7 @@ class ParsedScore:
 
 # ------------------------------------------------------------------------------------------------- patterns
 # A number: ``3``, ``2.6``, ``.5``, a decimal comma ``3,5`` (one or two digits: ``1,200`` is not a number here).
-_NUM = r"(?:(?<![\w.])-(?=\d))?(?<![\d.,])(?:\d+(?:\.\d+|,\d{1,2}(?!\d))?|\.\d+)(?![\d])(?![.,]\d)"
+_NUM = r"(?:(?<![\w.])-(?=\d))?(?<![\d.,])(?:\d+(?:\.\d+|,\d{1,2}(?!\d))?|\.\d+)(?![\d])(?![.,]\d)(?![eE][+-]?\d)"
 _WORDS = {"zero": 0.0, "one": 1.0, "two": 2.0, "three": 3.0, "four": 4.0}
 _WORD = r"\b(?:zero|one|two|three|four)\b(?!\s+of\b)(?!-)"
 _VAL = rf"(?:{_NUM}|{_WORD})"
@@ -126,6 +127,16 @@ _SCALE_RES = [
 _MARKDOWN = re.compile(r"[*_`#>]+")
 
 
+# Another scale named right after the value: "Score: 3 (1-5 scale)", "2.5 (on a 0-10 scale)".
+_SCALE_AFTER = re.compile(r"\A[^\n\d]{0,12}?(\d+)\s*(?:-|–|—|to)\s*(\d+)[\s-]*(?:point\s+)?scale", re.IGNORECASE)
+
+
+def _other_scale_after(text: str, end: int) -> bool:
+    """True when the words right after a value (``text[end:]``) name a scale other than 0-4."""
+    m = _SCALE_AFTER.match(text[end:end + 60])
+    return bool(m) and (int(m.group(1)), int(m.group(2))) != (int(SCORE_MIN), int(SCORE_MAX))
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 def _number(token: str | None) -> float | None:
     if token is None:
@@ -148,8 +159,8 @@ def _candidate(m: re.Match) -> tuple[float, bool] | None:
     if m.groupdict().get("unit"):
         return None
     a, b, den = _number(m.group("a")), _number(m.groupdict().get("b")), _number(m.group("den"))
-    if den is not None and den != SCORE_MAX:
-        return (a, False)  # "7/10", "3/5": another scale
+    if (den is not None and den != SCORE_MAX) or _other_scale_after(m.string, m.end()):
+        return (a, False)  # "7/10", "3/5", "3 (1-5 scale)": another scale
     if b is not None:
         if not (_in_range(a) and _in_range(b) and a <= b):
             return (a, False)
@@ -229,7 +240,7 @@ def parse_score_detailed(text: str | None) -> ParsedScore:
     for rule, m in (("strict-first", _STRICT_FIRST.match(text)), ("strict-last", _STRICT_LAST.match(last_line))):
         if m:
             v = _number(m.group("a"))
-            ok = _in_range(v)
+            ok = _in_range(v) and not _other_scale_after(m.string, m.end("a"))
             return ParsedScore(v if ok else None, rule if ok else "out-of-range", m.group(0).strip())
 
     if "{" in text and (js := _json_score(text)) is not None:

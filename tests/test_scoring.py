@@ -87,6 +87,13 @@ CASES = [
      "This is slice 4 of 120; overall fair.", None, "no-score"),
     ("There is grade 3 streaking from the shoulders. Overall quality is fair.", None, "no-score"),
     ("Grade 2 motion artifact. Overall score: 1.6", 1.6, "labelled"),
+    # --- QA round 4: a value on another scale named right after it; an exponent
+    ("Score: 3 (1-5 scale)", None, "out-of-range"),
+    ("Score: 2.5 (on a 0-10 scale)", None, "out-of-range"),
+    ("Quality score: 3 on a 1-5 scale", None, "out-of-range"),
+    ("Score: 2.5 (0-4 scale)", 2.5, "strict-first"),
+    ("Score: 3.1\nReasoning: mild noise; on a 1-5 scale the liver would be a 4.", 3.1, "strict-first"),
+    ("Score: 1e1", None, "no-score"),
 ]
 
 
