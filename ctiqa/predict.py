@@ -902,6 +902,10 @@ def cli_main(args: argparse.Namespace) -> int:
     running: dict[str, SeriesSummary] = {}
     try:
         series = gather_series(args.inputs, args.ids, file_names=args.file_names)
+        own = {os.path.realpath(f) for f in (args.html, *((args.out, *_companions(args.out),
+                                                          Path(str(args.out) + ".lock")) if args.out else ())) if f}
+        for s in series:  # this command's own outputs inside an input folder are not unreadable slices
+            s.errors = [(n, m) for n, m in s.errors if os.path.realpath(n) not in own]
         stream = args.out is None and sum(len(s.refs) for s in series) > TABLE_MAX
 
         def on_row(row: dict[str, Any]) -> None:

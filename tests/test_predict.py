@@ -553,3 +553,15 @@ def test_file_names_that_are_not_utf8_reach_every_output(tiny, tmp_path, capsys)
     assert "lat\ufffdin" in html.read_text(encoding="utf-8")
     assert main(["findings", "/dev/null"]) == 1
     assert "not a regular file" in capsys.readouterr().err
+
+
+def test_its_own_outputs_inside_an_input_folder_are_not_skipped_slices(tiny, tmp_path, capsys):
+    """QA round 4: `predict DIR --html DIR/rep.html` run twice listed rep.html as an unreadable slice of DIR."""
+    folder = _series(tmp_path / "series", n=2)
+    args = ["predict", str(folder), "--model", str(tiny), "--score-only", "--out", str(folder / "x.jsonl"),
+            "--html", str(folder / "rep.html")]
+    assert main(args) == 0
+    first = (folder / "x.series.jsonl").read_text()
+    assert main(args) == 0
+    assert (folder / "x.series.jsonl").read_text() == first  # the corrupt slice_999 only, both times
+    assert json.loads(first)["n_skipped"] == 1
