@@ -660,24 +660,15 @@ def test_bad_options_refused_before_any_work(tmp_path, capsys, monkeypatch, args
 def test_a_second_build_into_the_same_out_is_refused_while_one_runs(tmp_path, capsys):
     """QA round 4: two builds into one --out (--limit 40, and --limit 20 score-only) both said "wrote" with exit 0;
     the folder held only one of them. The folder is locked while a build runs."""
-    import subprocess
-    import sys
-
     from ctiqa.cli import main
+    from ctiqa.testing import lock_held_elsewhere
 
     data = make_ldctiqa(tmp_path / "sim", n=8)
     out = tmp_path / "o"
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom filelock import FileLock\n"
-                               f"with FileLock({str(out) + '.lock'!r}):\n print('held', flush=True)\n"
-                               " time.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out):
         assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--format", "score-only",
                      "--out", str(out), "--no-progress"]) == 2
         assert "another ctiqa build-dataset run is writing it" in capsys.readouterr().err and not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--format", "score-only",
                  "--out", str(out), "--no-progress"]) == 0
 

@@ -117,18 +117,12 @@ def test_evaluate_server_asks_failed_calls_again(server, tmp_path):
 
 def test_a_second_predict_into_the_same_out_is_refused(tmp_path):
     from ctiqa.predict import RowSink
+    from ctiqa.testing import lock_held_elsewhere
 
     out = tmp_path / "scores.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
-                               f"with FileLock({str(out) + '.lock'!r}):\n print('held', flush=True)\n"
-                               " time.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CTIQAError, match=rf"--out {out}: another ctiqa predict run is writing it"):
-            RowSink(out, {"model": "fake"}, False)
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held_elsewhere(out), pytest.raises(CTIQAError, match=rf"--out {out}: another ctiqa predict run is "
+                                                                    "writing it"):
+        RowSink(out, {"model": "fake"}, False)
     assert not out.exists()
     sink = RowSink(out, {"model": "fake"}, False)  # free again: the lock file left behind is harmless
     assert "another ctiqa predict run is writing it" in _open_in_other_process(out)  # a second run, as QA ran it

@@ -3,13 +3,17 @@
 :mod:`ctiqa.testing.fake_gemini` (a fake Gemini API on 127.0.0.1, spoken to by the real google-genai SDK; run it
 standalone with ``python -m ctiqa.testing.fake_gemini --latency 1.0``), :mod:`ctiqa.testing.loopback` (the HTTP
 plumbing of the fake servers) and :mod:`ctiqa.testing.sft_data` (a small learnable chat-format CT dataset). They
-live in the package so that ``bench/`` does not import ``tests/``; :func:`load_script` imports a recipe script.
+live in the package so that ``bench/`` does not import ``tests/``; :func:`load_script` imports a recipe script;
+:func:`lock_held_elsewhere` holds an output's lock from another process, as a second run would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -24,3 +28,19 @@ def load_script(path: str | Path, name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(output: str | Path) -> Iterator[None]:
+    """Hold ``<output>.lock`` (:func:`ctiqa.paths.lock_output`'s lock) from another process for the ``with`` block,
+    as a second ``ctiqa`` run writing the same output would (a lock in this process would not conflict)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom filelock import FileLock\n"
+                               f"with FileLock({str(output) + '.lock'!r}):\n print('held', flush=True)\n"
+                               " time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        if holder.stdout.readline().strip() != "held":
+            raise RuntimeError("the lock holder did not start")
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
