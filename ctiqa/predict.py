@@ -148,8 +148,8 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
 
     Args:
         inputs: paths of DICOM/TIFF/PNG/JPEG files, folders (trees) of DICOM files, or folders of TIFF/PNG/JPEG
-            slices (:func:`ctiqa.imaging.image_files`). Without ``ids``, an input naming a file or folder given before is dropped
-            with a note (:func:`_distinct_inputs`).
+            slices (:func:`ctiqa.imaging.image_files`). Without ``ids``, an input naming a file or folder given
+            before is dropped with a note (:func:`_distinct_inputs`).
         ids: optional user-chosen series ids, one per input (default: the path as given, except a DICOM file
             given directly: ``dicom#K`` for the K-th such input, since its name is often a SOP Instance UID, and a
             path holding a DICOM UID (:func:`ctiqa.imaging.names_a_uid`): ``series#K``; the path with
