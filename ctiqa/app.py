@@ -110,7 +110,9 @@ class Scorer:
                                                 max_new_tokens=max_new_tokens, concurrency=concurrency)
             return made[score_only]
 
-        return cls(backend, f"{model} at {url}", batch_size=max(4, 4 * concurrency), **settings)
+        from ctiqa.clients import redact_url
+
+        return cls(backend, f"{model} at {redact_url(url)}", batch_size=max(4, 4 * concurrency), **settings)
 
 
 def demo_model() -> Path:

@@ -72,6 +72,20 @@ PRICES_USD_PER_MTOK: dict[str, tuple[float, float]] = {
 BATCH_PRICE_FACTOR = 0.5
 
 
+
+#: user:password@ and ?query of a URL (where credentials ride): never printed or written (:func:`redact_url`).
+_URL_SECRETS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s?#]*@)?(?P<rest>[^\s?#]*)"
+                          r"(?P<query>\?[^\s#]*)?")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it removed: ``http://user:pw@host:8000/v1?token=x`` ->
+    ``http://***@host:8000/v1?***`` (user info and query string; host, port and path stay, so a log still says
+    which server). For every URL ctiqa prints or records (results.json, run settings, progress bars, errors)."""
+    return _URL_SECRETS.sub(lambda m: m["scheme"] + ("***@" if m["userinfo"] else "") + m["rest"]
+                            + ("?***" if m["query"] else ""), text)
+
+
 class ClientConfigError(CTIQAError):
     """A problem that would fail every request of a run: no API key; 401/403/404; an invalid key; a hard quota of
     zero (429 "limit: 0"); a server that refuses connections. The message says what to check."""
@@ -477,7 +491,7 @@ class GeminiClient:
     @property
     def _hint(self) -> str:
         return ("check GEMINI_API_KEY, your access to the model, --model and the network"
-                + (f" (--base-url {self.base_url})" if self.base_url else ""))
+                + (f" (--base-url {redact_url(self.base_url)})" if self.base_url else ""))
 
     async def generate(self, image: Image.Image, prompt: str, system: str | None = None,
                        schema: dict[str, Any] | None = None) -> CallResult:
@@ -688,7 +702,7 @@ class OpenAICompatClient:
                               error=error, usage=usage, logprobs=_token_logprobs(choice))
 
         return await call_with_retries(send, self.retry, self.model,
-                                       f"check that the server at {self.base_url} is running, --model and "
+                                       f"check that the server at {redact_url(self.base_url)} is running, --model and "
                                        "OPENAI_API_KEY")
 
     async def aclose(self) -> None:

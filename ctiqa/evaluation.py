@@ -458,6 +458,8 @@ def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> d
     absolute paths of the local model, adapter, dataset or predictions file (``local_paths``: :func:`local_paths`)."""
     from importlib import metadata
 
+    from ctiqa.clients import redact_url  # a --server URL may carry user:password@ or ?token=
+
     def version(pkg: str) -> str | None:
         try:
             return metadata.version(pkg)
@@ -480,7 +482,8 @@ def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> d
         "prompt_version": PROMPT_VERSION, "settings": settings, "model": model_info,
         "local_paths": local_paths({k: settings.get(k) for k in IDENTITY_KEYS}),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["ctiqa", "evaluate", *sys.argv[2:]] if sys.argv[1:2] == ["evaluate"] else sys.argv,
+        "command": [redact_url(a) for a in (["ctiqa", "evaluate", *sys.argv[2:]] if sys.argv[1:2] == ["evaluate"]
+                                             else sys.argv)],
     }
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError, CTIQAWarning
+from ctiqa.clients import redact_url
 from ctiqa.demo import DEMO_MODEL
 from ctiqa.findings import rationale_fields
 from ctiqa.imaging import (
@@ -176,12 +177,13 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
         except OSError as e:  # e.g. a name too long: this input is skipped, the others are scored
             out.append(Series(id=sid, errors=[(raw, f"{raw}: {e.strerror or e}")]))
             continue
+        shown = sid  # how notes name the input: never by a path that may be a UID
         if not ids and not file_names and is_file and is_dicom_file(p):
             n_dicom_files += 1
-            sid = f"dicom#{n_dicom_files}"
+            sid = shown = f"dicom#{n_dicom_files}"
         elif not ids and not file_names and names_a_uid(raw):  # a PACS export's Study/Series UID folder
             n_uid_paths += 1
-            sid = f"series#{n_uid_paths}"
+            sid = shown = f"series#{n_uid_paths}"
             print(f"note: input {i + 1} is named {sid} (its path holds a DICOM UID; --id ID or --file-names to name "
                   "it)", file=sys.stderr)
         errors: list[tuple[str, str]] = []
@@ -196,7 +198,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
                 found = [[(f.name, f, None) for f in images]]  # a folder of TIFF/PNG slices, in name order
                 errors = [(n, m) for n, m in errors if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
             if len(found) > 1:
-                print(f"note: {raw} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
+                print(f"note: {shown} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
                       f"separately as {sid}#1 .. {sid}#{len(found)}", file=sys.stderr)
             group = [Series(id=f"{sid}#{k}" if len(found) > 1 else sid,
                             refs=[SliceRef(j, _printable(name), path, frame)
@@ -215,9 +217,10 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
 
 
 def _printable(name: str) -> str:
-    """A path as text every output can hold: bytes that are not UTF-8 in a file name (Latin-1 ``\\xe9``, which
-    Python keeps as lone surrogates) become U+FFFD; they broke the CSV and HTML writers."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """A path as text every output can hold: bytes that are not UTF-8 in a file name (Latin-1 ``é``, which Python
+    keeps as lone surrogates and which broke the CSV and HTML writers) are written as ``\\xe9``: two names that
+    differ only there stay two names."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _distinct_inputs(inputs: list[str]) -> list[str]:
@@ -849,7 +852,7 @@ def _settings(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
             "unit_is_hu": args.unit_is_hu, "score_only": args.score_only, "precision": args.precision,
             "max_new_tokens": None if args.score_only else args.max_new_tokens, "file_names": args.file_names,
             "model_weights": None if args.server else weights_fingerprint(model, args.adapter),
-            **({"server": args.server} if args.server else {})}
+            **({"server": redact_url(args.server)} if args.server else {})}
 
 
 def cli_main(args: argparse.Namespace) -> int:

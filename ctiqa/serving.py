@@ -149,7 +149,7 @@ class ServerScorer:
     def __init__(self, url: str, model: str, *, fmt: str = DEFAULT_TARGET_FORMAT, score_only: bool = False,
                  max_new_tokens: int = 512, concurrency: int = 8, timeout_s: float = 300.0, probability: bool = True,
                  cache: str | os.PathLike | None = None, retry: Any = None) -> None:
-        from ctiqa.clients import OpenAICompatClient
+        from ctiqa.clients import OpenAICompatClient, redact_url
         from ctiqa.inference import PROBABILITY_FORMATS
 
         if concurrency < 1:
@@ -157,6 +157,7 @@ class ServerScorer:
         if not model:
             raise CTIQAError("--server needs --model: the name the server serves the model under")
         self.url = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+        self.shown_url = redact_url(self.url)  # what is printed and recorded: no user:password@ or ?token=
         self.model, self.fmt, self.score_only = model, fmt, score_only
         self.max_new_tokens, self.concurrency = max_new_tokens, concurrency
         want = probability and fmt in PROBABILITY_FORMATS
@@ -182,7 +183,7 @@ class ServerScorer:
         """Provenance for ``results.json`` / ``FILE.run.json``: server, model, how the probability score was got."""
         how = (f"from the server's log-probabilities (top {LOGPROB_ALTERNATIVES}; answer + 4 decimal requests)"
                if self.logprobs else f"none: {self.logprobs_note or 'no request made yet'}")
-        return {"server": self.url, "served_model": self.model, "api": "openai-compatible",
+        return {"server": self.shown_url, "served_model": self.model, "api": "openai-compatible",
                 "temperature": 0.0, "probability_score": how, "logprobs": bool(self.logprobs),
                 "concurrency": self.concurrency, "requests": dict(self.stats)}
 
@@ -209,7 +210,7 @@ class ServerScorer:
         from ctiqa.clients import CallResult
 
         top = self.client.top_logprobs
-        key = hashlib.sha256(json.dumps([sha, self.url, self.model, PROMPT_VERSION, self.prompt, prefix, max_tokens,
+        key = hashlib.sha256(json.dumps([sha, self.shown_url, self.model, PROMPT_VERSION, self.prompt, prefix, max_tokens,
                                          top]).encode()).hexdigest()
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats["cached"] += 1
@@ -287,7 +288,7 @@ def evaluate_with_server(samples: list[Any], out: Path, scorer: ServerScorer, *,
     info: dict[str, Any] = {"resumed_rows": len(samples) - len(todo)}
     if todo:
         info["seconds_per_image"] = append_scored(samples, todo, done, path, key, batch_size=batch_size,
-                                                  desc=f"evaluate {scorer.model} @ {scorer.url}",
+                                                  desc=f"evaluate {scorer.model} @ {scorer.shown_url}",
                                                   score=lambda chunk: scorer([s.image for s in chunk]))
     info.update(scorer.describe())
     info["failed_calls"] = sum(1 for s in samples if done[s.id].get("error"))
@@ -310,7 +311,7 @@ def evaluate_cli(args: Any, samples: list[Any], fmt: str, out: Path) -> dict[str
         raise CTIQAError("--server and --teacher/--api exclude each other")
     scorer = ServerScorer(args.server, args.model, fmt=fmt, score_only=args.score_only,
                           max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, cache=out / ANSWERS_FILE)
-    settings = {"source": "server", "server": scorer.url, "model": args.model, "format": fmt,
+    settings = {"source": "server", "server": scorer.shown_url, "model": args.model, "format": fmt,
                 "prompt_version": PROMPT_VERSION,
                 "decoding": {"temperature": 0.0, "max_new_tokens": args.max_new_tokens,
                              "generate": not args.score_only, "probability_score": True},

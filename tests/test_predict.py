@@ -511,6 +511,9 @@ def test_a_series_folder_named_by_its_uid_is_not_named_in_the_outputs(tiny, tmp_
     study, series_uid = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.11"
     (tmp_path / study).mkdir()
     folder = _series(tmp_path / study / series_uid, n=2)
+    other = pydicom.dcmread(folder / "slice_001.dcm")
+    other.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.12"  # a second series: its note named the folder (QA 5)
+    other.save_as(folder / "other.dcm")
     out = tmp_path / "x.jsonl"
     assert main(["predict", str(folder), "--model", str(tiny), "--score-only", "--out", str(out),
                  "--html", str(tmp_path / "x.html")]) == 0
@@ -520,7 +523,7 @@ def test_a_series_folder_named_by_its_uid_is_not_named_in_the_outputs(tiny, tmp_
     for text in (out.read_text(), (tmp_path / "x.series.jsonl").read_text(), (tmp_path / "x.html").read_text(),
                  (tmp_path / "f.jsonl").read_text(), captured.out, captured.err):
         assert "1.2.826.0.1.3680043" not in text
-    assert {json.loads(line)["series"] for line in out.read_text().splitlines()} == {"series#1"}
+    assert {json.loads(line)["series"] for line in out.read_text().splitlines()} == {"series#1#1", "series#1#2"}
 
 
 def test_score_only_with_a_format_that_does_not_start_with_the_score_is_refused(tiny, tmp_path, capsys):
@@ -535,7 +538,7 @@ def test_score_only_with_a_format_that_does_not_start_with_the_score_is_refused(
 
 def test_file_names_that_are_not_utf8_reach_every_output(tiny, tmp_path, capsys):
     """QA round 4: a folder named in Latin-1 (`lat\\xe9in`) stopped the CSV writer at its first row (every re-run at
-    the same place) and the HTML page after all the scoring. Such bytes become U+FFFD in ids and names."""
+    the same place) and the HTML page after all the scoring. Such bytes are written as `\\xe9` in ids and names."""
     import os
 
     base = os.fsencode(str(tmp_path))
@@ -549,8 +552,16 @@ def test_file_names_that_are_not_utf8_reach_every_output(tiny, tmp_path, capsys)
     import csv
 
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
-    assert len(rows) == 1 and rows[0]["series"].endswith("lat\ufffdin") and rows[0]["file"] == "x\ufffd.tif"
-    assert "lat\ufffdin" in html.read_text(encoding="utf-8")
+    assert len(rows) == 1 and rows[0]["series"].endswith("lat\\xe9in") and rows[0]["file"] == "x\\xff.tif"
+    assert "lat\\xe9in" in html.read_text(encoding="utf-8")
+    # QA round 5: two names that differ only in such bytes were merged into one series (both "lat\ufffdin")
+    other = os.fsdecode(base + b"/lat\xe8in")
+    os.mkdir(other)
+    tifffile.imwrite(os.path.join(other, "y.tif"), np.random.default_rng(1).random((64, 64), dtype=np.float32))
+    out2 = tmp_path / "two.jsonl"
+    assert main(["predict", folder, other, "--model", str(tiny), "--score-only", "--out", str(out2)]) == 0
+    summary = [json.loads(line) for line in (tmp_path / "two.series.jsonl").read_text().splitlines()]
+    assert [s["n_slices"] for s in summary] == [1, 1] and len({s["series"] for s in summary}) == 2
     assert main(["findings", "/dev/null"]) == 1
     assert "not a regular file" in capsys.readouterr().err
 

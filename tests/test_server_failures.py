@@ -172,3 +172,25 @@ def test_a_new_run_never_takes_an_earlier_deployments_answers(server, tmp_path, 
                        str(tmp_path / "a.jsonl")]) == 0
     assert server.requests == n
     capsys.readouterr()
+
+
+def test_credentials_in_a_server_url_are_never_printed_or_written(server, tmp_path, capsys):
+    """QA round 5: `--server http://admin:PW@host/v1` showed PW in the progress bar and wrote it 3 times into
+    results.json (server, served model, command line); `?token=` went into predict's run.json."""
+    from ctiqa.testing.sft_data import write_dataset
+
+    server.fail = False
+    host = server.url.split("://", 1)[1]
+    secret_url = f"http://admin:hunter2pw@{host}"
+    data = write_dataset(tmp_path / "ds", {"train": 1, "validation": 1, "test": 2})
+    assert ctiqa_main(["evaluate", "--dataset", str(data), "--server", secret_url, "--model", "m",
+                       "--max-new-tokens", "20", "--bootstrap", "0", "--out", str(tmp_path / "ev")]) == 0
+    img = _tiff(tmp_path / "s.tif", n=1)
+    ctiqa_main(["predict", str(img), "--server", secret_url + "?token=TOKQ", "--model", "m",
+                "--out", str(tmp_path / "p.jsonl")])
+    captured = capsys.readouterr()
+    written = "".join(f.read_text(errors="replace") for f in tmp_path.rglob("*") if f.is_file() and f.suffix in
+                      (".json", ".jsonl", ".csv", ".md", ".html"))
+    for text in (written, captured.out, captured.err):
+        assert "hunter2pw" not in text and "TOKQ" not in text
+    assert "http://***@" in (tmp_path / "ev" / "results.json").read_text()
