@@ -849,9 +849,10 @@ def read_dicom_series(
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The TIFF/PNG/JPEG files directly in ``folder`` (:data:`IMAGE_SUFFIXES`; not in sub-folders), in natural name
-    order (``slice2`` before ``slice10``): the slices of one series when the folder holds no DICOM file."""
+    order, case-insensitive (``slice2`` before ``Slice10``): the slices of one series when the folder holds no DICOM
+    file."""
     def key(f: Path) -> list[tuple[int, int, str]]:
-        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", f.name)]
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", f.name)]
 
     return sorted((f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()), key=key)
 

@@ -196,7 +196,14 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
                     out.append(Series(id=sid, errors=[*errors, (raw, str(e))]))
                     continue
                 found = [[(f.name, f, None) for f in images]]  # a folder of TIFF/PNG slices, in name order
-                errors = [(n, m) for n, m in errors if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
+                kept = []  # other files stay listed; images in sub-folders say why they are not slices here
+                for n, m in errors:
+                    if Path(n).suffix.lower() not in IMAGE_SUFFIXES:
+                        kept.append((n, m))
+                    elif Path(n).parent != p:
+                        kept.append((n, f"{n}: in a sub-folder of a folder of slices; give that folder as its own "
+                                        "input"))
+                errors = kept
             if len(found) > 1:
                 print(f"note: {shown} holds {len(found)} DICOM series (different Series Instance UIDs); scored "
                       f"separately as {sid}#1 .. {sid}#{len(found)}", file=sys.stderr)

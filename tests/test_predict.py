@@ -387,19 +387,22 @@ def test_a_folder_of_tiff_slices_is_one_series_and_an_input_given_twice_is_score
     d = tmp_path / "slices"
     d.mkdir()
     rng = np.random.default_rng(0)
-    for k in (10, 2, 1):
-        tifffile.imwrite(d / f"s{k}.tif", rng.random((64, 64), dtype=np.float32))
+    for k, name in ((10, "S10.tif"), (2, "s2.tif"), (1, "s1.tif")):  # case does not change the order (QA 5)
+        tifffile.imwrite(d / name, rng.random((64, 64), dtype=np.float32))
     (d / "notes.txt").write_text("mine")
+    (d / "sub").mkdir()
+    tifffile.imwrite(d / "sub" / "s3.tif", rng.random((64, 64), dtype=np.float32))  # not a slice here: listed
     out = tmp_path / "x.jsonl"
     calls = _count_backend(monkeypatch)
     assert main(["predict", str(d), str(d) + "/", "--model", str(tiny), "--score-only", "--file-names",
                  "--batch-size", "8", "--out", str(out)]) == 0
     assert "was given before; scored once" in capsys.readouterr().err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["file"] for r in rows if r.get("skipped")] == [str(d / "notes.txt")]  # listed, not scored
+    assert sorted(r["file"] for r in rows if r.get("skipped")) == [str(d / "notes.txt"), str(d / "sub" / "s3.tif")]
+    assert "sub-folder" in next(r["skipped"] for r in rows if r.get("file", "").endswith("s3.tif"))
     rows = [r for r in rows if not r.get("skipped")]
     assert calls == [3] and [(r["series"], r["slice"], r["file"]) for r in rows] == [
-        (str(d), 0, "s1.tif"), (str(d), 1, "s2.tif"), (str(d), 2, "s10.tif")]
+        (str(d), 0, "s1.tif"), (str(d), 1, "s2.tif"), (str(d), 2, "S10.tif")]
     one = main(["predict", str(d / "s2.tif"), "--model", str(tiny), "--score-only", "--out", str(tmp_path / "y.jsonl")])
     assert one == 0
     alone = json.loads((tmp_path / "y.jsonl").read_text())
