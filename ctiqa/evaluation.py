@@ -487,6 +487,26 @@ def provenance(settings: dict[str, Any], model_info: dict[str, Any] | None) -> d
     }
 
 
+def not_an_evaluation_of(results: dict[str, Any], folder: str | os.PathLike) -> str | None:
+    """Why ``results`` (a ``results.json``) is not an evaluation of the weights now in the model or adapter
+    ``folder``, or None when it is: a model run (not a predictions file, an API or a server) whose local model or
+    adapter is ``folder`` (``provenance.local_paths``) and whose recorded ``model_weights``
+    (:func:`ctiqa.model_settings.weights_fingerprint`) are the folder's now. A model card shows only such an
+    evaluation: weights re-saved since (more training) or another file's metrics would be presented as this
+    model's."""
+    if results.get("kind") != "model":
+        return f"it evaluated {results.get('kind') or 'something else'} ({results.get('name')}), not a model folder"
+    prov = results.get("provenance") or {}
+    paths, settings = prov.get("local_paths") or {}, prov.get("settings") or {}
+    here = os.path.realpath(folder)
+    if here not in (paths.get("model"), paths.get("adapter")):
+        return f"it evaluated {paths.get('adapter') or paths.get('model') or settings.get('model')}"
+    now = weights_fingerprint(paths.get("model"), paths.get("adapter"))
+    if settings.get("model_weights") is None or settings["model_weights"] != now:
+        return "it evaluated other weights saved there before (the folder's weights have changed since)"
+    return None
+
+
 def _fmt_ci(m: dict[str, Any], k: str) -> str:
     v, ci = m.get(k), m.get(f"{k}_ci")
     if v is None:

@@ -77,7 +77,8 @@ class ScriptArguments(trl.ScriptArguments):
     eval_results: str | None = field(
         default=None,
         metadata={"help": "results.json of `ctiqa evaluate` to put in the model card (default: "
-                          "<output_dir>/results.json when present)."})
+                          "<output_dir>/results.json when present); left out, with a warning, unless it evaluated "
+                          "exactly the weights this run saves (ctiqa.evaluation.not_an_evaluation_of)."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output_dir that holds another run: its checkpoints and DONE marker are "
@@ -271,6 +272,24 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
                 v = getattr(obj, name)
                 v = getattr(v, "value", v)  # enums
                 out[name] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
+    return resolved_paths(out)
+
+
+#: Settings of :func:`run_config` that may name local folders: recorded resolved, so that a re-run from another
+#: folder (where the same relative spelling names other data) or another spelling of the same folder is judged
+#: by the folder itself.
+PATH_SETTINGS = ("dataset_name", "model_name_or_path")
+
+
+def resolved_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its :data:`PATH_SETTINGS` that name local folders (:func:`ctiqa.paths.is_local_path`) made
+    absolute and symlink-free (``os.path.realpath``); Hub ids unchanged. A config recorded by an older ctiqa with
+    relative paths is resolved from the current folder."""
+    out = dict(config)
+    for k in PATH_SETTINGS:
+        v = out.get(k)
+        if isinstance(v, str) and is_local_path(v):
+            out[k] = os.path.realpath(os.path.expanduser(v))
     return out
 
 
@@ -386,7 +405,7 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
                                   f"card and {RUN_CONFIG_FILE} there)")
     state = PartialState()
     recorded_file = root / RUN_CONFIG_FILE
-    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
+    recorded = resolved_paths(json.loads(recorded_file.read_text())) if recorded_file.is_file() else None
     checkpoints = sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if root.is_dir() else []
     trained = bool(checkpoints) or (root / DONE_FILE).exists()  # a run that stopped before its first checkpoint
     if recorded is not None and recorded != config and trained:  # left nothing to mix with: it is overwritten
@@ -789,7 +808,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     the Trainer's ``global_step``) and ``DONE``. ``card_kwargs`` go to :func:`ctiqa.cards.model_card` (``stage``,
     ``extra_settings``)."""
     from ctiqa.cards import model_card
-    from ctiqa.evaluation import RESULTS_FILE
+    from ctiqa.evaluation import RESULTS_FILE, not_an_evaluation_of
     from ctiqa.model_settings import SETTINGS_FILE
 
     out = trainer.args.output_dir
@@ -800,6 +819,11 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
         return
     write_settings(out, settings)
     results = Path(eval_results or os.path.join(out, RESULTS_FILE))
+    evaluation = json.loads(results.read_text()) if results.is_file() else None
+    why = not_an_evaluation_of(evaluation, out) if evaluation is not None else None
+    if why:  # a card never presents another model's, a predictions file's or earlier weights' metrics as these
+        logger.warning("%s is left out of the model card: %s", results, why)
+        evaluation = None
     # the steps trained (a resumed run's total, not the max_steps asked), and which step's weights are kept
     steps, best = trainer.state.global_step, trainer.state.best_global_step
     kept = f" (weights of the best checkpoint, step {best})" if trainer.args.load_best_model_at_end and best and \
@@ -807,7 +831,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     card_kwargs["extra_settings"] = {"steps trained": f"{steps}{kept}", **(card_kwargs.get("extra_settings") or {})}
     card = model_card(base_model=model_args.model_name_or_path, dataset=dataset_name, training_args=trainer.args,
                       model_args=model_args, adapter=bool(settings.adapter), encoding=settings.encoding,
-                      eval_results=json.loads(results.read_text()) if results.is_file() else None,
+                      eval_results=evaluation,
                       train_metrics=metrics, **card_kwargs)
     card.save(os.path.join(out, "README.md"))
     Path(out, DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -776,3 +776,29 @@ def test_a_model_replaced_at_the_same_path_is_another_run(dataset, tiny, tmp_pat
     assert ctiqa_main(argv) == 0
     assert json.loads(res.read_text())["provenance"]["model"]["resumed_rows"] == N
     assert sorted(out.glob("*.bak*")) == backups
+
+
+def test_a_card_evaluation_must_be_of_the_weights_in_the_folder(dataset, tiny, tmp_path, capsys):
+    """QA round 4: a training re-run put `output_dir/results.json` in its card whatever it evaluated (a predictions
+    file's metrics were shown as the model's; earlier weights' too). Only an evaluation of the folder's current
+    weights counts (ctiqa.evaluation.not_an_evaluation_of)."""
+    import json
+    import shutil
+    import time
+
+    from ctiqa.evaluation import not_an_evaluation_of
+
+    model = shutil.copytree(tiny, tmp_path / "model")
+    out = tmp_path / "e"
+    assert ctiqa_main(["evaluate", "--model", str(model), "--dataset", str(dataset), "--out", str(out),
+                       "--score-only", "--bootstrap", "0", "--limit", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert not_an_evaluation_of(results, model) is None
+    assert "evaluated" in not_an_evaluation_of(results, tmp_path / "elsewhere")
+    assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "p.jsonl")), "--out",
+                       str(tmp_path / "ep"), "--bootstrap", "0"]) == 0
+    assert "not a model folder" in not_an_evaluation_of(json.loads((tmp_path / "ep" / "results.json").read_text()),
+                                                        model)
+    time.sleep(0.01)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())  # re-saved: more training
+    assert "weights have changed" in not_an_evaluation_of(results, model)

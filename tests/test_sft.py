@@ -420,7 +420,7 @@ def test_a_rerun_into_another_runs_folder_is_refused_naming_what_differs(tmp_pat
     # the same run (only its length changed) resumes
     assert training.prepare_output_dir(out, _config(tmp_path, "--max_steps", "99")) == str(out / "checkpoint-4")
     other = _config(tmp_path, "--dataset_name", "other/data", "--learning_rate", "2e-3")
-    with pytest.raises(training.CTIQAError, match=r"holds another run \(dataset_name 'runs/demo/dataset' -> "
+    with pytest.raises(training.CTIQAError, match=r"holds another run \(dataset_name '/.*/runs/demo/dataset' -> "
                                                   r"'other/data'; learning_rate 0.001 -> 0.002\).*--overwrite_output_dir"):
         training.prepare_output_dir(out, other)
     assert (out / "checkpoint-4").is_dir()  # nothing touched
@@ -428,6 +428,27 @@ def test_a_rerun_into_another_runs_folder_is_refused_naming_what_differs(tmp_pat
     assert training.prepare_output_dir(out, other, overwrite=True) is None
     assert not (out / "checkpoint-4").exists()
     assert json.loads((out / training.RUN_CONFIG_FILE).read_text())["dataset_name"] == "other/data"
+
+
+def test_local_data_and_model_are_judged_by_folder_not_by_spelling(tmp_path, monkeypatch):
+    """QA round 4: a finished run continued from another folder, where the same relative `runs/demo/dataset`
+    named another dataset, resumed and trained on it (the config was compared as typed); the same folder spelt
+    as an absolute path was refused as "another run". Local paths are recorded and compared resolved."""
+    for where in ("a", "b"):
+        (tmp_path / where / "runs" / "demo" / "dataset").mkdir(parents=True)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "a")
+    assert training.prepare_output_dir(out, _config(tmp_path)) is None
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    recorded = json.loads((out / training.RUN_CONFIG_FILE).read_text())["dataset_name"]
+    assert recorded == str(tmp_path / "a" / "runs" / "demo" / "dataset")
+    spelt = _config(tmp_path, "--dataset_name", str(tmp_path / "a" / "runs" / "demo" / "dataset"))
+    assert training.prepare_output_dir(out, spelt) == str(out / "checkpoint-4")  # the same folder: resumes
+    monkeypatch.chdir(tmp_path / "b")  # the same words, another dataset
+    with pytest.raises(training.CTIQAError, match=r"holds another run \(dataset_name '.*/a/runs/demo/dataset' -> "
+                                                  r"'.*/b/runs/demo/dataset'"):
+        training.prepare_output_dir(out, _config(tmp_path))
 
 
 def test_checkpoints_of_an_unrecorded_run_are_not_resumed_silently(tmp_path):
