@@ -387,7 +387,7 @@ def test_a_folder_of_tiff_slices_is_one_series_and_an_input_given_twice_is_score
     d = tmp_path / "slices"
     d.mkdir()
     rng = np.random.default_rng(0)
-    for k, name in ((10, "S10.tif"), (2, "s2.tif"), (1, "s1.tif")):  # case does not change the order (QA 5)
+    for name in ("S10.tif", "s2.tif", "s1.tif"):  # case does not change the order (QA 5)
         tifffile.imwrite(d / name, rng.random((64, 64), dtype=np.float32))
     (d / "notes.txt").write_text("mine")
     (d / "sub").mkdir()
