@@ -46,7 +46,14 @@ from typing import Any
 
 from ctiqa import CTIQAError
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding, weights_fingerprint
-from ctiqa.paths import atomic_write, check_output_path, check_outside_dataset, is_local_path, move_aside
+from ctiqa.paths import (
+    atomic_write,
+    check_output_path,
+    check_outside_dataset,
+    is_local_path,
+    lock_output,
+    move_aside,
+)
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, PROMPT_VERSION, TARGET_FORMATS, instruction
 from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
@@ -184,8 +191,13 @@ def run_key(settings: dict[str, Any]) -> str:
 _RETRY_ERRORS = ("timeout", "connection_error", "http_")
 
 
-def load_done_rows(path: Path, key: str) -> dict[str, dict[str, Any]]:
-    """Finished rows of an earlier run with the same settings (rows with a transient call error are not)."""
+def load_done_rows(path: Path, key: str, samples: Iterable[Sample] = ()) -> dict[str, dict[str, Any]]:
+    """Finished rows of an earlier run with the same settings (rows with a transient call error are not).
+
+    Raises:
+        CTIQAError: a row's reference score differs from its sample's in ``samples``: the dataset at the same path
+            was rebuilt with other labels, and resuming would score new labels against old predictions' rows.
+    """
     done: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return done
@@ -196,6 +208,14 @@ def load_done_rows(path: Path, key: str) -> dict[str, dict[str, Any]]:
             continue
         if row.get("run_key") == key and not str(row.get("error") or "").startswith(_RETRY_ERRORS):
             done[row["id"]] = row
+    changed = [(s.id, done[s.id].get("score"), s.score) for s in samples
+               if s.id in done and not (isinstance(done[s.id].get("score"), (int, float))
+                                        and abs(done[s.id]["score"] - s.score) < 1e-9)]
+    if changed:
+        i, then, now = changed[0]
+        raise CTIQAError(f"--out {path.parent}: {len(changed)} of its rows were scored against other reference scores "
+                         f"(id {i}: {then} then, {now} now): the dataset has changed since; nothing was changed. Give "
+                         "another --out, or --overwrite to move the old evaluation aside")
     return done
 
 
@@ -265,7 +285,7 @@ def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter:
     from ctiqa.inference import load_model, predict_images
 
     path = out / PREDICTIONS_FILE
-    done = load_done_rows(path, key)
+    done = load_done_rows(path, key, samples)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"model": model, "adapter": adapter, "resumed_rows": len(samples) - len(todo)}
     if todo:
@@ -333,7 +353,7 @@ def predict_with_api(samples: list[Sample], out: Path, *, api: str, model: str, 
     from ctiqa.scoring import parse_score_detailed
 
     path = out / PREDICTIONS_FILE
-    done = load_done_rows(path, key)
+    done = load_done_rows(path, key, samples)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"model": model, "adapter": None, "api": api, "base_url": base_url, "temperature": 0.0,
                             "thinking_budget": thinking_budget if api == "gemini" else None,
@@ -701,6 +721,15 @@ def cli_main(args: argparse.Namespace) -> int:
     check_output_path(args.out, folder=True, ours=True, inputs=[args.predictions], writes=[RESULTS_FILE,
                       PREDICTIONS_FILE], hint="Give a folder for results.json, predictions.jsonl and plots")
     check_outside_dataset(args.out, args.dataset)
+    lock = lock_output(Path(args.out), "ctiqa evaluate")  # two evaluations into one --out would replace each other
+    try:
+        return _evaluate(args, mode)
+    finally:
+        lock.release()
+
+
+def _evaluate(args: argparse.Namespace, mode: str) -> int:
+    """:func:`cli_main` once the options are checked and ``--out`` is locked."""
     # the same file or folder as the previous run in --out, spelt otherwise, is recorded (and its rows keyed) as then
     spelt = _identity(args, mode)
     check_previous_run(args.out, spelt, args.overwrite, args.limit)
@@ -822,6 +851,16 @@ def _identity_diff(before: dict[str, Any], paths_before: dict[str, str], identit
     return diff
 
 
+def _first_line_has(path: Path, key: str) -> bool:
+    """True when the first line of the JSONL ``path`` is a JSON object with ``key`` (a row ctiqa wrote)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            row = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(row, dict) and key in row
+
+
 def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, limit: int | None = None) -> None:
     """Refuse, before any work, an ``--out`` that holds the evaluation of another run (its ``results.json`` names
     another source, model, adapter, dataset or split, or the local model/adapter folder's weights changed since
@@ -837,12 +876,19 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
     Raises:
         CTIQAError: another run's evaluation is there and ``overwrite`` is false; the message names what differs.
     """
+    from ctiqa.serving import ANSWERS_FILE
+
     res, pred = out / RESULTS_FILE, out / PREDICTIONS_FILE
     theirs = [n for n in PLOT_FILES.values() if (out / n).exists()] if not res.exists() else []
     if theirs:  # plots ctiqa did not write (no evaluation here): the run would replace them
         raise CTIQAError(f"--out {out}: holds {', '.join(theirs)} that no ctiqa evaluation wrote; nothing was "
                          "changed. Give another --out")
+    if pred.exists() and pred.stat().st_size and not _first_line_has(pred, "parse_rule"):  # make_record's rows
+        raise CTIQAError(f"--out {out}: holds a {pred.name} that no ctiqa evaluation wrote; nothing was changed. Give "
+                         "another --out")
     if not res.exists() and not (pred.exists() and identity["source"] not in ("model", "api", "server")):
+        if overwrite:
+            move_aside([pred, out / ANSWERS_FILE], "evaluation")
         return  # nothing, or rows a model/API/server run resumes from or moves aside itself
     try:
         previous = json.loads(res.read_text())
@@ -866,14 +912,12 @@ def check_previous_run(out: Path, identity: dict[str, Any], overwrite: bool, lim
                              f"rewrite it with {limit}; nothing was changed. Give another --out, or --overwrite to "
                              "move its results.json and predictions.jsonl aside")
         diff = [f"{n_before} samples then, --limit {limit} now"]
-    if not diff:
+    if not diff and not overwrite:
         return
-    if not overwrite:
+    if diff and not overwrite:
         raise CTIQAError(f"--out {out}: holds the evaluation of another run ({'; '.join(diff)}); nothing was "
                          "changed. Give another --out, or --overwrite to move its results.json and predictions.jsonl "
                          "aside")
-    from ctiqa.serving import ANSWERS_FILE
-
     move_aside([res, pred, out / ANSWERS_FILE], "evaluation")  # the answers of a server run are that run's too
 
 

@@ -187,6 +187,29 @@ def weights_fingerprint(*folders: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
+#: Data files of a local dataset folder (``ctiqa build-dataset`` output, any ``datasets`` folder) that
+#: :func:`dataset_fingerprint` stats, at any depth.
+DATASET_FILE_PATTERNS = ("*.parquet", "*.arrow", "*.jsonl", "*.json", "*.csv")
+
+
+def dataset_fingerprint(name: str | Path | None) -> str | None:
+    """A cheap fingerprint (SHA-256 hex) of a local dataset folder's data files (:data:`DATASET_FILE_PATTERNS`,
+    any depth: relative name, size, mtime in ns; nothing is read), so that a training run resumed onto a dataset
+    rebuilt at the same path is recognised as another run. None for Hub ids and anything not a local folder.
+    A rebuild with identical rows counts as changed too (new mtimes): refused rather than mixed."""
+    import hashlib
+
+    if name is None or not Path(name).expanduser().is_dir():
+        return None
+    root = Path(name).expanduser()
+    h = hashlib.sha256()
+    files = sorted({p for pattern in DATASET_FILE_PATTERNS for p in root.rglob(pattern) if p.is_file()})
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
 def exported_settings(training: TrainedSettings | None, weights_dtype: str) -> TrainedSettings:
     """The settings of a model merged from an adapter by ``ctiqa export``: a full model (``adapter`` False), not
     quantised (``load_in_4bit`` False, no 4-bit fields), weights and compute in ``weights_dtype``, so that

@@ -283,7 +283,7 @@ def evaluate_with_server(samples: list[Any], out: Path, scorer: ServerScorer, *,
     from ctiqa.evaluation import PREDICTIONS_FILE, append_scored, load_done_rows
 
     path = out / PREDICTIONS_FILE
-    done = load_done_rows(path, key)
+    done = load_done_rows(path, key, samples)
     todo = [s for s in samples if s.id not in done]
     info: dict[str, Any] = {"resumed_rows": len(samples) - len(todo)}
     if todo:

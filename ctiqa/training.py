@@ -54,7 +54,13 @@ import ctiqa
 from ctiqa import CTIQAError
 from ctiqa.cards import hub_push
 from ctiqa.demo import DEMO_DATASET
-from ctiqa.model_settings import DONE_FILE, TRAINING_DTYPES, TrainedSettings, write_settings
+from ctiqa.model_settings import (
+    DONE_FILE,
+    TRAINING_DTYPES,
+    TrainedSettings,
+    dataset_fingerprint,
+    write_settings,
+)
 from ctiqa.paths import check_output_path, check_source_folder, is_local_path
 
 logger = logging.getLogger("ctiqa.training")
@@ -272,9 +278,14 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
                 v = getattr(obj, name)
                 v = getattr(v, "value", v)  # enums
                 out[name] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
-    return resolved_paths(out)
+    out = resolved_paths(out)
+    out["dataset_files"] = dataset_fingerprint(out.get("dataset_name"))  # rebuilt at the same path: another run
+    return out
 
 
+#: Settings of :func:`run_config` added after runs were first recorded: a recorded run without one is not compared
+#: on it (it resumes as before).
+NEWER_SETTINGS = ("dataset_files",)
 #: Settings of :func:`run_config` that may name local folders: recorded resolved, so that a re-run from another
 #: folder (where the same relative spelling names other data) or another spelling of the same folder is judged
 #: by the folder itself.
@@ -406,11 +417,14 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     state = PartialState()
     recorded_file = root / RUN_CONFIG_FILE
     recorded = resolved_paths(json.loads(recorded_file.read_text())) if recorded_file.is_file() else None
+    if recorded is not None:
+        recorded.update({k: config.get(k) for k in NEWER_SETTINGS if k not in recorded})
     checkpoints = sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if root.is_dir() else []
     trained = bool(checkpoints) or (root / DONE_FILE).exists()  # a run that stopped before its first checkpoint
     if recorded is not None and recorded != config and trained:  # left nothing to mix with: it is overwritten
-        diffs = [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(recorded) | set(config))
-                 if recorded.get(k) != config.get(k)]
+        diffs = [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" if k != "dataset_files" else
+                 "dataset files: rebuilt or changed at the same path since"
+                 for k in sorted(set(recorded) | set(config)) if recorded.get(k) != config.get(k)]
         if not overwrite:
             raise CTIQAError(f"{root} holds another run ({'; '.join(diffs)}); choose another output_dir, or pass "
                              "--overwrite_output_dir true to start over there")

@@ -802,3 +802,38 @@ def test_a_card_evaluation_must_be_of_the_weights_in_the_folder(dataset, tiny, t
     time.sleep(0.01)
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())  # re-saved: more training
     assert "weights have changed" in not_an_evaluation_of(results, model)
+
+
+def test_a_rebuilt_dataset_a_users_predictions_file_and_a_second_run_are_refused(dataset, tiny, tmp_path, capsys):
+    """QA round 6: (1) the dataset at the same path rebuilt with other labels: evaluate resumed the old rows with
+    the old labels (SRCC 0.5 reported, -0.5 true), exit 0; (2) a user's own predictions.jsonl in --out was moved
+    aside and replaced without --overwrite; (3) two evaluations at once into one --out both said "wrote"."""
+    import json
+
+    from ctiqa.testing import lock_held_elsewhere
+
+    out = tmp_path / "e"
+    argv = ["evaluate", "--model", str(tiny), "--dataset", str(dataset), "--out", str(out), "--score-only",
+            "--bootstrap", "0", "--limit", "3"]
+    assert ctiqa_main(argv) == 0
+    pred = out / "predictions.jsonl"
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    rows[1]["score"] = 4.0 - rows[1]["score"]  # as if the rows were scored against another build's labels
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = pred.read_bytes()
+    assert ctiqa_main(argv) == 2
+    assert "were scored against other reference scores" in capsys.readouterr().err
+    assert pred.read_bytes() == before
+    assert ctiqa_main([*argv, "--overwrite"]) == 0  # starts over, the old rows kept aside
+    assert list(out.glob("predictions.*.bak.jsonl"))
+
+    mine = tmp_path / "u"
+    mine.mkdir()
+    (mine / "predictions.jsonl").write_text('{"x": "mine"}\n')
+    assert ctiqa_main([*argv[:5], "--out", str(mine), "--score-only", "--bootstrap", "0", "--limit", "3"]) == 2
+    assert "holds a predictions.jsonl that no ctiqa evaluation wrote" in capsys.readouterr().err
+    assert (mine / "predictions.jsonl").read_text() == '{"x": "mine"}\n' and len(list(mine.iterdir())) == 1
+
+    with lock_held_elsewhere(tmp_path / "busy"):
+        assert ctiqa_main([*argv[:5], "--out", str(tmp_path / "busy"), "--score-only", "--limit", "3"]) == 2
+    assert "another ctiqa evaluate run is writing it" in capsys.readouterr().err

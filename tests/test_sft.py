@@ -451,6 +451,28 @@ def test_local_data_and_model_are_judged_by_folder_not_by_spelling(tmp_path, mon
         training.prepare_output_dir(out, _config(tmp_path))
 
 
+def test_a_dataset_rebuilt_at_the_same_path_is_another_run(tmp_path, monkeypatch):
+    """QA round 6: build-dataset into dsT, train 2 steps, rebuild dsT with other rows, train on: it resumed from
+    checkpoint-2 onto the new data, and the card named dsT. The dataset's files are part of the run."""
+    data = tmp_path / "dsT" / "data"
+    data.mkdir(parents=True)
+    (data / "train-00000-of-00001.parquet").write_bytes(b"rows of the first build")
+    out = tmp_path / "out"
+    config = _config(tmp_path, "--dataset_name", str(tmp_path / "dsT"))
+    assert training.prepare_output_dir(out, config) is None
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    again = _config(tmp_path, "--dataset_name", str(tmp_path / "dsT"))
+    assert training.prepare_output_dir(out, again) == str(out / "checkpoint-2")  # untouched: resumes
+    recorded = json.loads((out / training.RUN_CONFIG_FILE).read_text())
+    del recorded["dataset_files"]  # a run recorded by an older ctiqa: resumes as before
+    (out / training.RUN_CONFIG_FILE).write_text(json.dumps(recorded))
+    assert training.prepare_output_dir(out, again) == str(out / "checkpoint-2")
+    (data / "train-00000-of-00001.parquet").write_bytes(b"rows of another build, longer")
+    with pytest.raises(training.CTIQAError, match="dataset files: rebuilt or changed at the same path since"):
+        training.prepare_output_dir(out, _config(tmp_path, "--dataset_name", str(tmp_path / "dsT")))
+
+
 def test_checkpoints_of_an_unrecorded_run_are_not_resumed_silently(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)
