@@ -31,6 +31,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def non_negative_int(text: str) -> int:
+    """``argparse`` type of seeds and resample counts: an int >= 0 (numpy and scipy reject negatives with a
+    traceback; here it is one usage line).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 0.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctiqa",

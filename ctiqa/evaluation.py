@@ -609,7 +609,9 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
         "counts": {"n": len(records), "n_split": len(records) if n_split is None else n_split,
                    **{f"{k}_valid": m["n_valid"] for k, m in metrics.items()}},
         "failures": count_failures(records),
-        "files": {"predictions": PREDICTIONS_FILE, "plots": plots},
+        "files": {"predictions": PREDICTIONS_FILE, "plots": plots,
+                  # what the metrics were computed from: a reader refuses a predictions.jsonl changed since
+                  "predictions_sha256": hashlib.sha256(lines.encode("utf-8")).hexdigest()},
         "provenance": provenance(settings, model_info),
     }
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
@@ -649,6 +651,8 @@ def usable(results: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa evaluate``."""
+    from ctiqa.cli import non_negative_int
+
     parser.description = ("Score a model, a zero-shot API model or a predictions file against the true scores, with "
                           "one prompt, decoding, parser and metric module for all.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -697,8 +701,8 @@ writes results.json, predictions.jsonl, scatter.png, bland_altman.png in --out; 
     parser.add_argument("--overwrite", action="store_true", help="--out holds the evaluation of another model, "
                         "dataset or split: move its results.json and predictions.jsonl aside (.bak) and start over "
                         "(without it such a run is refused)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples for 95%% intervals")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ difference with its interval and a two-sided p-value. With n = 100 an SRCC of 0.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,8 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     """(results.json, predictions.jsonl rows) of one ``ctiqa evaluate`` output folder.
 
     Raises:
-        CTIQAError: a file is missing or not valid JSON (names the file).
+        CTIQAError: a file is missing or not valid JSON (names the file); ``predictions.jsonl`` changed since
+            ``results.json`` was computed from it (its recorded ``files.predictions_sha256``).
     """
     d = Path(path)
     res_file, pred_file = d / RESULTS_FILE, d / PREDICTIONS_FILE
@@ -50,6 +52,10 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
                          "leaves it so: run the same `ctiqa evaluate` again to finish it") from e
     if "metrics" not in results:
         raise CTIQAError(f"{res_file}: no 'metrics' (not a ctiqa evaluate result)")
+    recorded = (results.get("files") or {}).get("predictions_sha256")
+    if recorded and recorded != hashlib.sha256(pred_file.read_bytes()).hexdigest():
+        raise CTIQAError(f"{pred_file}: changed since {res_file.name} was computed from it (its metrics would not be "
+                         "these rows'); run the same `ctiqa evaluate` with --overwrite to recompute them")
     return results, rows
 
 
@@ -289,11 +295,13 @@ def is_report(path: Path) -> bool:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa report``."""
+    from ctiqa.cli import non_negative_int
+
     parser.add_argument("dirs", nargs="+", help="ctiqa evaluate output folders (the first is the reference)")
     parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
     parser.add_argument("--names", nargs="+", help="one display name per folder")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="paired bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
 
 
 def unique_dirs(dirs: list[str], names: list[str] | None = None) -> tuple[list[str], list[str] | None]:

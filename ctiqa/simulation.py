@@ -990,11 +990,13 @@ def _readme(deg: dict[str, Any]) -> str:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ctiqa simulate``."""
+    from ctiqa.cli import non_negative_int
+
     parser.add_argument("--out", required=True, help="output folder (LDCTIQA layout)")
     parser.add_argument("--n-images", type=int, default=100, help="number of images (default 100)")
     parser.add_argument("--size", type=int, default=512,
                         help="image size in px; smaller than a slice -> crops at native resolution (default 512)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--test-base-slices", nargs="*", default=list(DEFAULT_TEST_BASE_SLICES), metavar="NAME",
                         help="base slices held out for the test split (default: abdomen; none: give the flag alone)")
     parser.add_argument("--base-slices", nargs="+", default=None, metavar="NAME",

@@ -761,7 +761,7 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
     at info level, the launch checks (:func:`check_launch`: fp16 / ZeRO-3 refused) and the seed.
 
     Raises:
-        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`).
+        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`); ``max_steps`` 0.
     """
     from transformers import set_seed
 
@@ -770,6 +770,9 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
                    training_args.device, training_args.world_size, training_args.bf16)
     logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
     check_launch(model_args, training_args)
+    if training_args.max_steps == 0:  # the Trainer takes one step and writes DONE: a finished run of nothing
+        raise CTIQAError("--max_steps 0 would train nothing; give a positive number of steps, or -1 (the default) to "
+                         "train for --num_train_epochs")
     set_seed(training_args.seed)
 
 

@@ -860,6 +860,7 @@ def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[fl
 # --------------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``ctiqa build-dataset``."""
+    from ctiqa.cli import non_negative_int
     from ctiqa.imaging import ENCODINGS
     from ctiqa.prompts import TARGET_FORMATS
 
@@ -880,7 +881,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
       help="paper (shipped 800/100/100 ids), stratified (seeded 80/10/10), base-slice (simulated data); auto: paper "
            "for the full LDCTIQA training release, base-slice for `ctiqa simulate` output, else stratified. "
            "Default: auto")
-    a("--seed", type=int, default=0, help="split seed (stratified, base-slice) and template wording seed")
+    a("--seed", type=non_negative_int, default=0, help="split seed (stratified, base-slice) and template wording seed")
     a("--format", choices=TARGET_FORMATS, default=DEFAULT_TARGET_FORMAT,
       help=f"target text format. Default: {DEFAULT_TARGET_FORMAT}")
     a("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS,

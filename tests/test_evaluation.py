@@ -837,3 +837,32 @@ def test_a_rebuilt_dataset_a_users_predictions_file_and_a_second_run_are_refused
     with lock_held_elsewhere(tmp_path / "busy"):
         assert ctiqa_main([*argv[:5], "--out", str(tmp_path / "busy"), "--score-only", "--limit", "3"]) == 2
     assert "another ctiqa evaluate run is writing it" in capsys.readouterr().err
+
+
+def test_report_and_html_refuse_predictions_changed_since_the_metrics(tmp_path, monkeypatch, capsys):
+    """QA round 7: with predictions.jsonl reversed (or cut to half) after evaluate, report and html still showed
+    results.json's SRCC 0.926 for rows whose SRCC is -0.926, exit 0. The metrics record the file they came from."""
+    monkeypatch.chdir(tmp_path)
+    assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "p.jsonl", 0.2)), "--out", "a",
+                       "--bootstrap", "0"]) == 0
+    assert ctiqa_main(["report", "a", "--out", "r.md", "--bootstrap", "0"]) == 0
+    pred = tmp_path / "a" / "predictions.jsonl"
+    pred.write_text("".join(pred.read_text().splitlines(keepends=True)[:2]))
+    capsys.readouterr()
+    assert ctiqa_main(["report", "a", "--out", "r2.md", "--bootstrap", "0"]) == 2
+    assert "changed since results.json was computed from it" in capsys.readouterr().err
+    assert ctiqa_main(["html", "a", "--out", "a.html"]) == 2
+    assert "changed since results.json" in capsys.readouterr().err and not (tmp_path / "a.html").exists()
+
+
+@pytest.mark.parametrize("argv", [["report", "x", "--out", "r.md", "--seed", "-3"],
+                                  ["report", "x", "--out", "r.md", "--bootstrap", "-5"],
+                                  ["simulate", "--out", "s", "--seed", "-1"],
+                                  ["build-dataset", "--ldctiqa", "x", "--out", "d", "--seed", "-1"]])
+def test_negative_seeds_and_resample_counts_are_one_usage_line(argv, tmp_path, monkeypatch, capsys):
+    """QA round 7: these ended in numpy/scipy tracebacks after the work had started."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ctiqa_main(argv)
+    assert e.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

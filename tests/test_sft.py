@@ -714,3 +714,11 @@ def test_the_trainers_reload_warning_is_replaced_by_one_line_after_our_verified_
             lg.setLevel(level)
         trainer_logger.filters = [f for f in trainer_logger.filters
                                   if not isinstance(f, training.HideTrainerReloadWarning)]
+
+
+def test_max_steps_0_is_refused_before_anything(tmp_path):
+    """QA round 7: `--max_steps 0` took one step, wrote DONE and exited 0."""
+    with pytest.raises(training.CTIQAError, match="--max_steps 0 would train nothing"):
+        sft.main(*sft.parse_args(["--config", str(TINY_DEMO), "--output_dir", str(tmp_path / "out"),
+                                  "--max_steps", "0"]))
+    assert not (tmp_path / "out").exists()
