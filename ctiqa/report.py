@@ -53,7 +53,9 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     if "metrics" not in results:
         raise CTIQAError(f"{res_file}: no 'metrics' (not a ctiqa evaluate result)")
     recorded = (results.get("files") or {}).get("predictions_sha256")
-    if recorded and recorded != hashlib.sha256(pred_file.read_bytes()).hexdigest():
+    n = (results.get("counts") or {}).get("n")  # results written before the sha256 was recorded: the count at least
+    if (recorded and recorded != hashlib.sha256(pred_file.read_bytes()).hexdigest()) or \
+            (not recorded and isinstance(n, int) and n != len(rows)):
         raise CTIQAError(f"{pred_file}: changed since {res_file.name} was computed from it (its metrics would not be "
                          "these rows'); run the same `ctiqa evaluate` with --overwrite to recompute them")
     return results, rows
