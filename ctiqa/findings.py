@@ -48,6 +48,10 @@ line, a spoke at the view's angle. With n views over 180° the spectrum's energy
 spokes: the angular profile of the power spectrum is periodic with n periods per 180°. Isotropic noise, and
 anatomy, have no such periodicity. The measure finds it:
 
+HU images are first clipped to the soft-tissue window (:data:`ctiqa.imaging.SOFT_TISSUE`, -135..215 HU): the
+domain :data:`STREAK_THRESHOLD` was calibrated in and what the model sees, so ``ctiqa findings`` on a DICOM and the
+findings of ``ctiqa predict`` (measured on the rendered image) call the same slice alike.
+
 1. ``V(θ)`` (:func:`streak_profile`): the high-pass residual (image minus a Gaussian blur of
    :data:`STREAK_HIGHPASS_PX` px: the finest scales, where spokes lie farthest apart and anatomy is weakest) of the
    central square (at most :data:`STREAK_MAX_SIZE` px), its power spectrum (zero-padded 2x) summed along the
@@ -88,7 +92,15 @@ from typing import Any
 import numpy as np
 
 from ctiqa import CTIQAError
-from ctiqa.imaging import MEDGEMMA_3WINDOW, SOFT_TISSUE, CTImage, is_dicom_file, read_ct_frames, unit_to_hu
+from ctiqa.imaging import (
+    MEDGEMMA_3WINDOW,
+    SOFT_TISSUE,
+    CTImage,
+    hu_to_unit,
+    is_dicom_file,
+    read_ct_frames,
+    unit_to_hu,
+)
 from ctiqa.paths import atomic_write, check_output_path
 from ctiqa.vocabulary import noise_severity
 
@@ -271,13 +283,16 @@ def measure_findings(image: CTImage, id: str | None = None) -> Findings:
     Returns:
         :class:`Findings`.
     Raises:
-        CTIQAError: the image is smaller than 32x32 pixels (nothing to measure), naming its source.
+        CTIQAError: the image is smaller than 32x32 pixels (nothing to measure), naming ``id`` (else its source).
     """
-    if min(image.shape) < 32:
-        raise CTIQAError(f"{image.source}: image of {image.shape[1]}x{image.shape[0]} px is too small to measure")
+    if min(image.shape) < 32:  # named by its id when given: a DICOM file's name may be a UID
+        raise CTIQAError(f"{id if id is not None else image.source}: image of {image.shape[1]}x{image.shape[0]} px "
+                         "is too small to measure")
     hu, _ = hu_and_valid(image)
     noise, frac = measure_noise(hu)
-    idx = streak_index(streak_profile(hu))
+    # Streaks are measured in the soft-tissue window for every input: the domain STREAK_THRESHOLD was calibrated in
+    # (LDCTIQA-style [0, 1] images) and what the model sees; full-range HU (bone, air edges) gives another index.
+    idx = streak_index(streak_profile(unit_to_hu(hu_to_unit(hu)) if image.kind == "hu" else hu))
     return Findings(id=id if id is not None else image_id(image.source), noise_hu=noise,
                     noise_severity=noise_severity(noise) if noise is not None else None,
                     streak_index=idx, streaks=idx >= STREAK_THRESHOLD, soft_tissue_fraction=frac)

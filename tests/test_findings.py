@@ -155,6 +155,38 @@ def test_cli_dicom_files_given_directly_are_not_named_by_their_uid(tmp_path, cap
     assert json.loads(out.read_text())["id"] == "1.2.840.113619.2.1"
 
 
+def test_cli_a_too_small_uid_named_dicom_is_skipped_by_its_id(tmp_path, capsys):
+    """QA round 8: a 16x16 DICOM (pydicom's 17136) named by a UID, in a UID-named series folder or given directly,
+    was skipped as "too small to measure" with its full path (study, series and SOP UIDs) on stderr."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    series = tmp_path / "1.2.826.0.1.3680043.8.498.1"
+    series.mkdir()
+    tiny = series / "1.2.826.0.1.3680043.8.498.11111111111111.dcm"
+    shutil.copy(get_testdata_file("17136"), tiny)
+    for inputs in ([str(series)], [str(tiny)]):
+        assert ctiqa_main(["findings", *inputs]) == 1  # nothing measured
+        err = capsys.readouterr().err
+        assert "too small to measure" in err and "1.2.826" not in err, err
+
+
+def test_findings_of_a_dicom_agree_with_those_of_its_rendering():
+    """QA round 8: `ctiqa findings` measured a DICOM's streaks in full-range HU, `ctiqa predict` on the rendered
+    image (soft-tissue window): the same slice got two streak indices (7.6 vs 12.7 for CT_small). Both now measure
+    in the soft-tissue window, where the threshold was calibrated."""
+    from pydicom.data import get_testdata_file
+
+    from ctiqa.findings import measure_rendered
+    from ctiqa.imaging import read_ct, render
+
+    img = read_ct(get_testdata_file("CT_small.dcm"))
+    a, b = measure_findings(img, "x"), measure_rendered(render(img), "x")
+    assert abs(a.streak_index - b.streak_index) < 0.1 * b.streak_index, (a.streak_index, b.streak_index)
+    assert a.streaks == b.streaks and abs(a.noise_hu - b.noise_hu) < 1.0
+
+
 def test_streak_index_sees_views_not_noise_on_an_independent_simulation(tmp_path):
     """Issue 11's bar on a small simulation where n_views and the noise sigma are drawn independently
     (bench/bench_findings.py independent_set: the simulator's physics on the chest and head slices): the streak
