@@ -825,10 +825,18 @@ def check_companions(out: Path) -> None:
     a series summary, an ``.answers.jsonl`` whose first row is not a server answer. A run replaces or appends to
     them, so a user's file of that name would be lost.
 
+    Also refused: an ``--out`` whose name differs from an existing row file only in its suffix (``S.csv`` beside
+    ``S.jsonl``): both would share ``S.run.json`` and ``S.answers.jsonl``, and a run into one would rewrite the
+    other's record, so a resume of the other could keep rows of another model.
+
     Raises:
-        CTIQAError: naming the companion file; nothing is changed.
+        CTIQAError: naming the companion (or sibling) file; nothing is changed.
     """
     run_file, series_file, answers_file = _companions(out)
+    for sibling in (out.with_suffix(s) for s in SUFFIXES if s != out.suffix):
+        if sibling.exists() or sibling.is_symlink():
+            raise CTIQAError(f"--out {out}: {sibling.name} exists beside it and would share its companion files "
+                             f"({run_file.name}, {answers_file.name}); choose another --out name")
     settings_keys = {"model", "adapter", "format", "encoding", "score_only"}
     summary_keys = {"series", "n_slices", "n_unscored", "n_skipped"}
     for path, keys in ((run_file, settings_keys), (series_file, summary_keys), (answers_file, {"key", "result"})):

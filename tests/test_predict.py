@@ -244,6 +244,22 @@ def test_companion_files_of_out_and_repeated_ids_are_refused_before_any_work(tmp
     assert not (tmp_path / "ids.jsonl").exists() and not (tmp_path / "ids.run.json").exists()
 
 
+def test_out_beside_a_row_file_of_another_suffix_is_refused(tmp_path, capsys):
+    """QA round 8: `--out S.csv` after `--out S.jsonl` rewrote the shared S.run.json, so a resume of S.jsonl with
+    another model kept the first model's rows (wrong scores, exit 0). Refused before any work, files unchanged."""
+    good = tmp_path / "a.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), good)
+    first, run = tmp_path / "S.jsonl", tmp_path / "S.run.json"
+    first.write_text('{"series": "x"}\n')
+    run.write_text('{"model": "A"}\n')
+    for other in ("S.csv", "S.json"):
+        assert main(["predict", str(good), "--model", str(tmp_path / "no_such_model"), "--out",
+                     str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert "S.jsonl exists beside it" in err and "no_such_model" not in err, err
+        assert not (tmp_path / other).exists() and run.read_text() == '{"model": "A"}\n'
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
