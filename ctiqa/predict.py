@@ -317,9 +317,10 @@ class RowSink:
             before = json.loads(self.run_file.read_text())
             diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
                     and (k in before or k not in NEWER_SETTINGS)]  # not recorded then: resumes as before
-            if "model_weights" in diff:
+            if diff == ["model_weights"]:  # the same model and adapter names, other weights
                 raise CTIQAError(f"--out {path}: model weights: changed since the rows in {path.name} were scored "
                                  "(the model or adapter folder was re-saved or replaced); choose another --out")
+            diff = [k for k in diff if k != "model_weights"] or diff  # another model: its name says it
             if diff:
                 raise CTIQAError(f"--out {path}: holds rows of a run with other settings ("
                                  + ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff)

@@ -521,6 +521,11 @@ def test_a_model_replaced_at_the_same_path_is_never_resumed_as_the_old_one(tiny,
     new = [r["prob_score"] for r in map(json.loads, (tmp_path / "new.jsonl").read_text().splitlines())
            if not r.get("skipped")]
     assert new != pytest.approx(old, abs=1e-3)
+    # another model folder: the message names the model, not "weights changed" (QA round 8)
+    capsys.readouterr()
+    assert main([*args[:3], str(tiny), *args[4:]]) == 2
+    err = capsys.readouterr().err
+    assert f"model: '{model}' then, '{tiny}' now" in err and "weights" not in err, err
 
 
 def test_a_series_folder_named_by_its_uid_is_not_named_in_the_outputs(tiny, tmp_path, capsys):
