@@ -162,14 +162,16 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
         input that cannot be read at all is a series without slices whose ``errors`` say why.
     Raises:
         CTIQAError: ``ids`` given with a different length than ``inputs``, or an id given twice
-            (:func:`check_ids`).
+            (:func:`check_ids`); two inputs that would get one series id.
     """
     check_ids(inputs, ids)
     if ids is None:
         inputs = _distinct_inputs(inputs)
-    out = []
+    out: list[Series] = []
+    source: list[int] = []  # the input each series came from
     n_dicom_files = n_uid_paths = 0
     for i, raw in enumerate(inputs):
+        source += [i - 1] * (len(out) - len(source))  # the series the previous input gave
         sid = ids[i] if ids else _printable(raw)
         p = Path(raw)
         try:
@@ -220,6 +222,14 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
                       "--file-names to name it)", file=sys.stderr)
         else:
             out.append(Series(id=sid, errors=[(raw, f"{raw}: " + (r if (r := missing_reason(p)) != "no such file" else "no such file or folder"))]))
+    source += [len(inputs) - 1] * (len(out) - len(source))
+    # Rows, summaries and resume are keyed on the series id: two inputs under one id would be merged (a folder X of
+    # two series gives X#1, X#2, and a sibling folder may be named "X#1"; --id S#2 beside --id S).
+    first: dict[str, int] = {}
+    for s, i in zip(out, source, strict=True):
+        if first.setdefault(s.id, i) != i:
+            raise CTIQAError(f"inputs {first[s.id] + 1} and {i + 1} would both be scored as series {s.id!r} (a folder "
+                             "of k DICOM series is named ID#1 .. ID#k); give each input its own --id")
     return out
 
 

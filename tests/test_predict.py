@@ -260,6 +260,27 @@ def test_out_beside_a_row_file_of_another_suffix_is_refused(tmp_path, capsys):
         assert not (tmp_path / other).exists() and run.read_text() == '{"model": "A"}\n'
 
 
+def test_two_inputs_that_would_share_a_series_id_are_refused(tmp_path, capsys):
+    """QA round 8: a folder X of two DICOM series is scored as X#1 and X#2; a sibling folder named "X#1" (or
+    `--id S --id S#2`) got the same id, and the two were merged into one series summary (exit 0)."""
+    folder = _series(tmp_path / "X", n=2)
+    other = pydicom.dcmread(folder / "slice_001.dcm")
+    other.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.12"
+    other.save_as(folder / "other.dcm")  # X now holds two series
+    sibling = tmp_path / "X#1"
+    sibling.mkdir()
+    tifffile.imwrite(sibling / "0000.tif", np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    tif = tmp_path / "t.tif"
+    tifffile.imwrite(tif, np.random.default_rng(1).random((64, 64), dtype=np.float32))
+    no_model = str(tmp_path / "no_such_model")
+    for extra in ([str(folder), str(sibling)], [str(folder), str(tif), "--id", "S", "--id", "S#2"]):
+        out = tmp_path / "o.jsonl"
+        assert main(["predict", *extra, "--model", no_model, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "inputs 1 and 2 would both be scored as series" in err and "no_such_model" not in err, err
+        assert not out.exists() or out.stat().st_size == 0  # no row (--out is opened, empty, before indexing)
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
