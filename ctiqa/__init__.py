@@ -24,3 +24,15 @@ class CTIQAWarning(UserWarning):
     with the -1024 convention, overshoot of [0, 1] data clipped). The message names the file; the ``ctiqa``
     command prints it as one ``warning: ...`` line. The same text is kept in :attr:`ctiqa.imaging.CTImage.notes`.
     """
+
+
+def _drop_kernels_hint(record: object) -> bool:
+    """False for bitsandbytes' import-time hint to ``pip install kernels`` on CPUs with AVX512-BF16: ctiqa runs
+    4-bit layers without that package (:func:`ctiqa.inference.load_model` computes fp32 models in fp32), and the
+    package would fetch code from the Hub at run time, which a private, offline deployment must not be told to do."""
+    return "kernels-community" not in str(getattr(record, "msg", ""))
+
+
+import logging as _logging  # noqa: E402  (after the public names: a filter only, no configuration)
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_hint)

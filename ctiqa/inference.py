@@ -223,6 +223,13 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
         raise CTIQAError(f"cannot load the processor of {adapter if has_own_processor else model}: {e}") from e
     processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
     net.eval()
+    if precision == "4bit" and compute == "float32":
+        # bitsandbytes on a CPU with AVX512-BF16 repacks 4-bit weights at the first eval-mode forward and computes
+        # in bf16 whatever the compute dtype (bitsandbytes/nn/modules.py Linear4bit.forward); training ran in fp32.
+        # Off, the layer dequantises to the compute dtype as on a GPU: scores as trained, and as an fp32 export.
+        for m in net.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     return LoadedModel(net, processor, str(model), adapter and str(adapter), precision, device, compute, settings)
 
 

@@ -168,10 +168,9 @@ def test_qlora_fp32_export_loads_unquantised_and_scores_as_base_plus_adapter(tra
     assert got_lm.precision == "fp32" and got_lm.compute_dtype == "float32"
     assert not any("4bit" in type(m).__name__ for m in got_lm.model.modules())
     # bitsandbytes on an AVX512-BF16 CPU repacks 4-bit weights for inference and computes in bf16 whatever the
-    # compute dtype (bitsandbytes/nn/modules.py Linear4bit.forward); off, it dequantises to fp32 as on a GPU
-    for m in ref_lm.model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    # compute dtype (bitsandbytes/nn/modules.py Linear4bit.forward): load_model turns that off for an fp32 compute
+    # dtype (QA round 9: base + adapter differed from the fp32 export by 2e-3 on such a CPU)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in ref_lm.model.modules())
     ref = predict_images(ref_lm, images, generate=False)
     got = predict_images(got_lm, images, generate=False)
     np.testing.assert_allclose([p.prob_score for p in got], [p.prob_score for p in ref], atol=1e-4)
