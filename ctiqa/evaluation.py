@@ -59,6 +59,26 @@ from ctiqa.scale import SCORE_MAX, SCORE_MIN, in_scale
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "ctiqa_iqa"
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.jsonl"
+_NUMBER = {"type": ["number", "null"]}
+_INTERVAL = {"type": ["array", "null"], "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+_COUNT = {"type": ["integer", "null"], "minimum": 0}
+_KIND = {"type": "object", "properties": {
+    **{k: _NUMBER for k in ("srcc", "plcc", "krcc", "overall", "mae", "rmse", "parse_failure_rate", "confidence")},
+    **{f"{k}_ci": _INTERVAL for k in ("srcc", "plcc", "krcc", "overall", "mae", "rmse")},
+    **{k: _COUNT for k in ("n", "n_valid", "n_missing", "n_bootstrap")},
+    "warnings": {"type": "array", "items": {"type": "string"}}}}
+#: JSON Schema of the ``results.json`` fields that ``ctiqa report`` and ``ctiqa html`` read (others may be added).
+RESULTS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "required": ["metrics"],
+    "properties": {
+        "metrics": {"type": "object", "properties": {"parsed": _KIND, "probability": _KIND},
+                    "additionalProperties": _KIND},
+        "name": {"type": ["string", "null"]}, "dataset": {"type": ["string", "null"]},
+        "split": {"type": ["string", "null"]}, "primary_score": {"type": ["string", "null"]},
+        "counts": {"type": ["object", "null"], "properties": {k: _COUNT for k in ("n", "n_split")}},
+        "files": {"type": ["object", "null"], "properties": {"predictions_sha256": {"type": ["string", "null"]}}},
+    },
+}
 PLOT_FILES = {"scatter": "scatter.png", "bland_altman": "bland_altman.png"}
 _PACKAGES = ("ctiqa", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "evaluate",
              "scipy", "numpy", "google-genai", "trl")

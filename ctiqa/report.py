@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.evaluation import PREDICTIONS_FILE, RESULTS_FILE
+from ctiqa.evaluation import PREDICTIONS_FILE, RESULTS_FILE, RESULTS_SCHEMA
 from ctiqa.metrics.ctiqa_iqa.ctiqa_iqa import iqa_metrics, paired_bootstrap
 from ctiqa.paths import atomic_write, check_output_path
 
@@ -36,7 +36,8 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     """(results.json, predictions.jsonl rows) of one ``ctiqa evaluate`` output folder.
 
     Raises:
-        CTIQAError: a file is missing or not valid JSON (names the file); ``predictions.jsonl`` changed since
+        CTIQAError: a file is missing or not valid JSON, or ``results.json`` does not match
+            :data:`ctiqa.evaluation.RESULTS_SCHEMA` (names the file and the field); ``predictions.jsonl`` changed since
             ``results.json`` was computed from it (its recorded ``files.predictions_sha256``).
     """
     d = Path(path)
@@ -50,8 +51,12 @@ def load_result_dir(path: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     except json.JSONDecodeError as e:
         raise CTIQAError(f"{d}: bad JSON in results.json or predictions.jsonl ({e}); a run killed while writing "
                          "leaves it so: run the same `ctiqa evaluate` again to finish it") from e
-    if "metrics" not in results:
-        raise CTIQAError(f"{res_file}: no 'metrics' (not a ctiqa evaluate result)")
+    from ctiqa.clients import schema_errors
+
+    if problems := schema_errors(results, RESULTS_SCHEMA):  # a hand-edited or foreign file: one line, no traceback
+        raise CTIQAError(f"{res_file}: not a ctiqa evaluate result ({problems[0]})")
+    if bad := next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None):
+        raise CTIQAError(f"{pred_file}: row {bad} is not a JSON object")
     recorded = (results.get("files") or {}).get("predictions_sha256")
     n = (results.get("counts") or {}).get("n")  # results written before the sha256 was recorded: the count at least
     if (recorded and recorded != hashlib.sha256(pred_file.read_bytes()).hexdigest()) or \

@@ -855,6 +855,24 @@ def test_report_and_html_refuse_predictions_changed_since_the_metrics(tmp_path, 
     assert "changed since results.json" in capsys.readouterr().err and not (tmp_path / "a.html").exists()
 
 
+def test_report_and_html_name_a_results_json_that_is_not_one(tmp_path, monkeypatch, capsys):
+    """QA round 8: results.json holding `null`, or a metric that is a string, ended report and html in a
+    traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "p.jsonl", 0.2)), "--out", "a",
+                       "--bootstrap", "0"]) == 0
+    res = tmp_path / "a" / "results.json"
+    good = json.loads(res.read_text())
+    for bad, field in ((None, "$:"), ({**good, "metrics": {**good["metrics"], "parsed": {
+            **good["metrics"]["parsed"], "srcc": "high"}}}, "$.metrics.parsed.srcc")):
+        res.write_text(json.dumps(bad))
+        capsys.readouterr()
+        assert ctiqa_main(["report", "a", "--out", "r.md", "--bootstrap", "0"]) == 2
+        assert ctiqa_main(["html", "a", "--out", "a.html"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("not a ctiqa evaluate result") == 2 and field in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("argv", [["report", "x", "--out", "r.md", "--seed", "-3"],
                                   ["report", "x", "--out", "r.md", "--bootstrap", "-5"],
                                   ["simulate", "--out", "s", "--seed", "-1"],
