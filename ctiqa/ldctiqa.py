@@ -325,7 +325,8 @@ def load_ldctiqa(
                              "ctiqa simulate command again to finish it")
         if require_labels:
             raise CTIQAError(f"{root}: no labels file ({' / '.join(LABEL_FILES)}): is this an LDCTIQA folder? "
-                             "(from Python: pass labels=, or require_labels=False to read it unlabelled)")
+                             "(ctiqa validate: --labels FILE, or --no-labels to check an unlabelled folder; Python: labels= or "
+                             "require_labels=False)")
     else:
         scores = _read_scores(labels_file)
         for i, p in files.items():
