@@ -185,6 +185,12 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
               "usable score: server not reached, API error, answer without a score, missing) are counted by cause "
               "and left out of the metrics. parsed = score read from the generated text; "
               "probability = expected score from the digit-token probabilities." if rows else ""]
+    for r in rows:  # Overall takes absolute values (the challenge's definition): say where that flatters
+        neg = [f"{k.upper()} {r['metrics'][k]:.3f}" for k in ("srcc", "plcc", "krcc")
+               if isinstance(r["metrics"].get(k), (int, float)) and r["metrics"][k] < 0]
+        if neg:
+            lines += ["", f"**Negative correlation**: {r['name']} ({r['kind']}) has {', '.join(neg)}: it ranks the "
+                      "images in reverse; its Overall counts the absolute values, as the challenge does."]
     # A row with no usable score at all (e.g. an untrained model's text: every answer unparsable) has nothing to
     # compare: it stays in the table above with its failures, but must not empty the common ids of the others.
     scoring = [r for r in rows if r["metrics"].get("n_valid")]

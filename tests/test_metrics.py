@@ -72,6 +72,24 @@ def test_constant_predictions_are_null_not_nan(metric):
     json.dumps(r, allow_nan=False)
 
 
+def test_reversed_predictions_are_named_not_hidden_by_the_overall(tmp_path):
+    """QA round 8: predictions 4 - p (SRCC -0.98) got the same Overall as the right ones (|.| of the challenge's
+    definition) with no word about it; the metrics and the report now say the correlation is negative."""
+    from ctiqa.report import render_markdown
+
+    valid = [(p, r) for p, r in zip(PREDS, REFS, strict=True) if p is not None]
+    right = iqa_metrics([p for p, _ in valid], [r for _, r in valid], n_bootstrap=0)
+    rev = iqa_metrics([4.0 - p for p, _ in valid], [r for _, r in valid], n_bootstrap=0)
+    assert rev["overall"] == pytest.approx(right["overall"]) and rev["srcc"] < 0
+    assert any("negative correlation" in w for w in rev["warnings"])
+    assert not any("negative" in w for w in right["warnings"])
+    rows = [{"name": n, "kind": "parsed", "metrics": m, "n_split": len(valid),
+             "pairs": {str(i): (r, 4.0 - p if n == "rev" else p) for i, (p, r) in enumerate(valid)}}
+            for n, m in (("right", right), ("rev", rev))]
+    md = render_markdown(rows, n_bootstrap=0)
+    assert "**Negative correlation**: rev (parsed) has SRCC" in md and "right (parsed) has" not in md
+
+
 def test_all_missing(metric):
     r = metric.compute(predictions=[None, None, float("nan")], references=[1.0, 2.0, 3.0], n_bootstrap=50)
     assert r["n_missing"] == 3 and r["n_valid"] == 0 and r["parse_failure_rate"] == 1.0

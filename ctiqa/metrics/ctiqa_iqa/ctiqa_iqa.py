@@ -143,6 +143,10 @@ def iqa_metrics(predictions, references, n_bootstrap=1000, confidence=0.95, seed
         notes.append("references are constant: correlations are undefined (null)")
     point = _point(p, r)
     result = {k: _clean(v) for k, v in point.items()}
+    negative = [f"{k.upper()} {result[k]:.3f}" for k in ("srcc", "plcc", "krcc") if (result[k] or 0.0) < 0]
+    if negative:  # the challenge's overall takes absolute values: a reversed ranking would look as good
+        notes.append(f"negative correlation ({', '.join(negative)}): the predictions rank the images in reverse; "
+                     "overall (|PLCC| + |SRCC| + |KRCC|) counts it as if it were positive")
     for k in METRICS:
         result[f"{k}_ci"] = None
     if n_bootstrap and p.size >= 2:
