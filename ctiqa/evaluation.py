@@ -771,8 +771,8 @@ def _evaluate(args: argparse.Namespace, mode: str) -> int:
                                sizes=sizes)[0] if args.dataset else None  # images: measured findings
         records = predictions_from_file(args.predictions, samples, subset=args.limit is not None)
         records = records[:args.limit] if args.limit else records
-        settings = {"source": spelt["source"], "dataset": spelt["dataset"], "split": args.split if args.dataset
-                    else None, "limit": args.limit}
+        settings = {"source": spelt["source"], "source_sha256": spelt["source_sha256"], "dataset": spelt["dataset"],
+                    "split": args.split if args.dataset else None, "limit": args.limit}
         return _done(records, out, args, name=args.name or args.predictions.stem, kind="predictions",
                      settings=settings, model_info=None, n_split=sizes.get("n_split"), samples=samples)
 
@@ -817,7 +817,8 @@ def _evaluate(args: argparse.Namespace, mode: str) -> int:
 #: The settings that name what an evaluation folder holds: a re-run into it with others is refused (#62).
 #: ``model_weights``: :func:`ctiqa.model_settings.weights_fingerprint` of a local model run's model/adapter folders
 #: (None otherwise; results.json written before it was recorded resume as before, unchecked).
-IDENTITY_KEYS = ("source", "model", "adapter", "model_weights", "dataset", "split")
+#: ``source_sha256``: the sha256 of a ``--predictions`` file (None otherwise; likewise not compared when not recorded).
+IDENTITY_KEYS = ("source", "source_sha256", "model", "adapter", "model_weights", "dataset", "split")
 
 
 def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -826,7 +827,9 @@ def _identity(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         args.api if mode == "api" else "model"
     model = None if mode == "predictions" else (args.model or APIS[args.api]) if mode == "api" else args.model
     local = mode == "model" and not args.server
-    return {"source": source, "model": model, "adapter": args.adapter if local else None,
+    digest = hashlib.sha256(Path(args.predictions).read_bytes()).hexdigest() if mode == "predictions" and \
+        Path(args.predictions).is_file() else None
+    return {"source": source, "source_sha256": digest, "model": model, "adapter": args.adapter if local else None,
             "model_weights": weights_fingerprint(args.model, args.adapter) if local else None,
             "dataset": args.dataset, "split": args.split if args.dataset else None}
 
@@ -866,6 +869,9 @@ def _identity_diff(before: dict[str, Any], paths_before: dict[str, str], identit
             if k in before and then != now:
                 diff.append(f"model weights: changed since the rows in {RESULTS_FILE} were scored, the model or "
                             "adapter folder re-saved or replaced")
+        elif k == "source_sha256":  # likewise: an edited predictions file at the same path is another run
+            if then and now and then != now:
+                diff.append(f"predictions file: its content changed since {RESULTS_FILE} was computed from it")
         elif _is_path(k, identity) and (k in paths_before or _is_path(k, before)):
             then_abs = paths_before.get(k) or _absolute(then)
             if then_abs != _absolute(now):

@@ -855,6 +855,24 @@ def test_report_and_html_refuse_predictions_changed_since_the_metrics(tmp_path, 
     assert "changed since results.json" in capsys.readouterr().err and not (tmp_path / "a.html").exists()
 
 
+def test_a_predictions_file_edited_in_place_is_another_run(tmp_path, monkeypatch, capsys):
+    """QA round 8: re-evaluating a predictions file edited in place into the same --out silently replaced the
+    evaluation of its earlier content (the path was the run's only identity). Refused; --overwrite moves it aside;
+    the unchanged file still re-runs."""
+    monkeypatch.chdir(tmp_path)
+    p = _preds_file(tmp_path / "p.jsonl", 0.2)
+    args = ["evaluate", "--predictions", str(p), "--out", "a", "--bootstrap", "0"]
+    assert ctiqa_main(args) == 0 and ctiqa_main(args) == 0  # the same content: the same run
+    before = (tmp_path / "a" / "results.json").read_bytes()
+    _preds_file(p, -0.3)
+    capsys.readouterr()
+    assert ctiqa_main(args) == 2
+    assert "predictions file: its content changed" in capsys.readouterr().err
+    assert (tmp_path / "a" / "results.json").read_bytes() == before
+    assert ctiqa_main([*args, "--overwrite"]) == 0
+    assert any(f.read_bytes() == before for f in (tmp_path / "a").glob("results.*.bak.json"))
+
+
 def test_report_and_html_name_a_results_json_that_is_not_one(tmp_path, monkeypatch, capsys):
     """QA round 8: results.json holding `null`, or a metric that is a string, ended report and html in a
     traceback."""
