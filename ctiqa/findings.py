@@ -326,10 +326,13 @@ def grounding(findings: dict[str, Any] | None, metadata: dict[str, Any] | None =
         None, or ``noise_hu``, ``noise_severity`` (measured), ``streaks`` (True/False, or None when nothing
         trustworthy is known) and ``streaks_source``: "simulator" (``n_views < 512``: the simulator's truth,
         which also knows the mild 256-511-view streaks the measured call mostly misses, stands in wherever it
-        exists), "measured" (no simulator truth and :data:`STREAK_CALL_VALIDATED`), or "unmeasured".
+        exists), "measured" (no simulator truth and :data:`STREAK_CALL_VALIDATED`), or "unmeasured";
+        ``absent_artifacts``: artifacts known not to be in the image (:data:`ctiqa.simulation.ABSENT_ARTIFACTS` on
+        simulated data, names of :data:`ctiqa.vocabulary.OTHER_ARTIFACTS`; ``()`` elsewhere: unknown).
     """
     if findings is None:
         return None
+    from ctiqa.simulation import ABSENT_ARTIFACTS
     from ctiqa.vocabulary import STREAK_VIEWS_BELOW
 
     n_views = (metadata or {}).get("n_views")
@@ -340,7 +343,8 @@ def grounding(findings: dict[str, Any] | None, metadata: dict[str, Any] | None =
     else:
         streaks, source = None, "unmeasured"
     return {"noise_hu": findings.get("noise_hu"), "noise_severity": findings.get("noise_severity"),
-            "streaks": streaks, "streaks_source": source}
+            "streaks": streaks, "streaks_source": source,
+            "absent_artifacts": ABSENT_ARTIFACTS if n_views is not None else ()}
 
 
 def rationale_fields(image: Any, text: str | None) -> dict[str, Any]:

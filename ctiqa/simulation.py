@@ -170,6 +170,14 @@ BASE_SLICES: tuple[BaseSlice, ...] = (
     BaseSlice("spine", "bad_sequence.dcm", None, "thoraco-lumbar spine, posterior upper abdomen, 512x512"),
 )
 
+#: Artifacts that no simulated image has (names of :data:`ctiqa.vocabulary.OTHER_ARTIFACTS`): the simulator adds only
+#: quantum noise and sparse-view streaks, and the :data:`BASE_SLICES`, inspected one by one (rendered in both
+#: encodings: no star-burst streaks or values near 3071 HU, no concentric rings, no doubled edges), show no metal, ring
+#: or motion artifacts. A rationale claiming one of them on simulated data contradicts the truth
+#: (:func:`ctiqa.findings.grounding`, ``datasets_builder.checks``: ``contradicts_findings``). Beam hardening is not
+#: listed: a real skull-base slice can show residual beam hardening, so such a claim stays unverified (flagged).
+ABSENT_ARTIFACTS: tuple[str, ...] = ("metal", "ring", "motion")
+
 #: Files looked at and left out, with the reason.
 EXCLUDED_FILES: dict[str, str] = {
     "eCT_Supplemental.dcm": "skull-stripped brain with sulci/CSF set to -1024 HU: not realistic CT",

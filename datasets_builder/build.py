@@ -818,6 +818,20 @@ def _price(opts: BuildOptions, teacher_id: str) -> tuple[float, float] | None:
             opts.price_output if opts.price_output is not None else base[1])
 
 
+def flags_summary(g: dict[str, Any]) -> str:
+    """The flags of the kept rationales (provenance ``grounding``: ``flags``, ``unverified_artifacts``) in one
+    phrase, most frequent first, e.g. ``"unverified_artifact metal 4, ring 4; unverified_streaks 2"``; "" when none
+    is flagged."""
+    def most(counts: dict[str, int]) -> list[tuple[str, int]]:
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    parts = []
+    for kind, n in most(g.get("flags") or {}):
+        named = most(g.get("unverified_artifacts") or {}) if kind == "unverified_artifact" else []
+        parts.append(f"{kind} " + (", ".join(f"{k} {v}" for k, v in named) if named else str(n)))
+    return "; ".join(parts)
+
+
 def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[float, float] | None,
             teacher_id: str, out: Path | None, commit: str | None, cache_path: Path | None,
             items: list[Item]) -> None:
@@ -851,6 +865,8 @@ def _report(stats: RunStats, prov: dict[str, Any], usage: Usage, price: tuple[fl
             p(f"  e.g. {error}")
     if prov["rejections"]:
         p("rejected rationales (left out): " + ", ".join(f"{k} {v}" for k, v in sorted(prov["rejections"].items())))
+    if flagged := flags_summary(prov["grounding"]):
+        p(f"kept rationales flagged (see audit.csv): {flagged}")
     if out is not None:
         p(f"wrote {out} (data/*.parquet, README.md, audit.csv)")
     if commit:

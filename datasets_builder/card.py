@@ -76,7 +76,8 @@ def grounding_md(g: dict | None) -> str:
             + ("the measured streak call, validated on simulation only" if STREAK_CALL_VALIDATED else
                "no streak finding: the measured streak call is not validated")
             + ") and asks for a report consistent with it; the audit rejects rationales "
-            "that contradict them (`contradicts_findings`: noise two bands off, streaks where none are). "
+            "that contradict them (`contradicts_findings`: noise two bands off, streaks where none are; on simulated "
+            "data also metal, ring or motion artifacts, which it never has). "
             f"Rejected for a fixable reason and asked again with the reason (at most {g.get('max_reasks', 0)} "
             f"times): {g.get('reasked', 0)}; of those kept: {g.get('reasked_kept', 0)}. Flags on kept rationales "
             f"(not rejected): {', '.join(f'{k} {v}' for k, v in sorted(flags.items())) or 'none'}"

@@ -24,16 +24,21 @@ Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
     the teacher's JSON ``score`` differs from the true score by more than 0.05 (it ignored the instruction).
 ``contradicts_findings``
     (with ``grounding``, :func:`ctiqa.findings.grounding`) the rationale's claims
-    (:func:`ctiqa.explanations.extract_claims`) contradict the image: noise severity two or more bands from the
-    measured class, or streaks claimed where there are none (simulator truth; the measured streak call is not
-    validated, so on real data streak claims are only flagged).
+    (:func:`ctiqa.explanations.extract_claims`; negated mentions such as "no metal artifacts" are not claims)
+    contradict the image: noise severity two or more bands from the measured class; streaks claimed where there
+    are none (simulator truth, or the measured call where it is validated); or, on simulated data, an artifact
+    claimed as present that the simulated data is known not to have (``absent_artifacts``:
+    :data:`ctiqa.simulation.ABSENT_ARTIFACTS`, metal, ring and motion; evidence "metal artifacts claimed, the
+    simulated data has none"). These rows are asked again with the evidence (``--reask``).
 
-Flags (kept rows, counted in the card): ``unverified_artifact: NAME`` for ring, motion, metal or beam hardening
-claimed as present (LDCTIQA and the simulator add none: unverifiable, not wrong); ``unverified_streaks`` for
+Flags (kept rows; counted in the card and printed by ``ctiqa build-dataset``): ``unverified_artifact: NAME`` for
+ring, motion, metal or beam hardening claimed as present where nothing says they are absent (real LDCTIQA: its
+degradation adds none, but its routine-dose base scans may hold real ones, so unverifiable, not wrong; on simulated
+data only beam hardening, which a real base slice such as the skull base can show); ``unverified_streaks`` for
 streaks claimed where nothing trustworthy is known about them.
 
 Artifact terms (:data:`ARTIFACT_TERMS`) are counted per rationale for the audit: noise, streak, metal, ring,
-motion, beam hardening, blur. LDCTIQA and the simulator only have noise and streaks (design.md §3); metal, ring,
+motion, beam hardening, blur. LDCTIQA and the simulator only add noise and streaks (design.md §3); metal, ring,
 motion and beam hardening mentions are likely hallucinated and are summed up in the dataset card.
 """
 
@@ -185,9 +190,18 @@ def check_rationale(text: str, score: float, teacher_score: float | None = None,
         found.append(f"noise claimed {fc['claims']['noise']}, measured {fc['noise_measured']}")
     if fc["streaks_contradict"]:
         found.append("streaks claimed, none in the image")
+    absent = [a for a in fc["unverified"] if a in (g.get("absent_artifacts") or ())]
+    if absent:
+        found.append(f"{_names(absent)} claimed, the simulated data has none")
     if found:
         reject("contradicts_findings", found)
     if fc["claims"]["streaks"] not in (None, "absent") and g.get("streaks") is None:
         res.flags.append("unverified_streaks")
-    res.flags += [f"unverified_artifact: {a}" for a in fc["unverified"]]
+    res.flags += [f"unverified_artifact: {a}" for a in fc["unverified"] if a not in absent]
     return res
+
+
+def _names(artifacts: list[str]) -> str:
+    """``["metal", "ring", "motion"]`` -> ``"metal, ring and motion artifacts"``."""
+    words = [a.replace("_", " ") for a in artifacts]
+    return (", ".join(words[:-1]) + " and " if len(words) > 1 else "") + words[-1] + " artifacts"

@@ -4,6 +4,7 @@ findings columns in built datasets (template teacher and fake Gemini)."""
 import json
 import re
 
+import pytest
 from datasets import load_dataset
 from test_datasets_builder import gemini_teacher, make_ldctiqa, read_audit
 
@@ -11,7 +12,7 @@ from ctiqa import prompts
 from ctiqa.explanations import extract_claims, truth_rubric
 from ctiqa.testing.fake_gemini import FakeGemini, answer
 from datasets_builder import checks
-from datasets_builder.build import BuildOptions, build_dataset
+from datasets_builder.build import BuildOptions, EmptySplitError, build_dataset
 
 MILD_NO_STREAKS = {"noise_hu": 25.0, "noise_severity": "mild", "streaks": False, "streaks_source": "simulator"}
 MILD_UNKNOWN = {"noise_hu": 25.0, "noise_severity": "mild", "streaks": None, "streaks_source": "unmeasured"}
@@ -112,3 +113,72 @@ def test_template_teacher_words_noise_from_measured_findings(tmp_path):
         truth = truth_rubric(it.check.text, it.metadata["dose_fraction"], it.metadata["n_views"])
         assert truth["streaks_named"] == truth["streaks_applied"] and truth["streaks_stated"] == truth[
             "streaks_expected"], it.check.text
+
+
+# QA round 8: on simulated data, where the truth is known, a rationale describing a hip prosthesis, rings and motion
+# (with the right score) was kept in train/validation with exit 0; only audit.csv flagged it.
+HALLUCINATED = ("Metal artifacts from a hip prosthesis and ring artifacts dominate; motion blur doubles the "
+                "organ edges and hides low-contrast detail across the abdomen.")
+NEGATED = ("Image noise is mild and no ring, motion or metal artifacts are seen; organ edges stay sharp and "
+           "low-contrast detail remains visible across the abdomen.")
+
+
+def test_artifacts_the_simulator_never_makes_contradict_simulated_data_and_are_only_flagged_on_real_data():
+    from ctiqa.findings import grounding
+    from ctiqa.simulation import ABSENT_ARTIFACTS
+    from ctiqa.vocabulary import OTHER_ARTIFACTS
+
+    assert set(ABSENT_ARTIFACTS) == {"metal", "ring", "motion"} <= set(OTHER_ARTIFACTS)  # beam hardening: a flag
+    row = {"noise_hu": 25.0, "noise_severity": "mild", "streaks": False}
+    sim, real = grounding(row, {"dose_fraction": 1.0, "n_views": 1024}), grounding(row, None)
+    assert sim["absent_artifacts"] == ABSENT_ARTIFACTS and real["absent_artifacts"] == ()
+    res = checks.check_rationale(HALLUCINATED, 2.5, 2.5, grounding=sim)
+    assert (res.reasons, res.flags) == (["contradicts_findings"], [])
+    assert res.evidence == ["contradicts_findings: metal, motion and ring artifacts claimed, the simulated data has none"]
+    res = checks.check_rationale(HALLUCINATED, 2.5, 2.5, grounding=real)  # real data: unverifiable, kept, flagged
+    assert res.ok and res.flags == [f"unverified_artifact: {a}" for a in ("metal", "motion", "ring")]
+    for g in (sim, real):
+        assert checks.check_rationale(NEGATED, 2.5, grounding=g).flags == []  # negated: no claim
+        assert checks.check_rationale(NEGATED, 2.5, grounding=g).ok
+    beam = checks.check_rationale(PAPER_STYLE[1][0], 2.5, grounding=sim | {"streaks": False})
+    assert beam.ok and beam.flags == ["unverified_artifact: beam_hardening"]
+
+
+def _hallucinating_teacher(req):
+    """Describes metal, rings and motion until told why that was rejected; then follows the measurements."""
+    if "rejected by our quality check" not in req.prompt:
+        return answer(json.dumps({"rationale": HALLUCINATED, "score": req.score}))(req)
+    return _grounded_teacher_reply(req)
+
+
+def test_hallucinated_artifacts_on_simulated_data_are_asked_again_with_the_reason_and_never_kept(tmp_path):
+    data = make_ldctiqa(tmp_path / "sim", n=8, size=64)
+    with FakeGemini(default=_hallucinating_teacher) as srv:
+        res = build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=tmp_path / "ds", split="stratified",
+                                         cache=tmp_path / "c.jsonl", progress=False, reask=1),
+                            teacher=gemini_teacher(srv.url))
+        again = [r for r in srv.requests if "rejected by our quality check" in r.prompt]
+    asked = [it for it in res.items if it.split != "test"]
+    assert len(again) == len(asked) and all(
+        "(contradicts_findings: metal, motion and ring artifacts claimed, the simulated data has none)" in r.prompt
+        for r in again)
+    assert all(it.status == "kept" and "metal" not in it.check.text for it in asked)
+    ds = load_dataset(str(tmp_path / "ds"))
+    assert ds["train"].num_rows and not [r for s in ("train", "validation") for r in ds[s]["rationale"] if "metal" in r]
+    # without re-asking, such rows are left out (here every one: nothing is written)
+    with FakeGemini(default=_hallucinating_teacher) as srv, pytest.raises(EmptySplitError):
+        build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=tmp_path / "ds0", split="stratified",
+                                   cache=tmp_path / "c0.jsonl", progress=False, reask=0),
+                      teacher=gemini_teacher(srv.url))
+
+
+def test_flagged_rationales_kept_on_real_data_are_counted_on_the_console(tmp_path, capsys):
+    data = make_ldctiqa(tmp_path / "real", n=10, size=64, simulated=False)
+    with FakeGemini(default=_hallucinating_teacher) as srv:
+        res = build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=tmp_path / "ds", split="stratified",
+                                         cache=tmp_path / "c.jsonl", progress=False, reask=2),
+                            teacher=gemini_teacher(srv.url))
+    n = sum(it.status == "kept" for it in res.items)
+    assert n and all(it.status == "kept" for it in res.items if it.split != "test")
+    assert (f"kept rationales flagged (see audit.csv): unverified_artifact metal {n}, motion {n}, ring {n}\n"
+            in capsys.readouterr().out)
