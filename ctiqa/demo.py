@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
           [ctiqa_command("simulate", "--out", str(sim), "--n-images", str(args.n_images), "--size", str(CROP_PX),
                          "--seed", str(SEED))])
     stage("tiny-model", tiny / "config.json", [ctiqa_command("tiny-model", "--out", str(tiny), "--seed", str(SEED))])
+    # runs only while no finished dataset is there (README.md is written last): --overwrite moves aside at most an
+    # unfinished build of other or unknown settings (an older ctiqa's), which build-dataset would otherwise refuse
     stage("build-dataset", data / "README.md",
           [ctiqa_command("build-dataset", "--ldctiqa", str(sim), "--teacher", "template", "--split", "base-slice",
-                         "--seed", str(SEED), "--out", str(data))])
+                         "--seed", str(SEED), "--out", str(data), "--overwrite")])
     stage("train", model / DONE_FILE,
           [[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_cpu_threads_per_process", "1",
             "recipes/sft.py", "--config", args.config, "--model_name_or_path", str(tiny),

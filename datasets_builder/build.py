@@ -17,7 +17,8 @@ Steps, top to bottom:
 4. Build the ``DatasetDict`` (schema: notes/common.md) and publish it through the public ``datasets`` /
    ``huggingface_hub`` API: ``--out DIR`` writes the Hub's layout (``data/<split>-0000i-of-0000N.parquet`` by
    ``Dataset.to_parquet``, ``README.md``, ``audit.csv``) that ``load_dataset(DIR)`` reads, into a new or empty
-   folder or one an earlier build wrote (never over someone else's files); ``--push-to-hub`` calls
+   folder or one an earlier build with the same settings wrote (never over someone else's files; a build with
+   other settings is refused before any work unless ``--overwrite``, which moves it aside); ``--push-to-hub`` calls
    ``DatasetDict.push_to_hub`` and commits the card and ``audit.csv`` beside the data.
 
 Memory: the PNG bytes of all images stay in memory (about 0.3 GB per 1,000 LDCTIQA 512x512 slices).
@@ -53,7 +54,7 @@ from ctiqa.clients import (
 )
 from ctiqa.imaging import DEFAULT_ENCODING, image_sha256
 from ctiqa.ldctiqa import SPLIT_METHODS, SPLITS
-from ctiqa.paths import DATASET_MARKER, check_output_path, lock_output
+from ctiqa.paths import DATASET_MARKER, check_output_path, lock_output, move_aside
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT
 
 from . import checks
@@ -459,11 +460,12 @@ def _shards(nbytes: int, rows: int, max_shard_bytes: int) -> int:
 
 
 def write_folder(dsd: Any, out: Path, card_fn: Callable[[Any], Any], audit: str, *,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, settings: dict[str, Any] | None = None) -> list[Path]:
     """Write ``dsd`` into ``out`` in the Hub's layout, which ``load_dataset(str(out))`` reads:
     ``data/{split}-{i:05d}-of-{n:05d}.parquet`` (``Dataset.to_parquet``; images embedded as PNG bytes; file names
     and shard count as ``push_to_hub`` makes them), ``audit.csv``, ``README.md`` (``card_fn(card_data)``) and
-    :data:`MARKER`.
+    :data:`MARKER` (JSON: ``tool``, ``settings`` (:func:`build_settings`, what a later build into ``out`` is
+    compared with: :func:`previous_build_diff`), ``files``).
 
     Only files an earlier build wrote are replaced or removed (:func:`owned_files`); the marker, written first,
     lists every file this build may leave, so a kill at any point leaves a folder the next build may rewrite.
@@ -485,8 +487,8 @@ def write_folder(dsd: Any, out: Path, card_fn: Callable[[Any], Any], audit: str,
     marker = out / MARKER
 
     def mark(files: set[str]) -> None:
-        marker.write_text(json.dumps({"tool": "ctiqa build-dataset", "files": sorted(files - {MARKER})}, indent=1),
-                          encoding="utf-8")
+        marker.write_text(json.dumps({"tool": "ctiqa build-dataset", "settings": settings,
+                                      "files": sorted(files - {MARKER})}, indent=1), encoding="utf-8")
 
     mark(old | set(new))
     (out / "README.md").unlink(missing_ok=True)
@@ -507,6 +509,98 @@ def write_folder(dsd: Any, out: Path, card_fn: Callable[[Any], Any], audit: str,
     (out / "README.md").write_text(str(card_fn(DatasetCardData())), encoding="utf-8")
     mark(set(new))
     return [out / "audit.csv", *written, out / "README.md"]
+
+
+#: The :func:`build_settings` keys, as the flags that set them (in refusals: "--limit was none, now 1").
+SETTING_FLAGS = {"ldctiqa": "--ldctiqa", "split": "--split", "seed": "--seed", "format": "--format",
+                 "encoding": "--encoding", "unit_is_hu": "--unit-is-hu", "limit": "--limit", "teacher": "--teacher",
+                 "model": "--model", "base_url": "--base-url", "test_rationales": "--test-rationales",
+                 "min_words": "--min-words", "reask": "--reask"}
+
+
+def _public_url(url: str | None) -> str | None:
+    """``url`` without user/password, query or fragment (where keys may ride) and trailing ``/``."""
+    if not url:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.netloc.rsplit("@", 1)[-1], u.path.rstrip("/"), "", ""))
+
+
+def build_settings(opts: BuildOptions, root: Path, split: str) -> dict[str, Any]:
+    """The settings that define a build's rows, recorded in its ``--out`` folder's :data:`MARKER`: a later build
+    into that folder with other settings is refused unless ``--overwrite`` (:func:`previous_build_diff`).
+
+    Args:
+        opts: the build's options. root: the data folder as :func:`ctiqa.ldctiqa.load_ldctiqa` resolved it.
+        split: the split method ``--split`` resolved to (``auto`` and the method it picks are one setting).
+    Returns:
+        ``{key of SETTING_FLAGS: JSON value}``: ``ldctiqa`` (absolute, symlinks resolved), ``split``, ``seed``,
+        ``format``, ``encoding``, ``unit_is_hu``, ``limit`` (None: all), and the teacher's: ``teacher`` (kind),
+        ``model`` (the model id, defaults filled in), ``base_url`` (without credentials: :func:`_public_url`),
+        ``test_rationales``, ``min_words``, ``reask`` -- None where they change no row (``--format score-only``
+        asks no teacher; the template teacher takes no model or URL and is never asked again).
+        Not recorded: how rows are made or stored, not which (progress, concurrency, timeouts, attempts, prices,
+        the cache path, ``--batch``, shard size, ``--no-retry-failed``) and the teacher's sampling settings
+        (answers are cached without them: a rebuild takes the same answers).
+    """
+    from .teachers import DEFAULT_MODELS
+
+    teacher = opts.teacher if opts.format != "score-only" else None
+    remote = teacher not in (None, "template")
+    return {
+        "ldctiqa": str(Path(root).resolve()), "split": split, "seed": opts.seed, "format": opts.format,
+        "encoding": opts.encoding, "unit_is_hu": opts.unit_is_hu, "limit": opts.limit, "teacher": teacher,
+        "model": (opts.model or DEFAULT_MODELS.get(teacher)) if remote else (TemplateTeacher.model_id
+                                                                              if teacher else None),
+        "base_url": _public_url(opts.base_url) if remote else None,
+        "test_rationales": opts.test_rationales if teacher else None,
+        "min_words": opts.min_words if teacher else None, "reask": opts.reask if remote else None,
+    }
+
+
+#: :func:`previous_build_diff` of a build whose settings were not recorded (an older ctiqa).
+UNKNOWN_SETTINGS = f"settings unknown: built by an older ctiqa, which did not record them in {MARKER}"
+
+
+def previous_build_diff(out: Path, settings: dict[str, Any]) -> list[str]:
+    """How the build already in ``out`` differs from a build with ``settings`` (:func:`build_settings`).
+
+    Returns:
+        ``[]``: ``out`` is missing, holds no file, or holds a build with these settings (rebuilding it from the
+        cache is allowed). Else one phrase per differing setting (``"--limit was none, now 1"``), or one phrase
+        saying the settings are unknown (a build of an older ctiqa: a :data:`MARKER` without ``settings``, or the
+        folder before the marker existed).
+    Raises:
+        CTIQAError: the marker is unreadable.
+    """
+    out = Path(out)
+    if not out.is_dir() or not _folder_files(out):
+        return []
+    if not (out / MARKER).is_file():
+        return [UNKNOWN_SETTINGS]
+    try:
+        before = json.loads((out / MARKER).read_text(encoding="utf-8")).get("settings")
+    except (ValueError, AttributeError) as e:
+        raise CTIQAError(f"{out / MARKER}: unreadable ({e}); move the folder away or delete that file") from e
+    if not isinstance(before, dict):
+        return [UNKNOWN_SETTINGS]
+
+    def show(v: Any) -> str:
+        return "none" if v is None else ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+    return [f"{flag} was {show(before.get(k))}, now {show(settings.get(k))}" for k, flag in SETTING_FLAGS.items()
+            if before.get(k) != settings.get(k)]
+
+
+def refuse_previous_build(out: Path, diff: list[str]) -> CTIQAError:
+    """The one-line refusal of a build into ``out`` whose earlier build differs (``diff``:
+    :func:`previous_build_diff`)."""
+    what = (f"a dataset built by an older ctiqa, whose settings are unknown (not recorded in {MARKER})"
+            if diff == [UNKNOWN_SETTINGS] else f"a dataset built with other settings ({'; '.join(diff)})")
+    return CTIQAError(f"--out {out}: holds {what}; nothing was changed. Give another --out, or --overwrite to move "
+                      f"that build aside ({Path(out).name}.<UTC time>.bak, never deleted) and build afresh")
 
 
 def push_to_hub(dsd: Any, repo_id: str, card_fn: Callable[[Any], Any], audit: str, *, private: bool,
@@ -577,6 +671,7 @@ class BuildOptions:
     batch_poll_s: float = 30.0
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     reask: int = 0
+    overwrite: bool = False
 
 
 @dataclass
@@ -597,8 +692,9 @@ def check_options(opts: BuildOptions) -> None:
     Raises:
         CTIQAError: no output target; a count or time that is not positive, a price, word count or re-ask count
             below 0, a temperature outside [0, 2]; unknown format; ``--batch`` without
-            ``--teacher gemini``; ``--cache`` a folder; ``--out`` holding files ctiqa did not write;
-            ``--push-to-hub`` without a token.
+            ``--teacher gemini``; ``--cache`` a folder; ``--out`` holding files ctiqa did not write, or a dataset
+            built with other (or unknown) settings without ``overwrite`` (:func:`previous_build_diff`; the data
+            folder's labels are read to resolve ``--split auto``); ``--push-to-hub`` without a token.
     """
     from ctiqa import prompts
 
@@ -623,6 +719,14 @@ def check_options(opts: BuildOptions) -> None:
         raise CTIQAError(f"--cache {opts.cache} is a folder; give a file (e.g. {opts.cache / 'answers.jsonl'})")
     if opts.out is not None:
         owned_files(opts.out)
+        if not opts.overwrite and Path(opts.out).is_dir() and _folder_files(Path(opts.out)):  # a build: compare
+            from ctiqa.ldctiqa import load_ldctiqa, resolve_split_method
+
+            data = load_ldctiqa(opts.ldctiqa, check_images=False)
+            diff = previous_build_diff(opts.out, build_settings(opts, data.root,
+                                                                resolve_split_method(data, opts.split)[0]))
+            if diff:
+                raise refuse_previous_build(opts.out, diff)
     if opts.push_to_hub is not None:
         from huggingface_hub import get_token
 
@@ -755,9 +859,14 @@ def _build_dataset(opts: BuildOptions, teacher: Teacher | None) -> BuildResult:
 
     if quiet:
         datasets.disable_progress_bars()
+    settings = build_settings(opts, data.root, split)
+    if opts.out is not None and (diff := previous_build_diff(opts.out, settings)):
+        if not opts.overwrite:  # written since check_options looked (before this build took the lock)
+            raise refuse_previous_build(opts.out, diff)
+        move_aside([Path(os.path.abspath(opts.out))], "dataset build")
     try:
-        files = write_folder(dsd, opts.out, card_fn, audit, max_shard_bytes=opts.max_shard_bytes) \
-            if opts.out is not None else []
+        files = write_folder(dsd, opts.out, card_fn, audit, max_shard_bytes=opts.max_shard_bytes,
+                             settings=settings) if opts.out is not None else []
         commit = push_to_hub(dsd, opts.push_to_hub, card_fn, audit, private=not opts.public,
                              max_shard_bytes=opts.max_shard_bytes) if opts.push_to_hub else None
     finally:
@@ -891,6 +1000,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", type=Path, help="write a Hub-layout folder here (data/*.parquet, README.md, audit.csv)")
     a("--push-to-hub", metavar="REPO_ID", help="upload to this Hub dataset repo (private unless --public)")
     a("--public", action="store_true", help="create the Hub repo public")
+    a("--overwrite", action="store_true",
+      help="--out holds a dataset built with other settings (data folder, teacher, model, split, seed, format, "
+           "encoding, --limit, ...; recorded in its .ctiqa-dataset.json) or by an older ctiqa: move that build aside "
+           "(DIR.<UTC time>.bak, never deleted) and build afresh. Without it such a build is refused; the same "
+           "settings again rebuild in place (answers from the cache)")
     a("--model", help="teacher model id (gemini default gemini-2.5-pro; openai: the served model name)")
     a("--base-url", help="API root: required for --teacher openai (e.g. http://localhost:8000/v1)")
     a("--split", choices=SPLIT_METHODS, default="auto",
@@ -945,7 +1059,8 @@ def cli_main(args: argparse.Namespace) -> int:
         temperature=args.temperature, timeout_s=args.timeout, max_attempts=args.max_attempts, limit=args.limit,
         retry_failed=args.retry_failed, test_rationales=args.test_rationales, min_words=args.min_words,
         price_input=args.price_input, price_output=args.price_output, progress=args.progress, batch=args.batch,
-        batch_poll_s=args.batch_poll, max_shard_bytes=int(args.max_shard_mb * 1e6), reask=args.reask)
+        batch_poll_s=args.batch_poll, max_shard_bytes=int(args.max_shard_mb * 1e6), reask=args.reask,
+        overwrite=args.overwrite)
     try:
         build_dataset(opts)
     except EmptySplitError as e:

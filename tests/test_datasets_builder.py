@@ -552,13 +552,19 @@ def test_shards_follow_max_shard_size_and_rebuild_is_not_read_from_a_stale_cache
     n_train = sum(n.startswith("train-") for n in names)
     assert n_train > 1 and f"train-00000-of-{n_train:05d}.parquet" in names
     assert load_dataset(str(out))["train"]["id"] == res.dataset["train"]["id"]
-    # rebuild the same folder with other rows (one shard, fewer images): old shards go, the new rows are read
-    opts.max_shard_bytes, opts.limit = 500_000_000, 2
+    one_shard = ["test-00000-of-00001.parquet", "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+    # rebuild in place with the same settings (the shard size is not one): the old shards go
+    opts.max_shard_bytes = 500_000_000
+    build_dataset(opts)
+    assert sorted(p.name for p in (out / "data").iterdir()) == one_shard
+    # other rows (fewer images) at the same path: --overwrite moves the build aside, the new rows are read
+    opts.limit, opts.overwrite = 2, True
     res2 = build_dataset(opts)
-    assert sorted(p.name for p in (out / "data").iterdir()) == [
-        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == one_shard
     back = load_dataset(str(out))
     assert back["train"]["id"] == res2.dataset["train"]["id"] and back["train"].num_rows == 2
+    (aside,) = tmp_path.glob("out.*.bak")
+    assert load_dataset(str(aside))["train"]["id"] == res.dataset["train"]["id"]
 
 
 def test_gemini_timeout_is_retried_then_recorded():
@@ -634,6 +640,99 @@ def test_rebuild_into_our_own_folder_keeps_files_we_did_not_write(tmp_path):
     (out / "notes.txt").write_text("kept")
     build_dataset(opts)  # the marker says which files are ours
     assert (out / "notes.txt").read_text() == "kept" and (out / "README.md").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_build_with_other_settings_is_refused_and_overwrite_moves_it_aside(tmp_path, capsys, monkeypatch):
+    """QA round 8: a finished dataset (paid teacher; the answer cache gone: copied from another machine) was replaced
+    with exit 0 and no message by `build-dataset --teacher template --limit 1` into the same --out. The settings that
+    define the rows are recorded in the folder's marker: other settings are refused before any work, naming each;
+    --overwrite moves the earlier build aside (never deleted); the same settings again rebuild in place."""
+    from datasets import load_dataset
+
+    from ctiqa.cli import main
+    from ctiqa.paths import DATASET_MARKER
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    out, cache = tmp_path / "D", tmp_path / "c.jsonl"
+    with FakeGemini(default=ok()) as srv:
+        build_dataset(BuildOptions(ldctiqa=data, teacher="gemini", out=out, split="stratified", cache=cache,
+                                   progress=False), teacher=gemini_teacher(srv.url))
+    recorded = json.loads((out / DATASET_MARKER).read_text())["settings"]
+    assert (recorded["teacher"], recorded["model"], recorded["ldctiqa"]) == ("gemini", "gemini-2.5-pro",
+                                                                            str(data.resolve()))
+    paid = _snapshot(out)
+    cache.unlink()
+    capsys.readouterr()
+    argv = ["build-dataset", "--ldctiqa", str(data), "--teacher", "template", "--split", "stratified", "--limit", "1",
+            "--out", str(out), "--no-progress"]
+    with monkeypatch.context() as m:
+        _no_render(m)
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--limit was none, now 1" in err and "--teacher was gemini, now template" in err
+    assert "--model was gemini-2.5-pro, now ctiqa-template-v1" in err and "--overwrite" in err
+    assert _snapshot(out) == paid
+    assert main([*argv, "--overwrite"]) == 0
+    (aside,) = tmp_path.glob("D.*.bak")
+    assert _snapshot(aside) == paid and "moved the previous dataset build's D to" in capsys.readouterr().err
+    assert set(load_dataset(str(out))["train"]["teacher"]) == {"ctiqa-template-v1"}
+    # the same settings (the folder spelt otherwise, flags that change no row): rebuilt in place, nothing moved
+    monkeypatch.chdir(tmp_path)
+    assert main(["build-dataset", "--ldctiqa", "sim", "--teacher", "template", "--split", "stratified", "--limit", "1",
+                 "--out", "D", "--no-progress", "--concurrency", "3", "--model", "x", "--reask", "5"]) == 0
+    assert list(tmp_path.glob("D.*.bak")) == [aside] and "wrote D" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("older", ["marker without settings", "no marker"])
+def test_a_dataset_of_an_older_ctiqa_is_refused_unless_overwrite(tmp_path, capsys, monkeypatch, older):
+    """A folder whose settings are unknown (an older ctiqa's marker, or the README-only layout before the marker)
+    may hold any build: refused the same way, even with the same flags."""
+    from ctiqa.cli import main
+    from ctiqa.paths import DATASET_MARKER
+
+    data = make_ldctiqa(tmp_path / "sim", n=8)
+    out = tmp_path / "D"
+    build_dataset(BuildOptions(ldctiqa=data, out=out, split="stratified", progress=False))
+    marker = out / DATASET_MARKER
+    if older == "no marker":
+        marker.unlink()
+    else:
+        marker.write_text(json.dumps({"tool": "ctiqa build-dataset", "files": json.loads(marker.read_text())["files"]}))
+    before = _snapshot(out)
+    argv = ["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(out), "--no-progress"]
+    with monkeypatch.context() as m:
+        _no_render(m)
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "built by an older ctiqa, whose settings are unknown" in err and "--overwrite" in err
+    assert _snapshot(out) == before
+    assert main([*argv, "--overwrite"]) == 0
+    (aside,) = tmp_path.glob("D.*.bak")
+    assert _snapshot(aside) == before and "settings" in json.loads(marker.read_text())
+
+
+def test_build_settings_hold_what_changes_the_rows_and_no_credentials(tmp_path):
+    from datasets_builder.build import build_settings
+
+    def settings(**kw):
+        return build_settings(BuildOptions(ldctiqa=tmp_path, **kw), tmp_path, "stratified")
+
+    remote = settings(teacher="openai", model="vlm", base_url="http://me:s3cret@host:8000/v1/?key=k3y")
+    assert remote["base_url"] == "http://host:8000/v1"
+    assert "s3cret" not in json.dumps(remote) and "k3y" not in json.dumps(remote)
+    assert remote == settings(teacher="openai", model="vlm", base_url="http://host:8000/v1", concurrency=1,
+                              timeout_s=5, max_attempts=1, price_input=9, cache=tmp_path / "c", progress=False,
+                              max_shard_bytes=10, retry_failed=False, temperature=0.2, thinking_budget=0)
+    assert remote != settings(teacher="openai", model="vlm2", base_url="http://host:8000/v1")
+    assert settings(teacher="gemini")["model"] == settings(teacher="gemini", model="gemini-2.5-pro")["model"]
+    # no teacher is asked for score-only rows; the template takes no model and is not asked again
+    assert settings(format="score-only", teacher="gemini", reask=3) == settings(format="score-only")
+    assert settings(model="x", reask=3) == settings()
+    assert settings(seed=1) != settings() and settings(limit=5) != settings() and settings(min_words=3) != settings()
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -812,7 +911,8 @@ def test_batch_errors_are_recorded_and_asked_again(tmp_path):
     assert len(failed) == 1 and failed[0].result.error.startswith("batch_error: 400")
     with FakeGemini(batch_end_state="BATCH_STATE_FAILED") as srv:
         with pytest.raises(CTIQAError, match="no rows for split"):
-            build_dataset(BuildOptions(**{**opts.__dict__, "limit": 1}), teacher=gemini_teacher(srv.url))
+            build_dataset(BuildOptions(**{**opts.__dict__, "limit": 1, "out": tmp_path / "out1"}),
+                          teacher=gemini_teacher(srv.url))
         (job,) = srv.batches.values()
     assert len(job.requests) == 1  # only the failed image was asked again
     with FakeGemini() as srv:
