@@ -535,12 +535,18 @@ def check_examples_fit(dataset: Any, processor: Any, max_length: int | None, spl
 def load_processor(model_args: Any, training_args: Any) -> Any:
     """``AutoProcessor`` of ``model_name_or_path`` at ``model_revision``.
 
+    A LoRA adapter folder (``adapter_config.json``: the SFT output GRPO trains further) holds the processor it was
+    trained with (``recipes/sft.py`` saves it there).
+
     Raises:
-        CTIQAError: ``model_name_or_path`` is meant as a local folder that is missing or holds no ``config.json``.
+        CTIQAError: ``model_name_or_path`` is meant as a local folder that is missing or holds neither
+            ``config.json`` nor ``adapter_config.json``.
     """
     from transformers import AutoProcessor
 
-    check_source_folder(model_args.model_name_or_path, "model_name_or_path", "config.json")
+    name = model_args.model_name_or_path
+    if not (Path(name).expanduser() / "adapter_config.json").is_file():
+        check_source_folder(name, "model_name_or_path", "config.json")
     return AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                          trust_remote_code=training_args.trust_remote_code)
 

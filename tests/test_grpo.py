@@ -205,6 +205,34 @@ def test_two_grpo_steps_change_the_weights_and_save_a_loadable_model(sft_model, 
     assert "train/rewards/faithfulness_reward/mean" in events.Tags()["scalars"]
 
 
+def test_grpo_trains_an_sft_lora_adapter_further(sft_model, dataset_dir, tmp_path):
+    """QA round 9: `--model_name_or_path SFT_ADAPTER` (the documented start after a LoRA/QLoRA SFT) ended in
+    "folder has no config.json" before anything loaded. The adapter is trained further on its base and saved as an
+    adapter of that base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    net = get_peft_model(AutoModelForImageTextToText.from_pretrained(sft_model, dtype=torch.float32),
+                         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    adapter = tmp_path / "sft-adapter"
+    net.save_pretrained(adapter)
+    AutoProcessor.from_pretrained(sft_model).save_pretrained(adapter)  # as recipes/sft.py saves it
+    out = tmp_path / "rl"
+    _run(_cmd("--model_name_or_path", str(adapter), "--dataset_name", str(dataset_dir), "--output_dir", str(out),
+              "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+              "--max_completion_length", "32", "--save_strategy", "no", "--learning_rate", "1e-2"))
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_model)
+    assert (out / "DONE").is_file()
+
+
 @pytest.mark.slow  # ~2.5 min on one busy core: an uninterrupted run, a killed one and its resumption
 def test_resume_after_a_kill_restores_the_checkpoint_weights(sft_model, dataset_dir, tmp_path):
     """Killed with SIGKILL after its first checkpoint, then re-run: it resumes there and ends with exactly the
