@@ -1116,7 +1116,7 @@ def cli_main(args: argparse.Namespace) -> int:
     often named by their SOP Instance UID). An existing non-empty ``--out`` is replaced only with ``--overwrite``.
     Returns 0."""
     out = check_output_path(args.out, ours=bool(args.overwrite), inputs=[args.input],
-                            hint="give another --out, or --overwrite to replace it")
+                            hint="give another --out" + ("" if args.overwrite else ", or --overwrite to replace it"))
     if out.suffix.lower() != ".png":
         raise CTIQAError(f"{out}: the output must be a .png file (lossless)")
     img = read_ct(args.input, frame=args.frame)
