@@ -469,6 +469,9 @@ def resolve_split_method(ds: LDCTIQASet, method: str = "auto") -> tuple[str, str
     if method not in SPLIT_METHODS:
         raise CTIQAError(f"unknown split method {method!r}; choose one of {', '.join(SPLIT_METHODS)}")
     if method != "auto":
+        if ds.test_base_slices and method != "base-slice":  # simulated crops share their base slice's anatomy
+            return method, ("as asked; every split holds crops of every base slice, so the test split is not held-out "
+                            f"anatomy (base-slice, the auto choice, holds out {', '.join(ds.test_base_slices)})")
         return method, "as asked"
     if ds.test_base_slices:
         return "base-slice", (f"auto: ctiqa simulate output, held-out base slice(s) "

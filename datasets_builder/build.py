@@ -823,7 +823,7 @@ def _build_dataset(opts: BuildOptions, teacher: Teacher | None) -> BuildResult:
         "synthetic": data.synthetic, "teacher": teacher_id, "teacher_kind": teacher_kind,
         "prompt_version": prompts.PROMPT_VERSION, "target_format": opts.format, "encoding": enc,
         "unit_is_hu": opts.unit_is_hu,
-        "split": split, "seed": opts.seed, "counts": {s: len(rows[s]) for s in SPLITS},
+        "split": split, "split_reason": why, "seed": opts.seed, "counts": {s: len(rows[s]) for s in SPLITS},
         "rationale_splits": list(rationale_splits) if needs_teacher else [],
         "status": dict(Counter(it.status for it in items)), "rejections": dict(rejections),
         "failures": dict(failures), "terms": terms, "n_rationales": len(kept),

@@ -272,6 +272,9 @@ def test_auto_split_resolves_per_kind_of_data(tmp_path):
     assert resolve_split_method(subset)[0] == "stratified"
     assert split_ids(subset, "auto", seed=3) == split_ids(subset, "stratified", seed=3)
     assert resolve_split_method(subset, "paper") == ("paper", "as asked")
+    # QA round 9: a stratified split of simulated data was not said to give up the held-out anatomy
+    method, why = resolve_split_method(sim, "stratified")
+    assert method == "stratified" and "not held-out anatomy" in why and "b0" in why
     with pytest.raises(CTIQAError, match="unknown split"):
         resolve_split_method(subset, "random")
 
