@@ -165,7 +165,7 @@ ds = load_dataset("<this repo or folder>")
 
 - Source: {prov['source']}; {scores}.
 - Images: rendered with encoding `{enc['name']}` ({enc['source']}); 8-bit RGB, PNG (lossless).
-- Split: `{prov['split']}`{f" ({prov['split_reason']})" if prov.get('split_reason') else ''}, seed {prov['seed']}.
+- Split: `{prov['split']}`{f" ({prov['split_reason']})" if prov.get('split_reason') not in (None, 'as asked') else ''}, seed {prov['seed']}.
 - Rationales: teacher `{prov['teacher']}` ({prov['teacher_kind']}), prompt version `{prov['prompt_version']}`,
   written for splits {', '.join(prov['rationale_splits']) or 'none'}. The teacher was given the true score and asked to explain it
   post hoc from the one image the student sees (as in Wang et al., BVM 2026).

@@ -439,7 +439,7 @@ def test_template_build_folder_round_trip_and_card(tmp_path):
     assert meta["task_categories"] == ["image-text-to-text"] and meta["license"] == "other"
     assert {"medical", "ct", "image-quality-assessment", "synthetic-rationales"} <= set(meta["tags"])
     assert meta["annotations_creators"] == ["machine-generated"]
-    for needle in ("ctiqa-template-v1", prompts.PROMPT_VERSION, "`base-slice` (auto: ctiqa simulate output", "10.1016/j.media.2024.103343",
+    for needle in ("ctiqa-template-v1", prompts.PROMPT_VERSION, "`base-slice`, seed 0", "10.1016/j.media.2024.103343",
                    "7833096", "Not for clinical use", "| noise | 8 | 100 % |", "check it yourself"):
         assert needle in card.text, needle
     audit = read_audit(out)
