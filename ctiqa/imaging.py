@@ -41,6 +41,9 @@ How the kind is detected (explicit rules; nothing is clipped silently)
   - float data outside that, within :data:`PLAUSIBLE_HU` -> ``"hu"`` (a float image in 0..255 is therefore read
     as HU: export such images as 8-bit instead);
   - signed integers (int8/16/32) -> ``"hu"`` (HU stored directly);
+  - float or signed-integer "HU" whose values only fit the usual +1024 storage offset (the rule of a CT DICOM
+    without Rescale Intercept above: no value below -50 in the darkest 0.5 %, the brightest 0.5 % above 824) ->
+    HU = value - 1024 with a :class:`ctiqa.CTIQAWarning` (read as HU, its air would sit at about +24 HU);
   - uint8 -> ``"display"``;
   - uint16 with maximum <= 4095 -> ``"hu"`` with HU = value - 1024: unsigned storage cannot hold air's -1000,
     so 12-bit unsigned CT is stored with the +1024 offset that the DICOM default Rescale Intercept -1024 undoes;
@@ -316,7 +319,7 @@ def _classify_values(arr: np.ndarray, source: str) -> CTImage:
                 "[-1, 1]?); save [0, 1] = soft-tissue window W350/L40, or HU"
             )
         if lo >= PLAUSIBLE_HU[0] and hi <= PLAUSIBLE_HU[1]:
-            return CTImage(a, "hu", source)
+            return _hu_or_stored_offset(a, source)
         raise CTIQAError(
             f"{source}: float values {lo:g}..{hi:g} are neither in [0, 1] (LDCTIQA soft-tissue window) nor "
             f"plausible HU {PLAUSIBLE_HU}"
@@ -327,7 +330,7 @@ def _classify_values(arr: np.ndarray, source: str) -> CTImage:
         lo, hi = int(a.min()), int(a.max())
         if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
             raise CTIQAError(f"{source}: integer values {lo}..{hi} are not plausible HU {PLAUSIBLE_HU}")
-        return CTImage(a, "hu", source)
+        return _hu_or_stored_offset(a, source)
     if a.dtype == np.uint16:
         hi = int(a.max())
         if hi > UINT16_MAX_CT_VALUE:
@@ -493,6 +496,21 @@ def _frame_item(ds: Any, frame: int, keyword: str) -> Any:
             if seq:
                 return seq[0]
     return None
+
+
+def _hu_or_stored_offset(a: np.ndarray, source: str) -> CTImage:
+    """A signed-integer or float TIFF/PNG read as HU, unless its values only fit the usual +1024 CT storage offset
+    (the rule of a CT DICOM without Rescale Intercept, :data:`NO_RESCALE_AIR_MAX`, :data:`NO_RESCALE_TISSUE_MIN`:
+    no air or fat below 0 but tissue above 824, i.e. air stored near 24): then HU = value - 1024, with a
+    :class:`ctiqa.CTIQAWarning`. Read as HU such an image is air at about +24 HU, rendered nearly all white."""
+    p_lo, p_hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))
+    if NO_RESCALE_NEGATIVE <= p_lo <= NO_RESCALE_AIR_MAX and p_hi >= NO_RESCALE_TISSUE_MIN:
+        notes: list[str] = []
+        _warn(notes, f"{source}: values {float(a.min()):g}..{float(a.max()):g} hold no air or fat below 0 HU: read as "
+                     f"CT stored with the usual offset (HU = value {UINT16_HU_INTERCEPT:g}, as a uint16 TIFF); save "
+                     "HU as signed values with air near -1000")
+        return CTImage(a.astype(np.float64) + UINT16_HU_INTERCEPT, "hu", source, notes=notes)
+    return CTImage(a, "hu", source)
 
 
 def _ct_without_rescale(stored: np.ndarray, padding: np.ndarray | None, source: str, notes: list[str]

@@ -524,6 +524,27 @@ def test_ct_without_rescale_that_fits_no_convention_is_refused(tmp_path):
     assert with_tag.kind == "hu" and 30 <= with_tag.pixels.min() and with_tag.pixels.max() <= 90
 
 
+def test_tiff_of_stored_ct_values_is_read_with_the_ct_offset_and_warns(tmp_path):
+    """QA round 8: CT_small's stored values (HU + 1024, 128..2191) saved as an int16 or float32 TIFF were read as
+    HU (air at +128 HU): the render 97 % white, scored 1.96 instead of 3.47, no warning. The uint16 TIFF and the
+    DICOM-without-intercept rules already read them with -1024; now every HU TIFF follows that rule. HU stored
+    directly (air negative) and a soft-tissue crop with no bone stay as they are, silently."""
+    ref = read_ct(_testdata("CT_small.dcm"))
+    stored = pydicom.dcmread(_testdata("CT_small.dcm")).pixel_array
+    for dtype in (np.int16, np.float32):
+        path = tmp_path / f"stored_{np.dtype(dtype).name}.tif"
+        tifffile.imwrite(path, stored.astype(dtype))
+        with pytest.warns(CTIQAWarning, match=r"no air or fat below 0 HU.*-1024"):
+            img = read_ct(path)
+        np.testing.assert_array_equal(np.asarray(render(img)), np.asarray(render(ref)))
+    liver = np.random.default_rng(0).normal(60, 5, (32, 32)).clip(30, 90).astype(np.int16)
+    for name, a in (("hu.tif", ref.pixels.astype(np.int16)), ("liver.tif", liver)):
+        tifffile.imwrite(tmp_path / name, a)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CTIQAWarning)
+            np.testing.assert_array_equal(read_ct(tmp_path / name).pixels, a)
+
+
 def test_float_tiff_with_overshoot_is_clipped_and_counted(tmp_path):
     x = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
     y = (1.2 * x - 0.1).astype(np.float32)  # a denoiser's output: -0.1..1.1
