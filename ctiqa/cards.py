@@ -241,11 +241,14 @@ other modalities, other body regions or windows than those trained on, artefacts
 
 
 @contextlib.contextmanager
-def hub_push(repo_id: str) -> Iterator[None]:
+def hub_push(repo_id: str, kept: str = "the local output is kept") -> Iterator[None]:
     """Run a push to the Hub repo ``repo_id``; a failure to reach it or an HTTP error (offline mode, no network,
     401/403, quota) becomes one :class:`ctiqa.CTIQAError` line. What was written locally is kept, and every ctiqa
     command that pushes retries the push when run again (a finished build, training or export is not redone).
 
+    Args:
+        repo_id: the Hub repo. kept: what the message says survives (e.g. the answer cache when nothing local was
+            written).
     Raises:
         CTIQAError: naming the repo and the failure (never the token).
     """
@@ -258,5 +261,5 @@ def hub_push(repo_id: str) -> Iterator[None]:
         yield
     except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.TransportError, ConnectionError) as e:
         why = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CTIQAError(f"push to {repo_id} failed ({type(e).__name__}: {why}); the local output is kept: run "
+        raise CTIQAError(f"push to {repo_id} failed ({type(e).__name__}: {why}); {kept}: run "
                          "the same command again to retry the push") from e

@@ -604,7 +604,8 @@ def refuse_previous_build(out: Path, diff: list[str]) -> CTIQAError:
 
 
 def push_to_hub(dsd: Any, repo_id: str, card_fn: Callable[[Any], Any], audit: str, *, private: bool,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                kept: str = "the local output is kept") -> str:
     """Publish ``dsd`` to a Hub dataset repo: ``DatasetDict.push_to_hub`` (creates the repo, private unless told;
     shards, embeds images, writes ``dataset_info`` and ``configs``), then one commit with our card (merged into the
     YAML ``push_to_hub`` wrote) and ``audit.csv``. The token comes from ``HF_TOKEN`` or ``hf auth login`` and is
@@ -621,7 +622,7 @@ def push_to_hub(dsd: Any, repo_id: str, card_fn: Callable[[Any], Any], audit: st
 
     if not get_token():
         raise CTIQAError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    with hub_push(repo_id):
+    with hub_push(repo_id, kept):
         dsd.push_to_hub(repo_id, private=private, max_shard_size=max_shard_bytes,
                         commit_message="ctiqa build-dataset: data")
         card = card_fn(DatasetCard.load(repo_id, repo_type="dataset").data)
@@ -702,7 +703,8 @@ def check_options(opts: BuildOptions) -> None:
         raise CTIQAError("give --out DIR, --push-to-hub REPO_ID, or both")
     for flag, value in (("--limit", opts.limit), ("--concurrency", opts.concurrency),
                         ("--max-attempts", opts.max_attempts), ("--timeout", opts.timeout_s),
-                        ("--batch-poll", opts.batch_poll_s), ("--max-shard-mb", opts.max_shard_bytes)):
+                        ("--batch-poll", opts.batch_poll_s), ("--max-shard-mb", opts.max_shard_bytes),
+                        ("--max-output-tokens", opts.max_output_tokens)):
         if value is not None and not value > 0:
             raise CTIQAError(f"{flag} must be positive, got {value}")
     for flag, value in (("--reask", opts.reask), ("--min-words", opts.min_words),
@@ -717,6 +719,11 @@ def check_options(opts: BuildOptions) -> None:
         raise CTIQAError(f"--batch needs --teacher gemini (the Gemini Batch API), not --teacher {opts.teacher}")
     if opts.cache is not None and opts.cache.is_dir():
         raise CTIQAError(f"--cache {opts.cache} is a folder; give a file (e.g. {opts.cache / 'answers.jsonl'})")
+    if opts.cache is not None and opts.out is not None and \
+            Path(os.path.realpath(opts.cache)).is_relative_to(os.path.realpath(opts.out)):
+        # the build would refuse its own --out afterwards (a file it does not own), after paying for the answers
+        raise CTIQAError(f"--cache {opts.cache} is inside --out {opts.out}: keep the answer cache outside the dataset "
+                         "folder (it holds every paid answer; the dataset folder is rewritten by each build)")
     if opts.out is not None:
         owned_files(opts.out)
         if not opts.overwrite and Path(opts.out).is_dir() and _folder_files(Path(opts.out)):  # a build: compare
@@ -867,7 +874,9 @@ def _build_dataset(opts: BuildOptions, teacher: Teacher | None) -> BuildResult:
     try:
         files = write_folder(dsd, opts.out, card_fn, audit, max_shard_bytes=opts.max_shard_bytes,
                              settings=settings) if opts.out is not None else []
-        commit = push_to_hub(dsd, opts.push_to_hub, card_fn, audit, private=not opts.public,
+        kept = "the local output is kept" if opts.out is not None else \
+            "nothing was written locally (a remote teacher's answers are kept in the answer cache)"
+        commit = push_to_hub(dsd, opts.push_to_hub, card_fn, audit, private=not opts.public, kept=kept,
                              max_shard_bytes=opts.max_shard_bytes) if opts.push_to_hub else None
     finally:
         if quiet:

@@ -741,7 +741,11 @@ def test_build_settings_hold_what_changes_the_rows_and_no_credentials(tmp_path):
     (["--cache", "."], "is a folder"), (["--push-to-hub", "me/ds"], "needs a Hugging Face token"),
     # QA round 4: these were accepted and sent on (a negative price was printed and used in the cost)
     (["--temperature", "-1"], "--temperature must be in [0, 2]"), (["--price-input", "-1"], "--price-input must be 0"),
-    (["--min-words", "-1"], "--min-words must be 0 or more")])
+    (["--min-words", "-1"], "--min-words must be 0 or more"),
+    # QA round 9: sent on to the server as max_tokens -4 for every image; a cache inside --out was found after the
+    # paid answers, by the refusal of the build's own --out
+    (["--max-output-tokens", "-4"], "--max-output-tokens must be positive"),
+    (["--cache", "CACHE_IN_OUT"], "is inside --out")])
 def test_bad_options_refused_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     from huggingface_hub import constants
 
@@ -751,6 +755,7 @@ def test_bad_options_refused_before_any_work(tmp_path, capsys, monkeypatch, args
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no stored token either
     data = make_ldctiqa(tmp_path / "sim", n=8)
     _no_render(monkeypatch)
+    args = [str(tmp_path / "o" / "answers.jsonl") if a == "CACHE_IN_OUT" else a for a in args]
     assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(tmp_path / "o"),
                  "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
