@@ -391,18 +391,25 @@ def failed_row(row: dict[str, Any]) -> bool:
     return bool(row.get("error")) and row.get("parsed_score") is None and row.get("prob_score") is None
 
 
+def _redo(row: dict[str, Any]) -> bool:
+    """A row a resume does again: a :func:`failed_row`, or a skipped input or slice (the file may have been fixed
+    since; one still unreadable is skipped again, with its row)."""
+    return failed_row(row) or bool(row.get("skipped"))
+
+
 def _drop_failed_rows(path: Path) -> None:
-    """Remove the :func:`failed_row` rows from a JSONL/CSV row file (rewritten with
-    :func:`ctiqa.paths.atomic_write`: a kill leaves the old file whole); nothing is rewritten when there are none."""
+    """Remove the rows a resume does again (:func:`_redo`: failed and skipped rows) from a JSONL/CSV row file
+    (rewritten with :func:`ctiqa.paths.atomic_write`: a kill leaves the old file whole); nothing is rewritten when
+    there are none."""
 
     def failed(raw: str | list[str], header: list[str] | None) -> bool:
         if header is not None:  # a CSV record
-            return failed_row({k: _from_csv(k, v) for k, v in zip(header, raw, strict=False)})
+            return _redo({k: _from_csv(k, v) for k, v in zip(header, raw, strict=False)})
         try:
             row = json.loads(raw)
         except json.JSONDecodeError:
             return False
-        return isinstance(row, dict) and failed_row(row)
+        return isinstance(row, dict) and _redo(row)
 
     def records(f: Any) -> tuple[list[str] | None, Iterator[Any]]:
         if path.suffix != ".csv":
