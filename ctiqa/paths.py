@@ -110,9 +110,12 @@ def check_output_path(
         writes: (``folder=True``) names of the files the command writes in ``out``; one that is an input is refused.
         hint: appended to the message (what to do instead).
     Returns:
-        ``out`` as an absolute, normalised path (``a/missing/../b`` -> ``a/b``).
+        ``out`` as an absolute, normalised path (``a/missing/../b`` -> ``a/b``); for a symbolic link to nothing (a
+        dangling link), its target's path, judged as the output (the command creates it, and the link then leads
+        there).
     Raises:
-        CTIQAError: one of the cases above; the message names ``out`` and says that nothing was changed.
+        CTIQAError: one of the cases above, or a link that loops; the message names ``out`` and says that nothing
+            was changed.
     """
     from ctiqa import CTIQAError
 
@@ -120,6 +123,11 @@ def check_output_path(
     # missing now: judge the lexically normalised path, as it will be written
     p, writes = Path(os.path.normpath(os.path.abspath(os.path.expanduser(out)))), tuple(writes)
     tail = f"; nothing was changed{'. ' + hint if hint else ''}"
+    if p.is_symlink() and not p.exists():  # a dangling link: follow it and judge (then create) its target, as
+        target = Path(os.path.realpath(p))  # `ctiqa export` does; mkdir on the link itself fails "File exists"
+        if target.is_symlink():
+            raise CTIQAError(f"{what} {p}: is a symbolic link that loops ({os.readlink(p)}){tail}")
+        p = target
     for i in inputs:
         if i is None:
             continue
@@ -200,7 +208,7 @@ def check_outside_dataset(out: str | os.PathLike, dataset: str | None = None, *,
     if hit is not None:
         where = "is the dataset folder" if hit == p else f"is inside the dataset folder {hit}"
         raise CTIQAError(f"{what} {out}: {where}; what is written there would become part of the dataset (and of "
-                         "its Hub upload); nothing was changed. Give an --out outside it")
+                         f"its Hub upload); nothing was changed. Give an {what} outside it")
 
 
 def move_aside(files: Iterable[Path], what: str, why: str = "--overwrite") -> None:

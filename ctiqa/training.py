@@ -55,13 +55,15 @@ from ctiqa import CTIQAError
 from ctiqa.cards import hub_push
 from ctiqa.demo import DEMO_DATASET
 from ctiqa.model_settings import (
+    DATASET_FINGERPRINT_PREFIX,
     DONE_FILE,
     TRAINING_DTYPES,
     TrainedSettings,
     dataset_fingerprint,
+    legacy_dataset_fingerprint,
     write_settings,
 )
-from ctiqa.paths import check_output_path, check_source_folder, is_local_path
+from ctiqa.paths import check_output_path, check_outside_dataset, check_source_folder, is_local_path
 
 logger = logging.getLogger("ctiqa.training")
 
@@ -279,12 +281,15 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
                 v = getattr(v, "value", v)  # enums
                 out[name] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
     out = resolved_paths(out)
-    out["dataset_files"] = dataset_fingerprint(out.get("dataset_name"))  # rebuilt at the same path: another run
+    # the data's content: rebuilt at the same path with other rows is another run (a byte-identical rebuild is not)
+    out["dataset_files"] = dataset_fingerprint(out.get("dataset_name"), out.get("dataset_config"))
     return out
 
 
 #: Settings of :func:`run_config` added after runs were first recorded: a recorded run without one is not compared
-#: on it (it resumes as before).
+#: on it (it resumes as before). A ``dataset_files`` recorded in the older file-date form (no ``sha256:`` prefix,
+#: :func:`ctiqa.model_settings.legacy_dataset_fingerprint`) is compared in that form: equal, the run is the same
+#: (and its record is rewritten in the content form); different, it is refused as before the change.
 NEWER_SETTINGS = ("dataset_files",)
 #: Settings of :func:`run_config` that may name local folders: recorded resolved, so that a re-run from another
 #: folder (where the same relative spelling names other data) or another spelling of the same folder is judged
@@ -391,7 +396,10 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
       extended.
     - A non-empty folder that no ctiqa training wrote (:func:`is_training_output`: a dataset folder, someone's
       README.md), or the run's own local dataset or model folder: refused before anything is written
-      (:func:`ctiqa.paths.check_output_path`); the card would replace its README.md.
+      (:func:`ctiqa.paths.check_output_path`); the card would replace its README.md. An ``output_dir`` inside a
+      dataset folder (the run's local dataset, or any ``ctiqa build-dataset`` folder) is refused too
+      (:func:`ctiqa.paths.check_outside_dataset`). An ``output_dir`` that is a link to nothing is followed: its
+      target is created.
 
     Every process reads the folder first, the main process then writes (all wait for each other), so multi-process
     launches agree on the checkpoint.
@@ -411,6 +419,8 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
 
     inputs = [config.get(k) for k in ("dataset_name", "model_name_or_path")
               if isinstance(config.get(k), str) and is_local_path(config[k])]
+    # inside a dataset folder, the run's files would join the dataset (and its Hub upload)
+    check_outside_dataset(output_dir, config.get("dataset_name"), what="output_dir")
     root = check_output_path(output_dir, what="output_dir", folder=True, ours=is_training_output, inputs=inputs,
                              hint="Give a new or empty output_dir (training writes its model, checkpoints, README.md "
                                   f"card and {RUN_CONFIG_FILE} there)")
@@ -419,11 +429,18 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
     recorded = resolved_paths(json.loads(recorded_file.read_text())) if recorded_file.is_file() else None
     if recorded is not None:
         recorded.update({k: config.get(k) for k in NEWER_SETTINGS if k not in recorded})
+        old = recorded.get("dataset_files")
+        if isinstance(old, str) and not old.startswith(DATASET_FINGERPRINT_PREFIX) and \
+                old == legacy_dataset_fingerprint(recorded.get("dataset_name")):
+            recorded["dataset_files"] = config.get("dataset_files")  # older form, files untouched: the same data
     checkpoints = sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if root.is_dir() else []
     trained = bool(checkpoints) or (root / DONE_FILE).exists()  # a run that stopped before its first checkpoint
     if recorded is not None and recorded != config and trained:  # left nothing to mix with: it is overwritten
         diffs = [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" if k != "dataset_files" else
-                 "dataset files: rebuilt or changed at the same path since"
+                 "dataset files: rebuilt with other content at the same path since" if
+                 str(recorded.get(k)).startswith(DATASET_FINGERPRINT_PREFIX) else
+                 "dataset files: rebuilt or changed at the same path since (the run was recorded by an older ctiqa "
+                 "by file dates, so a rebuild with the same rows counts too)"
                  for k in sorted(set(recorded) | set(config)) if recorded.get(k) != config.get(k)]
         if not overwrite:
             raise CTIQAError(f"{root} holds another run ({'; '.join(diffs)}); choose another output_dir, or pass "

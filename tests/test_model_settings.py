@@ -147,3 +147,35 @@ def test_the_model_card_quick_start_renders_with_the_training_encoding():
     text = str(model_card(base_model="runs/demo/tiny-model", dataset="runs/demo/dataset", training_args=train,
                           model_args=model, adapter=False, encoding="medgemma-3window"))
     assert 'render("slice.dcm", "medgemma-3window")' in text and "`medgemma-3window`" in text
+
+
+def test_the_dataset_fingerprint_is_the_content_of_the_data_files_load_dataset_reads(tmp_path):
+    """QA round 9, rows 46/51/63: the fingerprint was the dates of every *.parquet/json/csv at any depth, so a
+    byte-identical rebuild, or a run's own files written inside the dataset folder, "changed" the data of every run
+    trained on it. Now: the bytes of the files load_dataset reads, nothing else."""
+    import os
+
+    from ctiqa.model_settings import DATASET_FINGERPRINT_PREFIX, dataset_data_files, dataset_fingerprint
+    from ctiqa.testing.sft_data import write_dataset
+
+    ds = write_dataset(tmp_path / "ds", {"train": 3, "validation": 2})
+    files = dataset_data_files(ds)
+    assert sorted(files) == ["train", "validation"]
+    assert all(p.suffix == ".parquet" and p.parent == ds / "data" for ps in files.values() for p in ps)
+    fp = dataset_fingerprint(ds)
+    assert fp.startswith(DATASET_FINGERPRINT_PREFIX) and len(fp) == len(DATASET_FINGERPRINT_PREFIX) + 64
+    train = files["train"][0]
+    data = train.read_bytes()
+    train.unlink()
+    train.write_bytes(data)  # the identical rebuild: a new file, new dates
+    os.utime(train, ns=(train.stat().st_mtime_ns + 10**9,) * 2)
+    (ds / "audit.csv").write_text("id,flag\n")
+    (ds / "model" / "checkpoint-2").mkdir(parents=True)  # a run inside (refused now; runs of older ctiqa exist)
+    (ds / "model" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (ds / "model" / "config.json").write_text("{}")
+    with open(ds / "README.md", "a") as f:
+        f.write("\nmore card text\n")
+    assert dataset_fingerprint(ds) == fp
+    write_dataset(tmp_path / "ds", {"train": 3, "validation": 2}, seed=1)  # other rows at the same path
+    assert dataset_fingerprint(ds) != fp
+    assert dataset_fingerprint("someone/hub-dataset") is None and dataset_fingerprint(tmp_path / "nope") is None

@@ -469,8 +469,94 @@ def test_a_dataset_rebuilt_at_the_same_path_is_another_run(tmp_path, monkeypatch
     (out / training.RUN_CONFIG_FILE).write_text(json.dumps(recorded))
     assert training.prepare_output_dir(out, again) == str(out / "checkpoint-2")
     (data / "train-00000-of-00001.parquet").write_bytes(b"rows of another build, longer")
-    with pytest.raises(training.CTIQAError, match="dataset files: rebuilt or changed at the same path since"):
+    with pytest.raises(training.CTIQAError, match="dataset files: rebuilt with other content at the same path since"):
         training.prepare_output_dir(out, _config(tmp_path, "--dataset_name", str(tmp_path / "dsT")))
+
+
+def test_a_byte_identical_rebuild_or_files_beside_the_data_leave_the_run_resumable(tmp_path):
+    """QA round 9, rows 46 and 51/63: the dataset fingerprint was the dates of every *.json/*.csv/... in the folder,
+    so re-running the identical `ctiqa build-dataset` (same bytes, new dates) or any file written beside the data (a
+    run's own checkpoints) made every run trained on it "another run", never to be resumed. Now it is the content
+    of the data files load_dataset reads; other content is still another run."""
+    ds = tmp_path / "dsT"
+    parquet = ds / "data" / "train-00000-of-00001.parquet"
+    parquet.parent.mkdir(parents=True)
+    parquet.write_bytes(b"rows of the first build")
+    (ds / "README.md").write_text("# card\n")
+    out = tmp_path / "out"
+    assert training.prepare_output_dir(out, _config(tmp_path, "--dataset_name", str(ds))) is None
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    # the same bytes written anew (later dates, another inode), a new card and audit, other files beside the data
+    time.sleep(0.01)
+    parquet.unlink()
+    parquet.write_bytes(b"rows of the first build")
+    os.utime(parquet, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    (ds / "README.md").write_text("# card, rewritten\n")
+    (ds / "audit.csv").write_text("id,flag\n0000,ok\n")
+    (ds / "notes").mkdir()
+    (ds / "notes" / "trainer_state.json").write_text('{"global_step": 3}')
+    config = _config(tmp_path, "--dataset_name", str(ds))
+    assert training.prepare_output_dir(out, config) == str(out / "checkpoint-2")
+
+
+def test_a_run_recorded_with_the_older_date_fingerprint_still_resumes(tmp_path):
+    """Runs recorded before the content fingerprint hold a bare hex of file dates: compared in that form they
+    resume when the files are untouched (and are recorded anew in the content form); a changed file is refused
+    as before, saying why a same-rows rebuild counts."""
+    from ctiqa.model_settings import legacy_dataset_fingerprint
+
+    ds = tmp_path / "dsT"
+    parquet = ds / "data" / "train-00000-of-00001.parquet"
+    parquet.parent.mkdir(parents=True)
+    parquet.write_bytes(b"rows")
+    out = tmp_path / "out"
+    config = _config(tmp_path, "--dataset_name", str(ds))
+    training.prepare_output_dir(out, config)
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    recorded = json.loads((out / training.RUN_CONFIG_FILE).read_text())
+    recorded["dataset_files"] = legacy_dataset_fingerprint(ds)  # as an older ctiqa wrote it
+    (out / training.RUN_CONFIG_FILE).write_text(json.dumps(recorded))
+    assert training.prepare_output_dir(out, config) == str(out / "checkpoint-2")
+    assert json.loads((out / training.RUN_CONFIG_FILE).read_text())["dataset_files"] == config["dataset_files"]
+    (out / training.RUN_CONFIG_FILE).write_text(json.dumps(recorded))
+    parquet.write_bytes(b"rows")  # same bytes, new date: the older form cannot tell
+    os.utime(parquet, ns=(parquet.stat().st_mtime_ns + 10**9,) * 2)
+    with pytest.raises(training.CTIQAError, match=r"dataset files: rebuilt or changed at the same path since \(the "
+                                                  "run was recorded by an older ctiqa by file dates"):
+        training.prepare_output_dir(out, config)
+
+
+def test_an_output_dir_inside_a_dataset_folder_is_refused_before_anything(tmp_path):
+    """QA round 9, rows 50-51: output_dir = <dataset>/model was accepted; its files then joined the dataset (and
+    its Hub upload). Refused as `ctiqa evaluate --out` is, for the run's own dataset and any build-dataset folder."""
+    ds = tmp_path / "dsT"
+    (ds / "data").mkdir(parents=True)
+    (ds / "data" / "train-00000-of-00001.parquet").write_bytes(b"rows")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".ctiqa-dataset.json").write_text("{}")
+    for out in (ds / "model", ds / "data" / "x" / "model", other / "model"):
+        with pytest.raises(training.CTIQAError, match=rf"^output_dir {out}: is inside the dataset folder .*nothing "
+                                                      "was changed. Give an output_dir outside it"):
+            training.prepare_output_dir(out, _config(tmp_path, "--dataset_name", str(ds)))
+        assert not out.exists()
+
+
+def test_an_output_dir_that_is_a_link_to_nothing_is_followed(tmp_path):
+    """QA round 9, row 52: a dangling symlink as output_dir ended in a FileExistsError traceback. The link is
+    followed, as `ctiqa export` does: its target is created and the run recorded there; a looping link is one
+    line."""
+    link, target = tmp_path / "od", tmp_path / "elsewhere" / "run"
+    link.symlink_to(target)
+    assert training.prepare_output_dir(link, _config(tmp_path)) is None
+    assert target.is_dir() and (target / training.RUN_CONFIG_FILE).is_file()
+    assert (link / training.RUN_CONFIG_FILE).is_file()  # the link now leads to the run
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(training.CTIQAError, match=r"output_dir .*loop: is a symbolic link that loops"):
+        training.prepare_output_dir(loop, _config(tmp_path))
 
 
 def test_checkpoints_of_an_unrecorded_run_are_not_resumed_silently(tmp_path):
@@ -656,7 +742,7 @@ def test_output_dir_that_is_the_dataset_or_holds_someone_elses_files_is_refused(
     mine.mkdir()
     (mine / "README.md").write_bytes(b"# my notes\n")
     for out in (data, mine):
-        with pytest.raises(training.CTIQAError, match="output_dir .*(input|did not write).*nothing was changed"):
+        with pytest.raises(training.CTIQAError, match="output_dir .*(input|did not write|is the dataset folder).*nothing was changed"):
             training.prepare_output_dir(out, _config(tmp_path, "--dataset_name", str(data)))
     assert {rel: (data / rel).read_bytes() for rel in files} == files and len(list(data.rglob("*"))) == 4
     assert [p.name for p in mine.iterdir()] == ["README.md"] and (mine / "README.md").read_bytes() == b"# my notes\n"
