@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import trl
+import yaml
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -118,12 +119,44 @@ def _simple_type(annotation: Any) -> type | None:
     return annotation if annotation in (int, float, bool, str) else None
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's ``SafeLoader`` that refuses a key given twice in one mapping: PyYAML (and so TRL's parser) keeps the
+    last value silently, and a recipe with ``learning_rate`` twice would train with whichever came last.
+
+    Raises:
+        CTIQAError: "line N: key 'K' is given twice (first on line M)" (lines counted from 1).
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden, by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise CTIQAError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (first on line "
+                                     f"{first}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_recipe_yaml(path: str | Path) -> Any:
+    """The content of a YAML recipe, read with :class:`RecipeLoader` (safe, duplicate keys refused).
+
+    Raises:
+        CTIQAError: a key given twice (the line is named); yaml.YAMLError: not valid YAML.
+    """
+    return yaml.load(Path(path).read_text(), Loader=RecipeLoader)
+
+
 def _check_yaml_types(config_path: str, parsed: tuple) -> None:
     """Every key of the YAML recipe has the type of its field (argparse converts strings only, so ``lora_r: 16.5``
     or ``use_peft: [true]`` would pass through unchecked)."""
-    import yaml
-
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    config = load_recipe_yaml(config_path) or {}
     hints = {}
     for obj in parsed:  # the declared annotations: HfArgumentParser rewrites dataclasses.Field.type while parsing
         names = {f.name for f in dataclasses.fields(obj)}
@@ -149,10 +182,8 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_
         one instance per dataclass type, as ``TrlParser.parse_args_and_config``.
     Raises:
         CTIQAError: one line naming the recipe and what is wrong: missing or unreadable file, not a YAML mapping,
-            unknown key, a value of the wrong type, an invalid setting.
+            unknown key, a key given twice, a value of the wrong type, an invalid setting.
     """
-    import yaml
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and default_config is not None:
         argv = ["--config", str(default_config), *argv]
@@ -162,8 +193,11 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None = None, default_
     if config is not None and not Path(config).is_file():
         raise CTIQAError(f"{config}: no such recipe file")
     try:
+        if config is not None:
+            load_recipe_yaml(config)  # TRL's parser reads it with yaml.safe_load, where the last duplicate key wins
         parsed = _RecipeParser(dataclass_types, allow_abbrev=False).parse_args_and_config(argv)
-    except CTIQAError as e:  # argparse: "argument --learning_rate/--learning-rate: invalid float value: 'fast'"
+    except CTIQAError as e:  # argparse: "argument --learning_rate/--learning-rate: invalid float value: 'fast'";
+        # RecipeLoader: "line 53: key 'learning_rate' is given twice (first on line 32); keep one"
         msg = re.sub(r"argument --(\w+)(/--[\w-]+)?: ", r"\1: ", str(e))
         raise CTIQAError(f"{where}: {msg}") from None
     except yaml.YAMLError as e:
@@ -251,6 +285,61 @@ def check_launch(model_args: Any, training_args: Any) -> None:
     if stage == "3" or is_deepspeed_zero3_enabled():
         raise CTIQAError("DeepSpeed ZeRO-3 is not supported: it cannot partition a bitsandbytes 4-bit base and is "
                          "untested with Gemma 3 here; use DDP, ZeRO-2 or FSDP (recipes/accelerate_configs/)")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+#: The numeric settings with an obvious valid range, checked by :func:`check_numbers` before anything is loaded:
+#: (arguments, field, test, what is valid). "training": TrainingArguments (SFTConfig / GRPOConfig); "lora":
+#: trl.ModelConfig, checked when ``use_peft``. Ranges from the optimizers and schedulers that use them
+#: (torch AdamW: lr >= 0, eps >= 0, betas in [0, 1), weight decay >= 0; PEFT LoRA: r >= 1, dropout a probability;
+#: transformers: warmup_steps < 1 is a ratio, >= 1 a number of steps; max_grad_norm 0 disables clipping).
+NUMBER_RULES: tuple[tuple[str, str, Any, str], ...] = (
+    ("training", "learning_rate", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("training", "warmup_steps", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (< 1: a ratio of the steps)"),
+    ("training", "weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("training", "max_grad_norm", lambda v: v is None or (_finite(v) or v == math.inf) and v >= 0,
+     "a number >= 0 (0 disables clipping)"),
+    ("training", "adam_beta1", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("training", "adam_beta2", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("training", "adam_epsilon", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("training", "per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("training", "per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("training", "gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("lora", "lora_r", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("lora", "lora_alpha", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("lora", "lora_dropout", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+)
+
+
+def check_numbers(training_args: Any, model_args: Any) -> None:
+    """Refuse, before anything is loaded or written, numeric settings outside their valid range
+    (:data:`NUMBER_RULES`; LoRA's only when ``use_peft``) and a run length that trains nothing: ``max_steps`` 0
+    (the Trainer would take one step and write DONE), or no ``max_steps`` (<= 0) with ``num_train_epochs`` not a
+    finite number > 0 (0 trains nothing and writes a finished run of 0 steps).
+
+    Raises:
+        CTIQAError: naming the setting, its value and what is valid, e.g. "learning_rate -0.001: must be a finite
+            number > 0".
+    """
+    objs = {"training": training_args, "lora": model_args if getattr(model_args, "use_peft", False) else None}
+    for where, name, ok, valid in NUMBER_RULES:
+        obj = objs[where]
+        if obj is None or not hasattr(obj, name):
+            continue
+        value = getattr(obj, name)
+        if not ok(value):
+            raise CTIQAError(f"{name} {value}: must be {valid}")
+    if training_args.max_steps == 0:  # the Trainer takes one step and writes DONE: a finished run of nothing
+        raise CTIQAError("--max_steps 0 would train nothing; give a positive number of steps, or -1 (the default) to "
+                         "train for --num_train_epochs")
+    epochs = training_args.num_train_epochs
+    if training_args.max_steps < 0 and not (_finite(epochs) and epochs > 0):
+        raise CTIQAError(f"--num_train_epochs {epochs} would train "
+                         f"{'nothing' if _finite(epochs) and epochs <= 0 else 'for ever'}; give a finite number of "
+                         "epochs > 0, or --max_steps N")
 
 
 # ------------------------------------------------------------------------------------------- run guard, resume
@@ -479,9 +568,11 @@ def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", 
         ``datasets.DatasetDict``.
     Raises:
         CTIQAError: no dataset given; a local folder that does not exist (for the demo's ``runs/demo/dataset``,
-            how to make it); a missing split or column.
+            how to make it) or holds no data files; a Hub id that cannot be reached (offline, network), does not
+            exist or is not accessible; a missing split or column.
     """
     from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
 
     name = script_args.dataset_name
     if not name:
@@ -490,7 +581,19 @@ def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", 
         hint = DEMO_DATASET_HINT if Path(name).as_posix().rstrip("/").endswith(DEMO_DATASET.as_posix()) else \
             f"make it with `ctiqa build-dataset ... --out {name}`"
         raise CTIQAError(f"dataset {name}: no such folder; {hint}")
-    dataset = load_dataset(name, name=script_args.dataset_config, revision=script_args.dataset_revision)
+    try:
+        dataset = load_dataset(name, name=script_args.dataset_config, revision=script_args.dataset_revision)
+    except ConnectionError as e:  # datasets: "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)", not cached
+        offline = "OfflineModeIsEnabled" in str(e) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true")
+        why = ("offline (HF_HUB_OFFLINE is set) and not in the local datasets cache; download it once online, or "
+               "give a local folder") if offline else f"cannot reach the Hugging Face Hub ({e}); check the network"
+        raise CTIQAError(f"dataset {name}: {why}") from None
+    except DatasetNotFoundError as e:  # not on the Hub, private or gated (no access with this token)
+        raise CTIQAError(f"dataset {name}: not found on the Hub, or no access ({' '.join(str(e).split())}); check "
+                         "the id, and for a private or gated dataset log in (`hf auth login` or HF_TOKEN) with an "
+                         "account that has access") from None
+    except FileNotFoundError as e:  # a local folder with no data files, a missing config
+        raise CTIQAError(f"dataset {name}: {' '.join(str(e).split())}") from None
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
         if split not in dataset:
             raise CTIQAError(f"dataset {name}: no split {split!r} (has {', '.join(dataset)})")
@@ -784,7 +887,8 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
     at info level, the launch checks (:func:`check_launch`: fp16 / ZeRO-3 refused) and the seed.
 
     Raises:
-        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`); ``max_steps`` 0.
+        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`); a number out of its range
+            or a run length of nothing (see :func:`check_numbers`).
     """
     from transformers import set_seed
 
@@ -793,9 +897,7 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
                    training_args.device, training_args.world_size, training_args.bf16)
     logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
     check_launch(model_args, training_args)
-    if training_args.max_steps == 0:  # the Trainer takes one step and writes DONE: a finished run of nothing
-        raise CTIQAError("--max_steps 0 would train nothing; give a positive number of steps, or -1 (the default) to "
-                         "train for --num_train_epochs")
+    check_numbers(training_args, model_args)
     set_seed(training_args.seed)
 
 

@@ -808,3 +808,76 @@ def test_max_steps_0_is_refused_before_anything(tmp_path):
         sft.main(*sft.parse_args(["--config", str(TINY_DEMO), "--output_dir", str(tmp_path / "out"),
                                   "--max_steps", "0"]))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--learning_rate=-1e-3"], r"^learning_rate -0.001: must be a finite number > 0$"),
+    (["--learning_rate", "nan"], r"^learning_rate nan: must be a finite number > 0$"),
+    (["--learning_rate", "0"], r"^learning_rate 0.0: must be a finite number > 0$"),
+    (["--warmup_steps", "nan"], r"^warmup_steps nan: must be a finite number >= 0"),
+    (["--weight_decay=-1"], r"^weight_decay -1.0: must be a finite number >= 0$"),
+    (["--max_grad_norm=-1"], r"^max_grad_norm -1.0: must be a number >= 0 \(0 disables clipping\)$"),
+    (["--adam_beta2", "1"], r"^adam_beta2 1.0: must be in \[0, 1\)$"),
+    (["--per_device_train_batch_size", "0"], r"^per_device_train_batch_size 0: must be an integer >= 1$"),
+    (["--gradient_accumulation_steps", "0"], r"^gradient_accumulation_steps 0: must be an integer >= 1$"),
+    (["--use_peft", "true", "--lora_r", "0"], r"^lora_r 0: must be an integer >= 1$"),
+    (["--use_peft", "true", "--lora_alpha", "0"], r"^lora_alpha 0: must be a finite number > 0$"),
+    (["--use_peft", "true", "--lora_dropout", "1"], r"^lora_dropout 1.0: must be in \[0, 1\)$"),
+    (["--num_train_epochs", "0"], r"^--num_train_epochs 0.0 would train nothing; give a finite number of epochs > 0"),
+    (["--num_train_epochs", "inf"], r"^--num_train_epochs inf would train for ever"),
+])
+def test_numbers_out_of_range_are_refused_before_anything(extra, message, tmp_path):
+    """QA round 9, rows 57 and 60: a negative or NaN learning rate ended in an 11-frame traceback from torch's AdamW
+    (after the run was recorded); --num_train_epochs 0 "trained" 0 steps, wrote DONE and a card, exit 0. Every
+    number with an obvious range is checked in one place (training.check_numbers), before any file is written."""
+    with pytest.raises(training.CTIQAError, match=message):
+        sft.main(*sft.parse_args(["--config", str(TINY_DEMO), "--output_dir", str(tmp_path / "out"), *extra]))
+    assert not (tmp_path / "out").exists()
+    # the limits themselves pass: 0 disables clipping; a LoRA dropout of 0; max_steps wins over 0 epochs
+    ok = ["--max_grad_norm", "0", "--use_peft", "true", "--lora_dropout", "0", "--num_train_epochs", "0",
+          "--max_steps", "3", "--warmup_steps", "0"]
+    _, train_args, model_args = sft.parse_args(["--config", str(TINY_DEMO), *ok])
+    training.check_numbers(train_args, model_args)
+
+
+def test_a_recipe_with_a_key_given_twice_is_refused_naming_the_line(tmp_path):
+    """QA round 9, row 55: learning_rate 1e-3 then 2e-3 in one recipe trained with 2e-3 (PyYAML keeps the last)."""
+    recipe = tmp_path / "dup.yaml"
+    text = TINY_DEMO.read_text()
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("learning_rate:"))
+    recipe.write_text(text + "learning_rate: 2.0e-3\n")
+    last = len(recipe.read_text().splitlines())
+    with pytest.raises(training.CTIQAError, match=rf"^{recipe}: line {last}: key 'learning_rate' is given twice "
+                                                  rf"\(first on line {first}\); keep one$"):
+        sft.parse_args(["--config", str(recipe)])
+    nested = tmp_path / "nested.yaml"  # in a nested mapping too
+    nested.write_text(text + "model_init_kwargs:\n  a: 1\n  a: 2\n")
+    with pytest.raises(training.CTIQAError, match=r"key 'a' is given twice"):
+        sft.parse_args(["--config", str(nested)])
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_one_line(monkeypatch):
+    """QA round 9, row 58: a Hub dataset id with HF_HUB_OFFLINE=1 ended in a 9-frame ConnectionError traceback."""
+    from types import SimpleNamespace
+
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = SimpleNamespace(dataset_name="someone/nonexistent-ds", dataset_config=None, dataset_revision=None,
+                           dataset_train_split="train", dataset_test_split="validation")
+    with pytest.raises(training.CTIQAError, match=r"^dataset someone/nonexistent-ds: offline \(HF_HUB_OFFLINE is "
+                                                  r"set\) and not in the local datasets cache"):
+        training.load_recipe_dataset(args)
+
+
+def test_a_missing_hub_dataset_is_one_line(fake_hub):
+    """The same id online: not on the (fake) Hub, or no access."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(dataset_name="someone/nonexistent-ds", dataset_config=None, dataset_revision=None,
+                           dataset_train_split="train", dataset_test_split="validation")
+    with pytest.raises(training.CTIQAError, match=r"^dataset someone/nonexistent-ds: not found on the Hub, or no "
+                                                  r"access .*hf auth login"):
+        training.load_recipe_dataset(args)
+
