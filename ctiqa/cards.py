@@ -54,6 +54,25 @@ def metric_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _train_line(metrics: dict[str, Any]) -> str:
+    """The card's "Training run" line from ``train_results.json`` (:func:`ctiqa.training.train`). For a resumed run
+    the figures of the whole run and those of the last session (``session_*``: the Trainer's loss, runtime and speeds
+    cover only the steps that process trained) are stated apart, each with its steps."""
+    nums = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    start, last = nums.pop("resumed_from_step", None), nums.pop("global_step", None)
+    session = {k.removeprefix("session_"): nums.pop(k) for k in sorted(nums) if k.startswith("session_")}
+
+    def figures(d: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:.4g}" for k, v in sorted(d.items()))
+
+    if not start:
+        return f"\nTraining run: {figures(nums)}.\n"
+    loss = ("train_loss: the mean over all steps, from the losses logged in trainer_state.json" if "train_loss" in nums
+            else "the mean loss over all steps is not known: the earlier steps' losses were not all logged")
+    return (f"\nTraining run (steps 1-{last}, resumed from a checkpoint at step {start}): {figures(nums)} ({loss}). "
+            f"This session only (steps {start + 1}-{last}): {figures(session)}.\n")
+
+
 def model_card(
     *,
     base_model: str,
@@ -77,7 +96,8 @@ def model_card(
         training_args: the run's ``trl.SFTConfig``; model_args: its ``trl.ModelConfig``.
         adapter: True when the output is a LoRA adapter (``library_name: peft``), False for a full model.
         eval_results: parsed ``results.json`` of ``ctiqa evaluate`` (optional): becomes the evaluation table.
-        train_metrics: ``train_results.json`` content (runtime, final loss), optional.
+        train_metrics: ``train_results.json`` content (:func:`ctiqa.training.train`: mean loss, runtime, ...;
+            for a resumed run the whole run's and the last session's figures, stated apart), optional.
         repo_id: the Hub id the card will be pushed to (for the quick start); default ``training_args.hub_model_id``.
         encoding: render encoding of the training images (:data:`ctiqa.imaging.ENCODINGS`); the quick start renders
             with it (default: soft-tissue, the encoding of models trained before it was recorded).
@@ -133,10 +153,7 @@ def model_card(
         **(extra_settings or {}),
     }
     hp_table = "\n".join(f"| {k} | {v} |" for k, v in hp.items() if v is not None)
-    train_line = ""
-    if train_metrics:
-        train_line = ("\nTraining run: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(train_metrics.items())
-                                                     if isinstance(v, (int, float))) + ".\n")
+    train_line = _train_line(train_metrics) if train_metrics else ""
     rows = metric_rows(eval_results) if eval_results else []
     if rows:
         n = (eval_results.get("counts") or {}).get("n")

@@ -875,10 +875,74 @@ class VerifyResumedWeights(TrainerCallback):
         logger.info("resume: %d adapter tensors equal %s", len(saved), path)
 
 
+#: Key of the entry :class:`LossLogAtCheckpoints` adds to ``trainer_state.json``'s ``log_history`` when a training
+#: session starts: ``{"step": N, "ctiqa_session_start": N}`` (N = 0 for a fresh run, the checkpoint's step on resume).
+SESSION_START_KEY = "ctiqa_session_start"
+
+
+class LossLogAtCheckpoints(TrainerCallback):
+    """Keep ``log_history`` complete enough to give the training loss of a whole run across resumptions.
+
+    The Trainer logs ``loss`` every ``logging_steps`` as the mean over the steps since its last log; a checkpoint
+    saved between two logs loses the losses of the steps since the last one when the run is killed after it, and a
+    resumed run's ``train_loss`` covers only the resumed steps. So: a log is forced at every checkpoint save (the
+    saved ``log_history`` then ends at the checkpoint's step), and each session records where it started
+    (:data:`SESSION_START_KEY`), which :func:`run_training_loss` checks.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.log_history.append({SESSION_START_KEY: state.global_step, "step": state.global_step})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:  # save_strategy "epoch"
+            control.should_log = True
+
+
+def run_training_loss(log_history: list[dict[str, Any]], start_step: int, global_step: int,
+                      session_loss: float) -> float | None:
+    """The mean training loss over all steps 1..``global_step`` of a run resumed at ``start_step``.
+
+    Each logged ``loss`` is the mean over the optimizer steps since the previous log, so the sum over steps
+    1..``start_step`` is sum(loss x steps it covers) over the log entries of the earlier sessions; the resumed
+    steps add ``session_loss`` (the Trainer's ``train_loss`` of this session: the mean over its steps) x their
+    number. Exact (up to float rounding) when the earlier log covers every step, which holds for sessions run with
+    :class:`LossLogAtCheckpoints`: the history starts with a session start at step 0, and before every later
+    session start the last logged loss is at that step.
+
+    Args:
+        log_history: ``trainer.state.log_history`` after training (this session's start entry included).
+        start_step: the step this session resumed from (0: not resumed). global_step: the last step trained.
+        session_loss: the Trainer's ``train_loss`` of this session.
+    Returns:
+        the mean loss, or ``session_loss`` when ``start_step`` is 0; None when the earlier steps' losses are not all
+        in the log (a run begun before ctiqa recorded session starts, or logged without a checkpoint log).
+    """
+    if start_step <= 0:
+        return session_loss
+    marks = [i for i, h in enumerate(log_history) if h.get(SESSION_START_KEY) == start_step]
+    earlier = log_history[:marks[-1]] if marks else []
+    if not earlier or earlier[0].get(SESSION_START_KEY) != 0:
+        return None
+    total, last = 0.0, 0
+    for h in earlier:
+        if SESSION_START_KEY in h and h[SESSION_START_KEY] != last:
+            return None  # a session began at a step whose losses since the previous log were lost
+        if "loss" in h and isinstance(h.get("step"), int) and h["step"] > last:
+            total += h["loss"] * (h["step"] - last)
+            last = h["step"]
+    if last != start_step:
+        return None
+    return (total + session_loss * (global_step - start_step)) / global_step
+
+
 def training_callbacks(checkpoint: str | None) -> list[TrainerCallback]:
-    """The callbacks every ctiqa run uses: :class:`StopOnNonFiniteLoss`, and :class:`VerifyResumedWeights` when
-    resuming."""
-    return [StopOnNonFiniteLoss()] + ([VerifyResumedWeights(checkpoint)] if checkpoint else [])
+    """The callbacks every ctiqa run uses: :class:`StopOnNonFiniteLoss`, :class:`LossLogAtCheckpoints`, and
+    :class:`VerifyResumedWeights` when resuming."""
+    return [StopOnNonFiniteLoss(), LossLogAtCheckpoints()] + ([VerifyResumedWeights(checkpoint)] if checkpoint else [])
 
 
 # ------------------------------------------------------------------------------------------- settings, card, push
@@ -901,18 +965,49 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
     set_seed(training_args.seed)
 
 
+#: The Trainer's figures that cover only the steps of the current session (the process that ran them): renamed
+#: ``session_*`` by :func:`train` in a resumed run.
+SESSION_METRICS = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+                   "train_wall_seconds")
+
+
 def train(trainer: Any, checkpoint: str | None, n_samples: int) -> dict[str, Any]:
     """Train (resuming from ``checkpoint``), keep the best checkpoint's weights (:func:`reload_best_model`), log and
-    save the metrics (``train_samples``, ``train_wall_seconds`` in s) and the trainer state. Returns the metrics."""
+    save the metrics and the trainer state. Returns the metrics (as ``train_results.json``).
+
+    Metrics: the Trainer's (``train_loss``, ``train_runtime`` in s, samples and steps per s, ``total_flos``,
+    ``epoch``), ``train_samples`` (rows of the train split) and ``train_wall_seconds`` (s). A resumed run (from a
+    checkpoint at step S) trains steps S+1..N in this process, and the Trainer's loss, runtime and speeds cover those
+    only: they are kept as ``session_train_loss``, ``session_train_runtime``, ... with ``resumed_from_step`` S and
+    ``global_step`` N, and ``train_loss`` is the mean over all N steps (:func:`run_training_loss`), left out (with a
+    warning) when the earlier steps' losses are not all in the log. The run's total runtime is not known (a killed
+    session's time is not recorded).
+    """
     import time
 
     logger.info("*** Train ***")
+    start = 0
+    if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
+        start = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step") or 0
     t0 = time.perf_counter()
     metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     reload_best_model(trainer)
     metrics["train_samples"] = n_samples
     metrics["train_wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if start > 0:
+        steps = trainer.state.global_step
+        run_loss = run_training_loss(trainer.state.log_history, start, steps, metrics["train_loss"])
+        metrics = {("session_" + k if k in SESSION_METRICS else k): v for k, v in metrics.items()}
+        metrics.update(resumed_from_step=start, global_step=steps)
+        if run_loss is not None:
+            metrics["train_loss"] = run_loss
+        else:
+            logger.warning("resumed at step %d: the losses of steps 1-%d are not all in the log (a run begun by an "
+                           "older ctiqa); only this session's mean loss (steps %d-%d) is recorded, as "
+                           "session_train_loss", start, start, start + 1, steps)
     trainer.log_metrics("train", metrics)
+    if trainer.is_world_process_zero():  # save_metrics merges into it: no figures of an earlier session kept there
+        Path(trainer.args.output_dir, "all_results.json").unlink(missing_ok=True)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics

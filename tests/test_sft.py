@@ -881,3 +881,66 @@ def test_a_missing_hub_dataset_is_one_line(fake_hub):
                                                   r"access .*hf auth login"):
         training.load_recipe_dataset(args)
 
+
+# ------------------------------------------------------------------------------------ the run's training loss
+def test_the_run_loss_is_computed_only_from_a_log_that_covers_every_step():
+    """training.run_training_loss: the logged means weighted by the steps each covers, plus this session's; None
+    when the earlier sessions' log does not reach every step (a run begun before sessions were recorded, or one
+    resumed past steps whose losses were never logged)."""
+    start = {training.SESSION_START_KEY: 0, "step": 0}
+    hist = [start, {"loss": 4.0, "step": 2}, {"loss": 1.0, "step": 3}, {"eval_loss": 9.0, "step": 3},
+            {"loss": 2.0, "step": 4}, {training.SESSION_START_KEY: 4, "step": 4}, {"loss": 0.5, "step": 8}]
+    assert training.run_training_loss(hist, 4, 8, 0.5) == pytest.approx((4.0 * 2 + 1.0 + 2.0 + 0.5 * 4) / 8)
+    assert training.run_training_loss(hist[1:], 4, 8, 0.5) is None  # no session start at step 0: an older run
+    gap = [start, {"loss": 4.0, "step": 2}, {training.SESSION_START_KEY: 3, "step": 3}, {"loss": 1.0, "step": 4},
+           {training.SESSION_START_KEY: 4, "step": 4}]
+    assert training.run_training_loss(gap, 4, 8, 0.5) is None  # step 3's loss was lost with the killed session
+    assert training.run_training_loss(hist[:3] + [{training.SESSION_START_KEY: 4, "step": 4}], 4, 8, 0.5) is None
+    assert training.run_training_loss([], 0, 8, 0.7) == 0.7  # not resumed: the Trainer's own figure
+
+
+def test_a_resumed_runs_card_states_the_whole_runs_loss_and_labels_this_sessions_figures(tiny, dataset_dir,
+                                                                                       tmp_path):
+    """QA round 9, row 42: after a resume, train_results.json and the card stated train_loss (and runtime) of the
+    resumed steps only, as the run's. Now train_loss is the mean over every step of the run (the same as the run
+    never interrupted), and the resumed process's figures are session_* and labelled with their steps. A checkpoint saved between two logging steps still logs its loss (else the steps since the last log would
+    be lost to a kill)."""
+    import re
+
+    out = tmp_path / "out"
+    args = ["--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+            "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
+            "--load_best_model_at_end", "false", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--dataloader_num_workers", "0", "--lr_scheduler_type", "constant", "--save_total_limit", "5"]
+    sft.main(*sft.parse_args(args + ["--max_steps", "4", "--logging_steps", "3"]))
+    first = json.loads((out / "train_results.json").read_text())
+    logged = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in logged if "loss" in h] == [2]  # logged at the save, not only at step 3
+    windows = {h["step"]: h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+               if "loss" in h}
+    assert sorted(windows) == [2, 3, 4]
+    steps_1_to_4 = windows[2] * 2 + windows[3] + windows[4]
+    assert first["train_loss"] == pytest.approx(steps_1_to_4 / 4, rel=1e-6)
+    assert "Training run: " in (out / "README.md").read_text()
+
+    sft.main(*sft.parse_args(args + ["--max_steps", "8"]))  # resumes at checkpoint-4
+    results = json.loads((out / "train_results.json").read_text())
+    windows = {h["step"]: h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+               if "loss" in h and h["step"] > 4}
+    assert sorted(windows) == [6, 8]  # every 3 steps (the run's logging_steps) and at the saves
+    assert results["session_train_loss"] == pytest.approx((windows[6] + windows[8]) / 2, rel=1e-6)
+    assert results["resumed_from_step"] == 4 and results["global_step"] == 8
+    assert "train_runtime" not in results and results["session_train_runtime"] > 0
+    assert json.loads((out / "all_results.json").read_text()) == results  # no figure of the first session left
+    # the same run never interrupted: the same loss (the tester's comparison)
+    sft.main(*sft.parse_args(args + ["--max_steps", "8", "--logging_steps", "3", "--output_dir", str(tmp_path / "ref")]))
+    reference = json.loads((tmp_path / "ref" / "train_results.json").read_text())
+    assert results["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4)
+    assert results["train_loss"] == pytest.approx((steps_1_to_4 + 2 * windows[6] + 2 * windows[8]) / 8, rel=1e-6)
+    card = (out / "README.md").read_text()
+    line = next(line for line in card.splitlines() if line.startswith("Training run"))
+    assert line.startswith("Training run (steps 1-8, resumed from a checkpoint at step 4): ")
+    assert f"train_loss {results['train_loss']:.4g}" in line.split("This session only")[0]
+    session = line.split("This session only (steps 5-8): ")[1]
+    assert f"train_loss {results['session_train_loss']:.4g}" in session and "train_runtime" in session
+    assert re.search(r"train_runtime", line.split("This session only")[0]) is None
