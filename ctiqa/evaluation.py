@@ -150,8 +150,10 @@ def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
 
 def read_predictions_file(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a predictions JSONL: ``id``, optional ``score``, and ``prediction`` (number or null) or ``text``.
+    A ``ctiqa evaluate`` output is one too: a row it wrote from a given prediction holds it as ``parsed_score`` with
+    ``parse_rule`` "given" and no text.
 
-    Every number (``prediction``, ``score``, ``prob_score``) must be a finite number in [0, 4] (``prob_std``: finite
+    Every number (``prediction``, ``score``, ``prob_score``, ``parsed_score``) must be a finite number in [0, 4] (``prob_std``: finite
     and >= 0); ``text`` a string or null. Checked for the whole file before any work.
 
     Raises:
@@ -172,7 +174,7 @@ def read_predictions_file(path: str | Path) -> list[dict[str, Any]]:
             raise CTIQAError(f"{p} line {n}: not JSON ({e.msg})") from e
         if not isinstance(row, dict) or "id" not in row or not ("prediction" in row or "text" in row):
             raise CTIQAError(f"{p} line {n}: a row needs 'id' and 'prediction' or 'text'")
-        for key in ("prediction", "score", "prob_score"):
+        for key in ("prediction", "score", "prob_score", "parsed_score"):
             v = row.get(key)
             if (v is not None or key == "score" and "score" in row) and not in_scale(v):
                 what = "or null " if key != "score" else ""
@@ -446,8 +448,9 @@ def predictions_from_file(path: str | Path, samples: list[Sample] | None,
             continue
         if isinstance(r.get("score"), (int, float)) and abs(float(r["score"]) - s.score) > 1e-6:
             raise CTIQAError(f"{path}: id {s.id} has score {r['score']} but the dataset says {s.score}")
-        if "prediction" in r:
-            v = r["prediction"]
+        if "prediction" in r or (r.get("parse_rule") == "given" and not r.get("text")):
+            # an evaluate output of a predictions file holds its given score as parsed_score (rule "given")
+            v = r["prediction"] if "prediction" in r else r.get("parsed_score")
             out.append(make_record(s, parsed_score=None if v is None else float(v),
                                parse_rule="given" if v is not None else "missing", text=r.get("text")))
         else:

@@ -127,6 +127,13 @@ def check_output_path(
         target = Path(os.path.realpath(p))  # `ctiqa export` does; mkdir on the link itself fails "File exists"
         if target.is_symlink():
             raise CTIQAError(f"{what} {p}: is a symbolic link that loops ({os.readlink(p)}){tail}")
+        if folder and not any(_same(target, i) for i in inputs if i is not None):
+            # made now, empty: a command that writes through the link path (its mkdir) then finds a folder there
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CTIQAError(f"{what} {p}: links to {target}, which cannot be made ({e.strerror or e}){tail}") \
+                    from e
         p = target
     for i in inputs:
         if i is None:

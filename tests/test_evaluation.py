@@ -873,6 +873,20 @@ def test_a_predictions_file_edited_in_place_is_another_run(tmp_path, monkeypatch
     assert any(f.read_bytes() == before for f in (tmp_path / "a").glob("results.*.bak.json"))
 
 
+def test_an_evaluation_of_a_predictions_file_fed_back_gives_the_same_metrics(tmp_path, monkeypatch):
+    """An evaluate output is a predictions file (README); the rows of a --predictions run hold the given score as
+    parsed_score (rule "given", no text), which was read back as no score at all (exit 1). Also: --out that is a
+    symbolic link to a folder not yet made (it was "File exists")."""
+    monkeypatch.chdir(tmp_path)
+    assert ctiqa_main(["evaluate", "--predictions", str(_preds_file(tmp_path / "p.jsonl", 0.2)), "--out", "a",
+                       "--bootstrap", "0"]) == 0
+    (tmp_path / "link").symlink_to(tmp_path / "not-yet" / "b")
+    assert ctiqa_main(["evaluate", "--predictions", "a/predictions.jsonl", "--out", "link", "--bootstrap", "0"]) == 0
+    first, again = (json.loads((tmp_path / d / "results.json").read_text())["metrics"]["parsed"]
+                    for d in ("a", "not-yet/b"))
+    assert (again["srcc"], again["mae"], again["n_valid"]) == (first["srcc"], first["mae"], 4)
+
+
 def test_report_and_html_name_a_results_json_that_is_not_one(tmp_path, monkeypatch, capsys):
     """QA round 8: results.json holding `null`, or a metric that is a string, ended report and html in a
     traceback."""
