@@ -389,13 +389,14 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
     file stem with ``file_names``), LDCTIQA-style folders (an ``image/`` or ``images/`` folder of TIFFs: ids are the
     file stems), DICOM series folders (id ``FOLDER/i`` for slice i along the slice normal, ``FOLDER#k/i`` for
     series k of several; ``series#K`` instead of FOLDER when its path holds a DICOM UID, unless ``file_names``)
-    and folders of TIFF/PNG/JPEG slices (:func:`ctiqa.imaging.image_files`; ids: file stems);
+    and folders of TIFF/PNG/JPEG slices (:func:`ctiqa.imaging.image_files`; ids: file stems, or ``FOLDER/i`` by
+    position when the folder or its files are named by a UID); a TIFF/PNG file named by a UID is ``image#K``;
     a folder with nothing readable is one error row, the other inputs go on. Exported DICOM file names are often SOP Instance UIDs, so they stay out of ids and error
     messages (replaced by the id) unless ``file_names``."""
     from ctiqa.imaging import image_files, names_a_uid, read_dicom_folder
     from ctiqa.ldctiqa import load_ldctiqa
 
-    n_dicom = n_uid = 0
+    n_dicom = n_uid = n_image = 0
     for raw in inputs:
         p = Path(raw)
         if p.is_dir() and any((p / d).is_dir() for d in ("image", "images")):
@@ -406,19 +407,29 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
                 except CTIQAError as e:
                     yield i, e
         elif p.is_dir():  # a DICOM series: ids by position, never file names (often SOP Instance UIDs)
+            name = p.name
+            if names_a_uid(p) and not file_names:  # a PACS export's Study/Series UID folder: not in the ids
+                n_uid += 1
+                name = f"series#{n_uid}"
             errors: list[tuple[str, str]] = []
             try:
                 found = read_dicom_folder(p, errors=errors)
             except CTIQAError as e:  # no DICOM: a folder of TIFF/PNG slices (ids: file stems), or nothing readable
                 slices = image_files(p)
                 if not slices:
-                    yield p.name, e
-                yield from iter_images([str(f) for f in slices], file_names=file_names)
+                    yield name, (e if file_names else CTIQAError(_without_name(str(e), raw, name)))
+                elif file_names or (name == p.name and not any(names_a_uid(f.name) for f in slices)):
+                    yield from iter_images([str(f) for f in slices], file_names=file_names)
+                else:  # slices converted from an export keep its UID names: ids by position, as a DICOM series
+                    for i, f in enumerate(slices):
+                        rid = f"{name}/{i}"
+                        try:
+                            frames = read_ct_frames(f)
+                            for k, img in enumerate(frames):
+                                yield (f"{rid}#{k}" if len(frames) > 1 else rid), img
+                        except CTIQAError as err:
+                            yield rid, CTIQAError(_without_name(str(err), str(f), rid))
                 continue
-            name = p.name
-            if names_a_uid(p) and not file_names:  # a PACS export's Study/Series UID folder: not in the ids
-                n_uid += 1
-                name = f"series#{n_uid}"
             for k, series in enumerate(found, start=1):
                 sid = f"{name}#{k}" if len(found) > 1 else name
                 for i, (_, img) in enumerate(series):
@@ -429,6 +440,15 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
         elif p.is_file() and is_dicom_file(p) and not file_names:
             n_dicom += 1
             rid = f"dicom#{n_dicom}"
+            try:
+                frames = read_ct_frames(p)
+                for k, img in enumerate(frames):
+                    yield (f"{rid}/{k}" if len(frames) > 1 else rid), img
+            except CTIQAError as e:
+                yield rid, CTIQAError(_without_name(str(e), raw, rid))
+        elif names_a_uid(raw) and not file_names:  # a TIFF/PNG named by a UID (converted from an export)
+            n_image += 1
+            rid = f"image#{n_image}"
             try:
                 frames = read_ct_frames(p)
                 for k, img in enumerate(frames):

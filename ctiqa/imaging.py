@@ -711,9 +711,10 @@ _UID_RE = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*)){3,}")
 
 def names_a_uid(path: str | os.PathLike) -> bool:
     """True when a component of ``path`` is a DICOM UID (``.../1.2.840.113619.2.55.3.604688/``, with or without a
-    ``.dcm`` suffix): exports name files and folders by Study/Series/SOP Instance UID, so commands keep such paths
-    out of their outputs unless asked (``--file-names``)."""
-    return any(len(part) <= 68 and _UID_RE.fullmatch(re.sub(r"\.(dcm|dicom|ima)$", "", part, flags=re.I))
+    ``.dcm`` suffix or an image suffix such as ``.tif``: slices converted from an export keep its names): exports name
+    files and folders by Study/Series/SOP Instance UID, so commands keep such paths out of their outputs unless
+    asked (``--file-names``)."""
+    return any(len(part) <= 68 and _UID_RE.fullmatch(re.sub(r"\.(dcm|dicom|ima|tiff?|png|jpe?g)$", "", part, flags=re.I))
                for part in Path(path).parts)
 
 

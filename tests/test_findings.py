@@ -172,6 +172,23 @@ def test_cli_a_too_small_uid_named_dicom_is_skipped_by_its_id(tmp_path, capsys):
         assert "too small to measure" in err and "1.2.826" not in err, err
 
 
+def test_tiff_files_and_slice_folders_named_by_uids_are_not_named_in_the_outputs(tmp_path, capsys):
+    """QA round 8: a TIFF named by a SOP Instance UID (slices converted from a PACS export) and a UID folder of such
+    TIFFs: predict wrote the file's UID path into rows, summaries and stdout, findings used the UIDs as ids."""
+    folder = tmp_path / "1.2.840.113619.2.55.3.99.7"
+    folder.mkdir()
+    tifffile.imwrite(folder / "1.2.840.113619.2.55.3.99.7.1.tif", hu_to_unit(_phantom(20)))
+    single = tmp_path / "1.2.840.113619.2.55.3.604688119.969.320.tif"
+    tifffile.imwrite(single, hu_to_unit(_phantom(40)))
+    out = tmp_path / "f.jsonl"
+    assert ctiqa_main(["findings", str(single), str(folder), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["image#1", "series#1/0"]
+    assert "1.2.840" not in out.read_text() + captured.out + captured.err
+    assert ctiqa_main(["findings", str(single), "--file-names", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["id"] == single.stem
+
+
 def test_findings_of_a_dicom_agree_with_those_of_its_rendering():
     """QA round 8: `ctiqa findings` measured a DICOM's streaks in full-range HU, `ctiqa predict` on the rendered
     image (soft-tissue window): the same slice got two streak indices (7.6 vs 12.7 for CT_small). Both now measure

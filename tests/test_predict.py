@@ -311,6 +311,18 @@ def test_a_skipped_slice_fixed_before_the_resume_is_scored_not_kept_skipped(tiny
     assert (summary["n_slices"], summary["n_skipped"]) == (3, 0)
 
 
+def test_a_tiff_named_by_a_uid_is_not_named_in_the_outputs(tiny, tmp_path, capsys):
+    """QA round 8: a UID-named TIFF file input kept its path (study/SOP UIDs) as the series id in rows, the series
+    summary and the printed tables; UID folders were already series#K."""
+    single = tmp_path / "1.2.840.113619.2.55.3.604688119.969.320.tif"
+    tifffile.imwrite(single, np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(single), "--model", str(tiny), "--score-only", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    text = out.read_text() + (tmp_path / "p.series.jsonl").read_text() + captured.out + captured.err
+    assert "1.2.840" not in text and json.loads(out.read_text().splitlines()[0])["series"] == "series#1"
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
