@@ -88,6 +88,9 @@ def noise_sigma_predictions(dataset_path: str, out_file: str, *, fit_split: str 
 
     from datasets import load_dataset
 
+    from ctiqa.paths import check_dataset_finished
+
+    check_dataset_finished(dataset_path)
     ds = load_dataset(dataset_path)
     train = ds[fit_split]
     sig_train = [noise_sigma(row["images"][0]) for row in train]

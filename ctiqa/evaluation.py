@@ -48,6 +48,7 @@ from ctiqa import CTIQAError
 from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding, weights_fingerprint
 from ctiqa.paths import (
     atomic_write,
+    check_dataset_finished,
     check_output_path,
     check_outside_dataset,
     is_local_path,
@@ -111,6 +112,7 @@ def load_samples(dataset: str, split: str = "test", *, limit: int | None = None,
     """
     import datasets
 
+    check_dataset_finished(dataset)
     try:
         if (Path(dataset) / "dataset_dict.json").exists():
             dsd = datasets.load_from_disk(dataset)

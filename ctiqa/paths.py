@@ -218,6 +218,23 @@ def check_outside_dataset(out: str | os.PathLike, dataset: str | None = None, *,
                          f"its Hub upload); nothing was changed. Give an {what} outside it")
 
 
+def check_dataset_finished(dataset: str | os.PathLike) -> None:
+    """Refuse a local dataset folder that ``ctiqa build-dataset`` began but did not finish: it holds
+    :data:`DATASET_MARKER` (written first) but no ``README.md`` (written last), so its splits may be half of one
+    build and half of another. Hub ids and other folders pass.
+
+    Raises:
+        CTIQAError: naming the folder and the way out (the same build-dataset again finishes it).
+    """
+    from ctiqa import CTIQAError
+
+    p = Path(os.path.expanduser(str(dataset)))
+    if is_local_path(str(dataset)) and (p / DATASET_MARKER).is_file() and not (p / "README.md").is_file():
+        raise CTIQAError(f"dataset {dataset}: an unfinished `ctiqa build-dataset` (stopped while writing: no "
+                         "README.md yet), its splits possibly from two builds; run the same build-dataset again to "
+                         "finish it")
+
+
 def move_aside(files: Iterable[Path], what: str, why: str = "--overwrite") -> None:
     """Rename each existing file or folder in ``files`` to ``NAME.<UTC time>.bak[.EXT]`` beside it (never deleted:
     the user can go back), with one ``note: {why}: ...`` line each on stderr naming ``what`` it belonged to (e.g.

@@ -64,7 +64,13 @@ from ctiqa.model_settings import (
     legacy_dataset_fingerprint,
     write_settings,
 )
-from ctiqa.paths import check_output_path, check_outside_dataset, check_source_folder, is_local_path
+from ctiqa.paths import (
+    check_dataset_finished,
+    check_output_path,
+    check_outside_dataset,
+    check_source_folder,
+    is_local_path,
+)
 
 logger = logging.getLogger("ctiqa.training")
 
@@ -581,6 +587,7 @@ def load_recipe_dataset(script_args: Any, columns: tuple[str, ...] = ("prompt", 
         hint = DEMO_DATASET_HINT if Path(name).as_posix().rstrip("/").endswith(DEMO_DATASET.as_posix()) else \
             f"make it with `ctiqa build-dataset ... --out {name}`"
         raise CTIQAError(f"dataset {name}: no such folder; {hint}")
+    check_dataset_finished(name)
     try:
         dataset = load_dataset(name, name=script_args.dataset_config, revision=script_args.dataset_revision)
     except ConnectionError as e:  # datasets: "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)", not cached

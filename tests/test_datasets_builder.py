@@ -735,6 +735,33 @@ def test_build_settings_hold_what_changes_the_rows_and_no_credentials(tmp_path):
     assert settings(seed=1) != settings() and settings(limit=5) != settings() and settings(min_words=3) != settings()
 
 
+def test_a_build_stopped_while_writing_is_refused_by_training_and_evaluation(tmp_path, monkeypatch, capsys):
+    """QA round 9: a build killed while writing left train from the new build and validation/test from the old one
+    (no README.md yet); recipes/sft.py trained on it and `ctiqa evaluate --split test` scored the old test split,
+    exit 0. The marker is written first and README.md last: such a folder is refused until the build is re-run."""
+    from argparse import Namespace
+
+    from ctiqa import training
+    from ctiqa.cli import main
+    from ctiqa.evaluation import load_samples
+
+    data = make_ldctiqa(tmp_path / "sim", n=12)
+    out = tmp_path / "ds"
+    assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert load_samples(str(out), "test", images=False)[0]
+    (out / "README.md").unlink()  # as a kill between the parquet files and the card leaves it
+    with pytest.raises(CTIQAError, match="unfinished `ctiqa build-dataset`"):
+        load_samples(str(out), "test")
+    args = Namespace(dataset_name=str(out), dataset_config=None, dataset_revision=None,
+                     dataset_train_split="train", dataset_test_split="validation")
+    with pytest.raises(CTIQAError, match="unfinished `ctiqa build-dataset`"):
+        training.load_recipe_dataset(args)
+    assert main(["build-dataset", "--ldctiqa", str(data), "--split", "stratified", "--out", str(out),
+                 "--no-progress"]) == 0  # the same build again finishes it
+    assert load_samples(str(out), "test", images=False)[0]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--limit", "0"], "--limit must be positive"), (["--concurrency", "0"], "--concurrency must be positive"),
     (["--limit", "-3"], "--limit must be positive"), (["--max-shard-mb", "0"], "--max-shard-mb must be positive"),
