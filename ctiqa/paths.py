@@ -236,7 +236,8 @@ def check_dataset_finished(dataset: str | os.PathLike) -> None:
 
 
 def move_aside(files: Iterable[Path], what: str, why: str = "--overwrite") -> None:
-    """Rename each existing file or folder in ``files`` to ``NAME.<UTC time>.bak[.EXT]`` beside it (never deleted:
+    """Rename each existing file or folder in ``files`` to ``NAME.<UTC time>.bak[.EXT]`` (``<UTC time>-2`` ... when
+    that name is taken) beside it (never deleted:
     the user can go back), with one ``note: {why}: ...`` line each on stderr naming ``what`` it belonged to (e.g.
     "evaluation")."""
     import sys
@@ -245,7 +246,10 @@ def move_aside(files: Iterable[Path], what: str, why: str = "--overwrite") -> No
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     for f in files:
         if f.exists():
-            backup = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}")
+            backup, n = f.with_name(f"{f.stem}.{stamp}.bak{f.suffix}"), 1
+            while backup.exists() or backup.is_symlink():  # an earlier backup of the same second, or a user's file
+                n += 1
+                backup = f.with_name(f"{f.stem}.{stamp}-{n}.bak{f.suffix}")
             f.replace(backup)
             print(f"note: {why}: moved the previous {what}'s {f.name} to {backup}", file=sys.stderr)
 

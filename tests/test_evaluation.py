@@ -916,3 +916,21 @@ def test_negative_seeds_and_resample_counts_are_one_usage_line(argv, tmp_path, m
         ctiqa_main(argv)
     assert e.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_move_aside_never_replaces_an_existing_backup(tmp_path, monkeypatch, capsys):
+    """QA round 8: `evaluate --overwrite` twice within one second (or over a user's file of that name) replaced the
+    earlier `results.<UTC time>.bak.json`; each one is kept now."""
+    import time
+
+    from ctiqa.paths import move_aside
+
+    monkeypatch.setattr(time, "gmtime", lambda *a: time.struct_time((2026, 12, 2, 9, 44, 31, 2, 336, 0)))
+    taken = tmp_path / "results.20261202-094431.bak.json"
+    taken.write_text('{"precious": 1}')
+    for k in range(2):
+        (tmp_path / "results.json").write_text(f'{{"run": {k}}}')
+        move_aside([tmp_path / "results.json"], "evaluation")
+    assert taken.read_text() == '{"precious": 1}'
+    kept = sorted(p.read_text() for p in tmp_path.glob("results.*.bak.json"))
+    assert kept == ['{"precious": 1}', '{"run": 0}', '{"run": 1}']
