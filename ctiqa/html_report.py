@@ -569,6 +569,12 @@ def write_evaluation_report(run_dir: str | Path, path: str | Path | None = None,
     if images is None and results.get("dataset"):
         try:
             samples, _ = load_samples(results["dataset"], results.get("split") or "test")
+            truth = {str(r["id"]): r.get("score") for r in records}
+            changed = next((s for s in samples if s.id in truth and isinstance(truth[s.id], (int, float))
+                            and abs(truth[s.id] - s.score) > 1e-6), None)
+            if changed is not None:  # the folder now holds another dataset: its images are not the ones scored
+                raise CTIQAError(f"dataset {results['dataset']} has changed since this evaluation (id {changed.id}: "
+                                 f"score {truth[changed.id]} then, {changed.score} now)")
             images = {s.id: s.image for s in samples}
         except CTIQAError as e:
             print(f"note: images not embedded: {e}")

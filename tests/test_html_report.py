@@ -194,6 +194,26 @@ def test_html_command_renders_afterwards(evaluated, tmp_path, capsys):
     assert "not an evaluation folder" in capsys.readouterr().err
 
 
+def test_html_does_not_embed_the_images_of_a_dataset_replaced_since(evaluated, tmp_path, capsys):
+    """QA round 8: after the dataset folder was rebuilt with other images, `ctiqa html RUN` embedded them beside
+    the evaluation's predictions and true scores (exit 0, no note); evaluate itself refused that dataset."""
+    import shutil
+
+    data, out = evaluated
+    run = shutil.copytree(out, tmp_path / "run")
+    results = json.loads((run / "results.json").read_text())
+    other = write_dataset(tmp_path / "other", {"train": 2, "test": 6}, seed=5)  # same ids, other images/scores
+    results["dataset"] = str(other)
+    (run / "results.json").write_text(json.dumps(results))
+    assert ctiqa_main(["html", str(out), "--out", str(tmp_path / "same.html")]) == 0
+    assert 'alt="sample ' in (tmp_path / "same.html").read_text()  # the evaluated dataset: its images are shown
+    capsys.readouterr()
+    assert ctiqa_main(["html", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    note = capsys.readouterr().out
+    assert "images not embedded" in note and "has changed since this evaluation" in note, note
+    assert 'alt="sample ' not in (tmp_path / "r.html").read_text()
+
+
 def test_evaluation_report_without_images_or_plots():
     page = evaluation_report({"name": "x", "metrics": {}, "primary_score": "parsed"},
                              [{"id": "1", "score": 2.0, "parsed_score": None, "parse_rule": "none", "text": "?"}])
