@@ -304,6 +304,7 @@ class RowSink:
     def __init__(self, path: Path | None, settings: dict[str, Any], file_names: bool):
         self.path, self.columns, self.skipped = path, _row_columns(file_names), set()
         self.done: dict[tuple[str, int], str | None] = {}  # (series, slice) -> image_sha256 of the scored image
+        self.files: dict[tuple[str, int], str] = {}  # (series, slice) -> its file, in rows written with --file-names
         if path is None:
             return
         if path.is_dir():
@@ -343,6 +344,8 @@ class RowSink:
                     self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
                 elif r.get("slice") not in (None, ""):
                     self.done[(str(r["series"]), int(r["slice"]))] = r.get("image_sha256")
+                    if r.get("file") not in (None, ""):
+                        self.files[(str(r["series"]), int(r["slice"]))] = str(r["file"])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(path, "a", newline="")
@@ -573,7 +576,8 @@ def check_resume(series: list[Series], sink: RowSink, *, encoding: str, unit_is_
 
     Raises:
         CTIQAError: naming the series (not the files) whose rows are stale: a slice's pixels differ (a file
-            changed, or a slice was inserted so that positions moved), a scored slice is gone or unreadable now,
+            changed, or a slice was inserted so that positions moved), its file was renamed (rows written with
+            ``--file-names`` name it), a scored slice is gone or unreadable now,
             or the row has no content hash (written by an older ctiqa).
     """
     if not sink.done:
@@ -591,10 +595,13 @@ def check_resume(series: list[Series], sink: RowSink, *, encoding: str, unit_is_
                     items = _read(ref, cache)
             except CTIQAError:
                 items = []
-            for index, _, img in items:
+            for index, name, img in items:
                 if (s.id, index) not in sink.done:
                     continue
                 seen.add(index)
+                if sink.files.get((s.id, index), name) != name:  # renamed: the row would name another file
+                    stale.setdefault(s.id, []).append(index)
+                    continue
                 try:
                     digest = image_sha256(render(img, encoding, unit_is_hu=unit_is_hu))
                 except CTIQAError:
@@ -608,7 +615,7 @@ def check_resume(series: list[Series], sink: RowSink, *, encoding: str, unit_is_
         what = "; ".join(f"{sid} (slice{'s' if len(ix) > 1 else ''} {', '.join(map(str, sorted(ix)[:5]))}"
                          f"{' ...' if len(ix) > 5 else ''})" for sid, ix in stale.items())
         raise CTIQAError(f"--out {sink.path}: holds scores of slices whose content has changed since they were scored"
-                         f" (pixels differ, slices inserted or removed, or rows from an older ctiqa without "
+                         f" (pixels differ, slices inserted, removed or renamed, or rows from an older ctiqa without "
                          f"image_sha256): {what}; choose another --out to score them afresh")
 
 

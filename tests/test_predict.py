@@ -323,6 +323,26 @@ def test_a_tiff_named_by_a_uid_is_not_named_in_the_outputs(tiny, tmp_path, capsy
     assert "1.2.840" not in text and json.loads(out.read_text().splitlines()[0])["series"] == "series#1"
 
 
+def test_a_resume_with_file_names_refuses_renamed_slices(tiny, tmp_path, capsys):
+    """QA round 8: with --file-names, a.tif -> 0.tif and b.tif -> a.tif (same images, same order) resumed: the rows
+    kept saying a.tif for the first image's score and b.tif (gone) for the second's (exit 0)."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.tif", "b.tif"):
+        tifffile.imwrite(folder / name, rng.random((64, 64), dtype=np.float32))
+    out = tmp_path / "o.jsonl"
+    args = ["predict", str(folder), "--model", str(tiny), "--score-only", "--file-names", "--out", str(out)]
+    assert main(args) == 0
+    before = out.read_bytes()
+    (folder / "a.tif").rename(folder / "0.tif")
+    (folder / "b.tif").rename(folder / "a.tif")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "renamed" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([a for a in args if a != "--file-names"][:-1] + [str(tmp_path / "n.jsonl")]) == 0  # no names: fine
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
