@@ -537,10 +537,15 @@ class GeminiClient:
                     model=self.model, src=requests, config=t.CreateBatchJobConfig(display_name=display_name))
                 return str(job.name)
             except Exception as exc:  # noqa: BLE001
-                if is_fatal(exc) or (is_unreachable(exc) and attempt >= self.retry.max_connect_attempts):
+                if is_fatal(exc) or (is_unreachable(exc) and attempt >= min(self.retry.max_connect_attempts,
+                                                                            self.retry.max_attempts)):
                     raise self._as_config_error(exc) from exc
-                if not is_transient(exc) or attempt >= self.retry.max_attempts:
+                if not is_transient(exc):
                     raise
+                if attempt >= self.retry.max_attempts:  # the job log says "submitting": a re-run looks for it first
+                    raise ClientConfigError(f"{self.model}: the batch job could not be created ({type(exc).__name__}: "
+                                            f"{str(exc)[:300]}; {attempt} tries); run the same command again: it "
+                                            "looks for the job before submitting it again") from exc
                 found = await self.find_batch(display_name)
                 if found is not None:
                     return found

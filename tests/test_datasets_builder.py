@@ -846,6 +846,22 @@ def test_refused_connection_fails_after_two_tries(tmp_path):
         _generate_once(client, Image.new("RGB", (8, 8)), "x")
 
 
+@pytest.mark.parametrize("attempts", [1, 4])
+def test_a_batch_job_that_cannot_be_submitted_is_one_line(tmp_path, attempts):
+    """QA round 9: `--batch --max-attempts 1` with no network ended in a 40-frame aiohttp traceback (the
+    synchronous path and the default attempts gave one line)."""
+    import dataclasses
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = GeminiClient("gemini-2.5-pro", api_key="k", base_url=f"http://127.0.0.1:{port}",
+                          retry=dataclasses.replace(FAST, max_attempts=attempts))
+    with pytest.raises(ClientConfigError, match=r"cannot reach the server"):
+        asyncio.run(client.submit_batch([], "ctiqa-test"))
+
+
 def test_hard_quota_429_is_fatal_with_its_message(fake_gemini):
     fake_gemini.set_script([quota_zero()])
     client = GeminiClient("gemini-2.5-pro", base_url=fake_gemini.url, retry=FAST)
