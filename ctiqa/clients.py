@@ -692,6 +692,10 @@ class OpenAICompatClient:
 
         async def send() -> CallResult:
             resp = await self._client.chat.completions.create(**kwargs)
+            if not hasattr(resp, "choices"):  # the openai client returns a 200 body it cannot parse as text
+                return CallResult(ok=False, model=self.model, error="invalid_response: the server answered 200 with "
+                                  f"something that is not a chat completion ({str(resp)[:80]!r}); is --base-url the "
+                                  "API root (…/v1)?")
             u = resp.usage
             details = getattr(u, "completion_tokens_details", None) if u else None
             thoughts = (getattr(details, "reasoning_tokens", None) or 0) if details else 0

@@ -862,6 +862,26 @@ def test_a_batch_job_that_cannot_be_submitted_is_one_line(tmp_path, attempts):
         asyncio.run(client.submit_batch([], "ctiqa-test"))
 
 
+def test_a_server_answering_html_is_an_invalid_response_not_a_connection_error():
+    """QA round 9: a 200 text/html body (a proxy's page at a wrong --base-url) was recorded as
+    `connection_error: AttributeError: 'str' object has no attribute 'usage'`."""
+    from ctiqa.testing.loopback import LoopbackServer
+
+    class HtmlServer(LoopbackServer):
+        def dispatch(self, h):
+            body = b"<html>gateway</html>"
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+
+    with HtmlServer() as srv:
+        client = OpenAICompatClient("m", base_url=srv.url + "/v1", api_key="k", retry=FAST)
+        res = _generate_once(client, Image.new("RGB", (8, 8)), "x")
+    assert not res.ok and res.error.startswith("invalid_response:") and "gateway" in res.error, res.error
+
+
 def test_hard_quota_429_is_fatal_with_its_message(fake_gemini):
     fake_gemini.set_script([quota_zero()])
     client = GeminiClient("gemini-2.5-pro", base_url=fake_gemini.url, retry=FAST)
