@@ -30,7 +30,7 @@ How the kind is detected (explicit rules; nothing is clipped silently)
   default; read silently); values that only fit the usual CT storage offset (``-50 <= p_lo <= 200``, i.e. air
   at the dark end, and ``p_hi >= 824``, i.e. tissue once shifted) are read with intercept -1024 and a
   :class:`ctiqa.CTIQAWarning`; anything else is refused (air would land at 0 HU or the image would be all air).
-  A file whose pixel data holds more frames than Number of Frames is refused.
+  A file whose pixel data holds more (or fewer) frames than Number of Frames is refused.
 * TIFF (read with tifffile, never PIL) and PNG/JPEG (PIL, only for 8/16-bit integer data); every page of a
   multi-page TIFF is a slice, pages of different sizes or appended one by one included:
   - float data with all values in [-0.001, 1.001] -> ``"unit"`` (LDCTIQA);
@@ -654,17 +654,23 @@ def _frames_held(ds: Any) -> int | None:
 
 
 def _excess_frames_error(path: Path, held: int, n: int) -> CTIQAError:
-    return CTIQAError(f"{path}: pixel data holds {held} frames but Number of Frames says {n}: the header and the "
-                      "pixels disagree (a truncated or badly edited file); fix Number of Frames (0028,0008)")
+    return CTIQAError(f"{path}: pixel data holds {held} frame{'s' if held != 1 else ''} but Number of Frames says "
+                      f"{n}: the header and the pixels disagree (a truncated or badly edited file); fix Number of "
+                      "Frames (0028,0008)")
+
+
+def _check_frames_held(ds: Any, path: Path) -> None:
+    """Refuse uncompressed pixel data holding more or fewer whole frames than Number of Frames says."""
+    n, held = _n_frames(ds), _frames_held(ds)
+    if held is not None and held != n:
+        raise _excess_frames_error(path, held, n)
 
 
 def _decode(ds: Any, path: Path, index: int | None) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     n = _n_frames(ds)
-    held = _frames_held(ds)
-    if held is not None and held > n:
-        raise _excess_frames_error(path, held, n)
+    _check_frames_held(ds, path)
     try:
         with warnings.catch_warnings():  # pydicom's own excess-frames warning: our error below says it in one line
             warnings.filterwarnings("ignore", message=r".*'Number of Frames'")
@@ -793,6 +799,7 @@ def read_ct(path: str | os.PathLike, frame: int | None = None) -> CTImage:
     if (_is_dicom(p) or p.suffix == "") and p.suffix.lower() not in _TIFF_SUFFIXES | _RASTER_SUFFIXES:
         ds = _read_dicom_dataset(p)
         n = _n_frames(ds)
+        _check_frames_held(ds, p)  # before asking for a frame of a file none of whose frames could be read
         if n > 1 and frame is None:
             raise CTIQAError(f"{p}: multi-frame DICOM with {n} frames; choose one with frame=0..{n - 1} (--frame)")
         return next(_iter_dicom_frames(p, [0 if frame is None else int(frame)], ds))

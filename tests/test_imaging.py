@@ -580,6 +580,13 @@ def _one_pixel(tmp_path):
 def test_excess_frames_colour_and_tiny_dicom_are_one_line_errors(tmp_path):
     with pytest.raises(CTIQAError, match=r"excess\.dcm: pixel data holds 3 frames but Number of Frames says 1"):
         read_ct_frames(_excess_frames(tmp_path))
+    # QA round 8: fewer frames than the header says: read_ct asked to choose a frame, and every frame then failed
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds.NumberOfFrames = 3
+    ds.save_as(tmp_path / "short.dcm")
+    for read in (read_ct, read_ct_frames):
+        with pytest.raises(CTIQAError, match=r"short\.dcm: pixel data holds 1 frame but Number of Frames says 3"):
+            read(tmp_path / "short.dcm")
     for name in ("SC_rgb.dcm", "SC_rgb_2frame.dcm", "OBXXXX1A.dcm"):  # RGB secondary captures, palette colour
         with pytest.raises(CTIQAError, match=rf"{name}.*: colour DICOM"):
             read_ct_frames(_testdata(name))
