@@ -616,7 +616,10 @@ def check_resume(series: list[Series], sink: RowSink, *, encoding: str, unit_is_
                          f"{' ...' if len(ix) > 5 else ''})" for sid, ix in stale.items())
         raise CTIQAError(f"--out {sink.path}: holds scores of slices whose content has changed since they were scored"
                          f" (pixels differ, slices inserted, removed or renamed, or rows from an older ctiqa without "
-                         f"image_sha256): {what}; choose another --out to score them afresh")
+                         f"image_sha256): {what}; choose another --out to score them afresh"
+                         + ("; DICOM files given directly are named dicom#K by their place among the inputs: give "
+                            "the same files in the same order, or --id" if any(k.startswith("dicom#") for k in stale)
+                            else ""))
 
 
 def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encoding: str, batch_size: int,
