@@ -73,6 +73,59 @@ def _train_line(metrics: dict[str, Any]) -> str:
             f"This session only (steps {start + 1}-{last}): {figures(session)}.\n")
 
 
+EVALUATION_HEADING = "## Evaluation"
+
+
+def evaluation_section(eval_results: dict[str, Any] | None) -> str:
+    """The text of the card's "Evaluation" section (under :data:`EVALUATION_HEADING`): the metrics table with 95 %
+    intervals of a ``ctiqa evaluate`` ``results.json`` (and its faithfulness summary), or a line saying that no
+    evaluation was attached."""
+    rows = metric_rows(eval_results) if eval_results else []
+    if rows:
+        n = (eval_results.get("counts") or {}).get("n")
+        where = f"split `{eval_results.get('split')}` of `{eval_results.get('dataset')}`"
+        eval_md = ("| score | metric | value | 95 % interval |\n|---|---|---|---|\n"
+                   + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
+                   + f"\n\n{n or '?'} images of {where}; `ctiqa evaluate` (results.json), percentile bootstrap "
+                   "intervals. `parsed`: score parsed from the generated answer; `probability`: expected score from "
+                   "the probabilities of the digit tokens after `Score: `.")
+    else:
+        eval_md = "No evaluation was attached to this run; use `ctiqa evaluate` on the held-out test split."
+    fa = (eval_results or {}).get("faithfulness")
+    if rows and fa and fa.get("n_measured"):
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+        truth = fa.get("agreement_with_truth_rubric") or {}
+        eval_md += (f"\n\n**Faithfulness of the rationales** to measured findings of each image (`ctiqa.findings`, "
+                    f"no truth needed; {fa['n_measured']} rationales): noise addressed in {pct(fa['noise_addressed_rate'])}, "
+                    f"its severity class agrees with the measured one in {pct(fa['noise_agreement_rate'])} (within one "
+                    f"band {pct(fa['noise_within_one_band_rate'])}); streaks addressed in "
+                    f"{pct(fa['streaks_addressed_rate'])}, agreeing with the measured call in "
+                    f"{pct(fa['streak_agreement_rate'])} ("
+                    + ("the streak call is validated on simulation only: bench/bench_findings.py --independent"
+                       if fa.get("streak_call_validated") else
+                       "the streak call is not validated, so streak claims are unverified")
+                    + f"); artifacts the data cannot have (ring, motion, metal, beam hardening) claimed in "
+                    f"{pct(fa['unverified_rate'])}."
+                    + (f" The measured check gives the truth rubric's verdict on noise in "
+                       f"{pct(truth.get('noise_agree_rate'))} and on streaks in {pct(truth.get('streaks_agree_rate'))}."
+                       if truth else ""))
+    return eval_md
+
+
+def with_evaluation(card_text: str, eval_results: dict[str, Any]) -> str:
+    """``card_text`` (a card written by :func:`model_card`) with its "Evaluation" section replaced by that of
+    ``eval_results`` (:func:`evaluation_section`); unchanged when it has no such section.
+    """
+    head = f"\n{EVALUATION_HEADING}\n\n"
+    start = card_text.find(head)
+    if start < 0:
+        return card_text
+    start += len(head)
+    end = card_text.find("\n\n## ", start)
+    end = len(card_text.rstrip("\n")) if end < 0 else end
+    return card_text[:start] + evaluation_section(eval_results) + card_text[end:]
+
+
 def model_card(
     *,
     base_model: str,
@@ -154,35 +207,7 @@ def model_card(
     }
     hp_table = "\n".join(f"| {k} | {v} |" for k, v in hp.items() if v is not None)
     train_line = _train_line(train_metrics) if train_metrics else ""
-    rows = metric_rows(eval_results) if eval_results else []
-    if rows:
-        n = (eval_results.get("counts") or {}).get("n")
-        where = f"split `{eval_results.get('split')}` of `{eval_results.get('dataset')}`"
-        eval_md = ("| score | metric | value | 95 % interval |\n|---|---|---|---|\n"
-                   + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
-                   + f"\n\n{n or '?'} images of {where}; `ctiqa evaluate` (results.json), percentile bootstrap "
-                   "intervals. `parsed`: score parsed from the generated answer; `probability`: expected score from "
-                   "the probabilities of the digit tokens after `Score: `.")
-    else:
-        eval_md = "No evaluation was attached to this run; use `ctiqa evaluate` on the held-out test split."
-    fa = (eval_results or {}).get("faithfulness")
-    if rows and fa and fa.get("n_measured"):
-        pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
-        truth = fa.get("agreement_with_truth_rubric") or {}
-        eval_md += (f"\n\n**Faithfulness of the rationales** to measured findings of each image (`ctiqa.findings`, "
-                    f"no truth needed; {fa['n_measured']} rationales): noise addressed in {pct(fa['noise_addressed_rate'])}, "
-                    f"its severity class agrees with the measured one in {pct(fa['noise_agreement_rate'])} (within one "
-                    f"band {pct(fa['noise_within_one_band_rate'])}); streaks addressed in "
-                    f"{pct(fa['streaks_addressed_rate'])}, agreeing with the measured call in "
-                    f"{pct(fa['streak_agreement_rate'])} ("
-                    + ("the streak call is validated on simulation only: bench/bench_findings.py --independent"
-                       if fa.get("streak_call_validated") else
-                       "the streak call is not validated, so streak claims are unverified")
-                    + f"); artifacts the data cannot have (ring, motion, metal, beam hardening) claimed in "
-                    f"{pct(fa['unverified_rate'])}."
-                    + (f" The measured check gives the truth rubric's verdict on noise in "
-                       f"{pct(truth.get('noise_agree_rate'))} and on streaks in {pct(truth.get('streaks_agree_rate'))}."
-                       if truth else ""))
+    eval_md = evaluation_section(eval_results)
     if adapter:
         load = (f"model = AutoModelForImageTextToText.from_pretrained(\"{base_model}\", dtype=torch.bfloat16)\n"
                 f"model = PeftModel.from_pretrained(model, \"{repo_id}\")\n"
@@ -246,7 +271,7 @@ other modalities, other body regions or windows than those trained on, artefacts
 |---|---|
 {hp_table}
 {train_line}
-## Evaluation
+{EVALUATION_HEADING}
 
 {eval_md}
 

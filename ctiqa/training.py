@@ -301,7 +301,9 @@ def _finite(v: Any) -> bool:
 #: (arguments, field, test, what is valid). "training": TrainingArguments (SFTConfig / GRPOConfig); "lora":
 #: trl.ModelConfig, checked when ``use_peft``. Ranges from the optimizers and schedulers that use them
 #: (torch AdamW: lr >= 0, eps >= 0, betas in [0, 1), weight decay >= 0; PEFT LoRA: r >= 1, dropout a probability;
-#: transformers: warmup_steps < 1 is a ratio, >= 1 a number of steps; max_grad_norm 0 disables clipping).
+#: transformers: warmup_steps < 1 is a ratio, >= 1 a number of steps; max_grad_norm 0 disables clipping; TRL's
+#: GRPOConfig: beta the KL weight, num_generations >= 2, a sampling temperature > 0, top_p in (0, 1], epsilon the
+#: clip of the policy ratio). A field the arguments do not have (GRPO's in an SFT run) is skipped.
 NUMBER_RULES: tuple[tuple[str, str, Any, str], ...] = (
     ("training", "learning_rate", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("training", "warmup_steps", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (< 1: a ratio of the steps)"),
@@ -314,6 +316,19 @@ NUMBER_RULES: tuple[tuple[str, str, Any, str], ...] = (
     ("training", "per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("training", "per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("training", "gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    # GRPOConfig (TRL): the KL weight, the group size, sampling and the policy-ratio clip (absent from SFTConfig)
+    ("training", "beta", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (the KL weight; 0: no KL term)"),
+    ("training", "num_generations", lambda v: isinstance(v, int) and v >= 2,
+     "an integer >= 2 (GRPO compares the completions of a group)"),
+    ("training", "num_iterations", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("training", "max_completion_length", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (tokens)"),
+    ("training", "temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("training", "top_p", lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]"),
+    ("training", "top_k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: no top-k filtering)"),
+    ("training", "min_p", lambda v: v is None or _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("training", "repetition_penalty", lambda v: _finite(v) and v > 0, "a finite number > 0 (1: none)"),
+    ("training", "epsilon", lambda v: _finite(v) and v > 0, "a finite number > 0 (the ratio clip)"),
+    ("training", "epsilon_high", lambda v: v is None or _finite(v) and v > 0, "a finite number > 0"),
     ("lora", "lora_r", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("lora", "lora_alpha", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("lora", "lora_dropout", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
@@ -348,6 +363,41 @@ def check_numbers(training_args: Any, model_args: Any) -> None:
                          "epochs > 0, or --max_steps N")
 
 
+#: Keys of ``model_init_kwargs`` (passed to ``from_pretrained``) that would carry a Hub token.
+TOKEN_KWARGS = ("token", "use_auth_token")
+
+
+def check_no_secrets(training_args: Any) -> None:
+    """Refuse, before anything is written, arguments that would carry a secret into ``output_dir``: the Trainer
+    pickles the whole training arguments into ``training_args.bin`` there and in every checkpoint, in plain text.
+    Secrets come from the environment (``HF_TOKEN``, ``hf auth login``) and are never written. The fields that can
+    hold one: ``hub_token`` (TrainingArguments' only token field), a ``token`` / ``use_auth_token`` in
+    ``model_init_kwargs``, and a password in a URL (GRPOConfig's ``vllm_server_base_url``). The message never
+    repeats the value.
+
+    Raises:
+        CTIQAError: naming the field and where a token belongs.
+    """
+    from urllib.parse import urlsplit
+
+    where = ("it would be saved in plain text in training_args.bin in output_dir and every checkpoint; set HF_TOKEN "
+             "or run `hf auth login` instead")
+    if getattr(training_args, "hub_token", None):
+        raise CTIQAError(f"hub_token: a token is never taken from the command line or a recipe ({where})")
+    kwargs = getattr(training_args, "model_init_kwargs", None)
+    if isinstance(kwargs, dict) and any(kwargs.get(k) not in (None, False) for k in TOKEN_KWARGS):
+        raise CTIQAError(f"model_init_kwargs: a token is never taken from the command line or a recipe ({where})")
+    url = getattr(training_args, "vllm_server_base_url", None)
+    if isinstance(url, str):
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            raise CTIQAError("vllm_server_base_url: holds a password; it would be saved in plain text in "
+                             "training_args.bin in output_dir and every checkpoint: give the server's address only")
+
+
 # ------------------------------------------------------------------------------------------- run guard, resume
 def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
     """What defines a run, for :func:`prepare_output_dir`: the data, the model and every hyperparameter that changes
@@ -378,6 +428,7 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
     out = resolved_paths(out)
     # the data's content: rebuilt at the same path with other rows is another run (a byte-identical rebuild is not)
     out["dataset_files"] = dataset_fingerprint(out.get("dataset_name"), out.get("dataset_config"))
+    out["recipe"] = RECIPE_KINDS.get(type(training_args).__name__, type(training_args).__name__)
     return out
 
 
@@ -385,7 +436,9 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
 #: on it (it resumes as before). A ``dataset_files`` recorded in the older file-date form (no ``sha256:`` prefix,
 #: :func:`ctiqa.model_settings.legacy_dataset_fingerprint`) is compared in that form: equal, the run is the same
 #: (and its record is rewritten in the content form); different, it is refused as before the change.
-NEWER_SETTINGS = ("dataset_files",)
+NEWER_SETTINGS = ("dataset_files", "recipe")
+#: The recipe kind recorded in :func:`run_config` (``recipe``), by the class of its training arguments.
+RECIPE_KINDS = {"SFTConfig": "sft", "GRPOConfig": "grpo"}
 #: Settings of :func:`run_config` that may name local folders: recorded resolved, so that a re-run from another
 #: folder (where the same relative spelling names other data) or another spelling of the same folder is judged
 #: by the folder itself.
@@ -443,18 +496,18 @@ def _steps_asked(max_steps: int | None, num_train_epochs: float | None,
     return asked, f"--num_train_epochs {num_train_epochs:g} = {asked} steps"
 
 
-def _check_length(root: Path, checkpoint: str | None, explicit: bool, max_steps: int | None,
-                  num_train_epochs: float | None) -> None:
-    """Refuse (or end as :class:`AlreadyTrained`) a re-run of the same run asking no more steps than ``root`` already
+def _check_length(root: Path, checkpoint: str | None, max_steps: int | None, num_train_epochs: float | None) -> None:
+    """Refuse (or end as :class:`AlreadyTrained`) a re-run of the same run asking no more steps than it already
     holds: the Trainer would resume past the steps asked (it takes at least one step after a checkpoint) and the
-    card would state the smaller number. The steps held: ``checkpoint``'s, or the finished run's (``DONE`` and its
-    ``trainer_state.json``) when more and the checkpoint is not ``explicit`` (``--resume_from_checkpoint``)."""
+    card would state the smaller number. The steps held: ``checkpoint``'s, or ``root``'s finished run's (``DONE`` and
+    its ``trainer_state.json``) when more. As many as a checkpoint of a run that stopped before saving its model (no
+    ``DONE``) is allowed: :func:`train` then saves the model from that checkpoint, training nothing."""
     finished = (root / DONE_FILE).exists()
     states = []
     if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
-        states.append((json.loads((Path(checkpoint) / "trainer_state.json").read_text()), Path(checkpoint).name))
-    if finished and not explicit and (root / "trainer_state.json").is_file():
-        states.append((json.loads((root / "trainer_state.json").read_text()), "its finished model"))
+        states.append((json.loads((Path(checkpoint) / "trainer_state.json").read_text()), Path(checkpoint)))
+    if finished and (root / "trainer_state.json").is_file():
+        states.append((json.loads((root / "trainer_state.json").read_text()), None))
     if not states:
         return
     state, where = max(states, key=lambda s: s[0].get("global_step") or 0)
@@ -462,15 +515,112 @@ def _check_length(root: Path, checkpoint: str | None, explicit: bool, max_steps:
     asked, how = _steps_asked(max_steps, num_train_epochs, state)
     if asked is None or asked > done:
         return  # more to train: a resume
-    if asked == done and finished and not explicit:
+    if asked == done and any(w is None and (s.get("global_step") or 0) == done for s, w in states):
         raise AlreadyTrained(f"{root} is already trained to {done} steps ({how}); nothing to do")
-    start_over = "choose another output_dir, or pass --overwrite_output_dir true to start over there"
     if asked == done:
-        unsaved = "" if finished else f" but the run stopped before saving its model (no {DONE_FILE})"
-        raise CTIQAError(f"{root}: {where} already holds the {done} steps asked ({how}){unsaved}; ask for more steps "
-                         f"to continue it, or {start_over}")
-    raise CTIQAError(f"{root} holds this run trained to {done} steps ({where}); {how} asks for fewer, which it "
-                     f"cannot undo; ask for more than {done} steps to continue it, or {start_over}")
+        return  # the run stopped after its last checkpoint, before saving its model: train() saves it from there
+    if where is not None and where.resolve().parent != root.resolve():  # --resume_from_checkpoint of another folder
+        raise CTIQAError(f"resume_from_checkpoint {where} holds this run trained to {done} steps; {how} asks for "
+                         f"fewer, which it cannot undo; ask for more than {done} steps to continue it in {root}, or "
+                         "leave out --resume_from_checkpoint to train this run from the start")
+    raise CTIQAError(f"{root} holds this run trained to {done} steps ({where.name if where else 'its finished model'}); "
+                     f"{how} asks for fewer, which it cannot undo; ask for more than {done} steps to continue it, or "
+                     "choose another output_dir, or pass --overwrite_output_dir true to start over there")
+
+
+def read_run_record(folder: str | Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The run recorded in ``folder``'s :data:`RUN_CONFIG_FILE`, in the form compared with ``config`` (a
+    :func:`run_config`): local paths resolved, :data:`NEWER_SETTINGS` it lacks taken from ``config``, a dataset
+    fingerprint of the older date form replaced by ``config``'s when the files are untouched. None when there is no
+    record (or it is not a JSON object)."""
+    path = Path(folder) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    recorded = resolved_paths(recorded)
+    recorded.update({k: config.get(k) for k in NEWER_SETTINGS if k not in recorded})
+    old = recorded.get("dataset_files")
+    if isinstance(old, str) and not old.startswith(DATASET_FINGERPRINT_PREFIX) and \
+            old == legacy_dataset_fingerprint(recorded.get("dataset_name")):
+        recorded["dataset_files"] = config.get("dataset_files")  # older form, files untouched: the same data
+    return recorded
+
+
+def run_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """What differs between a recorded run and ``config`` (both :func:`run_config` forms), one phrase per setting
+    (``learning_rate 0.001 -> 0.002``); another recipe kind (SFT / GRPO) is one phrase with the number of other
+    settings that differ. Empty: the same run."""
+    keys = [k for k in sorted(set(recorded) | set(config)) if recorded.get(k) != config.get(k)]
+    if "recipe" in keys:
+        n = len(keys) - 1
+        return [f"recipe {recorded.get('recipe')!r} -> {config.get('recipe')!r}" +
+                (f", and {n} other setting{'s' if n > 1 else ''}" if n else "")]
+    return [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" if k != "dataset_files" else
+            "dataset files: rebuilt with other content at the same path since" if
+            str(recorded.get(k)).startswith(DATASET_FINGERPRINT_PREFIX) else
+            "dataset files: rebuilt or changed at the same path since (the run was recorded by an older ctiqa "
+            "by file dates, so a rebuild with the same rows counts too)" for k in keys]
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "adapter_model.safetensors").is_file() or any(folder.glob("model*.safetensors")) or any(
+        folder.glob("pytorch_model*.bin"))
+
+
+def check_resume_checkpoint(checkpoint: str, root: Path, config: dict[str, Any], *, overwrite: bool = False) -> str:
+    """Check an explicit ``--resume_from_checkpoint`` before anything is loaded or written.
+
+    It must be a complete Trainer checkpoint (a folder with ``trainer_state.json`` and model or adapter weights). One
+    of ``output_dir`` (``root``) belongs to the run recorded there, which :func:`prepare_output_dir` compares. One of
+    another folder is resumed only when it is a checkpoint of this same run: the :data:`RUN_CONFIG_FILE` of the
+    folder that holds it equals ``config`` (dataset and its content, model, hyperparameters, recipe kind), exactly
+    as a re-run into that folder would be judged. A checkpoint of another run would continue its weights and
+    optimizer under this run's settings, and the card would credit this dataset with all its steps; one without a
+    record cannot be told apart from another run, so it is refused too (a full model checkpoint can start a *new*
+    run as ``--model_name_or_path``).
+
+    Returns:
+        ``checkpoint`` (as given).
+    Raises:
+        CTIQAError: no such folder; not a complete checkpoint; no weights; a checkpoint of another run (the
+            differences named) or of no recorded run; one of ``output_dir`` with ``--overwrite_output_dir``
+            (which deletes it).
+    """
+    path = Path(checkpoint).expanduser()
+    name = f"resume_from_checkpoint {checkpoint}"
+    if not path.is_dir():
+        raise CTIQAError(f"{name}: no such folder (a re-run of the same command resumes from the last complete "
+                         "checkpoint of output_dir by itself: leave --resume_from_checkpoint out)")
+    if not (path / "trainer_state.json").is_file():
+        raise CTIQAError(f"{name}: not a complete training checkpoint (no trainer_state.json: not a checkpoint-N "
+                         "folder written by the Trainer, or one cut short by a kill)")
+    if not _has_weights(path):
+        raise CTIQAError(f"{name}: holds no model or adapter weights (model*.safetensors, "
+                         "adapter_model.safetensors)")
+    parent = path.resolve().parent
+    if parent == root.resolve():
+        if overwrite:
+            raise CTIQAError(f"{name}: --overwrite_output_dir deletes the checkpoints of {root}, this one among "
+                             "them; leave out one of the two")
+        return checkpoint
+    recorded = read_run_record(parent, config)
+    full = _is_full_checkpoint(str(path))
+    new_run = (f"; to start a new run from its weights give it as --model_name_or_path {checkpoint}"
+               if full else "")
+    if recorded is None:
+        raise CTIQAError(f"{name}: no {RUN_CONFIG_FILE} in {parent}: cannot tell which run it belongs to, and only "
+                         f"a checkpoint of this same run is resumed{new_run}")
+    diffs = run_differences(recorded, config)
+    if diffs:
+        raise CTIQAError(f"{name} is a checkpoint of another run ({'; '.join(diffs)}): resuming it would continue "
+                         f"that run's weights and optimizer under this run's settings; resume only a checkpoint of "
+                         f"this same run{new_run}")
+    return checkpoint
 
 
 def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwrite: bool = False,
@@ -486,9 +636,12 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
       be told apart from another run).
     - Same run: resumes from :func:`last_complete_checkpoint` when the steps asked (``max_steps``, or
       ``num_train_epochs`` x steps per epoch) are more than it (or the finished run) holds. Exactly as many, finished
-      (``DONE``): :class:`AlreadyTrained`, nothing touched. Fewer (or as many but not finished): refused with the steps
-      held and asked, unless ``overwrite``. ``max_steps`` and epochs are not part of ``config`` so a run can be
-      extended.
+      (``DONE``): :class:`AlreadyTrained`, nothing touched. Exactly as many in a checkpoint of a run killed before
+      it saved its model (no ``DONE``): that checkpoint is returned and :func:`train` saves the model from it,
+      training nothing. Fewer: refused with the steps held and asked, unless ``overwrite``. ``max_steps`` and epochs
+      are not part of ``config`` so a run can be extended (its ``DONE`` is removed until the extension saves).
+    - An explicit ``resume_from_checkpoint`` is checked by :func:`check_resume_checkpoint`: a complete checkpoint,
+      and, outside ``output_dir``, one of this same run (its folder's record equals ``config``).
     - A non-empty folder that no ctiqa training wrote (:func:`is_training_output`: a dataset folder, someone's
       README.md), or the run's own local dataset or model folder: refused before anything is written
       (:func:`ctiqa.paths.check_output_path`); the card would replace its README.md. An ``output_dir`` inside a
@@ -501,13 +654,13 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
 
     Args:
         config: :func:`run_config` of this run. resume_from_checkpoint: an explicit ``--resume_from_checkpoint``
-            (returned as is, the guard still applies). max_steps, num_train_epochs: the length asked (the
+            (returned as is once :func:`check_resume_checkpoint` accepts it; the guard still applies). max_steps, num_train_epochs: the length asked (the
             TrainingArguments fields of the same names; both None: not checked).
     Returns:
         the checkpoint folder to resume from, or None to start from the model.
     Raises:
-        CTIQAError: another run in ``output_dir``; no more steps asked than it holds; a folder or input that is not
-            ours (above).
+        CTIQAError: another run in ``output_dir``; fewer steps asked than it holds; a folder or input that is not
+            ours (above); a ``resume_from_checkpoint`` that is missing, incomplete or of another run.
         AlreadyTrained: the same run, finished, with as many steps as asked.
     """
     from accelerate import PartialState
@@ -521,34 +674,24 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
                                   f"card and {RUN_CONFIG_FILE} there)")
     state = PartialState()
     recorded_file = root / RUN_CONFIG_FILE
-    recorded = resolved_paths(json.loads(recorded_file.read_text())) if recorded_file.is_file() else None
-    if recorded is not None:
-        recorded.update({k: config.get(k) for k in NEWER_SETTINGS if k not in recorded})
-        old = recorded.get("dataset_files")
-        if isinstance(old, str) and not old.startswith(DATASET_FINGERPRINT_PREFIX) and \
-                old == legacy_dataset_fingerprint(recorded.get("dataset_name")):
-            recorded["dataset_files"] = config.get("dataset_files")  # older form, files untouched: the same data
+    recorded = read_run_record(root, config)
     checkpoints = sorted(root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if root.is_dir() else []
     trained = bool(checkpoints) or (root / DONE_FILE).exists()  # a run that stopped before its first checkpoint
     if recorded is not None and recorded != config and trained:  # left nothing to mix with: it is overwritten
-        diffs = [f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" if k != "dataset_files" else
-                 "dataset files: rebuilt with other content at the same path since" if
-                 str(recorded.get(k)).startswith(DATASET_FINGERPRINT_PREFIX) else
-                 "dataset files: rebuilt or changed at the same path since (the run was recorded by an older ctiqa "
-                 "by file dates, so a rebuild with the same rows counts too)"
-                 for k in sorted(set(recorded) | set(config)) if recorded.get(k) != config.get(k)]
         if not overwrite:
-            raise CTIQAError(f"{root} holds another run ({'; '.join(diffs)}); choose another output_dir, or pass "
-                             "--overwrite_output_dir true to start over there")
+            raise CTIQAError(f"{root} holds another run ({'; '.join(run_differences(recorded, config))}); choose "
+                             "another output_dir, or pass --overwrite_output_dir true to start over there")
     elif recorded is None and checkpoints and not overwrite:
         raise CTIQAError(f"{root} holds checkpoints without {RUN_CONFIG_FILE} (an older or foreign run): cannot "
                          "tell whether it is this run; choose another output_dir, or pass --overwrite_output_dir "
                          "true to start over there")
     checkpoint = resume_from_checkpoint
-    if checkpoint is None and not overwrite:
+    if checkpoint is not None:
+        checkpoint = check_resume_checkpoint(checkpoint, root, config, overwrite=overwrite)
+    elif not overwrite:
         checkpoint = last_complete_checkpoint(root)
     if not overwrite:  # the same run (another one was refused above, or left nothing)
-        _check_length(root, checkpoint, resume_from_checkpoint is not None, max_steps, num_train_epochs)
+        _check_length(root, checkpoint, max_steps, num_train_epochs)
     state.wait_for_everyone()
     if state.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -558,6 +701,9 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, overwr
             (root / DONE_FILE).unlink(missing_ok=True)
             logger.warning("--overwrite_output_dir: deleted %d checkpoint(s) and the DONE marker of the previous "
                            "run in %s; starting over", len(checkpoints), root)
+        elif checkpoint is not None and (root / DONE_FILE).exists():  # a finished run extended: DONE marks the
+            (root / DONE_FILE).unlink()  # model of its last session until this one saves its own
+            logger.info("extending the finished run in %s: its DONE marker is removed until this session saves", root)
         recorded_file.write_text(json.dumps(config, indent=2) + "\n")
     state.wait_for_everyone()
     if checkpoint is not None:
@@ -698,8 +844,8 @@ def load_model(model_args: Any, training_args: Any, *, checkpoint: str | None = 
             ``from_pretrained``, which converts the Hub key names the Trainer saved them under (see the module
             docstring); adapters are restored by the Trainer.
     Raises:
-        CTIQAError: no model given; a resume checkpoint whose weights do not all load (missing, unexpected or
-            mismatched keys).
+        CTIQAError: no model given; a resume checkpoint of the other kind (an adapter for a full fine-tune, or the
+            reverse); a resume checkpoint whose weights do not all load (missing, unexpected or mismatched keys).
     """
     import torch
     from accelerate import PartialState
@@ -707,6 +853,15 @@ def load_model(model_args: Any, training_args: Any, *, checkpoint: str | None = 
 
     if not model_args.model_name_or_path:
         raise CTIQAError("no model: pass --model_name_or_path (Hub id or local folder)")
+    if checkpoint is not None:  # the kind of weights it holds, before anything loads (else a Trainer traceback)
+        has_adapter = (Path(checkpoint) / "adapter_model.safetensors").is_file()
+        if model_args.use_peft and not has_adapter:
+            raise CTIQAError(f"resume_from_checkpoint {checkpoint}: holds no LoRA adapter (adapter_model.safetensors) "
+                             "and this run trains one (use_peft true)")
+        if not model_args.use_peft and not _is_full_checkpoint(checkpoint):
+            raise CTIQAError(f"resume_from_checkpoint {checkpoint}: holds no full model (config.json and "
+                             f"model*.safetensors){', only a LoRA adapter' if has_adapter else ''}, and this run "
+                             "fine-tunes the full model (use_peft false)")
     quantization_config = trl.get_quantization_config(model_args)
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     device_map = None
@@ -958,8 +1113,9 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
     at info level, the launch checks (:func:`check_launch`: fp16 / ZeRO-3 refused) and the seed.
 
     Raises:
-        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`); a number out of its range
-            or a run length of nothing (see :func:`check_numbers`).
+        CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`); a secret in the arguments
+            (see :func:`check_no_secrets`); a number out of its range or a run length of nothing (see
+            :func:`check_numbers`).
     """
     from transformers import set_seed
 
@@ -968,6 +1124,7 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
                    training_args.device, training_args.world_size, training_args.bf16)
     logger.info("script arguments %s\nmodel arguments %s", script_args, model_args)
     check_launch(model_args, training_args)
+    check_no_secrets(training_args)
     check_numbers(training_args, model_args)
     set_seed(training_args.seed)
 
@@ -988,14 +1145,20 @@ def train(trainer: Any, checkpoint: str | None, n_samples: int) -> dict[str, Any
     only: they are kept as ``session_train_loss``, ``session_train_runtime``, ... with ``resumed_from_step`` S and
     ``global_step`` N, and ``train_loss`` is the mean over all N steps (:func:`run_training_loss`), left out (with a
     warning) when the earlier steps' losses are not all in the log. The run's total runtime is not known (a killed
-    session's time is not recorded).
+    session's time is not recorded). A ``checkpoint`` that already holds every step asked (a run killed after its
+    last checkpoint, before its model was saved: :func:`prepare_output_dir` lets only that through) is not trained
+    from: :func:`finish_from_checkpoint`.
     """
     import time
 
-    logger.info("*** Train ***")
     start = 0
     if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
-        start = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step") or 0
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        start = saved.get("global_step") or 0
+        asked, _ = _steps_asked(trainer.args.max_steps, trainer.args.num_train_epochs, saved)
+        if asked is not None and start >= asked:  # killed after its last checkpoint, before the model was saved
+            return finish_from_checkpoint(trainer, checkpoint, n_samples)
+    logger.info("*** Train ***")
     t0 = time.perf_counter()
     metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     reload_best_model(trainer)
@@ -1014,6 +1177,57 @@ def train(trainer: Any, checkpoint: str | None, n_samples: int) -> dict[str, Any
                            "session_train_loss", start, start, start + 1, steps)
     trainer.log_metrics("train", metrics)
     if trainer.is_world_process_zero():  # save_metrics merges into it: no figures of an earlier session kept there
+        Path(trainer.args.output_dir, "all_results.json").unlink(missing_ok=True)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def finish_from_checkpoint(trainer: Any, checkpoint: str, n_samples: int) -> dict[str, Any]:
+    """Finish a run killed after its last checkpoint (which holds every step asked) and before its model was saved:
+    nothing is trained. The trainer takes the checkpoint's state (``trainer_state.json``: steps, log, best
+    checkpoint) and its weights, verified as a resume verifies them: a full model was loaded from the checkpoint
+    by :func:`load_model` (every weight, strictly) and the best checkpoint's replace them when
+    ``load_best_model_at_end`` (:func:`reload_best_model`); an adapter is loaded from the checkpoint (the best one
+    when ``load_best_model_at_end``, as the Trainer does at the end of training) and checked tensor by tensor
+    (:class:`VerifyResumedWeights`). The metrics and state are saved as :func:`train` saves them; the caller then
+    saves the model, card and ``DONE`` (:func:`save_outputs`).
+
+    Returns:
+        the metrics (``train_results.json``): ``train_loss`` (the mean over all steps, from the logged losses; left
+        out when they do not cover every step), ``global_step``, ``epoch``, ``total_flos``, ``train_samples``,
+        ``saved_from_checkpoint`` (the step of the checkpoint the model was saved from).
+    Raises:
+        CTIQAError: an adapter tensor missing or different after the load.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    trainer.state = state
+    steps = state.global_step
+    logger.warning("%s already holds the %d steps asked: the run stopped after it, before saving its model; saving "
+                   "the model from it (nothing is trained)", checkpoint, steps)
+    if hasattr(trainer.model, "peft_config"):
+        best = state.best_model_checkpoint
+        source = best if trainer.args.load_best_model_at_end and best and \
+            (Path(best) / "adapter_model.safetensors").is_file() else checkpoint
+        set_peft_model_state_dict(trainer.model, load_file(str(Path(source) / "adapter_model.safetensors")))
+        VerifyResumedWeights(source).on_train_begin(trainer.args, state, trainer.control, model=trainer.model)
+    else:
+        reload_best_model(trainer)
+    log = state.log_history + [{SESSION_START_KEY: steps, "step": steps}]
+    loss = run_training_loss(log, steps, steps, 0.0)
+    metrics = {"global_step": steps, "epoch": state.epoch, "total_flos": state.total_flos,
+               "train_samples": n_samples, "saved_from_checkpoint": steps}
+    if loss is not None:
+        metrics["train_loss"] = loss
+    else:
+        logger.warning("the losses of steps 1-%d are not all in the log of %s: no mean training loss is recorded",
+                       steps, checkpoint)
+    trainer.log_metrics("train", metrics)
+    if trainer.is_world_process_zero():
         Path(trainer.args.output_dir, "all_results.json").unlink(missing_ok=True)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -1045,6 +1259,35 @@ def trained_settings(model_args: Any, training_args: Any, *, adapter: bool, enco
         prompt_version=prompt_version, ctiqa_version=ctiqa.__version__)
 
 
+def card_evaluation(output_dir: str | Path, eval_results: str | None) -> dict[str, Any] | None:
+    """The evaluation a run's card shows: ``eval_results`` (a ``ctiqa evaluate`` ``results.json``), default
+    ``output_dir/results.json`` when present, only when it evaluated exactly the weights now in ``output_dir``
+    (:func:`ctiqa.evaluation.not_an_evaluation_of`); otherwise None, with a warning naming the file and why (also
+    for a file given that is missing or not a ``results.json``: the card is written at the end of training, where
+    an error would leave the run unfinished).
+    """
+    from ctiqa.evaluation import RESULTS_FILE, not_an_evaluation_of
+
+    results = Path(eval_results or os.path.join(output_dir, RESULTS_FILE))
+    if not results.is_file():
+        if eval_results:
+            logger.warning("%s is left out of the model card: no such file", results)
+        return None
+    try:
+        evaluation = json.loads(results.read_text())
+    except ValueError as e:
+        evaluation = f"not a JSON file ({e})"
+    if not isinstance(evaluation, dict):
+        logger.warning("%s is left out of the model card: %s", results,
+                       evaluation if isinstance(evaluation, str) else "not the results.json of `ctiqa evaluate`")
+        return None
+    why = not_an_evaluation_of(evaluation, output_dir) if evaluation is not None else None
+    if why:  # a card never presents another model's, a predictions file's or earlier weights' metrics as these
+        logger.warning("%s is left out of the model card: %s", results, why)
+        evaluation = None
+    return evaluation
+
+
 def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str | None, model_args: Any,
                  eval_results: str | None, metrics: dict[str, Any], **card_kwargs: Any) -> None:
     """Save what a finished run leaves in ``output_dir``: the model or adapter + processor (all processes take part:
@@ -1052,7 +1295,6 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     the Trainer's ``global_step``) and ``DONE``. ``card_kwargs`` go to :func:`ctiqa.cards.model_card` (``stage``,
     ``extra_settings``)."""
     from ctiqa.cards import model_card
-    from ctiqa.evaluation import RESULTS_FILE, not_an_evaluation_of
     from ctiqa.model_settings import SETTINGS_FILE
 
     out = trainer.args.output_dir
@@ -1062,12 +1304,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     if not trainer.accelerator.is_main_process:
         return
     write_settings(out, settings)
-    results = Path(eval_results or os.path.join(out, RESULTS_FILE))
-    evaluation = json.loads(results.read_text()) if results.is_file() else None
-    why = not_an_evaluation_of(evaluation, out) if evaluation is not None else None
-    if why:  # a card never presents another model's, a predictions file's or earlier weights' metrics as these
-        logger.warning("%s is left out of the model card: %s", results, why)
-        evaluation = None
+    evaluation = card_evaluation(out, eval_results)
     # the steps trained (a resumed run's total, not the max_steps asked), and which step's weights are kept
     steps, best = trainer.state.global_step, trainer.state.best_global_step
     kept = f" (weights of the best checkpoint, step {best})" if trainer.args.load_best_model_at_end and best and \
@@ -1138,16 +1375,30 @@ def push_output(training_args: Any, *, adapter: bool, commit_message: str) -> st
     return str(repo_url)
 
 
-def end_trained_run(done: AlreadyTrained, training_args: Any, *, commit_message: str) -> typing.NoReturn:
+def end_trained_run(done: AlreadyTrained, training_args: Any, *, commit_message: str,
+                    eval_results: str | None = None) -> typing.NoReturn:
     """End a re-run of a finished run that asks for no more steps (``done`` from :func:`prepare_output_dir`): nothing
-    is trained; when ``push_to_hub`` is asked the finished outputs are pushed (:func:`push_output`), so a re-run is
-    how a push that failed at the end of training (network, token) is retried.
+    is trained. When an evaluation of exactly the saved weights is given (``eval_results``) or lies in
+    ``output_dir/results.json`` (:func:`card_evaluation`), the card's evaluation section is rewritten with it
+    (:func:`ctiqa.cards.with_evaluation`; nothing else changes). When ``push_to_hub`` is asked the finished outputs
+    are then pushed (:func:`push_output`), so a re-run is how a push that failed at the end of training (network,
+    token) is retried.
 
     Raises:
-        AlreadyTrained: always (``done``, with the repo URL when pushed).
+        AlreadyTrained: always (``done``, with the card's refresh and the repo URL when pushed).
     """
     from accelerate import PartialState
 
+    from ctiqa.cards import with_evaluation
+
+    out = Path(training_args.output_dir)
+    if PartialState().is_main_process and (out / "README.md").is_file():
+        evaluation = card_evaluation(out, eval_results)
+        card = (out / "README.md").read_text()
+        if evaluation is not None and with_evaluation(card, evaluation) != card:
+            (out / "README.md").write_text(with_evaluation(card, evaluation))
+            done = AlreadyTrained(f"{done}; the card's evaluation section now shows "
+                                  f"{eval_results or out / 'results.json'}")
     if training_args.push_to_hub and PartialState().is_main_process:
         adapter = (Path(training_args.output_dir) / "adapter_config.json").is_file()
         url = push_output(training_args, adapter=adapter, commit_message=commit_message)

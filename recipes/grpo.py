@@ -258,7 +258,8 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
                                                  max_steps=training_args.max_steps,
                                                  num_train_epochs=training_args.num_train_epochs)
     except training.AlreadyTrained as done:  # nothing to train; a re-run retries a failed push
-        training.end_trained_run(done, training_args, commit_message=GRPO_COMMIT)
+        training.end_trained_run(done, training_args, commit_message=GRPO_COMMIT,
+                                 eval_results=script_args.eval_results)
     if checkpoint is not None:
         logger.warning("checkpoint detected, resuming training at %s", checkpoint)
 

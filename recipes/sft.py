@@ -77,7 +77,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
             overwrite=script_args.overwrite_output_dir, resume_from_checkpoint=training_args.resume_from_checkpoint,
             max_steps=training_args.max_steps, num_train_epochs=training_args.num_train_epochs)
     except training.AlreadyTrained as done:  # nothing to train; a re-run retries a failed push
-        training.end_trained_run(done, training_args, commit_message=SFT_COMMIT)
+        training.end_trained_run(done, training_args, commit_message=SFT_COMMIT,
+                                 eval_results=script_args.eval_results)
 
     # Data: train on `train`, select on `validation`; check every example trains on what it should
     dataset = training.load_recipe_dataset(script_args)

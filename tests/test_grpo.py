@@ -136,6 +136,63 @@ def test_reference_findings_from_truth_and_from_dataset_columns(dataset_dir):
         grpo.add_reference_findings(train.remove_columns(["n_views"]), "truth")
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--beta=-1"], r"^beta -1.0: must be a finite number >= 0 \(the KL weight; 0: no KL term\)$"),
+    (["--beta", "nan"], r"^beta nan: must be a finite number >= 0"),
+    (["--temperature", "0"], r"^temperature 0.0: must be a finite number > 0$"),
+    (["--top_p", "1.5"], r"^top_p 1.5: must be in \(0, 1\]$"),
+    (["--max_completion_length", "0"], r"^max_completion_length 0: must be an integer >= 1"),
+    (["--epsilon", "0"], r"^epsilon 0.0: must be a finite number > 0"),
+    (["--num_iterations", "0"], r"^num_iterations 0: must be an integer >= 1$"),
+    (["--hub_token", "hf_SECRETCLI_q9"], r"^hub_token: a token is never taken from the command line or a recipe .*"
+                                         r"set HF_TOKEN or run `hf auth login`"),
+])
+def test_grpo_settings_out_of_range_or_a_token_are_refused_before_anything(extra, message, tmp_path):
+    """QA round 9, rows 72 and 79: `--beta -1` (a negative KL weight: the policy pushed away from its start) was
+    accepted and trained; `--hub_token` was written in plain text into training_args.bin. GRPOConfig's numbers with
+    an obvious range are in the one table of ctiqa.training.check_numbers; a token is refused."""
+    out = tmp_path / "out"
+    with pytest.raises(CTIQAError, match=message) as e:
+        grpo.main(*grpo.parse_args(["--config", str(TINY_RECIPE), "--output_dir", str(out), *extra]))
+    assert "SECRETCLI" not in str(e.value)
+    assert not out.exists()
+
+
+def test_an_sft_checkpoint_is_not_resumed_as_this_grpo_run(tiny, dataset_dir, tmp_path, monkeypatch):
+    """QA round 9, row 92 (GRPO side): --resume_from_checkpoint of another run's checkpoint is refused naming the
+    recipe kind; the same GRPO run's checkpoint in another folder is taken."""
+    from ctiqa import training
+
+    class Loading(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(training, "load_recipe_dataset", stop)  # what comes after the guard
+
+    def main(out: Path, *extra: str):
+        grpo.main(*grpo.parse_args(["--config", str(TINY_RECIPE), "--model_name_or_path", str(tiny),
+                                    "--dataset_name", str(dataset_dir), "--output_dir", str(out),
+                                    "--max_steps", "8", *extra]))
+
+    with pytest.raises(Loading):
+        main(tmp_path / "same")  # records this run
+    record = json.loads((tmp_path / "same" / training.RUN_CONFIG_FILE).read_text())
+    for name, rec in (("same", record), ("sft", {**record, "recipe": "sft"})):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / training.RUN_CONFIG_FILE).write_text(json.dumps(rec))
+        ckpt = tmp_path / name / "checkpoint-4"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 0.2}))
+        (ckpt / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(CTIQAError, match=r"checkpoint-4 is a checkpoint of another run \(recipe 'sft' -> 'grpo'\)"):
+        main(tmp_path / "new", "--resume_from_checkpoint", str(tmp_path / "sft" / "checkpoint-4"))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(Loading):
+        main(tmp_path / "new", "--resume_from_checkpoint", str(tmp_path / "same" / "checkpoint-4"))
+
+
 # ------------------------------------------------------------------------------------------------ real runs
 def test_a_rerun_asking_no_more_steps_than_done_is_refused_before_loading_anything(tiny, dataset_dir, tmp_path,
                                                                                   monkeypatch):

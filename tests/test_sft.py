@@ -615,17 +615,15 @@ def test_a_rerun_asking_no_more_steps_than_done_leaves_the_finished_run_alone(ti
 
 
 def test_steps_done_and_asked_are_compared_for_epochs_and_unfinished_runs(tmp_path):
-    """The length check of the run guard without training: a run killed right after its last checkpoint cannot be
-    resumed to as many steps (the Trainer would take one more); --num_train_epochs is counted in the run's steps per
-    epoch; --overwrite_output_dir still starts over."""
+    """The length check of the run guard without training: a run killed right after its last checkpoint is given
+    that checkpoint for as many steps (train() saves the model from it, QA round 9 row 95); --num_train_epochs is
+    counted in the run's steps per epoch; --overwrite_output_dir still starts over."""
     out, config = tmp_path / "out", _config(tmp_path)
     training.prepare_output_dir(out, config)
     state = json.dumps({"global_step": 12, "epoch": 1.0})
     (out / "checkpoint-12").mkdir()
     (out / "checkpoint-12" / "trainer_state.json").write_text(state)
-    with pytest.raises(training.CTIQAError, match=r"checkpoint-12 already holds the 12 steps asked \(--max_steps 12\) "
-                                                  "but the run stopped before saving its model"):
-        training.prepare_output_dir(out, config, max_steps=12, num_train_epochs=3.0)
+    assert training.prepare_output_dir(out, config, max_steps=12, num_train_epochs=3.0) == str(out / "checkpoint-12")
     assert training.prepare_output_dir(out, config, max_steps=-1, num_train_epochs=2.0) == str(out / "checkpoint-12")
     with pytest.raises(training.CTIQAError, match=r"--num_train_epochs 0.5 = 6 steps asks for fewer"):
         training.prepare_output_dir(out, config, max_steps=-1, num_train_epochs=0.5)
@@ -944,3 +942,172 @@ def test_a_resumed_runs_card_states_the_whole_runs_loss_and_labels_this_sessions
     session = line.split("This session only (steps 5-8): ")[1]
     assert f"train_loss {results['session_train_loss']:.4g}" in session and "train_runtime" in session
     assert re.search(r"train_runtime", line.split("This session only")[0]) is None
+
+
+# ---------------------------------------------------------------- QA round 9, rows 92-95, 78, 79: resume and finish
+def _fake_checkpoint(folder: Path, step: int, *, adapter: bool = False) -> Path:
+    """A complete-looking checkpoint folder (trainer_state.json and a weights file) for the run guard's checks."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0}))
+    if adapter:
+        (folder / "adapter_model.safetensors").write_bytes(b"adapter")
+        (folder / "adapter_config.json").write_text("{}")
+    else:
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_a_checkpoint_of_another_run_or_of_no_recorded_run_is_not_resumed(tmp_path):
+    """QA round 9, rows 92-94: a new output_dir with --resume_from_checkpoint of a run on ANOTHER dataset (or a GRPO
+    run) continued that run's weights and optimizer at step 21 while the card credited this dataset with all 25
+    steps; a missing checkpoint ended in a `Can't find a valid checkpoint` traceback; one of the demo's unrecorded
+    run was refused with a message naming the new empty folder as holding it. Now a checkpoint outside output_dir is
+    resumed only when its folder's ctiqa_run.json is this run's; everything else is one line naming the checkpoint,
+    and nothing is written."""
+    this = _config(tmp_path)
+    other_dir = tmp_path / "other"
+    training.prepare_output_dir(other_dir, _config(tmp_path, "--dataset_name", str(tmp_path / "dsT")))
+    other = _fake_checkpoint(other_dir / "checkpoint-20", 20)
+    out = tmp_path / "new"
+    with pytest.raises(training.CTIQAError, match=rf"^resume_from_checkpoint {other} is a checkpoint of another run "
+                                                  r"\(dataset_name '.*/dsT' -> '.*/runs/demo/dataset'\): resuming "
+                                                  "it would continue that run's weights"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(other), max_steps=25)
+    # a GRPO run's checkpoint: the recipe kind is named first
+    grpo_dir = tmp_path / "grpo"
+    grpo_dir.mkdir()
+    (grpo_dir / training.RUN_CONFIG_FILE).write_text(json.dumps({**this, "recipe": "grpo", "beta": 0.0}))
+    grpo_ckpt = _fake_checkpoint(grpo_dir / "checkpoint-6", 6)
+    with pytest.raises(training.CTIQAError, match=r"is a checkpoint of another run \(recipe 'grpo' -> 'sft', and 1 "
+                                                  r"other setting\)"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(grpo_ckpt), max_steps=25)
+    # no record (the demo's model folder, a run of an older ctiqa): cannot tell
+    bare = _fake_checkpoint(tmp_path / "demo" / "model" / "checkpoint-1080", 1080)
+    with pytest.raises(training.CTIQAError, match=rf"^resume_from_checkpoint {bare}: no ctiqa_run.json in "
+                                                  r".*/demo/model: cannot tell which run it belongs to.*give it as "
+                                                  "--model_name_or_path"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(bare), max_steps=25)
+    # missing, incomplete
+    with pytest.raises(training.CTIQAError, match=r"^resume_from_checkpoint .*/nonexist/checkpoint-5: no such folder"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(tmp_path / "nonexist" / "checkpoint-5"))
+    cut = tmp_path / "other" / "checkpoint-30"
+    cut.mkdir()
+    with pytest.raises(training.CTIQAError, match=r"checkpoint-30: not a complete training checkpoint \(no "
+                                                  "trainer_state.json"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(cut))
+    assert not out.exists()  # nothing written by any refusal
+
+    # the same run continued from another folder: accepted; too few steps names the checkpoint, not the new folder
+    same_dir = tmp_path / "same"
+    training.prepare_output_dir(same_dir, this)
+    same = _fake_checkpoint(same_dir / "checkpoint-20", 20)
+    with pytest.raises(training.CTIQAError, match=rf"^resume_from_checkpoint {same} holds this run trained to 20 "
+                                                  r"steps; --max_steps 10 asks for fewer"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(same), max_steps=10)
+    assert training.prepare_output_dir(out, this, resume_from_checkpoint=str(same), max_steps=25) == str(same)
+
+
+def test_a_checkpoint_of_the_other_kind_is_one_line_before_the_model_loads(tiny, tmp_path):
+    """QA round 9, row 93: a QLoRA adapter checkpoint given to a full fine-tune ended in the Trainer's `Can't find a
+    checkpoint index` traceback after everything had loaded; the reverse in `Can't find a valid checkpoint`."""
+    _, train_args, model_args = sft.parse_args(["--config", str(TINY_DEMO), "--model_name_or_path", str(tiny),
+                                                "--use_peft", "false"])
+    adapter = _fake_checkpoint(tmp_path / "qlora" / "checkpoint-12", 12, adapter=True)
+    with pytest.raises(training.CTIQAError, match=r"checkpoint-12: holds no full model \(config.json and "
+                                                  r"model\*.safetensors\), only a LoRA adapter, and this run "
+                                                  r"fine-tunes the full model"):
+        training.load_model(model_args, train_args, checkpoint=str(adapter))
+    _, train_args, model_args = sft.parse_args(["--config", str(TINY_QLORA), "--model_name_or_path", str(tiny)])
+    full = _fake_checkpoint(tmp_path / "full" / "checkpoint-3", 3)
+    with pytest.raises(training.CTIQAError, match=r"checkpoint-3: holds no LoRA adapter"):
+        training.load_model(model_args, train_args, checkpoint=str(full))
+
+
+@pytest.mark.parametrize("extra", [["--hub_token", "hf_SECRETCLI_q9"],
+                                   ["--model_init_kwargs", '{"token": "hf_SECRETCLI_q9"}']],
+                         ids=["hub_token", "model_init_kwargs"])
+def test_a_token_in_the_arguments_is_refused_before_anything_is_written(extra, tmp_path, capsys):
+    """QA round 9, row 79: `--hub_token hf_...` was accepted (and not used: the push reads HF_TOKEN) and written in
+    plain text into training_args.bin in output_dir and every checkpoint (the Trainer pickles its arguments)."""
+    out = tmp_path / "out"
+    with pytest.raises(training.CTIQAError, match=r"a token is never taken from the command line or a recipe .*"
+                                                  r"set HF_TOKEN or run `hf auth login`") as e:
+        sft.main(*sft.parse_args(["--config", str(TINY_DEMO), "--output_dir", str(out), "--push_to_hub", "true",
+                                  *extra]))
+    assert "SECRETCLI" not in str(e.value) and "SECRETCLI" not in "".join(capsys.readouterr())
+    assert not out.exists()
+
+
+def _evaluation_of(folder: Path) -> dict:
+    """A results.json as `ctiqa evaluate --model FOLDER` writes it (what the card reads)."""
+    from ctiqa.model_settings import weights_fingerprint
+
+    here = os.path.realpath(folder)
+    return {"kind": "model", "name": "the model", "dataset": "ds", "split": "test", "counts": {"n": 4},
+            "metrics": {"parsed": {"srcc": 0.4321, "srcc_ci": [0.1, 0.7], "mae": 0.9876}},
+            "provenance": {"local_paths": {"model": here},
+                           "settings": {"model_weights": weights_fingerprint(folder)}}}
+
+
+@pytest.mark.parametrize("recipe", [TINY_DEMO, TINY_QLORA], ids=["full-fine-tuning", "qlora"])
+def test_a_run_killed_between_its_last_checkpoint_and_its_model_is_finished_by_the_same_command(
+        recipe, tiny, dataset_dir, tmp_path, fake_hub):
+    """QA round 9, rows 95 and 78. Killed in the few ms after the last checkpoint (= max_steps) was saved and before
+    the model, card and DONE were: the same command was refused ("ask for more steps ... or
+    --overwrite_output_dir"), so the run's model could never be produced. Now it saves the model from that
+    checkpoint (its weights, verified), with the card and DONE, exit 0, training nothing. Then, on the finished
+    run, the same command with --eval_results (an evaluation of exactly these weights) puts its table in the card
+    before the push retry, as recipes/README.md promises; an evaluation of another model is still left out."""
+    import re
+
+    out = tmp_path / "out"
+    args = ["--config", str(recipe), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+            "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
+            "--load_best_model_at_end", "false", "--per_device_train_batch_size", "2", "--report_to", "none",
+            "--dataloader_num_workers", "0", "--max_steps", "4", "--logging_steps", "1"]
+    sft.main(*sft.parse_args(args))
+    reference = _saved_state(out)
+    assert (out / "adapter_model.safetensors").is_file() == (recipe == TINY_QLORA)
+    loss = json.loads((out / "train_results.json").read_text())["train_loss"]
+    # the folder as the kill leaves it: checkpoints, the run record, the results; no model, settings, card or DONE
+    for f in out.iterdir():
+        if f.is_file() and f.name not in (training.RUN_CONFIG_FILE, "train_results.json", "all_results.json"):
+            f.unlink()
+    checkpoints = _files(out / "checkpoint-4")
+    proc = subprocess.run([sys.executable, str(SFT), *args], cwd=REPO, env={**os.environ, **OFFLINE},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "saving the model from it (nothing is trained)" in proc.stdout
+    assert "*** Train ***" not in proc.stdout
+    final = _saved_state(out)
+    assert set(final) == set(reference) and all(torch.equal(final[k], reference[k]) for k in reference)
+    assert (out / "DONE").is_file() and (out / "ctiqa_training.json").is_file()
+    assert _files(out / "checkpoint-4") == checkpoints and not (out / "checkpoint-5").exists()
+    card = (out / "README.md").read_text()
+    assert re.findall(r"\| steps trained \| (\d+) \|", card) == ["4"]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 4 and results["train_loss"] == pytest.approx(loss, rel=1e-6)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert "No evaluation was attached" in card
+    if recipe == TINY_QLORA:
+        return
+
+    # row 78: the finished run's command again with an evaluation of these weights: the card shows it, then the push
+    finished = _files(out)
+    (tmp_path / "elsewhere.json").write_text(json.dumps(_evaluation_of(tmp_path)))  # another model's
+    with pytest.raises(training.AlreadyTrained, match="nothing to do$"):
+        sft.main(*sft.parse_args(args + ["--eval_results", str(tmp_path / "elsewhere.json")]))
+    assert _files(out) == finished
+    evaluation = tmp_path / "results.json"
+    evaluation.write_text(json.dumps(_evaluation_of(out)))
+    with pytest.raises(training.AlreadyTrained, match=r"nothing to do; the card's evaluation section now shows .*"
+                                                      r"results.json; pushed it to .*tester/eval"):
+        sft.main(*sft.parse_args(args + ["--eval_results", str(evaluation), "--push_to_hub", "true",
+                                         "--hub_model_id", "tester/eval"]))
+    card = (out / "README.md").read_text()
+    assert "| parsed | SRCC | 0.4321 | [0.100, 0.700] |" in card and "No evaluation was attached" not in card
+    assert {k: v for k, v in _files(out).items() if k != "README.md"} == \
+        {k: v for k, v in finished.items() if k != "README.md"}
+    assert fake_hub.files("tester/eval")["README.md"].decode() == card
+    assert card.endswith(finished["README.md"].decode().split("## Evaluation")[1].split("## Licence")[1])
