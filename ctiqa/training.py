@@ -436,8 +436,9 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
 #: on it (it resumes as before). A ``dataset_files`` recorded in the older file-date form (no ``sha256:`` prefix,
 #: :func:`ctiqa.model_settings.legacy_dataset_fingerprint`) is compared in that form: equal, the run is the same
 #: (and its record is rewritten in the content form); different, it is refused as before the change.
-NEWER_SETTINGS = ("dataset_files", "recipe")
-#: The recipe kind recorded in :func:`run_config` (``recipe``), by the class of its training arguments.
+NEWER_SETTINGS = ("dataset_files",)
+#: The recipe kind recorded in :func:`run_config` (``recipe``), by the class of its training arguments (a record
+#: without it is told by its ``reward_funcs``: :func:`read_run_record`).
 RECIPE_KINDS = {"SFTConfig": "sft", "GRPOConfig": "grpo"}
 #: Settings of :func:`run_config` that may name local folders: recorded resolved, so that a re-run from another
 #: folder (where the same relative spelling names other data) or another spelling of the same folder is judged
@@ -531,8 +532,9 @@ def _check_length(root: Path, checkpoint: str | None, max_steps: int | None, num
 def read_run_record(folder: str | Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The run recorded in ``folder``'s :data:`RUN_CONFIG_FILE`, in the form compared with ``config`` (a
     :func:`run_config`): local paths resolved, :data:`NEWER_SETTINGS` it lacks taken from ``config``, a dataset
-    fingerprint of the older date form replaced by ``config``'s when the files are untouched. None when there is no
-    record (or it is not a JSON object)."""
+    fingerprint of the older date form replaced by ``config``'s when the files are untouched, the recipe kind of a
+    record written before it was recorded told by its rewards (GRPO). None when there is no record (or it is not a
+    JSON object)."""
     path = Path(folder) / RUN_CONFIG_FILE
     if not path.is_file():
         return None
@@ -544,6 +546,8 @@ def read_run_record(folder: str | Path, config: dict[str, Any]) -> dict[str, Any
         return None
     recorded = resolved_paths(recorded)
     recorded.update({k: config.get(k) for k in NEWER_SETTINGS if k not in recorded})
+    if "recipe" not in recorded:  # recorded before the kind was: GRPO runs are those with rewards
+        recorded["recipe"] = "grpo" if "reward_funcs" in recorded else "sft"
     old = recorded.get("dataset_files")
     if isinstance(old, str) and not old.startswith(DATASET_FINGERPRINT_PREFIX) and \
             old == legacy_dataset_fingerprint(recorded.get("dataset_name")):

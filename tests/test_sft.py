@@ -982,6 +982,10 @@ def test_a_checkpoint_of_another_run_or_of_no_recorded_run_is_not_resumed(tmp_pa
     with pytest.raises(training.CTIQAError, match=r"is a checkpoint of another run \(recipe 'grpo' -> 'sft', and 1 "
                                                   r"other setting\)"):
         training.prepare_output_dir(out, this, resume_from_checkpoint=str(grpo_ckpt), max_steps=25)
+    older = {k: v for k, v in this.items() if k != "recipe"} | {"reward_funcs": ["score_reward"]}
+    (grpo_dir / training.RUN_CONFIG_FILE).write_text(json.dumps(older))  # recorded before the kind was: by rewards
+    with pytest.raises(training.CTIQAError, match=r"another run \(recipe 'grpo' -> 'sft', and 1 other setting\)"):
+        training.prepare_output_dir(out, this, resume_from_checkpoint=str(grpo_ckpt), max_steps=25)
     # no record (the demo's model folder, a run of an older ctiqa): cannot tell
     bare = _fake_checkpoint(tmp_path / "demo" / "model" / "checkpoint-1080", 1080)
     with pytest.raises(training.CTIQAError, match=rf"^resume_from_checkpoint {bare}: no ctiqa_run.json in "
