@@ -422,13 +422,7 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
                     yield from iter_images([str(f) for f in slices], file_names=file_names)
                 else:  # slices converted from an export keep its UID names: ids by position, as a DICOM series
                     for i, f in enumerate(slices):
-                        rid = f"{name}/{i}"
-                        try:
-                            frames = read_ct_frames(f)
-                            for k, img in enumerate(frames):
-                                yield (f"{rid}#{k}" if len(frames) > 1 else rid), img
-                        except CTIQAError as err:
-                            yield rid, CTIQAError(_without_name(str(err), str(f), rid))
+                        yield from _frames_named(f, f"{name}/{i}", "#")
                 continue
             for k, series in enumerate(found, start=1):
                 sid = f"{name}#{k}" if len(found) > 1 else name
@@ -439,28 +433,28 @@ def iter_images(inputs: list[str], *, file_names: bool = False) -> Any:
                 yield rid, CTIQAError(msg if file_names else _without_name(msg, path, rid))
         elif p.is_file() and is_dicom_file(p) and not file_names:
             n_dicom += 1
-            rid = f"dicom#{n_dicom}"
-            try:
-                frames = read_ct_frames(p)
-                for k, img in enumerate(frames):
-                    yield (f"{rid}/{k}" if len(frames) > 1 else rid), img
-            except CTIQAError as e:
-                yield rid, CTIQAError(_without_name(str(e), raw, rid))
+            yield from _frames_named(p, f"dicom#{n_dicom}", "/")
         elif names_a_uid(raw) and not file_names:  # a TIFF/PNG named by a UID (converted from an export)
             n_image += 1
-            rid = f"image#{n_image}"
-            try:
-                frames = read_ct_frames(p)
-                for k, img in enumerate(frames):
-                    yield (f"{rid}/{k}" if len(frames) > 1 else rid), img
-            except CTIQAError as e:
-                yield rid, CTIQAError(_without_name(str(e), raw, rid))
+            yield from _frames_named(p, f"image#{n_image}", "/")
         else:
             try:
                 for img in read_ct_frames(p):
                     yield image_id(img.source), img
             except CTIQAError as e:
                 yield image_id(raw), e
+
+
+def _frames_named(path: Path, rid: str, sep: str) -> Any:
+    """(id, CTImage or CTIQAError) for each frame of ``path`` under the id ``rid`` (``rid{sep}k`` for frame k of
+    several), never under its file name: an error's message has the path replaced by ``rid``."""
+    try:
+        frames = read_ct_frames(path)
+    except CTIQAError as e:
+        yield rid, CTIQAError(_without_name(str(e), str(path), rid))
+        return
+    for k, img in enumerate(frames):
+        yield (f"{rid}{sep}{k}" if len(frames) > 1 else rid), img
 
 
 def _without_name(message: str, path: str, rid: str) -> str:
