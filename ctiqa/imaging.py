@@ -849,7 +849,7 @@ def read_dicom_folder(
         for img in frames:
             name = str(rel) + img.source[len(str(f)):]
             entries.append((name, img.position, inst_num, (name, img)))
-        return _series_uid(ds), entries
+        return _series_uid(ds), _sop_uid(ds), entries
 
     return _scan_dicom_folder(folder, slices, errors=errors, recursive=recursive)
 
@@ -919,7 +919,7 @@ def index_dicom_folder(
             position = _position(ipp, _slice_normal(iop)) if ipp is not None else None
             name = str(rel) + (f"#{k}" if n > 1 else "")
             out.append((name, position, inst_num, (name, f, k if n > 1 else None)))
-        return _series_uid(ds), out
+        return _series_uid(ds), _sop_uid(ds), out
 
     return _scan_dicom_folder(folder, slices, errors=errors, recursive=recursive)
 
@@ -938,19 +938,27 @@ def _series_uid(ds: Any) -> str:
     return str(ds.get("SeriesInstanceUID", "") or "")
 
 
+def _sop_uid(ds: Any) -> str:
+    """SOP Instance UID (0008,0018), used only to find a file given twice; "" when absent."""
+    return str(ds.get("SOPInstanceUID", "") or "")
+
+
 def _scan_dicom_folder(folder: str | os.PathLike, slices: Callable[[Path, Path], tuple[str, list[Any]]], *,
                        errors: list[tuple[str, str]] | None, recursive: bool) -> list[list[Any]]:
     """The file walk, grouping and ordering shared by :func:`read_dicom_folder` and :func:`index_dicom_folder`.
 
-    ``slices(path, relative_path)`` reads one file and returns ``(series UID, [(name, position or None, instance
-    number, item), ...])``; a :class:`CTIQAError` from it skips the whole file when ``errors`` is a list. Returns
-    the items, one list per series, ordered as :func:`read_dicom_folder` documents.
+    ``slices(path, relative_path)`` reads one file and returns ``(series UID, SOP Instance UID, [(name, position or
+    None, instance number, item), ...])``; a :class:`CTIQAError` from it skips the whole file when ``errors`` is a
+    list. A file with the Series and SOP Instance UIDs, position and Instance Number of one read before (a copy: ``x
+    copy.dcm``, a backup sub-folder) is the same image: it is left out, and listed in ``errors`` when given (else silently), so a series never counts a slice
+    twice. Returns the items, one list per series, ordered as :func:`read_dicom_folder` documents.
     """
     root = Path(folder)
     if not root.is_dir():
         raise CTIQAError(f"{root}: not a folder")
     files = sorted(root.rglob("*") if recursive else root.iterdir())
     groups: dict[str, list[tuple[str, float | None, float, Any]]] = {}
+    instances: set[tuple[Any, ...]] = set()
     for f in files:
         rel = f.relative_to(root)
         if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
@@ -958,7 +966,14 @@ def _scan_dicom_folder(folder: str | os.PathLike, slices: Callable[[Path, Path],
         try:
             if not _is_dicom(f) and f.suffix != "":
                 raise CTIQAError(f"{f}: not a DICOM file")
-            uid, entries = slices(f, rel)
+            uid, sop, entries = slices(f, rel)
+            key = (uid, sop, tuple((e[1], e[2]) for e in entries))  # same instance at the same place: one image
+            if sop and key in instances:
+                if errors is not None:
+                    errors.append((str(f), f"{f}: a copy of another file of this folder (the same SOP Instance UID): "
+                                           "left out, so that no slice counts twice"))
+                continue
+            instances.add(key)
             groups.setdefault(uid, []).extend(entries)
         except CTIQAError as e:
             if errors is None:

@@ -343,6 +343,23 @@ def test_a_resume_with_file_names_refuses_renamed_slices(tiny, tmp_path, capsys)
     assert main([a for a in args if a != "--file-names"][:-1] + [str(tmp_path / "n.jsonl")]) == 0  # no names: fine
 
 
+def test_a_dicom_instance_given_twice_in_a_folder_counts_once(tmp_path, capsys):
+    """QA round 10: a series folder holding the same instance twice (a copied file, a backup sub-folder) was scored
+    as an extra slice: n_slices 3 for a 2-slice series and the slice twice in the summary (exit 0)."""
+    from ctiqa.imaging import index_dicom_folder, read_dicom_folder
+
+    folder = _series(tmp_path / "s", n=2)
+    (folder / "slice_999.dcm").unlink()
+    shutil.copy(folder / "slice_001.dcm", folder / "slice_001 copy.dcm")
+    (folder / "backup").mkdir()
+    shutil.copy(folder / "slice_002.dcm", folder / "backup" / "slice_002.dcm")
+    for read in (index_dicom_folder, read_dicom_folder):
+        errors: list = []
+        series = read(folder, errors=errors)
+        assert len(series) == 1 and len(series[0]) == 2
+        assert len(errors) == 2 and all("same SOP Instance UID" in m for _, m in errors)
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
