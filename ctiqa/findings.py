@@ -3,7 +3,8 @@
 ``ctiqa findings INPUT... [--out FILE.jsonl]`` writes one JSON row per image (:meth:`Findings.to_row`):
 
 ``id``
-    the file stem for TIFF/PNG/JPEG files and LDCTIQA folders (``0007`` for ``image/0007.tif``; ``stem#N`` for
+    unique within a run (a later image with an id already given is ``ID~2``, ``ID~3``...): the file stem for
+    TIFF/PNG/JPEG files and LDCTIQA folders (``0007`` for ``image/0007.tif``; ``stem#N`` for
     frame N of a multi-page file); never a DICOM file name (often a SOP Instance UID) unless ``--file-names``: a DICOM
     file given directly is ``dicom#K`` (the K-th such input; ``dicom#K/N`` for frame N), a slice of a DICOM series
     folder ``FOLDER/i`` (its position along the slice normal).
@@ -494,7 +495,13 @@ def cli_main(args: argparse.Namespace) -> int:
         check_output_path(args.out, ours=is_findings_file, inputs=args.inputs,
                           hint="give a new file name, or an earlier `ctiqa findings --out` file")
     rows, n_bad = [], 0
+    seen: dict[str, int] = {}
     for rid, img in iter_images(args.inputs, file_names=args.file_names):
+        if rid in seen:  # two inputs with files of one name (a/x.tif, b/x.tif; two LDCTIQA folders): keep rows apart
+            seen[rid] += 1
+            print(f"note: id {rid} is given by more than one image; this one is {rid}~{seen[rid]}", file=sys.stderr)
+            rid = f"{rid}~{seen[rid]}"
+        seen.setdefault(rid, 1)
         if isinstance(img, CTIQAError):
             print(f"skipped: {img}", file=sys.stderr)
             n_bad += 1

@@ -189,6 +189,19 @@ def test_tiff_files_and_slice_folders_named_by_uids_are_not_named_in_the_outputs
     assert json.loads(out.read_text())["id"] == single.stem
 
 
+def test_ids_stay_unique_when_two_inputs_hold_files_of_one_name(tmp_path, capsys):
+    """QA round 10: a/x.tif and b/x.tif (or two LDCTIQA-style folders) gave two rows with the id "x" and different
+    measurements, with nothing to tell them apart."""
+    for k, sigma in ((1, 10), (2, 60)):
+        (tmp_path / f"t{k}").mkdir()
+        tifffile.imwrite(tmp_path / f"t{k}" / "x.tif", hu_to_unit(_phantom(sigma)))
+    out = tmp_path / "f.jsonl"
+    assert ctiqa_main(["findings", str(tmp_path / "t1"), str(tmp_path / "t2"), "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["x", "x~2"] and rows[0]["noise_hu"] < rows[1]["noise_hu"]
+    assert "this one is x~2" in capsys.readouterr().err
+
+
 def test_findings_of_a_dicom_agree_with_those_of_its_rendering():
     """QA round 8: `ctiqa findings` measured a DICOM's streaks in full-range HU, `ctiqa predict` on the rendered
     image (soft-tissue window): the same slice got two streak indices (7.6 vs 12.7 for CT_small). Both now measure
