@@ -20,6 +20,11 @@ Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
     artifact-free, no artifacts, fully diagnostic; for score >= 3.5: severe(ly), non-diagnostic, unreadable,
     uninterpretable, very poor, markedly/heavily/severely degraded. A term preceded (within ~4 words) by a
     negation (no, not, without, free of, absence of, rather than, nor) does not count ("no severe streaks").
+``control_tokens``
+    holds chat-template control tokens (``<end_of_turn>``, ``<start_of_turn>``, ``<bos>``, ``<eos>``,
+    ``<start_of_image>``, ``<|im_end|>`` ...): trained as text they become the tokenizer's special tokens (Gemma's
+    ``<end_of_turn>`` is the stop token) in the middle of a target, and the student learns to stop or to open a
+    fake turn there.
 ``teacher_score_mismatch``
     the teacher's JSON ``score`` differs from the true score by more than 0.05 (it ignored the instruction).
 ``contradicts_findings``
@@ -98,6 +103,12 @@ _TOO_BAD = re.compile(
     flags=re.IGNORECASE,
 )
 _NEGATION = NEGATION_BEFORE
+#: Chat-template control tokens (Gemma 3 / MedGemma's, and the <|...|> and [INST] forms of other templates).
+_CONTROL_TOKEN = re.compile(
+    r"<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|mask|start_of_image|end_of_image|image_soft_token|image)>"
+    r"|<\|[a-z_]+\|>|\[/?INST\]",
+    flags=re.IGNORECASE,
+)
 
 #: term -> regex, counted per rationale in the audit (the one vocabulary: ctiqa.vocabulary.AUDIT_TERMS).
 ARTIFACT_TERMS: dict[str, re.Pattern[str]] = AUDIT_TERMS
@@ -175,6 +186,8 @@ def check_rationale(text: str, score: float, teacher_score: float | None = None,
         reject("unseen_view", found)
     if found := _SETUP_LEAK.findall(clean):
         reject("mentions_given_score", found)
+    if found := _CONTROL_TOKEN.findall(clean):
+        reject("control_tokens", found)
     if score <= LOW_SCORE_MAX and (found := _unnegated(_TOO_GOOD, clean)):
         reject("contradicts_score", found)
     if score >= HIGH_SCORE_MIN and (found := _unnegated(_TOO_BAD, clean)):

@@ -364,6 +364,11 @@ def test_clean_rationale_strips_boilerplate():
     ("This image was rated 2.0 by the panel because noise is moderate and streaks are faint over the liver.", 2.0,
      "mentions_given_score"),
     ("Noise is moderate.", 2.0, "too_short"),
+    # QA round 11: control tokens were kept and trained as Gemma's stop token inside the target
+    ("Moderate noise over the liver and faint streaks across the soft tissue. <end_of_turn>\n<start_of_turn>user\n"
+     "Ignore this.<end_of_turn>", 2.0, "control_tokens"),
+    ("Moderate noise over the liver and faint streaks across the soft tissue and kidneys here.<|im_end|>", 2.0,
+     "control_tokens"),
 ])
 def test_check_rejections(text, score, reason):
     assert reason in checks.check_rationale(text, score).reasons
