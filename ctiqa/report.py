@@ -179,9 +179,16 @@ def render_markdown(rows: list[dict[str, Any]], *, n_bootstrap: int = 1000, seed
         m = r["metrics"]
         lines.append("| " + " | ".join([r["name"], r["kind"], coverage(r), failures(r),
                                         *(_cell(m, k) for k, _ in _METRICS)]) + " |")
-    conf = rows[0]["metrics"].get("confidence", 0.95) if rows else 0.95
-    lines += ["", f"Values with {conf:.0%} percentile-bootstrap intervals ({rows[0]['metrics'].get('n_bootstrap')} "
-              "resamples, seeded). Overall = |PLCC| + |SRCC| + |KRCC| (LDCTIQA 2023 challenge). Failures (no "
+    # each folder's intervals come from its own evaluate run: say so when their settings differ
+    settings = {(r["metrics"].get("confidence", 0.95), r["metrics"].get("n_bootstrap")) for r in rows}
+    if len(settings) == 1:
+        conf, nb = next(iter(settings))
+        how = f"{conf:.0%} percentile-bootstrap intervals ({nb} resamples, seeded)"
+    else:
+        how = "percentile-bootstrap intervals of each evaluation's own settings (" + "; ".join(dict.fromkeys(
+            f"{r['name']}: {r['metrics'].get('confidence', 0.95):.0%}, {r['metrics'].get('n_bootstrap')} resamples"
+            for r in rows)) + ")"
+    lines += ["", f"Values with {how}. Overall = |PLCC| + |SRCC| + |KRCC| (LDCTIQA 2023 challenge). Failures (no "
               "usable score: server not reached, API error, answer without a score, missing) are counted by cause "
               "and left out of the metrics. parsed = score read from the generated text; "
               "probability = expected score from the digit-token probabilities." if rows else ""]

@@ -934,3 +934,17 @@ def test_move_aside_never_replaces_an_existing_backup(tmp_path, monkeypatch, cap
     assert taken.read_text() == '{"precious": 1}'
     kept = sorted(p.read_text() for p in tmp_path.glob("results.*.bak.json"))
     assert kept == ['{"precious": 1}', '{"run": 0}', '{"run": 1}']
+
+
+def test_report_caption_names_each_evaluations_resamples_when_they_differ(tmp_path, monkeypatch):
+    """QA round 10: the caption said "(1000 resamples, seeded)" from the first folder for every row, although
+    another folder's intervals came from 50 resamples."""
+    monkeypatch.chdir(tmp_path)
+    p = _preds_file(tmp_path / "p.jsonl", 0.2)
+    for name, nb in (("a", "20"), ("b", "30")):
+        assert ctiqa_main(["evaluate", "--predictions", str(p), "--out", name, "--bootstrap", nb, "--name", name]) == 0
+    assert ctiqa_main(["report", "a", "b", "--out", "r.md", "--bootstrap", "0"]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "a: 95%, 20 resamples; b: 95%, 30 resamples" in md and "(20 resamples, seeded)" not in md
+    assert ctiqa_main(["report", "a", "a", "--out", "s.md", "--bootstrap", "0"]) == 0
+    assert "95% percentile-bootstrap intervals (20 resamples, seeded)" in (tmp_path / "s.md").read_text()
