@@ -1156,6 +1156,9 @@ def cli_main(args: argparse.Namespace) -> int:
     """``ctiqa render``: read, render, write a PNG; prints what was detected (not the input path: DICOM files are
     often named by their SOP Instance UID). An existing non-empty ``--out`` is replaced only with ``--overwrite``.
     Returns 0."""
+    if Path(args.input).is_dir():
+        raise CTIQAError(f"{args.input}: is a folder; ctiqa render takes one file (ctiqa predict and ctiqa findings "
+                         "take series folders)")
     out = check_output_path(args.out, ours=bool(args.overwrite), inputs=[args.input],
                             hint="give another --out" + ("" if args.overwrite else ", or --overwrite to replace it"))
     if out.suffix.lower() != ".png":

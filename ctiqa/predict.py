@@ -129,8 +129,8 @@ class Series:
 
 
 def check_ids(inputs: list[str], ids: list[str] | None) -> None:
-    """Refuse ``--id`` values that cannot name one series per input: a count other than one per input, or an id
-    given twice (two inputs would be merged into one series and its summary).
+    """Refuse ``--id`` values that cannot name one series per input: a count other than one per input, an empty id,
+    or an id given twice (two inputs would be merged into one series and its summary).
 
     Raises:
         CTIQAError: naming the count or the repeated id.
@@ -139,6 +139,8 @@ def check_ids(inputs: list[str], ids: list[str] | None) -> None:
         return
     if len(ids) != len(inputs):
         raise CTIQAError(f"--id given {len(ids)} times for {len(inputs)} inputs: give one id per input or none")
+    if any(not i.strip() for i in ids):  # an empty series name in every output, the table and the HTML page
+        raise CTIQAError("--id: an empty id; give each input a name")
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
         raise CTIQAError(f"--id {twice[0]!r} given for more than one input: each input needs its own id")

@@ -242,6 +242,8 @@ def test_companion_files_of_out_and_repeated_ids_are_refused_before_any_work(tmp
                  "--out", str(tmp_path / "ids.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "--id 'A' given for more than one input" in err and "no_such_model" not in err, err
+    assert main(["predict", str(good), str(good), "--id", "", "--id", "B", "--model", no_model]) == 2  # QA round 10
+    assert "an empty id" in capsys.readouterr().err
     assert not (tmp_path / "ids.jsonl").exists() and not (tmp_path / "ids.run.json").exists()
 
 
