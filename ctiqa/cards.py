@@ -139,6 +139,8 @@ def model_card(
     encoding: str | None = None,
     stage: str = "sft",
     extra_settings: dict[str, Any] | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
 ):
     """Build the model card of a ctiqa SFT run.
 
@@ -157,6 +159,10 @@ def model_card(
         stage: ``sft`` (``recipes/sft.py``) or ``grpo`` (``recipes/grpo.py``, RL after SFT; ``training_args`` is
             then a ``trl.GRPOConfig``).
         extra_settings: more rows for the settings table (e.g. the GRPO rewards and their weights).
+        train_split: the dataset split trained on (``dataset_train_split``); eval_split: the split evaluated during
+            training, on which ``load_best_model_at_end`` selects the checkpoint (``dataset_test_split``; None when
+            nothing was evaluated). Both are named in the card as the run used them (row "data splits", "model
+            selection").
     Returns:
         ``huggingface_hub.ModelCard`` (``.save(path)`` writes README.md).
     """
@@ -200,7 +206,11 @@ def model_card(
         "max length": getattr(training_args, "max_length", None),
         "image encoding": f"`{encoding}` (ctiqa.imaging.render)",
         "loss": "completion only (target text + end of turn)" if stage == "sft" else None,
-        "model selection": (f"best {training_args.metric_for_best_model} on the validation split"
+        "data splits": None if train_split is None else
+        f"trained on `{train_split}`; " + (f"evaluated during training on `{eval_split}`" if eval_split else
+                                            "nothing evaluated during training"),
+        "model selection": (f"best {training_args.metric_for_best_model} on "
+                            + (f"the `{eval_split}` split" if eval_split else "the evaluation split")
                             if training_args.load_best_model_at_end else "last step"),
         "seed": training_args.seed,
         **(extra_settings or {}),

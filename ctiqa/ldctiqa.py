@@ -46,8 +46,11 @@ LABEL_FILES: tuple[str, ...] = ("train.json", "test.json", "labels.json")
 IMAGE_DIRS: tuple[str, ...] = ("image", "images")
 RELEASE_DIRS: tuple[str, ...] = ("LDCTIQAG2023_train", "LDCTIQAC_test")
 TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
+#: The held-out split: what ``ctiqa evaluate`` reports on (its default ``--split``); training never reads it, neither
+#: to train on nor to select a checkpoint (:func:`ctiqa.training.check_splits`).
+TEST_SPLIT = "test"
 #: Dataset split names, in order (the Hub's conventional names; every split method returns all three).
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
+SPLITS: tuple[str, ...] = ("train", "validation", TEST_SPLIT)
 #: Split methods of :func:`split_ids` (the ONE home of these names; ``ctiqa build-dataset --split`` imports them).
 #: ``"auto"`` picks one of the other three (:func:`resolve_split_method`).
 SPLIT_METHODS: tuple[str, ...] = ("auto", "paper", "stratified", "base-slice")

@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "ctiqa_training.json"
 #: Written last beside the model by the training recipes, when model, settings and card are saved.
 DONE_FILE = "DONE"
+#: The run's own record of what defines it (dataset and its content, train split, model, hyperparameters), written
+#: in ``output_dir`` when a training run starts (:func:`ctiqa.training.run_config`); read by ``ctiqa evaluate`` to
+#: tell an evaluation on the data the model was trained on (:func:`ctiqa.evaluation.trained_on_split`).
+RUN_CONFIG_FILE = "ctiqa_run.json"
 SETTINGS_VERSION = 2
 #: Entry of :data:`SETTINGS_FILE` in a ``ctiqa export`` folder: the export settings (``dtype`` of the saved weights,
 #: "bf16" / "fp32"; adapter, base, base weights) and the adapter's training settings under ``"training"``.

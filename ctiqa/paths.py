@@ -254,13 +254,14 @@ def move_aside(files: Iterable[Path], what: str, why: str = "--overwrite") -> No
             print(f"note: {why}: moved the previous {what}'s {f.name} to {backup}", file=sys.stderr)
 
 
-def lock_output(path: Path, what: str) -> Any:
+def lock_output(path: Path, what: str, *, option: str = "--out") -> Any:
     """Take the exclusive lock of an output ``path`` (a ``filelock.FileLock`` on ``<path>.lock``, which stays
     beside it, empty and harmless) or refuse: two runs writing one output would mix or replace each other's work.
     Release it with ``.release()`` (or use it as a context manager).
 
     Args:
         path: the output file or folder. what: the command, for the message (e.g. "ctiqa predict").
+        option: how the output is named in the message (e.g. ``output_dir`` for a training recipe).
     Raises:
         CTIQAError: another run holds the lock, or its folder cannot be written.
     """
@@ -273,8 +274,8 @@ def lock_output(path: Path, what: str) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
-        raise CTIQAError(f"--out {path}: another {what} run is writing it (locked by {lock.lock_file}); wait for it "
-                         "to finish or choose another --out") from None
+        raise CTIQAError(f"{option} {path}: another {what} run is writing it (locked by {lock.lock_file}); wait for "
+                         f"it to finish or choose another {option}") from None
     except OSError as e:
-        raise CTIQAError(f"--out {path}: cannot write ({e.strerror or e})") from e
+        raise CTIQAError(f"{option} {path}: cannot write ({e.strerror or e})") from e
     return lock

@@ -5,17 +5,17 @@ thing, and writing the settings, card and push.
 A recipe reads top to bottom as::
 
     script_args, training_args, model_args = parse_recipe((ScriptArguments, SFTConfig, ModelConfig), argv)
-    setup_logging(training_args)
-    check_launch(model_args, training_args)                  # fp16 / ZeRO-3 refused
-    checkpoint = prepare_output_dir(training_args.output_dir, run_config(...), overwrite=...)
-    dataset = load_recipe_dataset(script_args)
-    processor = load_processor(model_args, training_args)
-    model, peft_config = load_model(model_args, training_args, checkpoint=checkpoint)
-    trainer = SFTTrainer(..., callbacks=training_callbacks(checkpoint))
-    trainer.train(resume_from_checkpoint=checkpoint)
-    save_outputs(trainer, ...)                                # model, settings, card, DONE
-    push_output(...)                                          # once, at the end
-    finish(trainer)
+    start(script_args, training_args, model_args)            # logging; fp16 / ZeRO-3, numbers, secrets, test split
+    with output_dir_lock(training_args, "recipes/sft.py"):   # one run at a time in output_dir, for its whole life
+        checkpoint = prepare_output_dir(training_args.output_dir, run_config(...), overwrite=...)
+        dataset = load_recipe_dataset(script_args)
+        processor = load_processor(model_args, training_args)
+        model, peft_config = load_model(model_args, training_args, checkpoint=checkpoint)
+        trainer = SFTTrainer(..., callbacks=training_callbacks(checkpoint))
+        trainer.train(resume_from_checkpoint=checkpoint)
+        save_outputs(trainer, ...)                            # model, settings, card, DONE
+        push_output(...)                                      # once, at the end
+        finish(trainer)
 
 Resume (issue 9): the Trainer saves a full model through ``save_pretrained``, which writes Gemma 3 weights under the
 Hub's original key names (``language_model.model.*``, ``vision_tower.*``), but reloads a checkpoint with a plain
@@ -32,6 +32,7 @@ Errors a user can fix (bad recipe, missing dataset, another run in ``output_dir`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -42,6 +43,7 @@ import shutil
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +57,11 @@ import ctiqa
 from ctiqa import CTIQAError
 from ctiqa.cards import hub_push
 from ctiqa.demo import DEMO_DATASET
+from ctiqa.ldctiqa import TEST_SPLIT
 from ctiqa.model_settings import (
     DATASET_FINGERPRINT_PREFIX,
     DONE_FILE,
+    RUN_CONFIG_FILE,
     TRAINING_DTYPES,
     TrainedSettings,
     dataset_fingerprint,
@@ -70,12 +74,11 @@ from ctiqa.paths import (
     check_outside_dataset,
     check_source_folder,
     is_local_path,
+    lock_output,
 )
 
 logger = logging.getLogger("ctiqa.training")
 
-#: The run's own record of what defines it, written in ``output_dir`` when a run starts (see :func:`run_config`).
-RUN_CONFIG_FILE = "ctiqa_run.json"
 #: The demo's dataset folder and how to make it (named in the error when it is missing).
 DEMO_DATASET_HINT = ("`make demo` makes it (or: ctiqa simulate --out runs/demo/ldctiqa-sim && ctiqa build-dataset "
                      "--ldctiqa runs/demo/ldctiqa-sim --teacher template --split base-slice --out runs/demo/dataset)")
@@ -88,7 +91,8 @@ class ScriptArguments(trl.ScriptArguments):
     dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag, commit)."})
     dataset_test_split: str = field(
         default="validation",
-        metadata={"help": "Split evaluated during training, used for model selection (never the test split)."})
+        metadata={"help": "Split evaluated during training, used for model selection (never the test split: "
+                          "refused)."})
     eval_results: str | None = field(
         default=None,
         metadata={"help": "results.json of `ctiqa evaluate` to put in the model card (default: "
@@ -396,6 +400,33 @@ def check_no_secrets(training_args: Any) -> None:
         if password:
             raise CTIQAError("vllm_server_base_url: holds a password; it would be saved in plain text in "
                              "training_args.bin in output_dir and every checkpoint: give the server's address only")
+
+
+def evaluation_split(script_args: Any, training_args: Any) -> str | None:
+    """The split evaluated during training, on which ``load_best_model_at_end`` selects the checkpoint:
+    ``dataset_test_split`` (default ``validation``), or None when ``eval_strategy`` is ``no`` (nothing is evaluated;
+    the Trainer refuses ``load_best_model_at_end`` then)."""
+    return script_args.dataset_test_split if training_args.eval_strategy != "no" else None
+
+
+def check_splits(script_args: Any, training_args: Any) -> None:
+    """Refuse, before anything is loaded or written, a run that would read the held-out split
+    (:data:`ctiqa.ldctiqa.TEST_SPLIT`, what ``ctiqa evaluate`` reports on): training on it
+    (``dataset_train_split``), or evaluating on it during training (``dataset_test_split`` with an
+    ``eval_strategy``), which selects the checkpoint on it with ``load_best_model_at_end``. Either would make the
+    test metrics of the model an evaluation on data it was fitted or chosen on.
+
+    Raises:
+        CTIQAError: naming the argument and the split to use instead.
+    """
+    if script_args.dataset_train_split == TEST_SPLIT:
+        raise CTIQAError(f"dataset_train_split {TEST_SPLIT}: the {TEST_SPLIT!r} split is held out for `ctiqa "
+                         "evaluate`, which reports on it; training on it would make that evaluation meaningless. "
+                         "Train on 'train' (the default)")
+    if evaluation_split(script_args, training_args) == TEST_SPLIT:
+        raise CTIQAError(f"dataset_test_split {TEST_SPLIT}: that argument names the split evaluated during training "
+                         f"and used for model selection; the {TEST_SPLIT!r} split is held out for `ctiqa evaluate` "
+                         "and never read in training. Use 'validation' (the default)")
 
 
 # ------------------------------------------------------------------------------------------- run guard, resume
@@ -1119,7 +1150,7 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
     Raises:
         CTIQAError: a launch that would train the wrong thing (see :func:`check_launch`); a secret in the arguments
             (see :func:`check_no_secrets`); a number out of its range or a run length of nothing (see
-            :func:`check_numbers`).
+            :func:`check_numbers`); the held-out test split to train or select on (see :func:`check_splits`).
     """
     from transformers import set_seed
 
@@ -1130,7 +1161,49 @@ def start(script_args: Any, training_args: Any, model_args: Any) -> None:
     check_launch(model_args, training_args)
     check_no_secrets(training_args)
     check_numbers(training_args, model_args)
+    check_splits(script_args, training_args)
     set_seed(training_args.seed)
+
+
+@contextlib.contextmanager
+def output_dir_lock(training_args: Any, what: str) -> Iterator[None]:
+    """Hold the lock of ``output_dir`` for the ``with`` block, the run's whole life
+    (:func:`ctiqa.paths.lock_output`: ``<output_dir>.lock`` beside the folder, symbolic links resolved, as
+    ``ctiqa predict`` / ``build-dataset`` lock their ``--out``): a second launch into the same folder is refused
+    before it writes anything, instead of writing checkpoints into the first one's.
+
+    Only the main process of a launch (``training_args.process_index`` 0, the one that writes the run record,
+    model and card) takes it, so the processes of one multi-process launch never refuse each other; it tells the
+    others whether it got it (``accelerate.utils.broadcast_object_list``), so a refused launch is refused by every
+    process with the same line, as any other refusal. The lock is released when the block ends, or by the system
+    when the process exits (:func:`finish` leaves a multi-process run with ``os._exit``).
+
+    Raises:
+        CTIQAError: "output_dir X: another W run is writing it (locked by X.lock) ...", or the folder's parent
+            cannot be written.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    lock, refused = None, None
+    if training_args.process_index == 0:
+        try:
+            lock = lock_output(Path(os.path.realpath(os.path.expanduser(training_args.output_dir))), what,
+                               option="output_dir")
+        except CTIQAError as e:
+            refused = e
+    if PartialState().num_processes > 1:  # every process of the launch learns the main process's answer
+        answer = [str(refused) if refused is not None else None]
+        broadcast_object_list(answer, from_process=0)
+        if refused is None and answer[0] is not None:
+            refused = CTIQAError(answer[0])
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 #: The Trainer's figures that cover only the steps of the current session (the process that ran them): renamed

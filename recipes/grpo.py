@@ -20,7 +20,9 @@ Reference findings for the faithfulness reward (``--findings``): ``truth`` (simu
 views, the classes of the truth-based rubric), ``measured`` (``ctiqa.findings.measure_findings`` on each image,
 or the dataset's own ``noise_severity`` / ``streaks`` columns when it has them), ``auto`` (truth when the dataset
 has ``dose_fraction`` and ``n_views`` columns, else measured). Training uses ``train``; ``validation`` is evaluated
-when ``eval_strategy`` is not ``no``; ``test`` is never read here.
+when ``eval_strategy`` is not ``no``; ``test`` is never read here (naming it as ``dataset_train_split`` or
+``dataset_test_split`` is refused: it is what ``ctiqa evaluate`` reports on). One run at a time in an ``output_dir``
+(a second launch into it is refused: ``<output_dir>.lock``).
 
 Outputs in ``output_dir``: the adapter (when starting from an adapter or with ``use_peft``) or the full model, the
 processor, ``README.md`` (our model card), ``ctiqa_training.json`` (how it was trained, read by ``ctiqa evaluate`` /
@@ -234,8 +236,15 @@ def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_
 # --------------------------------------------------------------------------------------------------------------
 def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
     """Train with GRPO, save the adapter (or model) with its settings and card, push when asked. See the module
-    docstring."""
+    docstring. ``output_dir`` is locked for the whole run (``<output_dir>.lock``): a second launch into it is
+    refused."""
     training.start(script_args, training_args, model_args)
+    with training.output_dir_lock(training_args, "recipes/grpo.py"):
+        run(script_args, training_args, model_args)
+
+
+def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
+    """:func:`main` once the arguments are checked and ``output_dir`` is locked."""
     if not model_args.model_name_or_path:
         raise CTIQAError("no model: pass --model_name_or_path (the SFT output folder or Hub id)")
     funcs = reward_functions(script_args)
@@ -298,7 +307,9 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         processor.save_pretrained(training_args.output_dir)
     training.save_outputs(trainer, settings=settings, dataset_name=script_args.dataset_name,
                           model_args=dataclasses.replace(model_args, model_name_or_path=base),
-                          eval_results=script_args.eval_results, metrics=metrics, stage="grpo", extra_settings={
+                          eval_results=script_args.eval_results, metrics=metrics, stage="grpo",
+                          train_split=script_args.dataset_train_split,
+                          eval_split=training.evaluation_split(script_args, training_args), extra_settings={
                               "started from (SFT output)": model_args.model_name_or_path,
                               "rewards (weight)": ", ".join(f"{n} ({w:g})" for n, w in
                                                             zip(script_args.reward_funcs, weights, strict=True)),

@@ -15,7 +15,9 @@ ModelConfig from TRL). A tiny recipe trains for real on the CPU, offline:
 
 The dataset is a Hub id or a local folder written by ``ctiqa build-dataset`` (a ``DatasetDict`` with ``train`` /
 ``validation`` / ``test``; columns ``prompt``, ``completion``, ``images``, ``id``, ``score``, ...). Training uses
-``train``, model selection uses ``validation`` (eval loss); ``test`` is never read here.
+``train``, model selection uses ``validation`` (eval loss); ``test`` is never read here (naming it as
+``dataset_train_split`` or ``dataset_test_split`` is refused: it is what ``ctiqa evaluate`` reports on). One run at a
+time in an ``output_dir`` (a second launch into it is refused: ``<output_dir>.lock``).
 
 Outputs in ``output_dir``: the adapter (or the full model when ``use_peft`` is false) + processor, ``README.md``
 (our model card), ``ctiqa_training.json`` (how it was trained: quantisation, dtypes, render encoding, answer format,
@@ -66,8 +68,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfi
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
-    """Train, save the adapter (or model) with its settings and card, push when asked. See the module docstring."""
+    """Train, save the adapter (or model) with its settings and card, push when asked. See the module docstring.
+    ``output_dir`` is locked for the whole run (``<output_dir>.lock``): a second launch into it is refused."""
     training.start(script_args, training_args, model_args)
+    with training.output_dir_lock(training_args, "recipes/sft.py"):
+        run(script_args, training_args, model_args)
+
+
+def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    """:func:`main` once the arguments are checked and ``output_dir`` is locked."""
     if training_args.push_to_hub:  # the Trainer would push every checkpoint with its own card; we push once, at the end
         logger.info("push_to_hub: the adapter/model and our card are pushed once, after training (the Trainer's "
                     "per-checkpoint pushes are off)")
@@ -106,7 +115,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     settings = training.trained_settings(model_args, training_args, adapter=peft_config is not None,
                                          **training.data_settings(script_args, train_dataset))
     training.save_outputs(trainer, settings=settings, dataset_name=script_args.dataset_name, model_args=model_args,
-                          eval_results=script_args.eval_results, metrics=metrics)
+                          eval_results=script_args.eval_results, metrics=metrics,
+                          train_split=script_args.dataset_train_split,
+                          eval_split=training.evaluation_split(script_args, training_args))
     if push_to_hub and trainer.accelerator.is_main_process:
         training.push_output(training_args, adapter=peft_config is not None,
                              commit_message=SFT_COMMIT)

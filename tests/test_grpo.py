@@ -158,6 +158,36 @@ def test_grpo_settings_out_of_range_or_a_token_are_refused_before_anything(extra
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset_train_split", "test"], r"^dataset_train_split test: the 'test' split is held out for `ctiqa "
+                                        r"evaluate`, which reports on it"),
+    (["--dataset_test_split", "test", "--eval_strategy", "steps", "--eval_steps", "2"],
+     r"^dataset_test_split test: that argument names the split evaluated during training and used for model "
+     r"selection; the 'test' split is held out for `ctiqa evaluate`"),
+], ids=["train-on-test", "eval-on-test"])
+def test_grpo_never_trains_or_evaluates_on_the_test_split(extra, message, tmp_path):
+    """QA round 9, row 114 (GRPO side): `--dataset_train_split test` trained on the test images, exit 0. Refused in
+    one line before anything loads (the model and dataset here do not exist), nothing written."""
+    with pytest.raises(CTIQAError, match=message):
+        grpo.main(*grpo.parse_args(["--config", str(TINY_RECIPE), "--model_name_or_path", str(tmp_path / "no-model"),
+                                    "--dataset_name", str(tmp_path / "no-data"),
+                                    "--output_dir", str(tmp_path / "out"), *extra]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_grpo_launch_into_a_running_runs_output_dir_is_refused(tmp_path):
+    """QA round 9, row 122 (GRPO side): the output_dir of a running run is locked (`<output_dir>.lock`); a second
+    launch is refused in one line before it writes anything."""
+    from ctiqa.testing import lock_held_elsewhere
+
+    out = Path(os.path.realpath(tmp_path)) / "out"
+    with lock_held_elsewhere(out), pytest.raises(CTIQAError, match=rf"^output_dir {out}: another recipes/grpo.py "
+                                                                   r"run is writing it"):
+        grpo.main(*grpo.parse_args(["--config", str(TINY_RECIPE), "--model_name_or_path", str(tmp_path / "m"),
+                                    "--output_dir", str(out)]))
+    assert not out.exists()
+
+
 def test_an_sft_checkpoint_is_not_resumed_as_this_grpo_run(tiny, dataset_dir, tmp_path, monkeypatch):
     """QA round 9, row 92 (GRPO side): --resume_from_checkpoint of another run's checkpoint is refused naming the
     recipe kind; the same GRPO run's checkpoint in another folder is taken."""
@@ -251,6 +281,7 @@ def test_two_grpo_steps_change_the_weights_and_save_a_loadable_model(sft_model, 
     assert (out / "DONE").is_file()
     card = (out / "README.md").read_text()
     assert "grpo" in card and "faithfulness_reward (" in card and "truth" in card
+    assert "| data splits | trained on `train`; nothing evaluated during training |" in card  # QA round 9, row 114
     assert json.loads((out / "ctiqa_training.json").read_text())["adapter"] is False
     # every reward is logged per step (trainer_state.json holds what TensorBoard shows)
     logged = next(h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h)

@@ -1115,3 +1115,77 @@ def test_a_run_killed_between_its_last_checkpoint_and_its_model_is_finished_by_t
         {k: v for k, v in finished.items() if k != "README.md"}
     assert fake_hub.files("tester/eval")["README.md"].decode() == card
     assert card.endswith(finished["README.md"].decode().split("## Evaluation")[1].split("## Licence")[1])
+
+
+# -------------------------------------------------------------------------------- the test split, output_dir lock
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset_train_split", "test"],
+     r"^dataset_train_split test: the 'test' split is held out for `ctiqa evaluate`, which reports on it; training "
+     r"on it would make that evaluation meaningless. Train on 'train' \(the default\)$"),
+    (["--dataset_test_split", "test", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps",
+      "--save_steps", "2", "--max_steps", "4"],
+     r"^dataset_test_split test: that argument names the split evaluated during training and used for model "
+     r"selection; the 'test' split is held out for `ctiqa evaluate` and never read in training. Use 'validation'"),
+], ids=["train-on-test", "select-on-test"])
+def test_the_test_split_is_never_trained_or_selected_on(extra, message, tmp_path):
+    """QA round 9, rows 114 and 115: `--dataset_train_split test` trained on the test images, and `--dataset_test_split
+    test --eval_strategy steps` selected the checkpoint on them (the card still said "validation"), exit 0 both, and
+    the card sent the user to `ctiqa evaluate` on "the held-out test split". Both are refused in one line before
+    anything loads: here the model and dataset do not even exist, and nothing is written (no lock either)."""
+    out = tmp_path / "out"
+    with pytest.raises(training.CTIQAError, match=message):
+        sft.main(*sft.parse_args(["--config", str(TINY_DEMO), "--model_name_or_path", str(tmp_path / "no-model"),
+                                  "--dataset_name", str(tmp_path / "no-data"), "--output_dir", str(out), *extra]))
+    assert list(tmp_path.iterdir()) == []
+    # a test split named but never read (nothing evaluated during training) is no use of it
+    script, train_args, _ = sft.parse_args(["--config", str(TINY_DEMO), "--dataset_test_split", "test",
+                                            "--eval_strategy", "no", "--load_best_model_at_end", "false"])
+    training.check_splits(script, train_args)
+    assert training.evaluation_split(script, train_args) is None
+
+
+def test_the_card_names_the_splits_the_run_trained_and_selected_on(tiny, tmp_path):
+    """QA round 9, row 115: the card's "model selection" line said "the validation split" whatever split was
+    evaluated. It now names the splits read from the run's arguments: here a dataset whose selection split is
+    called `dev`. The run's output_dir lock is released when it ends (a later run takes it)."""
+    from filelock import FileLock
+
+    data = write_dataset(tmp_path / "ds", {"train": 8, "dev": 4, "test": 2})
+    out = tmp_path / "out"
+    sft.main(*sft.parse_args([
+        "--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--dataset_name", str(data),
+        "--output_dir", str(out), "--dataset_test_split", "dev", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--dataloader_num_workers", "0"]))
+    card = (out / "README.md").read_text()
+    assert "| data splits | trained on `train`; evaluated during training on `dev` |" in card
+    assert "| model selection | best eval_loss on the `dev` split |" in card
+    assert "validation split" not in card and "`validation`" not in card
+    lock = FileLock(os.path.realpath(out) + ".lock", timeout=0)
+    lock.acquire()  # released by the run: taken at once (Timeout otherwise)
+    lock.release()
+
+
+def test_a_second_launch_into_the_output_dir_of_a_running_one_is_refused_before_writing(tiny, dataset_dir, tmp_path,
+                                                                                      monkeypatch):
+    """QA round 9, row 122: the same sft command started twice on one output_dir both trained and wrote checkpoints
+    into it (the second "resumed" from the first's checkpoint while it was still writing). A run now holds
+    `<output_dir>.lock` for its whole life, as `ctiqa predict --out` / `build-dataset --out` hold theirs; a second
+    launch is refused in one line, nothing written. Only the main process of a launch takes it, so the other
+    processes of the same multi-process launch go on."""
+    from ctiqa.testing import lock_held_elsewhere
+
+    out = Path(os.path.realpath(tmp_path)) / "out"
+    args = ["--config", str(TINY_DEMO), "--model_name_or_path", str(tiny), "--dataset_name", str(dataset_dir),
+            "--output_dir", str(out), "--max_steps", "2", "--report_to", "none"]
+    with lock_held_elsewhere(out):
+        with pytest.raises(training.CTIQAError, match=rf"^output_dir {out}: another recipes/sft.py run is writing it "
+                                                      rf"\(locked by {out}.lock\); wait for it to finish or choose "
+                                                      r"another output_dir$"):
+            sft.main(*sft.parse_args(args))
+        assert not out.exists()
+        _, train_args, _ = sft.parse_args(args)
+        monkeypatch.setattr(type(train_args), "process_index", property(lambda self: 1))
+        with training.output_dir_lock(train_args, "recipes/sft.py"):  # rank 1 of a launch: not refused
+            pass
+    assert not out.exists()
