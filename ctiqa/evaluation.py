@@ -45,7 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from ctiqa import CTIQAError
-from ctiqa.model_settings import PRECISIONS, choose_encoding, dataset_encoding, weights_fingerprint
+from ctiqa.model_settings import (
+    DATASET_FINGERPRINT_PREFIX,
+    PRECISIONS,
+    RUN_CONFIG_FILE,
+    choose_encoding,
+    dataset_encoding,
+    dataset_fingerprint,
+    weights_fingerprint,
+)
 from ctiqa.paths import (
     atomic_write,
     check_dataset_finished,
@@ -295,6 +303,39 @@ def append_scored(samples: list[Sample], todo: list[Sample], done: dict[str, dic
             writer.write(rows)
             bar.update(len(chunk))
     return round((time.perf_counter() - t0) / len(todo), 4)
+
+
+def trained_on_split(model: str | None, dataset: str | None, split: str) -> str | None:
+    """A warning when a local model (or adapter) folder was trained on ``split`` of ``dataset``: its training run's
+    record (:data:`ctiqa.model_settings.RUN_CONFIG_FILE`, kept beside the model by ``recipes/sft.py`` and
+    ``recipes/grpo.py``) names that split as ``dataset_train_split`` and the same dataset: the same content
+    (:func:`ctiqa.model_settings.dataset_fingerprint`, so a copy elsewhere counts), or, when the record or the
+    dataset has no fingerprint (a Hub id, a record of an older ctiqa), the same folder or Hub id. The recipes now
+    refuse to train on the test split, but a model trained on it by an older ctiqa, or on a split of another name,
+    would otherwise be reported as if held out.
+
+    Returns:
+        the warning, or None (a Hub model, no record, another split or dataset).
+    """
+    if not model or not dataset or not is_local_path(model):
+        return None
+    try:
+        record = json.loads((Path(model).expanduser() / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("dataset_train_split") != split:
+        return None
+    recorded, now = record.get("dataset_files"), dataset_fingerprint(dataset)
+    if isinstance(recorded, str) and recorded.startswith(DATASET_FINGERPRINT_PREFIX) and now is not None:
+        same = recorded == now
+    else:
+        name = record.get("dataset_name")
+        same = isinstance(name, str) and (name == dataset or is_local_path(dataset) and os.path.realpath(
+            os.path.expanduser(name)) == os.path.realpath(os.path.expanduser(dataset)))
+    if not same:
+        return None
+    return (f"{model} was trained on split {split!r} of this dataset ({RUN_CONFIG_FILE}: dataset_train_split): "
+            "these metrics are not a held-out evaluation")
 
 
 def predict_with_model(samples: list[Sample], out: Path, *, model: str, adapter: str | None, fmt: str,
@@ -588,11 +629,13 @@ def print_table(results: dict[str, Any]) -> None:
 
 def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, dataset: str | None,
            split: str | None, settings: dict[str, Any], model_info: dict[str, Any] | None, n_bootstrap: int,
-           seed: int, quiet: bool = False, n_split: int | None = None) -> dict[str, Any]:
+           seed: int, quiet: bool = False, n_split: int | None = None,
+           warnings: list[str] | None = None) -> dict[str, Any]:
     """Metrics, explanation check, plots, ``predictions.jsonl`` (final, sample order) and ``results.json``.
 
     ``n_split``: rows in the dataset split (``counts.n_split``; default ``len(records)``), so that ``ctiqa report``
-    can show coverage (scored / in split) of a ``--limit`` run.
+    can show coverage (scored / in split) of a ``--limit`` run. ``warnings``: about the evaluation as a whole (e.g.
+    :func:`trained_on_split`), added to every score kind's ``warnings`` (printed under the table).
 
     Returns:
         the results dict written to ``results.json``.
@@ -601,6 +644,8 @@ def finish(records: list[dict[str, Any]], out: Path, *, name: str, kind: str, da
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(records, n_bootstrap=n_bootstrap, seed=seed)
+    for m in metrics.values():
+        m["warnings"] = [*(warnings or []), *m.get("warnings", [])]
     expl = explanation_check(records)
     from ctiqa.explanations import faithfulness, measured_vs_truth
 
@@ -815,8 +860,9 @@ def _evaluate(args: argparse.Namespace, mode: str) -> int:
                                        batch_size=args.batch_size, precision=args.precision, device=args.device,
                                        key=run_key(settings), dataset=args.dataset)
     name = args.name or Path(str(args.adapter or args.model)).name
+    seen = [w for w in (trained_on_split(m, args.dataset, args.split) for m in (args.adapter, args.model)) if w]
     return _done(records, out, args, name=name, kind="model", settings=settings, model_info=info,
-                 n_split=sizes.get("n_split"), samples=samples)
+                 n_split=sizes.get("n_split"), samples=samples, warnings=seen[:1])
 
 
 #: The settings that name what an evaluation folder holds: a re-run into it with others is refused (#62).

@@ -948,3 +948,35 @@ def test_report_caption_names_each_evaluations_resamples_when_they_differ(tmp_pa
     assert "a: 95%, 20 resamples; b: 95%, 30 resamples" in md and "(20 resamples, seeded)" not in md
     assert ctiqa_main(["report", "a", "a", "--out", "s.md", "--bootstrap", "0"]) == 0
     assert "95% percentile-bootstrap intervals (20 resamples, seeded)" in (tmp_path / "s.md").read_text()
+
+
+def test_an_evaluation_on_the_split_the_model_was_trained_on_is_warned(dataset, tiny, tmp_path, capsys):
+    """QA round 9, row 114: a model trained on the test split (`--dataset_train_split test`, accepted by older ctiqa)
+    was evaluated on that split and reported as held out, without a word. Its training record
+    (ctiqa_run.json, beside the model) names the split: the evaluation says so under the table and in every score
+    kind's warnings in results.json. A copy of the dataset elsewhere is the same data; another split is not."""
+    import shutil
+
+    from ctiqa.model_settings import dataset_fingerprint
+    from ctiqa.training import RUN_CONFIG_FILE
+
+    model = shutil.copytree(tiny, tmp_path / "model")
+    record = {"dataset_name": os.path.realpath(dataset), "dataset_train_split": "test",
+              "dataset_files": dataset_fingerprint(str(dataset)), "recipe": "sft"}
+    (model / RUN_CONFIG_FILE).write_text(json.dumps(record))
+    out = tmp_path / "ev"
+    assert ctiqa_main(["evaluate", "--model", str(model), "--dataset", str(dataset), "--split", "test", "--out",
+                       str(out), "--score-only", "--limit", "4", "--bootstrap", "0"]) == 0
+    warning = f"{model} was trained on split 'test' of this dataset ({RUN_CONFIG_FILE}: dataset_train_split): " \
+              "these metrics are not a held-out evaluation"
+    assert warning in _strict_json(out / "results.json")["metrics"]["probability"]["warnings"]
+    assert "was trained on split 'test'" in " ".join(capsys.readouterr().out.split())
+    from ctiqa.evaluation import trained_on_split
+
+    copy = shutil.copytree(dataset, tmp_path / "copy")
+    assert trained_on_split(str(model), str(copy), "test") == warning
+    assert trained_on_split(str(model), str(dataset), "validation") is None
+    assert trained_on_split(str(tiny), str(dataset), "test") is None  # no training record: nothing to say
+    (model / RUN_CONFIG_FILE).write_text(json.dumps({**record, "dataset_files": None}))  # an older record: by path
+    assert trained_on_split(str(model), str(dataset), "test") == warning
+    assert trained_on_split(str(model), str(copy), "test") is None
