@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctiqa import CTIQAError, rewards
-from ctiqa.testing import load_script
+from ctiqa.testing import load_script, wait_for_lock_release
 from ctiqa.testing.sft_data import write_dataset
 from ctiqa.tiny import build_tiny_model
 
@@ -345,6 +345,7 @@ def test_resume_after_a_kill_restores_the_checkpoint_weights(sft_model, dataset_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        wait_for_lock_release(os.path.realpath(out))  # the training process gone, its output_dir lock freed
     ckpt = Path(grpo.last_complete_checkpoint(str(out)))
     assert not (out / "DONE").exists() and ckpt.name != "checkpoint-3", "killed too late"
     start, saved = _weights(sft_model), _weights(ckpt)

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ctiqa import prompts, training
-from ctiqa.testing import load_script
+from ctiqa.testing import load_script, wait_for_lock_release
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ctiqa.testing.sft_data import write_dataset  # noqa: E402
@@ -323,6 +323,7 @@ def test_resume_after_kill_keeps_the_weights_and_the_loss(recipe, tiny, dataset_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the training process it started
         proc.wait()
+        wait_for_lock_release(os.path.realpath(killed))  # the training process gone, its output_dir lock freed
     assert not (killed / "DONE").exists()
     checkpoint = Path(training.last_complete_checkpoint(killed))
     step = int(checkpoint.name.rsplit("-", 1)[1])

@@ -4,7 +4,8 @@
 standalone with ``python -m ctiqa.testing.fake_gemini --latency 1.0``), :mod:`ctiqa.testing.loopback` (the HTTP
 plumbing of the fake servers) and :mod:`ctiqa.testing.sft_data` (a small learnable chat-format CT dataset). They
 live in the package so that ``bench/`` does not import ``tests/``; :func:`load_script` imports a recipe script;
-:func:`lock_held_elsewhere` holds an output's lock from another process, as a second run would.
+:func:`lock_held_elsewhere` holds an output's lock from another process, as a second run would;
+:func:`wait_for_lock_release` waits for a killed run's process to be gone (its lock freed).
 """
 
 from __future__ import annotations
@@ -44,3 +45,14 @@ def lock_held_elsewhere(output: str | Path) -> Iterator[None]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def wait_for_lock_release(output: str | Path, timeout: float = 60) -> None:
+    """Wait until ``<output>.lock`` (:func:`ctiqa.paths.lock_output`'s lock) is free: a run killed with SIGKILL
+    holds it until the system has ended its process, a few ms after the kill returns (a process group killed
+    through its launcher is not waited for). Raises ``filelock.Timeout`` after ``timeout`` s."""
+    from filelock import FileLock
+
+    lock = FileLock(str(output) + ".lock", timeout=timeout)
+    lock.acquire()
+    lock.release()
