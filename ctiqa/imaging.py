@@ -904,8 +904,11 @@ def index_dicom_folder(
     def slices(f: Path, rel: Path) -> tuple[str, list[tuple[str, float | None, float, tuple[str, Path, int | None]]]]:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
+            shape = (ds.get("Rows"), ds.get("Columns"))
         except Exception as e:
             raise CTIQAError(f"{f}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+        if not all(isinstance(v, int) for v in shape):  # a file cut inside its header, or no image: not a slice
+            raise CTIQAError(f"{f}: no image in this DICOM file (no Rows/Columns: cut short, or not an image)")
         _check_dicom_header(ds, str(f))
         inst_num = _instance_number(ds)
         n = _n_frames(ds)

@@ -653,8 +653,8 @@ def score_series(series: list[Series], backend: Backend, sink: RowSink, *, encod
 
     def skip(sid: str, index: int | None, name: str, path: str, message: str) -> None:
         reason = _reason(message, path)
-        key = (sid, str(index), reason)
-        if key in sink.skipped:  # reported by an earlier run into the same --out
+        key = (sid, str(index), reason, path)  # the path: several files may be skipped for one reason
+        if key in sink.skipped:  # reported already in this run
             return
         sink.skipped.add(key)
         counts["skipped"] += 1

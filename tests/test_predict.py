@@ -362,6 +362,26 @@ def test_a_dicom_instance_given_twice_in_a_folder_counts_once(tmp_path, capsys):
         assert len(errors) == 2 and all("same SOP Instance UID" in m for _, m in errors)
 
 
+def test_every_skipped_file_of_a_series_folder_is_listed(tmp_path, capsys):
+    """QA round 10: a DICOM series folder holding 3 TIFFs listed only the first as skipped (one reason, so the other
+    two were taken for repeats), and two DICOM files cut inside their headers became a phantom second series."""
+    from ctiqa.predict import gather_series
+
+    folder = _series(tmp_path / "s", n=2)  # plus slice_999.dcm: garbage
+    for k in range(3):
+        tifffile.imwrite(folder / f"{k:04d}.tif", np.zeros((32, 32), np.float32))
+    whole = (folder / "slice_001.dcm").read_bytes()
+    for k in range(2):
+        (folder / f"cut_{k}.dcm").write_bytes(whole[:1000])
+    series = gather_series([str(folder)])
+    assert len(series) == 1 and len(series[0].refs) == 2  # no phantom series from the cut headers
+    assert len(series[0].errors) == 6  # 3 TIFFs, 2 cut files, the garbage file
+    assert main(["predict", str(folder), "--model", str(tmp_path / "no_such_model"), "--out",
+                 str(tmp_path / "o.jsonl")]) == 2  # the model is loaded after the skips are written
+    skipped = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len([r for r in skipped if r.get("skipped")]) == 6
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
