@@ -146,7 +146,27 @@ def check_ids(inputs: list[str], ids: list[str] | None) -> None:
         raise CTIQAError(f"--id {twice[0]!r} given for more than one input: each input needs its own id")
 
 
-def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names: bool = False) -> list[Series]:
+def _spelling_in(known: set[str], raw: str) -> str | None:
+    """The series id in ``known`` (ids of rows an earlier run wrote into the same --out) that names the file or
+    folder ``raw`` names, spelt otherwise (``s`` and ``s/``, ``./s``, a link to it); ``X#k`` ids of a folder of
+    several series match ``X``. None when there is none."""
+    try:
+        st = os.stat(raw)
+    except OSError:
+        return None
+    for k in sorted(known):
+        for cand in dict.fromkeys((k, k.rsplit("#", 1)[0])):
+            try:
+                other = os.stat(cand)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return cand
+    return None
+
+
+def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names: bool = False,
+                  known: set[str] | None = None) -> list[Series]:
     """Index every input into :class:`Series` without reading pixels (DICOM headers only).
 
     Args:
@@ -158,6 +178,8 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
             path holding a DICOM UID (:func:`ctiqa.imaging.names_a_uid`): ``series#K``; the path with
             ``file_names``).
         file_names: name DICOM file inputs by their path.
+        known: series ids of rows already in the --out being resumed: an input that names the same file or
+            folder as one of them, spelt otherwise, keeps that id (:func:`_spelling_in`), so the resume finds it.
     Returns:
         one :class:`Series` per input, except a folder holding k > 1 DICOM series (by Series Instance UID), which
         gives k, with ids ``ID#1`` ... ``ID#k`` (a note on stderr says so; the UIDs themselves are not used). An
@@ -174,7 +196,7 @@ def gather_series(inputs: list[str], ids: list[str] | None = None, *, file_names
     n_dicom_files = n_uid_paths = 0
     for i, raw in enumerate(inputs):
         source += [i - 1] * (len(out) - len(source))  # the series the previous input gave
-        sid = ids[i] if ids else _printable(raw)
+        sid = ids[i] if ids else _printable((known and _spelling_in(known, raw)) or raw)
         p = Path(raw)
         try:
             is_dir, is_file = p.is_dir(), p.is_file()
@@ -949,7 +971,8 @@ def cli_main(args: argparse.Namespace) -> int:
     shown: list[dict[str, Any]] = []
     running: dict[str, SeriesSummary] = {}
     try:
-        series = gather_series(args.inputs, args.ids, file_names=args.file_names)
+        series = gather_series(args.inputs, args.ids, file_names=args.file_names,
+                               known={sid for sid, _ in sink.done})
         own = {os.path.realpath(f) for f in (args.html, *((args.out, *_companions(args.out),
                                                           Path(str(args.out) + ".lock")) if args.out else ())) if f}
         for s in series:  # this command's own outputs inside an input folder are not unreadable slices

@@ -382,6 +382,27 @@ def test_every_skipped_file_of_a_series_folder_is_listed(tmp_path, capsys):
     assert len([r for r in skipped if r.get("skipped")]) == 6
 
 
+def test_a_folder_spelt_otherwise_resumes(tiny, tmp_path, monkeypatch, capsys):
+    """QA round 10: `predict /x/s` then `predict /x/s/` (tab completion), a relative spelling or a link to it, with
+    the same --out, scored every slice again and appended it as a new series (the series twice in the outputs)."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for k in range(2):
+        tifffile.imwrite(folder / f"{k:04d}.tif", np.random.default_rng(k).random((64, 64), dtype=np.float32))
+    (tmp_path / "link").symlink_to(folder)
+    out = tmp_path / "o.jsonl"
+    args = ["--model", str(tiny), "--score-only", "--out", str(out)]
+    assert main(["predict", str(folder), *args]) == 0
+    before = out.read_bytes()
+    calls = _count_backend(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(folder) + "/", "./s", "link"):
+        assert main(["predict", spelling, *args]) == 0
+        assert calls == [] and out.read_bytes() == before, spelling
+    summary = [json.loads(x) for x in (tmp_path / "o.series.jsonl").read_text().splitlines()]
+    assert [s["series"] for s in summary] == [str(folder)]
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
