@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -159,6 +160,10 @@ def weights_fingerprint(*folders: str | Path | None) -> str | None:
     """A cheap fingerprint (SHA-256 hex, 64 chars) of the weights in local model / adapter folders: changed by any
     re-save or copy of the weights into them, so that rows scored by one model are never resumed as another's.
 
+    An adapter folder brings its base model's folder along (``base_model_name_or_path`` of its
+    ``adapter_config.json``, when that is a local folder not given already): ``--adapter A`` alone scores with that
+    base, so a base re-saved in place is another model too.
+
     Hashes, per folder in order, the (name, size in bytes, mtime in ns) of its top-level weight files
     (:data:`WEIGHT_FILE_PATTERNS`: ``model*.safetensors``, ``adapter_model.*``, ...) and the content of its small
     config files (:data:`WEIGHT_CONFIG_FILES`); no weight file is read, so an 8 GB model costs a few ``stat`` calls.
@@ -178,6 +183,14 @@ def weights_fingerprint(*folders: str | Path | None) -> str | None:
     local = [Path(f).expanduser() for f in folders if f is not None and Path(f).expanduser().is_dir()]
     if not local:
         return None
+    for folder in list(local):  # an adapter's base folder (its adapter_config.json) is part of the model it scores
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if base and Path(base).expanduser().is_dir() and not any(
+                os.path.samefile(Path(base).expanduser(), f) for f in local):
+            local.append(Path(base).expanduser())
     h = hashlib.sha256()
     for folder in local:
         h.update(b"folder\0")

@@ -179,3 +179,24 @@ def test_the_dataset_fingerprint_is_the_content_of_the_data_files_load_dataset_r
     write_dataset(tmp_path / "ds", {"train": 3, "validation": 2}, seed=1)  # other rows at the same path
     assert dataset_fingerprint(ds) != fp
     assert dataset_fingerprint("someone/hub-dataset") is None and dataset_fingerprint(tmp_path / "nope") is None
+
+
+def test_an_adapters_fingerprint_covers_its_local_base(tmp_path):
+    """QA round 10: with --adapter alone (the base from adapter_config.json) a base re-saved in place was not seen:
+    predict resumed and evaluate rewrote results.json from the old base's scores (exit 0)."""
+    import json
+    import os
+
+    from ctiqa.model_settings import weights_fingerprint
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    (base / "model.safetensors").write_bytes(b"base weights")
+    (base / "config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    before = weights_fingerprint(None, adapter)
+    assert weights_fingerprint(None, adapter) == before
+    os.utime(base / "model.safetensors", ns=(1, 1))  # re-saved in place
+    assert weights_fingerprint(None, adapter) != before
