@@ -191,6 +191,36 @@ def adapter_base(path: str) -> str | None:
         return None
 
 
+#: LoRA fields of ModelConfig and the adapter_config.json keys that set them.
+_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                "lora_target_modules": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora"}
+
+
+def adapter_lora_settings(model_args: ModelConfig) -> None:
+    """When ``model_name_or_path`` is a LoRA adapter (trained further as it is), set the recipe's LoRA fields to
+    the adapter's own (its ``adapter_config.json``), so that the run record and the card state the LoRA really
+    trained; a recipe value that differs is not used and a warning says so. Anything else: unchanged."""
+    if adapter_base(model_args.model_name_or_path) is None:
+        return
+    from peft import PeftConfig
+
+    cfg = PeftConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    ignored = []
+    for field_name, key in _LORA_FIELDS.items():
+        value = getattr(cfg, key, None)
+        if isinstance(value, set):
+            value = sorted(value)
+        if value is None or not hasattr(model_args, field_name):
+            continue
+        given = getattr(model_args, field_name)
+        if given is not None and given != value and not (isinstance(given, list) and sorted(given) == value):
+            ignored.append(f"{field_name} {given!r} (the adapter's: {value!r})")
+        setattr(model_args, field_name, value)
+    if ignored:
+        logger.warning("the adapter %s is trained further with its own LoRA settings; not used: %s",
+                       model_args.model_name_or_path, ", ".join(ignored))
+
+
 def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_args: GRPOConfig,
                 checkpoint: str | None):
     """The policy to train, the LoRA config for the trainer (None when there is no new adapter), and the base the
@@ -254,6 +284,7 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
                          f"{script_args.reward_funcs}")
     generation = choose_generation(script_args, training_args, model_args)
     logger.info("completions generated with %s", generation)
+    adapter_lora_settings(model_args)  # before the run record and the card: they state the LoRA that is trained
     config = training.run_config(script_args, training_args, model_args) | {
         "reward_funcs": list(script_args.reward_funcs), "reward_weights": list(weights),
         "score_tau": script_args.score_tau, "silence_cost": script_args.silence_cost,

@@ -313,7 +313,12 @@ def test_grpo_trains_an_sft_lora_adapter_further(sft_model, dataset_dir, tmp_pat
     out = tmp_path / "rl"
     _run(_cmd("--model_name_or_path", str(adapter), "--dataset_name", str(dataset_dir), "--output_dir", str(out),
               "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
-              "--max_completion_length", "32", "--save_strategy", "no", "--learning_rate", "1e-2"))
+              "--max_completion_length", "32", "--save_strategy", "no", "--learning_rate", "1e-2",
+              "--lora_r", "2"))
+    # QA round 11: the card stated the recipe's LoRA settings (and a --lora_r that was not used), not the adapter's
+    card = (out / "README.md").read_text()
+    assert "| LoRA r / alpha / dropout | 4 / 8 / 0.0 |" in card, [x for x in card.splitlines() if "LoRA" in x]
+    assert json.loads((out / "ctiqa_run.json").read_text())["lora_r"] == 4
     before = load_file(str(adapter / "adapter_model.safetensors"))
     after = load_file(str(out / "adapter_model.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
