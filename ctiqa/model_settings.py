@@ -116,6 +116,11 @@ def write_settings(folder: str | Path, settings: TrainedSettings) -> Path:
     return path
 
 
+#: The 4-bit storage dtype transformers' ``BitsAndBytesConfig`` uses when ``bnb_4bit_quant_storage`` is unset
+#: (transformers/utils/quantization_config.py: ``torch.uint8``).
+BNB_DEFAULT_STORAGE = "uint8"
+
+
 def read_settings(folder: str | Path | None) -> TrainedSettings | None:
     """The settings recorded beside a model or adapter, or None when ``folder`` is None, not a local folder
     (a Hub id: use a downloaded snapshot) or holds no :data:`SETTINGS_FILE`.
@@ -139,6 +144,8 @@ def read_settings(folder: str | Path | None) -> TrainedSettings | None:
         raise CTIQAError(f"{path}: expected a JSON object")
     known = {f.name for f in fields(TrainedSettings)}
     s = TrainedSettings(**{k: v for k, v in raw.items() if k in known})
+    if s.storage_dtype == "None":  # recorded so by ctiqa before a fix when the recipe left the storage unset
+        s.storage_dtype = BNB_DEFAULT_STORAGE
     if "settings_version" not in raw:  # version 1
         s.settings_version = 1
         s.dtype = s.compute_dtype = _dtype_name(raw.get("dtype"))  # quant storage, double quant: not recorded

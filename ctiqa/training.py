@@ -59,6 +59,7 @@ from ctiqa.cards import hub_push
 from ctiqa.demo import DEMO_DATASET
 from ctiqa.ldctiqa import TEST_SPLIT
 from ctiqa.model_settings import (
+    BNB_DEFAULT_STORAGE,
     DATASET_FINGERPRINT_PREFIX,
     DONE_FILE,
     RUN_CONFIG_FILE,
@@ -1331,7 +1332,10 @@ def trained_settings(model_args: Any, training_args: Any, *, adapter: bool, enco
         base_model=model_args.model_name_or_path, adapter=adapter, load_in_4bit=q4,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type if q4 else None,
         bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant) if q4 else None,
-        compute_dtype=dtype, storage_dtype=str(model_args.bnb_4bit_quant_storage) if q4 else None, dtype=dtype,
+        compute_dtype=dtype, dtype=dtype,
+        # unset: transformers' BitsAndBytesConfig packs in uint8 (its documented default); str(None) was recorded
+        storage_dtype=(str(model_args.bnb_4bit_quant_storage).replace("torch.", "")
+                       if model_args.bnb_4bit_quant_storage is not None else BNB_DEFAULT_STORAGE) if q4 else None,
         bf16=bool(training_args.bf16), encoding=encoding, target_format=target_format,
         prompt_version=prompt_version, ctiqa_version=ctiqa.__version__)
 

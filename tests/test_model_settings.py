@@ -200,3 +200,23 @@ def test_an_adapters_fingerprint_covers_its_local_base(tmp_path):
     assert weights_fingerprint(None, adapter) == before
     os.utime(base / "model.safetensors", ns=(1, 1))  # re-saved in place
     assert weights_fingerprint(None, adapter) != before
+
+
+def test_an_unset_4bit_storage_is_recorded_as_used_and_an_older_none_record_loads(tmp_path):
+    """QA round 11: a QLoRA recipe without bnb_4bit_quant_storage recorded "storage_dtype": "None" (str(None)), and
+    predict / evaluate / export of the adapter ended in `module 'torch' has no attribute 'None'`."""
+    import json
+    from types import SimpleNamespace
+
+    from ctiqa.model_settings import BNB_DEFAULT_STORAGE, bnb_4bit_settings, read_settings
+    from ctiqa.training import trained_settings
+
+    margs = SimpleNamespace(model_name_or_path="m", dtype="float32", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                            use_bnb_nested_quant=True, bnb_4bit_quant_storage=None)
+    s = trained_settings(margs, SimpleNamespace(bf16=False), adapter=True, encoding=None, target_format=None,
+                         prompt_version=None)
+    assert s.storage_dtype == BNB_DEFAULT_STORAGE == "uint8"
+    (tmp_path / "ctiqa_training.json").write_text(json.dumps({"settings_version": 2, "base_model": "m",
+                                                              "adapter": True, "load_in_4bit": True,
+                                                              "storage_dtype": "None", "compute_dtype": "float32"}))
+    assert bnb_4bit_settings(read_settings(tmp_path), "float32")["bnb_4bit_quant_storage"] == "uint8"
