@@ -76,6 +76,7 @@ from ctiqa.imaging import (
 from ctiqa.model_settings import PRECISIONS, choose_encoding, weights_fingerprint
 from ctiqa.paths import atomic_write, check_output_path, lock_output
 from ctiqa.prompts import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
+from ctiqa.scale import in_scale
 
 #: How many lowest-scoring slices a series summary lists.
 N_WORST = 3
@@ -363,7 +364,10 @@ class RowSink:
             _drop_cut_line(path)
             _drop_failed_rows(path)
             has_rows = path.stat().st_size > 0  # a CSV cut inside its header keeps nothing: write it again
-            for r in self.read():
+            for n, r in enumerate(self.read(), 1):
+                if problem := _not_a_row(r):  # edited by hand or by a spreadsheet since: never resumed as scores
+                    raise CTIQAError(f"--out {path}: row {n} {problem}, so it is not a row ctiqa predict wrote (edited "
+                                     "since?); nothing was changed. Choose another --out")
                 if r.get("skipped"):
                     self.skipped.add((str(r["series"]), str(r.get("slice")), r["skipped"]))
                 elif r.get("slice") not in (None, ""):
@@ -400,7 +404,7 @@ class RowSink:
         """The rows in the file (JSONL: a last line cut short by a kill is ignored; CSV: numbers restored)."""
         if self.path is None or not self.path.is_file():
             return
-        with open(self.path, newline="") as f:
+        with open(self.path, newline="", encoding="utf-8-sig") as f:
             if self.path.suffix == ".csv":
                 for r in csv.DictReader(f):
                     yield {k: _from_csv(k, v) for k, v in r.items()}
@@ -410,6 +414,19 @@ class RowSink:
                         yield json.loads(line)
                     except json.JSONDecodeError:
                         continue
+
+
+def _not_a_row(row: Any) -> str | None:
+    """Why ``row`` (one read back from --out) is not a slice row as ctiqa predict writes them, or None."""
+    if not isinstance(row, dict) or not row.get("series"):
+        return "has no 'series'"
+    if row.get("slice") not in (None, "") and not isinstance(row["slice"], int):
+        return f"has slice {row['slice']!r}, not a whole number"
+    for k in ("parsed_score", "prob_score"):
+        v = row.get(k)
+        if v is not None and not in_scale(v):
+            return f"has {k} {v!r}, not a number in [0, 4]"
+    return None
 
 
 def failed_row(row: dict[str, Any]) -> bool:
@@ -444,11 +461,11 @@ def _drop_failed_rows(path: Path) -> None:
         reader = csv.reader(f)
         return next(reader, None) or [], reader
 
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         header, recs = records(f)
         if not any(failed(r, header) for r in recs):
             return
-    with open(path, newline="") as f, atomic_write(path, newline="") as g:
+    with open(path, newline="", encoding="utf-8-sig") as f, atomic_write(path, newline="") as g:
         header, recs = records(f)
         writer = csv.writer(g) if header is not None else None
         if writer is not None and header:
@@ -484,7 +501,7 @@ def _drop_cut_csv_row(path: Path) -> None:
     """Keep the CSV records before a cut one: a record is whole when it parses (``strict``: a quoted field open at
     the end is an error), has the header's number of fields, and the file ends with the row terminator after it.
     Rewritten with :func:`ctiqa.paths.atomic_write` only when something is dropped (two passes: memory flat)."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, strict=True)
         header, whole = next(reader, None), 0
         try:
@@ -500,7 +517,7 @@ def _drop_cut_csv_row(path: Path) -> None:
                 whole -= 1  # the last record's final field may be cut short: no terminator after it
         except csv.Error:
             pass  # a quoted field (a rationale) cut in the middle: drop that record
-    with open(path, newline="") as f, atomic_write(path, newline="") as g:
+    with open(path, newline="", encoding="utf-8-sig") as f, atomic_write(path, newline="") as g:
         reader, writer = csv.reader(f), csv.writer(g)
         for k, rec in enumerate(reader):
             if k > whole:
@@ -511,10 +528,13 @@ def _drop_cut_csv_row(path: Path) -> None:
 def _from_csv(key: str, value: str | None) -> Any:
     if value in (None, ""):
         return None
-    if key == "slice":
-        return int(value)
-    if key in ("parsed_score", "prob_score", "prob_std"):
-        return float(value)
+    try:
+        if key == "slice":  # "0.0": a spreadsheet or pandas re-saved the file with the column as floats
+            return int(float(value))
+        if key in ("parsed_score", "prob_score", "prob_std"):
+            return float(value)
+    except ValueError:
+        return value  # kept as text: the resume refuses the row (RowSink)
     return value
 
 

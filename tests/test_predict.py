@@ -403,6 +403,36 @@ def test_a_folder_spelt_otherwise_resumes(tiny, tmp_path, monkeypatch, capsys):
     assert [s["series"] for s in summary] == [str(folder)]
 
 
+def test_a_resume_of_an_out_file_resaved_or_edited_is_one_line_or_resumes(tiny, tmp_path, monkeypatch, capsys):
+    """QA round 10: a CSV re-saved by Excel (a UTF-8 BOM) or pandas (slice 0.0), a JSONL with a hand-added line, or a
+    score edited to 9.9 ended the resume in a traceback or kept the impossible score in the series mean."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for k in range(2):
+        tifffile.imwrite(folder / f"{k:04d}.tif", np.random.default_rng(k).random((64, 64), dtype=np.float32))
+    args = ["predict", str(folder), "--model", str(tiny), "--score-only", "--out"]
+    for name in ("bom.csv", "f.csv", "j.jsonl", "e.jsonl"):
+        assert main([*args, str(tmp_path / name)]) == 0
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    f = tmp_path / "f.csv"
+    lines = f.read_text().splitlines(keepends=True)
+    f.write_text(lines[0] + lines[1].replace(",0,", ",0.0,", 1) + "".join(lines[2:]))
+    calls = _count_backend(monkeypatch)
+    for name in ("bom.csv", "f.csv"):
+        assert main([*args, str(tmp_path / name)]) == 0 and calls == [], name
+    j = tmp_path / "j.jsonl"
+    j.write_text(j.read_text() + '{"note": "checked by Dr X"}\n')
+    e = tmp_path / "e.jsonl"
+    e.write_text(e.read_text().replace('"prob_score": ', '"prob_score": 9', 1))
+    capsys.readouterr()
+    for path, why in ((j, "row 3 has no 'series'"), (e, "has prob_score 9")):
+        before = path.read_bytes()
+        assert main([*args, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and path.read_bytes() == before, err
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
