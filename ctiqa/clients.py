@@ -86,6 +86,35 @@ def redact_url(text: str) -> str:
                             + ("?***" if m["query"] else ""), text)
 
 
+#: Environment variables whose values are secrets (API keys, Hub tokens): never written (:func:`redact_secrets`).
+SECRET_ENV_VARS = ("OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+#: What a secret found in a server's answer is replaced with (the rationale audit rejects an answer holding it).
+REDACTED = "<redacted secret>"
+
+
+def redact_secrets(value: Any) -> Any:
+    """``value`` (a string, or a JSON-like dict/list of them) with the value of every :data:`SECRET_ENV_VARS`
+    variable that is set (8 characters or more) replaced by :data:`REDACTED`. A server that echoes its
+    ``Authorization`` header, or a teacher that repeats a key from its context, must not put it into the answer
+    cache, a dataset or a Hub upload."""
+    secrets = [v for v in (os.environ.get(k, "") for k in SECRET_ENV_VARS) if len(v) >= 8]
+    if not secrets:
+        return value
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            for sec in secrets:
+                v = v.replace(sec, REDACTED)
+            return v
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(value)
+
+
 class ClientConfigError(CTIQAError):
     """A problem that would fail every request of a run: no API key; 401/403/404; an invalid key; a hard quota of
     zero (429 "limit: 0"); a server that refuses connections. The message says what to check."""
@@ -144,6 +173,9 @@ class CallResult:
     model: str = ""
     batch: bool = False
     logprobs: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:  # every answer, new or read from a cache, loses any secret it echoes
+        self.text, self.parsed, self.error = (redact_secrets(v) for v in (self.text, self.parsed, self.error))
 
     @property
     def reason(self) -> str | None:

@@ -25,6 +25,9 @@ Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
     ``<start_of_image>``, ``<|im_end|>`` ...): trained as text they become the tokenizer's special tokens (Gemma's
     ``<end_of_turn>`` is the stop token) in the middle of a target, and the student learns to stop or to open a
     fake turn there.
+``secret``
+    echoed an API key or token of the environment (:data:`ctiqa.clients.SECRET_ENV_VARS`; replaced by
+    :data:`ctiqa.clients.REDACTED` as the answer arrives, so neither the cache nor the dataset holds it).
 ``teacher_score_mismatch``
     the teacher's JSON ``score`` differs from the true score by more than 0.05 (it ignored the instruction).
 ``contradicts_findings``
@@ -52,6 +55,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ctiqa.clients import REDACTED
 from ctiqa.vocabulary import AUDIT_TERMS, NEGATION_BEFORE
 
 MIN_WORDS = 15
@@ -188,6 +192,8 @@ def check_rationale(text: str, score: float, teacher_score: float | None = None,
         reject("mentions_given_score", found)
     if found := _CONTROL_TOKEN.findall(clean):
         reject("control_tokens", found)
+    if REDACTED in clean:  # the answer echoed an API key or token (redacted on arrival): never keep it
+        reject("secret", ["an API key or token from the environment"])
     if score <= LOW_SCORE_MAX and (found := _unnegated(_TOO_GOOD, clean)):
         reject("contradicts_score", found)
     if score >= HIGH_SCORE_MIN and (found := _unnegated(_TOO_BAD, clean)):

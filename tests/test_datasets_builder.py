@@ -887,6 +887,20 @@ def test_a_server_answering_html_is_an_invalid_response_not_a_connection_error()
     assert not res.ok and res.error.startswith("invalid_response:") and "gateway" in res.error, res.error
 
 
+def test_an_answer_that_echoes_an_api_key_never_reaches_the_cache_or_the_dataset(monkeypatch):
+    """QA round 11: a server whose rationale ended with the Authorization header it received put OPENAI_API_KEY into
+    the answer cache and the dataset's parquet files (what --push-to-hub uploads)."""
+    from ctiqa.clients import REDACTED
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-QA11SECRETOPENAI")
+    text = "Moderate noise over the liver and faint streaks across the soft tissue; key=Bearer sk-QA11SECRETOPENAI"
+    res = CallResult(ok=True, text=text, parsed={"rationale": text, "score": 2.0})
+    assert "sk-QA11" not in json.dumps(res.to_dict()) and REDACTED in res.rationale
+    assert "sk-QA11" not in json.dumps(CallResult.from_dict(
+        {**res.to_dict(), "text": text, "parsed": {"rationale": text}}).to_dict())  # an older cache record too
+    assert checks.check_rationale(res.rationale, 2.0).reasons == ["secret"]
+
+
 def test_hard_quota_429_is_fatal_with_its_message(fake_gemini):
     fake_gemini.set_script([quota_zero()])
     client = GeminiClient("gemini-2.5-pro", base_url=fake_gemini.url, retry=FAST)
