@@ -479,6 +479,10 @@ def resolve_split_method(ds: LDCTIQASet, method: str = "auto") -> tuple[str, str
     if ds.test_base_slices:
         return "base-slice", (f"auto: ctiqa simulate output, held-out base slice(s) "
                               f"{', '.join(ds.test_base_slices)} form the test split")
+    if ds.synthetic:  # ctiqa simulate --test-base-slices with none held out
+        return "stratified", (f"auto: {len(ds.ids)} simulated images with no held-out base slice: seeded 80/10/10 "
+                              "stratified by score; train, validation and test share base slices (anatomy), so the "
+                              "test split is not held-out anatomy")
     want = set().union(*paper_split().values())
     if set(ds.ids) == want:
         return "paper", "auto: the full LDCTIQA training release (the paper's 800/100/100 ids)"

@@ -272,6 +272,11 @@ def test_auto_split_resolves_per_kind_of_data(tmp_path):
     assert resolve_split_method(subset)[0] == "stratified"
     assert split_ids(subset, "auto", seed=3) == split_ids(subset, "stratified", seed=3)
     assert resolve_split_method(subset, "paper") == ("paper", "as asked")
+    # QA round 11: simulated data with no held-out slice was called "neither ... nor simulated data"
+    from dataclasses import replace as _replace
+
+    method, why = resolve_split_method(_replace(sim, test_base_slices=[]))
+    assert method == "stratified" and "simulated images with no held-out base slice" in why
     # QA round 9: a stratified split of simulated data was not said to give up the held-out anatomy
     method, why = resolve_split_method(sim, "stratified")
     assert method == "stratified" and "not held-out anatomy" in why and "b0" in why
