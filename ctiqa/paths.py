@@ -272,8 +272,14 @@ def lock_output(path: Path, what: str, *, option: str = "--out") -> Any:
     lock = FileLock(str(path) + ".lock", timeout=0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):  # filelock reports a lock file it cannot create as "held"
+            raise CTIQAError(f"{option} {path}: cannot write in {path.parent} (permission denied, or a read-only "
+                             "file system); choose another one")
         lock.acquire()
     except Timeout:
+        if not os.path.exists(lock.lock_file):  # no lock file: it could not be made, nobody holds it
+            raise CTIQAError(f"{option} {path}: cannot write in {path.parent} (the lock file {lock.lock_file} "
+                             f"cannot be made); choose another {option}") from None
         raise CTIQAError(f"{option} {path}: another {what} run is writing it (locked by {lock.lock_file}); wait for "
                          f"it to finish or choose another {option}") from None
     except OSError as e:
