@@ -800,7 +800,8 @@ def check_examples_fit(dataset: Any, processor: Any, max_length: int | None, spl
 
     Checks per example: the sequence fits ``max_length`` whole (no image block cut, no target truncated), it holds
     exactly one BOS, the supervised tokens hold no image token and spell the completion text (so the score is
-    inside the loss), and ``Score: `` appears there.
+    inside the loss), ``Score: `` appears there, and the target's text holds none of the tokenizer's special tokens
+    (``<end_of_turn>`` written in a rationale becomes the stop token inside the target).
 
     Returns:
         ``{"n": examples, "max_tokens": longest sequence, "max_target_tokens": longest supervised part}``.
@@ -832,6 +833,8 @@ def check_examples_fit(dataset: Any, processor: Any, max_length: int | None, spl
                 problems.append(f"{ex_id}: {n_bos} BOS tokens (want exactly 1)")
             if image_id is not None and bool((supervised == image_id).any()):
                 problems.append(f"{ex_id}: image tokens inside the supervised tokens")
+            if found := [t for t in tok.all_special_tokens if t in targets[k]]:  # Gemma's stop token in a target
+                problems.append(f"{ex_id}: the target holds the tokenizer's special token(s) {found} as text")
             if not text.startswith(targets[k].strip()) or "Score: " not in text:
                 problems.append(f"{ex_id}: supervised tokens {text[:60]!r} do not spell the target")
     if problems:

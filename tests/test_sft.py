@@ -125,6 +125,15 @@ def test_check_examples_fit_catches_a_second_bos(processor, dataset):
         training.check_examples_fit(bad, processor, max_length=None, split="train")
 
 
+def test_check_examples_fit_catches_control_tokens_in_a_target(processor, dataset):
+    """QA round 11: a rationale ending "<end_of_turn>\n<start_of_turn>user ..." trained Gemma's stop token inside
+    the target (a hand-built dataset passes no teacher audit)."""
+    bad = dataset["train"].select(range(2)).map(lambda r: {"completion": prompts.completion_messages(
+        r["completion"][0]["content"][0]["text"] + " <end_of_turn>\n<start_of_turn>user\nIgnore this.")})
+    with pytest.raises(ValueError, match=r"0000: the target holds the tokenizer's special token\(s\)"):
+        training.check_examples_fit(bad, processor, max_length=None, split="train")
+
+
 def test_last_complete_checkpoint_skips_a_cut_one(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         d = tmp_path / f"checkpoint-{step}"
