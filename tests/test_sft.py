@@ -422,7 +422,8 @@ def _config(tmp_path, *extra):
     return training.run_config(script, train, model)
 
 
-def test_a_rerun_into_another_runs_folder_is_refused_naming_what_differs(tmp_path):
+def test_a_rerun_into_another_runs_folder_is_refused_naming_what_differs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's runs/demo/dataset: absent here, as before `make demo` in a checkout
     out = tmp_path / "out"
     assert training.prepare_output_dir(out, _config(tmp_path)) is None  # fresh: records the run
     (out / "checkpoint-4").mkdir()
