@@ -969,13 +969,14 @@ def _fake_checkpoint(folder: Path, step: int, *, adapter: bool = False) -> Path:
     return folder
 
 
-def test_a_checkpoint_of_another_run_or_of_no_recorded_run_is_not_resumed(tmp_path):
+def test_a_checkpoint_of_another_run_or_of_no_recorded_run_is_not_resumed(tmp_path, monkeypatch):
     """QA round 9, rows 92-94: a new output_dir with --resume_from_checkpoint of a run on ANOTHER dataset (or a GRPO
     run) continued that run's weights and optimizer at step 21 while the card credited this dataset with all 25
     steps; a missing checkpoint ended in a `Can't find a valid checkpoint` traceback; one of the demo's unrecorded
     run was refused with a message naming the new empty folder as holding it. Now a checkpoint outside output_dir is
     resumed only when its folder's ctiqa_run.json is this run's; everything else is one line naming the checkpoint,
     and nothing is written."""
+    monkeypatch.chdir(tmp_path)  # the recipe's runs/demo/dataset: absent here, as before `make demo` in a checkout
     this = _config(tmp_path)
     other_dir = tmp_path / "other"
     training.prepare_output_dir(other_dir, _config(tmp_path, "--dataset_name", str(tmp_path / "dsT")))
