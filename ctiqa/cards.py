@@ -141,6 +141,7 @@ def model_card(
     extra_settings: dict[str, Any] | None = None,
     train_split: str | None = None,
     eval_split: str | None = None,
+    target_format: str | None = None,
 ):
     """Build the model card of a ctiqa SFT run.
 
@@ -163,6 +164,8 @@ def model_card(
             training, on which ``load_best_model_at_end`` selects the checkpoint (``dataset_test_split``; None when
             nothing was evaluated). Both are named in the card as the run used them (row "data splits", "model
             selection").
+        target_format: the answer format trained (:data:`ctiqa.prompts.TARGET_FORMATS`; default score-first, the
+            format of models trained before it was recorded): the card's description and quick-start prompt.
     Returns:
         ``huggingface_hub.ModelCard`` (``.save(path)`` writes README.md).
     """
@@ -170,6 +173,11 @@ def model_card(
 
     repo_id = repo_id or getattr(training_args, "hub_model_id", None) or "PATH/TO/THIS/FOLDER"
     encoding = encoding or "soft-tissue"
+    target_format = target_format or "score-first"
+    answers = {"score-first": "It answers `Score: <x.x>` first, then the reasoning.",
+               "rationale-first": "It answers with the reasoning first, then `Score: <x.x>` on the last line.",
+               "score-only": "It answers `Score: <x.x>` only, without reasoning."}.get(
+        target_format, f"It answers in the `{target_format}` format.")
     medgemma = "medgemma" in (base_model or "").lower()
     data = ModelCardData(
         base_model=base_model if _is_hub_id(base_model) else None,
@@ -244,7 +252,7 @@ def model_card(
 
 A vision-language model fine-tuned with ctiqa (`recipes/{stage}.py`) to rate the technical image quality of one
 axial CT slice on the LDCTIQA 0-4 scale (0 bad, 1 poor, 2 fair, 3 good, 4 excellent) and explain the rating
-(noise, streaks, edge sharpness, low-contrast detectability). It answers `Score: <x.x>` first, then the reasoning.
+(noise, streaks, edge sharpness, low-contrast detectability). {answers}
 
 **Not for clinical use.** This is a research model: it has not been validated for diagnosis, patient management or
 any clinical decision, and its explanations are learned from machine-written rationales that justify known scores.
@@ -258,7 +266,7 @@ from ctiqa.prompts import prompt_messages
 
 {load}
 image = render("slice.dcm", "{encoding}")   # the RGB encoding the model was trained on
-text = processor.apply_chat_template(prompt_messages(), add_generation_prompt=True, tokenize=False)
+text = processor.apply_chat_template(prompt_messages("{target_format}"), add_generation_prompt=True, tokenize=False)
 inputs = processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False).to(model.device)
 out = model.generate(**inputs, max_new_tokens=400, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))

@@ -827,7 +827,16 @@ def _evaluate(args: argparse.Namespace, mode: str) -> int:
                      settings=settings, model_info=None, n_split=sizes.get("n_split"), samples=samples)
 
     samples, ds_fmt = load_samples(args.dataset, args.split, limit=args.limit, sizes=sizes)
-    fmt = args.format or ds_fmt or DEFAULT_TARGET_FORMAT
+    model_fmt = None
+    if mode == "model" and not args.server:  # a local model is asked in the format it was trained on, as predict does
+        from ctiqa.inference import trained_settings_of
+
+        trained = trained_settings_of(args.adapter or args.model)
+        model_fmt = trained.target_format if trained is not None else None
+    fmt = args.format or model_fmt or ds_fmt or DEFAULT_TARGET_FORMAT
+    if not args.format and model_fmt and ds_fmt and model_fmt != ds_fmt:
+        print(f"note: the model was trained on {model_fmt} answers, the dataset holds {ds_fmt}: it is asked for "
+              f"{model_fmt} (--format to choose)", file=sys.stderr)
     if args.score_only:
         from ctiqa.inference import check_score_only
 

@@ -1396,7 +1396,7 @@ def save_outputs(trainer: Any, *, settings: TrainedSettings, dataset_name: str |
     card_kwargs["extra_settings"] = {"steps trained": f"{steps}{kept}", **(card_kwargs.get("extra_settings") or {})}
     card = model_card(base_model=model_args.model_name_or_path, dataset=dataset_name, training_args=trainer.args,
                       model_args=model_args, adapter=bool(settings.adapter), encoding=settings.encoding,
-                      eval_results=evaluation,
+                      target_format=settings.target_format, eval_results=evaluation,
                       train_metrics=metrics, **card_kwargs)
     card.save(os.path.join(out, "README.md"))
     Path(out, DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -58,6 +58,12 @@ def test_full_model_card_without_evaluation_and_local_paths():
     assert meta["library_name"] == "transformers" and "base_model" not in meta and "datasets" not in meta
     assert "license" not in meta  # not MedGemma: the card names the base model's licence in the text
     assert "full fine-tuning" in str(card) and "No evaluation was attached" in str(card)
+    assert "It answers `Score: <x.x>` first" in str(card)  # score-first, the default format
+    # QA round 11: rationale-first and score-only models were described as answering score first
+    for fmt, says in (("rationale-first", "reasoning first, then `Score: <x.x>`"), ("score-only", "only, without")):
+        text = str(model_card(base_model="b", dataset="d", training_args=train, model_args=model, adapter=False,
+                              target_format=fmt))
+        assert says in text and f'prompt_messages("{fmt}")' in text and "first, then the reasoning" not in text
 
 
 def test_a_push_that_cannot_reach_the_hub_is_one_line_without_the_token():

@@ -980,3 +980,19 @@ def test_an_evaluation_on_the_split_the_model_was_trained_on_is_warned(dataset, 
     (model / RUN_CONFIG_FILE).write_text(json.dumps({**record, "dataset_files": None}))  # an older record: by path
     assert trained_on_split(str(model), str(dataset), "test") == warning
     assert trained_on_split(str(model), str(copy), "test") is None
+
+
+def test_a_model_is_evaluated_in_the_format_it_was_trained_on(tiny, dataset, tmp_path, capsys):
+    """QA round 11: evaluate prompted with the dataset's format, not the model's recorded one (predict used the
+    model's): a rationale-first model asked score-first failed to parse 4 of 4, with no note."""
+    import shutil
+
+    from ctiqa.model_settings import TrainedSettings, write_settings
+
+    model = shutil.copytree(tiny, tmp_path / "model")
+    write_settings(model, TrainedSettings(base_model="x", adapter=False, target_format="score-only"))
+    out = tmp_path / "ev"
+    assert ctiqa_main(["evaluate", "--model", str(model), "--dataset", str(dataset), "--out", str(out),
+                       "--limit", "2", "--score-only", "--bootstrap", "0"]) in (0, 1)
+    assert "trained on score-only answers, the dataset holds score-first" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["provenance"]["settings"]["format"] == "score-only"
