@@ -318,6 +318,8 @@ NUMBER_RULES: tuple[tuple[str, str, Any, str], ...] = (
     ("training", "adam_beta1", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     ("training", "adam_beta2", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     ("training", "adam_epsilon", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("training", "max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 0),
+     "-1 (train num_train_epochs) or a number of steps"),  # transformers reads any negative as -1, silently
     ("training", "per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("training", "per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("training", "gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),

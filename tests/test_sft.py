@@ -834,6 +834,8 @@ def test_max_steps_0_is_refused_before_anything(tmp_path):
     (["--use_peft", "true", "--lora_dropout", "1"], r"^lora_dropout 1.0: must be in \[0, 1\)$"),
     (["--num_train_epochs", "0"], r"^--num_train_epochs 0.0 would train nothing; give a finite number of epochs > 0"),
     (["--num_train_epochs", "inf"], r"^--num_train_epochs inf would train for ever"),
+    # QA round 11: transformers reads any negative max_steps as -1 (train the epochs), silently
+    (["--max_steps=-5"], r"^max_steps -5: must be -1 \(train num_train_epochs\) or a number of steps$"),
 ])
 def test_numbers_out_of_range_are_refused_before_anything(extra, message, tmp_path):
     """QA round 9, rows 57 and 60: a negative or NaN learning rate ended in an 11-frame traceback from torch's AdamW
