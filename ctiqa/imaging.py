@@ -876,11 +876,13 @@ def read_dicom_series(
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The TIFF/PNG/JPEG files directly in ``folder`` (:data:`IMAGE_SUFFIXES`; not in sub-folders), in natural name
     order, case-insensitive (``slice2`` before ``Slice10``): the slices of one series when the folder holds no DICOM
-    file."""
+    file. A symbolic link to nothing with an image suffix is listed too (reading it fails with its reason)."""
     def key(f: Path) -> list[tuple[int, int, str]]:
         return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", f.name)]
 
-    return sorted((f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()), key=key)
+    # a link to nothing (a volume not mounted) keeps its place: reading it fails, and the slice is listed as skipped
+    return sorted((f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+                   and (f.is_file() or (f.is_symlink() and not f.exists()))), key=key)
 
 
 def index_dicom_folder(
@@ -964,7 +966,14 @@ def _scan_dicom_folder(folder: str | os.PathLike, slices: Callable[[Path, Path],
     instances: set[tuple[Any, ...]] = set()
     for f in files:
         rel = f.relative_to(root)
-        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
+        if any(part.startswith(".") for part in rel.parts) or f.name.upper() == "DICOMDIR":
+            continue
+        if f.is_symlink() and not f.exists():  # a link to nothing (a volume not mounted): listed, never dropped
+            if errors is None:
+                raise CTIQAError(f"{f}: {missing_reason(f)}")
+            errors.append((str(f), f"{f}: {missing_reason(f)}"))
+            continue
+        if not f.is_file():
             continue
         try:
             if not _is_dicom(f) and f.suffix != "":

@@ -433,6 +433,23 @@ def test_a_resume_of_an_out_file_resaved_or_edited_is_one_line_or_resumes(tiny, 
         assert why in err and "Traceback" not in err and path.read_bytes() == before, err
 
 
+def test_a_link_to_nothing_in_a_folder_is_listed_not_dropped(tmp_path):
+    """QA round 12: a slice that is a symbolic link onto an unmounted volume was left out without a word: the next
+    slice took its place and the summary said n_skipped 0 (TIFF folder and DICOM series folder alike)."""
+    from ctiqa.predict import gather_series
+
+    tiffs = tmp_path / "t"
+    tiffs.mkdir()
+    for k in (0, 1, 3):
+        tifffile.imwrite(tiffs / f"{k:04d}.tif", np.zeros((32, 32), np.float32))
+    (tiffs / "0002.tif").symlink_to(tmp_path / "unmounted" / "0002.tif")
+    dicoms = _series(tmp_path / "d", n=2)
+    (dicoms / "slice_777.dcm").symlink_to(tmp_path / "unmounted" / "x.dcm")
+    t, d = gather_series([str(tiffs), str(dicoms)])
+    assert [r.name for r in t.refs] == ["0000.tif", "0001.tif", "0002.tif", "0003.tif"]  # it keeps its place
+    assert any("broken symlink" in m for _, m in d.errors) and len(d.refs) == 2
+
+
 def test_memory_is_flat_in_the_number_of_slices(tmp_path):
     """A folder is indexed from headers only and at most one batch of slices is alive while scoring."""
     import gc
