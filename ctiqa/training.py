@@ -70,6 +70,7 @@ from ctiqa.model_settings import (
     write_settings,
 )
 from ctiqa.paths import (
+    atomic_write,
     check_dataset_finished,
     check_output_path,
     check_outside_dataset,
@@ -1142,10 +1143,26 @@ def run_training_loss(log_history: list[dict[str, Any]], start_step: int, global
     return (total + session_loss * (global_step - start_step)) / global_step
 
 
+class UnfinishedRunCard(TrainerCallback):
+    """Replace the generic model card TRL writes into ``output_dir`` at every checkpoint save (its base model is
+    "None" and its quick start loads ``model="None"``) with a short one saying what the folder holds: checkpoints of
+    an unfinished run, no model yet, and how to finish it. ctiqa's own card replaces it when the run ends
+    (:func:`save_outputs`); a run stopped before (kill, NaN, crash) leaves no false card."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            with atomic_write(Path(args.output_dir) / "README.md", encoding="utf-8") as f:
+                f.write(f"# Unfinished ctiqa training run\n\nThis folder holds checkpoints of a training run that "
+                        f"has not finished (step {state.global_step} of {state.max_steps}): no model is saved here "
+                        "yet. Run the same command again to resume it; the model, its model card and `DONE` are "
+                        "written when it ends.\n\n**Not for clinical use.**\n")
+
+
 def training_callbacks(checkpoint: str | None) -> list[TrainerCallback]:
-    """The callbacks every ctiqa run uses: :class:`StopOnNonFiniteLoss`, :class:`LossLogAtCheckpoints`, and
-    :class:`VerifyResumedWeights` when resuming."""
-    return [StopOnNonFiniteLoss(), LossLogAtCheckpoints()] + ([VerifyResumedWeights(checkpoint)] if checkpoint else [])
+    """The callbacks every ctiqa run uses: :class:`StopOnNonFiniteLoss`, :class:`LossLogAtCheckpoints`,
+    :class:`UnfinishedRunCard`, and :class:`VerifyResumedWeights` when resuming."""
+    return [StopOnNonFiniteLoss(), LossLogAtCheckpoints(), UnfinishedRunCard()] + (
+        [VerifyResumedWeights(checkpoint)] if checkpoint else [])
 
 
 # ------------------------------------------------------------------------------------------- settings, card, push

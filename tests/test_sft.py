@@ -1203,3 +1203,16 @@ def test_a_second_launch_into_the_output_dir_of_a_running_one_is_refused_before_
         with training.output_dir_lock(train_args, "recipes/sft.py"):  # rank 1 of a launch: not refused
             pass
     assert not out.exists()
+
+
+def test_an_unfinished_run_leaves_a_card_that_says_so(tmp_path):
+    """QA round 13: a run stopped after a checkpoint (NaN, kill -9, crash) left TRL's generic card: "a fine-tuned
+    version of [None]", a quick start loading model="None". Every checkpoint save now replaces it with a card saying
+    the run is unfinished; ctiqa's card replaces that at the end."""
+    from types import SimpleNamespace
+
+    (tmp_path / "README.md").write_text("This model is a fine-tuned version of [None](https://huggingface.co/None).")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=4, max_steps=12)
+    training.UnfinishedRunCard().on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    card = (tmp_path / "README.md").read_text()
+    assert "Unfinished ctiqa training run" in card and "step 4 of 12" in card and "None" not in card
