@@ -497,15 +497,15 @@ def cli_main(args: argparse.Namespace) -> int:
     rows, n_bad = [], 0
     seen: dict[str, int] = {}
     for rid, img in iter_images(args.inputs, file_names=args.file_names):
+        if isinstance(img, CTIQAError):
+            print(f"skipped: {img}", file=sys.stderr)
+            n_bad += 1
+            continue
         if rid in seen:  # two inputs with files of one name (a/x.tif, b/x.tif; two LDCTIQA folders): keep rows apart
             seen[rid] += 1
             print(f"note: id {rid} is given by more than one image; this one is {rid}~{seen[rid]}", file=sys.stderr)
             rid = f"{rid}~{seen[rid]}"
         seen.setdefault(rid, 1)
-        if isinstance(img, CTIQAError):
-            print(f"skipped: {img}", file=sys.stderr)
-            n_bad += 1
-            continue
         try:
             row = measure_findings(img, rid).to_row()
         except CTIQAError as e:

@@ -396,11 +396,13 @@ def _read_raster(path: Path) -> np.ndarray:
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode == "1":
-                im = im.convert("L")
+            elif mode == "1":  # a mask or overlay: refused as a 1-bit TIFF or DICOM is (QA round 12)
+                raise CTIQAError(f"{path}: 1-bit (boolean) image; expected a CT slice")
             elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("RGB")
             arr = np.asarray(im)
+    except CTIQAError:
+        raise
     except Exception as e:
         raise CTIQAError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
     if mode.startswith("I;16") or mode == "I":

@@ -782,3 +782,15 @@ def test_multipage_tiff_reads_every_page(tmp_path):
         w.write(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) // 4)
     assert [fr.pixels.shape[:2] for fr in read_ct_frames(g)] == [(64, 64), (48, 64)]
     assert read_ct(g, frame=1).pixels.shape[:2] == (48, 64)
+
+
+def test_a_one_bit_png_is_refused_as_the_same_mask_as_tiff_is(tmp_path):
+    """QA round 12: a 1-bit PNG (a segmentation mask) was turned into 0/255 grey and scored as CT; the same pixels as
+    TIFF were refused."""
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    for name in ("mask.png", "mask.tif"):
+        with pytest.raises(CTIQAError, match=rf"{name}: 1-bit \(boolean\) image"):
+            read_ct(tmp_path / name)
