@@ -105,6 +105,13 @@ def build_rows(dirs: list[str | Path], names: list[str] | None = None) -> list[d
                 "rationale_consistency": results.get("rationale_consistency") if kind == kinds[0] else None,
                 "first_kind": kind == kinds[0], "faithfulness": results.get("faithfulness") if kind == kinds[0] else None,
             })
+    if not names:  # runs/ft/model and runs/qlora/model are both "model": name each by its folder's path too
+        by_name: dict[str, set[str]] = {}
+        for r in rows:
+            by_name.setdefault(r["name"], set()).add(r["dir"])
+        for r in rows:
+            if len(by_name[r["name"]]) > 1:
+                r["name"] = f"{r['name']} ({r['dir']})".replace("|", "\\|")
     return rows
 
 

@@ -996,3 +996,15 @@ def test_a_model_is_evaluated_in_the_format_it_was_trained_on(tiny, dataset, tmp
                        "--limit", "2", "--score-only", "--bootstrap", "0"]) in (0, 1)
     assert "trained on score-only answers, the dataset holds score-first" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["provenance"]["settings"]["format"] == "score-only"
+
+
+def test_report_rows_of_folders_with_one_name_are_told_apart(tmp_path, monkeypatch):
+    """QA round 12: runs/ft/model and runs/qlora/model were both "model" in every table, with no hint."""
+    monkeypatch.chdir(tmp_path)
+    p = _preds_file(tmp_path / "p.jsonl", 0.2)
+    for d in ("ft", "qlora"):
+        assert ctiqa_main(["evaluate", "--predictions", str(p), "--out", f"{d}/model", "--bootstrap", "0",
+                           "--name", "model"]) == 0
+    assert ctiqa_main(["report", "ft/model", "qlora/model", "--out", "r.md", "--bootstrap", "0"]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "| model (ft/model) |" in md and "| model (qlora/model) |" in md
