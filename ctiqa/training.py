@@ -451,7 +451,11 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
         "training": ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
                      "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "seed", "bf16",
                      "max_length", "completion_only_loss", "assistant_only_loss", "packing", "loss_type", "beta",
-                     "num_generations", "temperature", "max_completion_length"),
+                     "num_generations", "temperature", "max_completion_length",
+                     # QA round 13: these change what is learned too (a re-run changing them resumed silently)
+                     "label_smoothing_factor", "neftune_noise_alpha", "adam_beta1", "adam_beta2", "adam_epsilon",
+                     "mask_truncated_completions", "num_iterations", "epsilon", "epsilon_high", "top_p", "top_k",
+                     "min_p", "repetition_penalty", "scale_rewards"),
     }
     out: dict[str, Any] = {}
     for obj, names in ((script_args, keys["script"]), (model_args, keys["model"]), (training_args, keys["training"])):
@@ -471,7 +475,9 @@ def run_config(script_args: Any, training_args: Any, model_args: Any) -> dict[st
 #: on it (it resumes as before). A ``dataset_files`` recorded in the older file-date form (no ``sha256:`` prefix,
 #: :func:`ctiqa.model_settings.legacy_dataset_fingerprint`) is compared in that form: equal, the run is the same
 #: (and its record is rewritten in the content form); different, it is refused as before the change.
-NEWER_SETTINGS = ("dataset_files",)
+NEWER_SETTINGS = ("dataset_files", "label_smoothing_factor", "neftune_noise_alpha", "adam_beta1", "adam_beta2",
+                  "adam_epsilon", "mask_truncated_completions", "num_iterations", "epsilon", "epsilon_high", "top_p",
+                  "top_k", "min_p", "repetition_penalty", "scale_rewards")
 #: The recipe kind recorded in :func:`run_config` (``recipe``), by the class of its training arguments (a record
 #: without it is told by its ``reward_funcs``: :func:`read_run_record`).
 RECIPE_KINDS = {"SFTConfig": "sft", "GRPOConfig": "grpo"}
@@ -580,7 +586,7 @@ def read_run_record(folder: str | Path, config: dict[str, Any]) -> dict[str, Any
     if not isinstance(recorded, dict):
         return None
     recorded = resolved_paths(recorded)
-    recorded.update({k: config.get(k) for k in NEWER_SETTINGS if k not in recorded})
+    recorded.update({k: config[k] for k in NEWER_SETTINGS if k not in recorded and k in config})
     if "recipe" not in recorded:  # recorded before the kind was: GRPO runs are those with rewards
         recorded["recipe"] = "grpo" if "reward_funcs" in recorded else "sft"
     old = recorded.get("dataset_files")

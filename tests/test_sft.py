@@ -1216,3 +1216,21 @@ def test_an_unfinished_run_leaves_a_card_that_says_so(tmp_path):
     training.UnfinishedRunCard().on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
     card = (tmp_path / "README.md").read_text()
     assert "Unfinished ctiqa training run" in card and "step 4 of 12" in card and "None" not in card
+
+
+def test_settings_that_change_what_is_learned_are_part_of_the_run(tmp_path, monkeypatch):
+    """QA round 13: label_smoothing_factor, neftune_noise_alpha and adam_beta1 were not in ctiqa_run.json: a re-run
+    changing one resumed the old run silently. A record written before they were recorded still resumes."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert training.prepare_output_dir(out, _config(tmp_path)) is None
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    for flag, value in (("--label_smoothing_factor", "0.1"), ("--neftune_noise_alpha", "5"), ("--adam_beta1", "0.5")):
+        with pytest.raises(training.CTIQAError, match=rf"holds another run \({flag[2:]} "):
+            training.prepare_output_dir(out, _config(tmp_path, flag, value))
+    record = json.loads((out / training.RUN_CONFIG_FILE).read_text())
+    for k in ("label_smoothing_factor", "neftune_noise_alpha", "adam_beta1"):
+        del record[k]  # as an older ctiqa wrote it
+    (out / training.RUN_CONFIG_FILE).write_text(json.dumps(record))
+    assert training.prepare_output_dir(out, _config(tmp_path)) == str(out / "checkpoint-4")
