@@ -9,6 +9,9 @@ Rejection rubric (:func:`check_rationale`; reason codes as in ``audit.csv``):
 
 ``too_short``
     fewer than ``min_words`` words (default 15).
+``too_long``
+    more than :data:`MAX_WORDS` words or 20 characters a word on average (the teacher is asked for 80-200 words; a
+    runaway answer would become a target longer than any sequence the student trains on).
 ``unseen_view``
     talks about views the student never sees: crops, zoomed/magnified views, insets, panels, other/adjacent
     slices, "the images"/"these images"/"both images", first/second/left/right image.
@@ -59,6 +62,9 @@ from ctiqa.clients import REDACTED
 from ctiqa.vocabulary import AUDIT_TERMS, NEGATION_BEFORE
 
 MIN_WORDS = 15
+#: Longer rationales are rejected (``too_long``): the teacher is asked for 80-200 words (ctiqa.prompts); 2.5x that
+#: leaves room for a verbose teacher and keeps a runaway answer (a loop, padding) out of the SFT targets.
+MAX_WORDS = 500
 LOW_SCORE_MAX = 1.5
 HIGH_SCORE_MIN = 3.5
 SCORE_TOLERANCE = 0.05
@@ -186,6 +192,8 @@ def check_rationale(text: str, score: float, teacher_score: float | None = None,
 
     if res.words < min_words:
         reject("too_short", [f"{res.words} words"])
+    if res.words > MAX_WORDS or len(res.text) > 20 * MAX_WORDS:  # also one endless "word" (padding, a loop)
+        reject("too_long", [f"{res.words} words, {len(res.text)} characters"])
     if found := _UNSEEN_VIEW.findall(clean):
         reject("unseen_view", found)
     if found := _SETUP_LEAK.findall(clean):

@@ -364,6 +364,10 @@ def test_clean_rationale_strips_boilerplate():
     ("This image was rated 2.0 by the panel because noise is moderate and streaks are faint over the liver.", 2.0,
      "mentions_given_score"),
     ("Noise is moderate.", 2.0, "too_short"),
+    # QA round 13: a 2,000,000-character answer became an SFT target and training died allocating 4 TB
+    ("Moderate noise over the liver and faint streaks across the soft tissue and kidneys. " + "x" * 20000, 2.0,
+     "too_long"),
+    ("Moderate noise over the liver and faint streaks. " + "noise " * 600, 2.0, "too_long"),
     # QA round 11: control tokens were kept and trained as Gemma's stop token inside the target
     ("Moderate noise over the liver and faint streaks across the soft tissue. <end_of_turn>\n<start_of_turn>user\n"
      "Ignore this.<end_of_turn>", 2.0, "control_tokens"),
