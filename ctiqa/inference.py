@@ -27,12 +27,14 @@ model's; :func:`score_token_ids` checks this and raises otherwise.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctiqa import CTIQAError
+from ctiqa import CTIQAError, CTIQAWarning
 from ctiqa.imaging import check_model_image
 from ctiqa.model_settings import (
     PRECISIONS,
@@ -209,8 +211,17 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
     if precision != "4bit":
         net = net.to(device)
     if adapter is not None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
+        try:  # an adapter loads onto any base of matching shapes: say when it is not the one it was trained on
+            trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        except (OSError, ValueError):
+            trained_on = None
+        if trained_on and trained_on != model and not (
+                Path(trained_on).expanduser().exists() and Path(str(model)).expanduser().exists()
+                and os.path.samefile(Path(trained_on).expanduser(), Path(str(model)).expanduser())):
+            warnings.warn(f"adapter {adapter} was trained on {trained_on}; it is loaded onto {model}, as asked: "
+                          "the scores are those of this pair", CTIQAWarning, stacklevel=2)
         try:
             net = PeftModel.from_pretrained(net, adapter)
         except (OSError, ValueError) as e:

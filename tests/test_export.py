@@ -248,3 +248,19 @@ def test_push_to_hub_uploads_the_merged_folder(adapter, tmp_path, fake_hub):
 def test_error_on_unknown_dtype(adapter, tmp_path):
     with pytest.raises(CTIQAError, match="dtype"):
         export_model(str(adapter), tmp_path / "o", dtype="fp8")
+
+
+def test_an_adapter_loaded_onto_another_base_is_warned(trained, adapter, tmp_path):
+    """QA round 13: an adapter was applied to whatever --model was given, without a word (other scores, exit 0)."""
+    import warnings
+
+    from ctiqa import CTIQAWarning
+    from ctiqa.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=3)
+    with pytest.warns(CTIQAWarning, match=rf"trained on {trained}; it is loaded onto {other}"):
+        load_model(str(other), str(adapter), precision="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CTIQAWarning)
+        load_model(str(trained), str(adapter), precision="fp32")  # its own base: silent
+        load_model(None, str(adapter), precision="fp32")
