@@ -94,16 +94,24 @@ REDACTED = "<redacted secret>"
 
 def redact_secrets(value: Any) -> Any:
     """``value`` (a string, or a JSON-like dict/list of them) with the value of every :data:`SECRET_ENV_VARS`
-    variable that is set (8 characters or more) replaced by :data:`REDACTED`. A server that echoes its
+    variable that is set (8 characters or more) replaced by :data:`REDACTED`, and its base64 forms (of the key and
+    of ``Bearer <key>``) and any 16 characters in a row of it too. A server that echoes its
     ``Authorization`` header, or a teacher that repeats a key from its context, must not put it into the answer
     cache, a dataset or a Hub upload."""
-    secrets = [v for v in (os.environ.get(k, "") for k in SECRET_ENV_VARS) if len(v) >= 8]
-    if not secrets:
+    import base64
+
+    found = [v for v in (os.environ.get(k, "") for k in SECRET_ENV_VARS) if len(v) >= 8]
+    if not found:
         return value
+    secrets: set[str] = set()
+    for sec in found:  # the key, its base64 forms (an echoed header), and every 16-character run of it (a cut echo)
+        secrets |= {sec, *(base64.b64encode(x.encode()).decode().rstrip("=") for x in (sec, f"Bearer {sec}"))}
+        secrets |= {sec[i:i + 16] for i in range(len(sec) - 15)}
+    secrets_sorted = sorted(secrets, key=len, reverse=True)  # longest first: a whole key is one redaction
 
     def clean(v: Any) -> Any:
         if isinstance(v, str):
-            for sec in secrets:
+            for sec in secrets_sorted:
                 v = v.replace(sec, REDACTED)
             return v
         if isinstance(v, dict):

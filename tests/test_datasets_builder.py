@@ -903,6 +903,12 @@ def test_an_answer_that_echoes_an_api_key_never_reaches_the_cache_or_the_dataset
     assert "sk-QA11" not in json.dumps(CallResult.from_dict(
         {**res.to_dict(), "text": text, "parsed": {"rationale": text}}).to_dict())  # an older cache record too
     assert checks.check_rationale(res.rationale, 2.0).reasons == ["secret"]
+    # QA round 13: 20 of the key's characters, or the Authorization header in base64, went through
+    import base64
+
+    for echo in ("sk-QA11SECRETOPENA", base64.b64encode(b"Bearer sk-QA11SECRETOPENAI").decode()):
+        res = CallResult(ok=True, text=f"Moderate noise over the liver; {echo}", parsed={"rationale": echo})
+        assert echo not in json.dumps(res.to_dict()) and REDACTED in res.rationale, echo
 
 
 def test_hard_quota_429_is_fatal_with_its_message(fake_gemini):
