@@ -506,6 +506,8 @@ def _drop_cut_csv_row(path: Path) -> None:
         header, whole = next(reader, None), 0
         try:
             for rec in reader:
+                if not rec:  # a blank line (line ends doubled by an editor: \r\r\n): no record, not a cut
+                    continue
                 if header is None or len(rec) != len(header):
                     break
                 whole += 1
@@ -519,7 +521,7 @@ def _drop_cut_csv_row(path: Path) -> None:
             pass  # a quoted field (a rationale) cut in the middle: drop that record
     with open(path, newline="", encoding="utf-8-sig") as f, atomic_write(path, newline="") as g:
         reader, writer = csv.reader(f), csv.writer(g)
-        for k, rec in enumerate(reader):
+        for k, rec in enumerate(r for r in reader if r):
             if k > whole:
                 break
             writer.writerow(rec)

@@ -418,8 +418,11 @@ def test_a_resume_of_an_out_file_resaved_or_edited_is_one_line_or_resumes(tiny, 
     f = tmp_path / "f.csv"
     lines = f.read_text().splitlines(keepends=True)
     f.write_text(lines[0] + lines[1].replace(",0,", ",0.0,", 1) + "".join(lines[2:]))
+    # QA round 12: line ends doubled by an editor (\r\r\n) were taken for a cut: every slice scored again
+    assert main([*args, str(tmp_path / "d.csv")]) == 0
+    (tmp_path / "d.csv").write_bytes((tmp_path / "d.csv").read_bytes().replace(b"\r\n", b"\r\r\n"))
     calls = _count_backend(monkeypatch)
-    for name in ("bom.csv", "f.csv"):
+    for name in ("bom.csv", "f.csv", "d.csv"):
         assert main([*args, str(tmp_path / name)]) == 0 and calls == [], name
     j = tmp_path / "j.jsonl"
     j.write_text(j.read_text() + '{"note": "checked by Dr X"}\n')
