@@ -394,6 +394,8 @@ def _read_raster(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
+            if mode == "P" and len(im.getcolors(256) or range(3)) <= 2:  # a two-colour palette: a mask, 1-bit
+                raise CTIQAError(f"{path}: 1-bit (two-colour) image; expected a CT slice")
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif mode == "1":  # a mask or overlay: refused as a 1-bit TIFF or DICOM is (QA round 12)

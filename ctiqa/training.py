@@ -1149,14 +1149,27 @@ def run_training_loss(log_history: list[dict[str, Any]], start_step: int, global
     return (total + session_loss * (global_step - start_step)) / global_step
 
 
+def without_generic_card(trainer: Any) -> Any:
+    """Stop a TRL trainer writing its generic model card into ``output_dir`` at every checkpoint save (TRL's
+    ``_save_checkpoint`` calls ``create_model_card``; its card names the base model "None" when it was loaded from
+    an object). ctiqa writes the cards: :class:`UnfinishedRunCard` while training, :func:`save_outputs` at the end,
+    so a kill at any moment leaves no false card. Returns ``trainer``."""
+    trainer.create_model_card = lambda *args, **kwargs: None
+    return trainer
+
+
 class UnfinishedRunCard(TrainerCallback):
     """Replace the generic model card TRL writes into ``output_dir`` at every checkpoint save (its base model is
     "None" and its quick start loads ``model="None"``) with a short one saying what the folder holds: checkpoints of
     an unfinished run, no model yet, and how to finish it. ctiqa's own card replaces it when the run ends
     (:func:`save_outputs`); a run stopped before (kill, NaN, crash) leaves no false card."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.on_save(args, state, control)
+
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and not Path(args.output_dir, DONE_FILE).exists():
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             with atomic_write(Path(args.output_dir) / "README.md", encoding="utf-8") as f:
                 f.write(f"# Unfinished ctiqa training run\n\nThis folder holds checkpoints of a training run that "
                         f"has not finished (step {state.global_step} of {state.max_steps}): no model is saved here "

@@ -106,6 +106,7 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processor, peft_config=peft_config,
                          callbacks=training.training_callbacks(checkpoint))
+    training.without_generic_card(trainer)
     if trainer.accelerator.is_main_process and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
 

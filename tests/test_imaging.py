@@ -794,3 +794,7 @@ def test_a_one_bit_png_is_refused_as_the_same_mask_as_tiff_is(tmp_path):
     for name in ("mask.png", "mask.tif"):
         with pytest.raises(CTIQAError, match=rf"{name}: 1-bit \(boolean\) image"):
             read_ct(tmp_path / name)
+    # QA round 14: the same mask as a two-colour palette PNG (bit depth 1) was scored
+    Image.fromarray(mask.astype(np.uint8)).convert("P").save(tmp_path / "palette.png", bits=1)
+    with pytest.raises(CTIQAError, match=r"palette\.png: 1-bit \(two-colour\) image"):
+        read_ct(tmp_path / "palette.png")

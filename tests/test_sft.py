@@ -1216,6 +1216,10 @@ def test_an_unfinished_run_leaves_a_card_that_says_so(tmp_path):
     training.UnfinishedRunCard().on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
     card = (tmp_path / "README.md").read_text()
     assert "Unfinished ctiqa training run" in card and "step 4 of 12" in card and "None" not in card
+    # QA round 14: a kill between TRL's card and this one left TRL's: the trainers write no generic card now
+    trainer = SimpleNamespace(create_model_card=lambda **kw: (tmp_path / "README.md").write_text("None"))
+    training.without_generic_card(trainer).create_model_card(model_name="x")
+    assert "Unfinished ctiqa training run" in (tmp_path / "README.md").read_text()
 
 
 def test_settings_that_change_what_is_learned_are_part_of_the_run(tmp_path, monkeypatch):
