@@ -811,6 +811,8 @@ def _evaluate(args: argparse.Namespace, mode: str) -> int:
         from ctiqa.html_report import check_html_path
 
         check_html_path(args.html or args.out / "report.html")
+        if args.html:  # like --out: a page inside a dataset folder would join the dataset (and its Hub upload)
+            check_outside_dataset(Path(args.html).parent, args.dataset, what="--html")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}  # n_split, filled by load_samples

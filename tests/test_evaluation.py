@@ -1008,3 +1008,17 @@ def test_report_rows_of_folders_with_one_name_are_told_apart(tmp_path, monkeypat
     assert ctiqa_main(["report", "ft/model", "qlora/model", "--out", "r.md", "--bootstrap", "0"]) == 0
     md = (tmp_path / "r.md").read_text()
     assert "| model (ft/model) |" in md and "| model (qlora/model) |" in md
+
+
+def test_an_html_page_inside_a_dataset_folder_is_refused(tmp_path, capsys):
+    """QA round 10: `evaluate --out E --html DATASET/report.html` wrote into the dataset folder (its Hub upload),
+    while --out there was refused."""
+    from ctiqa.paths import DATASET_MARKER
+
+    p = _preds_file(tmp_path / "p.jsonl", 0.2)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / DATASET_MARKER).write_text('{"tool": "ctiqa build-dataset", "files": []}')
+    page = tmp_path / "ds" / "report.html"
+    assert ctiqa_main(["evaluate", "--predictions", str(p), "--out", str(tmp_path / "e"), "--bootstrap", "0",
+                       "--html", str(page)]) == 2
+    assert "--html" in capsys.readouterr().err and not page.exists() and not (tmp_path / "e").exists()
