@@ -179,20 +179,29 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
     requested = precision
     if model and adapter is None and _is_adapter_dir(model):
         model, adapter = None, model
+    trained_on = None  # the base the adapter was trained on (its adapter_config.json)
     if adapter is not None:
+        from peft import PeftConfig
+
         check_source_folder(adapter, "adapter", "adapter_config.json")
+        try:
+            trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        except (OSError, ValueError) as e:
+            if model is None:
+                raise CTIQAError(f"cannot read the adapter config of {adapter}: {e}") from e
     if model is None:
         if adapter is None:
             raise CTIQAError("give a model (Hub id or folder) or an adapter")
-        from peft import PeftConfig
-
-        try:
-            model = PeftConfig.from_pretrained(adapter).base_model_name_or_path
-        except (OSError, ValueError) as e:
-            raise CTIQAError(f"cannot read the adapter config of {adapter}: {e}") from e
-        if not model:
+        if not trained_on:
             raise CTIQAError(f"adapter {adapter}: adapter_config.json has no base_model_name_or_path; pass --model")
+        model = trained_on
     check_source_folder(model, "model", "config.json")
+    # an adapter loads onto any base of matching shapes: say when it is not the one it was trained on
+    if trained_on and trained_on != model and not (
+            Path(trained_on).expanduser().exists() and Path(str(model)).expanduser().exists()
+            and os.path.samefile(Path(trained_on).expanduser(), Path(str(model)).expanduser())):
+        warnings.warn(f"adapter {adapter} was trained on {trained_on}; it is loaded onto {model}, as asked: the "
+                      "scores are those of this pair", CTIQAWarning, stacklevel=2)
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     settings = trained_settings_of(adapter if adapter is not None else model)
     precision, compute = inference_precision(requested, settings, device)
@@ -211,17 +220,8 @@ def load_model(model: str | None = None, adapter: str | None = None, *, precisio
     if precision != "4bit":
         net = net.to(device)
     if adapter is not None:
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        try:  # an adapter loads onto any base of matching shapes: say when it is not the one it was trained on
-            trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
-        except (OSError, ValueError):
-            trained_on = None
-        if trained_on and trained_on != model and not (
-                Path(trained_on).expanduser().exists() and Path(str(model)).expanduser().exists()
-                and os.path.samefile(Path(trained_on).expanduser(), Path(str(model)).expanduser())):
-            warnings.warn(f"adapter {adapter} was trained on {trained_on}; it is loaded onto {model}, as asked: "
-                          "the scores are those of this pair", CTIQAWarning, stacklevel=2)
         try:
             net = PeftModel.from_pretrained(net, adapter)
         except (OSError, ValueError) as e:
